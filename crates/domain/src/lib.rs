@@ -1,0 +1,18 @@
+//! The balance service's domain: value types, entities, the idempotency state machine,
+//! the ports and the use cases. Nothing here names a database, a Redis client or HTTP.
+
+pub mod claims;
+pub mod error;
+pub mod idempotency;
+pub mod model;
+pub mod outcome;
+pub mod ports;
+pub mod service;
+pub mod telemetry;
+pub mod time;
+pub mod types;
+
+pub use error::OperationError;
+pub use service::{
+    BalanceCommand, BalanceService, Execution, LockUnavailablePolicy, Ports, Settings,
+};

@@ -1,0 +1,50 @@
+//! What a balance-changing request ended with, before it is encoded and stored.
+
+use chrono::{DateTime, Utc};
+
+use crate::types::{Amount, Balance, OrderId, PaymentId, UserId};
+
+/// The result of a charge or a use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalanceReceipt {
+    pub user_id: UserId,
+    pub balance: Balance,
+    pub amount: Amount,
+    pub at: DateTime<Utc>,
+}
+
+/// The result of a payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentReceipt {
+    pub payment_id: PaymentId,
+    pub order_id: OrderId,
+    pub user_id: UserId,
+    pub amount: Amount,
+    pub balance: Balance,
+    pub paid_at: DateTime<Utc>,
+}
+
+/// A business refusal: the request was valid and ran, and the answer is no. Stored under
+/// its key like a success, so a retry gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A use or payment above the balance.
+    InsufficientBalance { balance: Balance, requested: Amount },
+    /// A charge that would take the balance above `MAX_BALANCE`.
+    BalanceLimitExceeded {
+        balance: Balance,
+        requested: Amount,
+        max_balance: i64,
+    },
+    /// Paying an order that is PAID already, with a new key.
+    OrderAlreadyPaid { order_id: OrderId },
+}
+
+/// Every outcome that is stored under an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Charged(BalanceReceipt),
+    Used(BalanceReceipt),
+    Paid(PaymentReceipt),
+    Refused(Refusal),
+}

@@ -1,0 +1,357 @@
+//! The ports: what the use cases need from the outside world. Each method says which
+//! errors an adapter MUST return; anything else is `Unexpected`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::idempotency::{CompletedRecord, Fingerprint, StoredResponse};
+use crate::model::{EntryKind, HistoryPage, LedgerEntry, Order, Payment, User};
+use crate::outcome::Outcome;
+use crate::types::{Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
+
+/// A failure of a repository that the use case cannot act on: the database is down, a
+/// query failed, stored data is corrupt. Answered as a 5xx and never stored.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// The store cannot be reached right now; a retry may succeed.
+    #[error("the store is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+// ---------------------------------------------------------------------------------------
+// Locks
+// ---------------------------------------------------------------------------------------
+
+/// The name of a lock. Balance changes lock the resource they change, never the request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LockKey(String);
+
+impl LockKey {
+    /// `balance:user:{id}`: every change of this user's balance holds it.
+    pub fn user_balance(user: UserId) -> Self {
+        Self(format!("balance:user:{user}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Proof of holding a lock: the key and the random token only the holder knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockLease {
+    pub key: LockKey,
+    pub token: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Somebody else held the lock for the whole wait.
+    #[error("the lock was not free within the wait time")]
+    Timeout,
+    /// The lock service cannot be reached (Redis down, connection refused, timed out).
+    #[error("the lock service is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// What a release found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The lease was ours and is gone now.
+    Released,
+    /// The lease had expired (and may be someone else's now); nothing was deleted.
+    LeaseLost,
+}
+
+/// A mutual-exclusion lock with a lease, shared by every instance that uses the same backend.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait LockManager: Send + Sync {
+    /// Takes `key` for at most `lease`, waiting up to `wait` for it to be free.
+    ///
+    /// # Errors
+    /// - MUST return [`LockError::Timeout`] when the key stayed held for the whole `wait`;
+    /// - MUST return [`LockError::Unavailable`] when the backend cannot be reached.
+    async fn acquire(
+        &self,
+        key: &LockKey,
+        wait: Duration,
+        lease: Duration,
+    ) -> Result<LockLease, LockError>;
+
+    /// Releases `lease` only if it is still the holder's (compare-and-delete on the token).
+    ///
+    /// # Errors
+    /// - MUST return [`LockError::Unavailable`] when the backend cannot be reached;
+    /// - MUST NOT delete a lock that another holder took after `lease` expired: that is
+    ///   `Ok(Release::LeaseLost)`.
+    async fn release(&self, lease: &LockLease) -> Result<Release, LockError>;
+}
+
+// ---------------------------------------------------------------------------------------
+// Repositories
+// ---------------------------------------------------------------------------------------
+
+/// Users, their balances and their ledger (read side and creation).
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait UserRepo: Send + Sync {
+    /// Creates a user with balance 0 and version 0.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn create_user(&self, now: DateTime<Utc>) -> Result<User, RepoError>;
+
+    /// The user's committed state, or `None` when there is no such user.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn get_user(&self, id: UserId) -> Result<Option<User>, RepoError>;
+
+    /// The user's ledger entries with an id below `before` (all when `None`), newest first,
+    /// at most `limit`; `next` is set when older entries remain.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn history(
+        &self,
+        id: UserId,
+        before: Option<EntryId>,
+        limit: u32,
+    ) -> Result<HistoryPage, RepoError>;
+
+    /// Creates users 1..=`count` that do not exist yet, each with `balance` and one opening
+    /// CHARGE ledger entry (so the ledger still sums to the balance). Existing users are
+    /// left as they are. Returns how many were created.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn seed_users(
+        &self,
+        count: u32,
+        balance: Balance,
+        now: DateTime<Utc>,
+    ) -> Result<u64, RepoError>;
+}
+
+/// Orders and payments (read side and order creation).
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait OrderRepo: Send + Sync {
+    /// Creates a PENDING order. The caller has checked that the user exists.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn create_order(
+        &self,
+        user: UserId,
+        amount: Amount,
+        now: DateTime<Utc>,
+    ) -> Result<Order, RepoError>;
+
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn get_order(&self, id: OrderId) -> Result<Option<Order>, RepoError>;
+
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn get_payment(&self, id: PaymentId) -> Result<Option<Payment>, RepoError>;
+}
+
+/// The durable, completed half of the idempotency state machine.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait IdempotencyRepo: Send + Sync {
+    /// The completed record of `(user, key)`, or `None` when there is none or it expired
+    /// at or before `now`. Keys of other users are never returned.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn find(
+        &self,
+        user: UserId,
+        key: &IdempotencyKey,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CompletedRecord>, RepoError>;
+
+    /// Deletes at most `limit` records that expired at or before `now`; returns how many.
+    /// Safe to run from every instance at once.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn purge_expired(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, RepoError>;
+}
+
+// ---------------------------------------------------------------------------------------
+// The atomic step
+// ---------------------------------------------------------------------------------------
+
+/// Ids the store assigned while applying a change, handed to [`BalanceChange::respond`] so
+/// the stored response can name them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assigned {
+    pub entry_id: EntryId,
+    pub payment_id: Option<PaymentId>,
+}
+
+/// Builds the response to store once the store has assigned its ids.
+pub type Responder = Box<dyn FnOnce(&Assigned) -> StoredResponse + Send>;
+
+/// The key's completed record as the atomic step writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key: IdempotencyKey,
+    pub fingerprint: Fingerprint,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One balance change, applied all together or not at all: the users row (only if its
+/// version is still `expected_version`), its ledger entry, the key's completed record and,
+/// for a payment, the order's PAID status and the payment row.
+pub struct BalanceChange {
+    pub user_id: UserId,
+    pub expected_version: u64,
+    pub new_balance: Balance,
+    pub kind: EntryKind,
+    pub amount: Amount,
+    pub at: DateTime<Utc>,
+    pub key: KeyRecord,
+    /// Set for a payment: this order becomes PAID and gets its payment row.
+    pub pays_order: Option<OrderId>,
+    pub respond: Responder,
+}
+
+impl std::fmt::Debug for BalanceChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BalanceChange")
+            .field("user_id", &self.user_id)
+            .field("expected_version", &self.expected_version)
+            .field("new_balance", &self.new_balance)
+            .field("kind", &self.kind)
+            .field("amount", &self.amount)
+            .field("at", &self.at)
+            .field("key", &self.key)
+            .field("pays_order", &self.pays_order)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A business refusal to store under its key (no balance change), valid only while the
+/// user's version is still `expected_version`: the refusal was decided on that state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalRecord {
+    pub user_id: UserId,
+    pub expected_version: u64,
+    pub key: KeyRecord,
+    pub response: StoredResponse,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The users row is no longer at `expected_version`: somebody else wrote it first.
+    #[error("the user's version changed since it was read")]
+    VersionConflict,
+    /// A live completed record for this (user, key) exists already.
+    #[error("the idempotency key already has a completed record")]
+    KeyTaken,
+    /// The order to pay is no longer PENDING (or already has a payment).
+    #[error("the order is no longer pending")]
+    OrderNotPending,
+    /// The user does not exist.
+    #[error("no such user")]
+    UserNotFound,
+    #[error("the store is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// What the step wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub assigned: Assigned,
+    pub response: StoredResponse,
+}
+
+/// The atomic step of every balance change: one method, one transaction.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait BalanceStore: Send + Sync {
+    /// Applies `change` in one transaction. An expired record under the same key is
+    /// replaced. Nothing is written when an error is returned.
+    ///
+    /// # Errors
+    /// - MUST return [`StepError::VersionConflict`] when the users row's version is not
+    ///   `change.expected_version`;
+    /// - MUST return [`StepError::KeyTaken`] when a live record for (user, key) exists;
+    /// - MUST return [`StepError::OrderNotPending`] when `pays_order` is not PENDING or
+    ///   already has a payment;
+    /// - MUST return [`StepError::UserNotFound`] when the user does not exist;
+    /// - MUST return [`StepError::Unavailable`] when the store cannot be reached.
+    async fn apply(&self, change: BalanceChange) -> Result<Applied, StepError>;
+
+    /// Stores a business refusal under its key, in one transaction.
+    ///
+    /// # Errors
+    /// As [`BalanceStore::apply`], for the version, the key and the user.
+    async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError>;
+}
+
+// ---------------------------------------------------------------------------------------
+// Presentation and time
+// ---------------------------------------------------------------------------------------
+
+/// Turns an outcome into the exact status and bytes that are sent and stored. Implemented
+/// by the HTTP adapter: the domain decides what happened, the adapter how it reads.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+pub trait ResponseEncoder: Send + Sync {
+    fn encode(&self, outcome: &Outcome) -> StoredResponse;
+}
+
+/// The time source. Instants are UTC and truncated to milliseconds, the precision stored.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        crate::time::truncate_to_millis(Utc::now())
+    }
+}
+
+/// A ledger entry as the atomic step knows it before ids are assigned; used by adapters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    pub user_id: UserId,
+    pub kind: EntryKind,
+    pub amount: Amount,
+    pub balance_after: Balance,
+    pub idempotency_key: Option<IdempotencyKey>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl NewEntry {
+    pub fn with_id(self, id: EntryId) -> LedgerEntry {
+        LedgerEntry {
+            id,
+            user_id: self.user_id,
+            kind: self.kind,
+            amount: self.amount,
+            balance_after: self.balance_after,
+            idempotency_key: self.idempotency_key,
+            created_at: self.created_at,
+        }
+    }
+}

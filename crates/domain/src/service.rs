@@ -1,0 +1,601 @@
+//! The use cases: every endpoint's behaviour, over the ports.
+//!
+//! A balance change (charge, use, payment) runs in this order:
+//!
+//! 1. **replay check**: a live completed record for (user, key) answers its stored
+//!    response (or `KEY_REUSED` for another fingerprint) without a lock or a user read;
+//! 2. **claim**: the key is marked in flight in this instance, so a concurrent duplicate
+//!    is answered `KEY_IN_USE` at once;
+//! 3. **lock** `balance:user:{id}`, before the first read of the user;
+//! 4. **read, decide, apply**: one atomic store call writes the balance (if the version is
+//!    still the one read), the ledger entry, the key's record and the order/payment; a
+//!    lost optimistic race is retried from a fresh read, a bounded number of times;
+//! 5. **release** the lock after the commit, on every path; drop the claim.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::claims::ClaimRegistry;
+use crate::error::OperationError;
+use crate::idempotency::{Admission, Fingerprint, KeyState, StoredResponse};
+use crate::model::{EntryKind, HistoryPage, Order, OrderStatus, Payment, User};
+use crate::outcome::{BalanceReceipt, Outcome, PaymentReceipt, Refusal};
+use crate::ports::{
+    BalanceChange, BalanceStore, Clock, IdempotencyRepo, KeyRecord, LockError, LockKey, LockLease,
+    LockManager, OrderRepo, RefusalRecord, Release, ResponseEncoder, StepError, UserRepo,
+};
+use crate::telemetry as m;
+use crate::types::{
+    Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, PaymentId, UserId,
+};
+
+/// What to do when the lock service cannot be reached (`LOCK_ON_REDIS_DOWN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LockUnavailablePolicy {
+    /// Go on under the database guard alone (version check, unique keys, one transaction).
+    #[default]
+    Degrade,
+    /// Refuse with 503 `SERVICE_UNAVAILABLE`.
+    Fail,
+}
+
+/// The knobs of the use cases (the spec's configuration table).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub lock_wait: Duration,
+    pub lock_lease: Duration,
+    pub optimistic_retries: u32,
+    pub on_lock_unavailable: LockUnavailablePolicy,
+    pub idempotency_ttl: Duration,
+    pub limits: Limits,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            lock_wait: Duration::from_millis(10_000),
+            lock_lease: Duration::from_millis(30_000),
+            optimistic_retries: 10,
+            on_lock_unavailable: LockUnavailablePolicy::Degrade,
+            idempotency_ttl: Duration::from_secs(86_400),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Every adapter the use cases talk to.
+#[derive(Clone)]
+pub struct Ports {
+    pub users: Arc<dyn UserRepo>,
+    pub orders: Arc<dyn OrderRepo>,
+    pub keys: Arc<dyn IdempotencyRepo>,
+    pub store: Arc<dyn BalanceStore>,
+    pub locks: Arc<dyn LockManager>,
+    pub encoder: Arc<dyn ResponseEncoder>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ports { .. }")
+    }
+}
+
+/// A balance-changing request, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BalanceCommand {
+    Charge {
+        user: UserId,
+        amount: Amount,
+        key: IdempotencyKey,
+    },
+    Use {
+        user: UserId,
+        amount: Amount,
+        key: IdempotencyKey,
+    },
+    Pay {
+        user: UserId,
+        order: OrderId,
+        key: IdempotencyKey,
+    },
+}
+
+impl BalanceCommand {
+    pub fn user(&self) -> UserId {
+        match self {
+            Self::Charge { user, .. } | Self::Use { user, .. } | Self::Pay { user, .. } => *user,
+        }
+    }
+
+    pub fn key(&self) -> &IdempotencyKey {
+        match self {
+            Self::Charge { key, .. } | Self::Use { key, .. } | Self::Pay { key, .. } => key,
+        }
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        match self {
+            Self::Charge { user, amount, .. } => Fingerprint::charge(*user, *amount),
+            Self::Use { user, amount, .. } => Fingerprint::use_balance(*user, *amount),
+            Self::Pay { user, order, .. } => Fingerprint::payment(*user, *order),
+        }
+    }
+
+    /// The operation's name, for metrics and logs.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            Self::Charge { .. } => "charge",
+            Self::Use { .. } => "use",
+            Self::Pay { .. } => "payment",
+        }
+    }
+}
+
+/// The answer to a balance-changing request: the stored status and bytes, and whether
+/// they were replayed from an earlier request with the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Execution {
+    pub response: StoredResponse,
+    pub replayed: bool,
+}
+
+/// The use cases of the service.
+#[derive(Debug, Clone)]
+pub struct BalanceService {
+    ports: Ports,
+    settings: Settings,
+    claims: ClaimRegistry,
+}
+
+/// What one attempt decided, from one read of the user (and order).
+enum Plan {
+    Apply(BalanceChange),
+    Refuse(RefusalRecord),
+}
+
+impl BalanceService {
+    pub fn new(ports: Ports, settings: Settings) -> Self {
+        Self {
+            ports,
+            settings,
+            claims: ClaimRegistry::new(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.settings.limits
+    }
+
+    /// Keys this instance is running right now.
+    pub fn in_flight(&self) -> usize {
+        self.claims.in_flight()
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Queries and creation: no lock, committed state only
+    // -----------------------------------------------------------------------------------
+
+    /// # Errors
+    /// `Unavailable`/`Unexpected` when the store fails.
+    pub async fn create_user(&self) -> Result<User, OperationError> {
+        Ok(self.ports.users.create_user(self.ports.clock.now()).await?)
+    }
+
+    /// # Errors
+    /// `UserNotFound`, or a store failure.
+    pub async fn balance(&self, user: UserId) -> Result<User, OperationError> {
+        self.ports
+            .users
+            .get_user(user)
+            .await?
+            .ok_or(OperationError::UserNotFound)
+    }
+
+    /// # Errors
+    /// `UserNotFound`, or a store failure.
+    pub async fn history(
+        &self,
+        user: UserId,
+        before: Option<EntryId>,
+        limit: PageLimit,
+    ) -> Result<HistoryPage, OperationError> {
+        // An unknown user is a 404, not an empty page.
+        self.balance(user).await?;
+        Ok(self.ports.users.history(user, before, limit.get()).await?)
+    }
+
+    /// # Errors
+    /// `UserNotFound`, or a store failure.
+    pub async fn create_order(
+        &self,
+        user: UserId,
+        amount: Amount,
+    ) -> Result<Order, OperationError> {
+        self.balance(user).await?;
+        let now = self.ports.clock.now();
+        Ok(self.ports.orders.create_order(user, amount, now).await?)
+    }
+
+    /// # Errors
+    /// `OrderNotFound`, or a store failure.
+    pub async fn order(&self, id: OrderId) -> Result<Order, OperationError> {
+        self.ports
+            .orders
+            .get_order(id)
+            .await?
+            .ok_or(OperationError::OrderNotFound)
+    }
+
+    /// # Errors
+    /// `PaymentNotFound`, or a store failure.
+    pub async fn payment(&self, id: PaymentId) -> Result<Payment, OperationError> {
+        self.ports
+            .orders
+            .get_payment(id)
+            .await?
+            .ok_or(OperationError::PaymentNotFound)
+    }
+
+    /// Creates users 1..=`count` with `balance` where they do not exist yet.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn seed_users(&self, count: u32, balance: Balance) -> Result<u64, OperationError> {
+        let now = self.ports.clock.now();
+        Ok(self.ports.users.seed_users(count, balance, now).await?)
+    }
+
+    /// Deletes up to `limit` expired idempotency records.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn purge_expired_keys(&self, limit: u32) -> Result<u64, OperationError> {
+        let purged = self
+            .ports
+            .keys
+            .purge_expired(self.ports.clock.now(), limit)
+            .await?;
+        metrics::counter!(m::IDEMPOTENCY_PURGED_TOTAL).increment(purged);
+        Ok(purged)
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Balance changes
+    // -----------------------------------------------------------------------------------
+
+    /// Runs a charge, a use or a payment with its idempotency key.
+    ///
+    /// # Errors
+    /// Only the failures that are not stored: `UserNotFound`, `OrderNotFound`, `KeyInUse`,
+    /// `KeyReused`, `LockTimeout`, `Unavailable` and `Unexpected`. Business refusals are
+    /// `Ok` with their stored problem response.
+    pub async fn execute(&self, command: BalanceCommand) -> Result<Execution, OperationError> {
+        let user = command.user();
+        let fingerprint = command.fingerprint();
+
+        // 1. A finished request with this key answers from its record, with no lock.
+        if let Some(execution) = self.replay_if_completed(&command, &fingerprint).await? {
+            return Ok(execution);
+        }
+
+        // 2. Claim the key in this instance; dropped (released) on every path below.
+        let _claim = match self.claims.claim(user, command.key(), &fingerprint) {
+            Ok(claim) => claim,
+            Err(refusal) => return Err(self.refused_admission(&command, refusal)),
+        };
+
+        // 3. The user's lock, held across the read, the decision and the commit.
+        let lock = self.lock_user(user).await?;
+        let result = self.apply_with_retries(&command, &fingerprint).await;
+        // 5. Released after the commit, on success and on failure alike.
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
+        result
+    }
+
+    async fn replay_if_completed(
+        &self,
+        command: &BalanceCommand,
+        fingerprint: &Fingerprint,
+    ) -> Result<Option<Execution>, OperationError> {
+        let now = self.ports.clock.now();
+        let state = match self
+            .ports
+            .keys
+            .find(command.user(), command.key(), now)
+            .await?
+        {
+            Some(record) => KeyState::Completed(record),
+            None => KeyState::Free,
+        };
+        match state.admit(fingerprint, now) {
+            Admission::Run => Ok(None),
+            Admission::Replay(response) => {
+                metrics::counter!(m::IDEMPOTENT_REPLAYS_TOTAL, "operation" => command.operation())
+                    .increment(1);
+                Ok(Some(Execution {
+                    response,
+                    replayed: true,
+                }))
+            }
+            other => Err(self.refused_admission(command, other)),
+        }
+    }
+
+    fn refused_admission(&self, command: &BalanceCommand, admission: Admission) -> OperationError {
+        match admission {
+            Admission::Reused => {
+                metrics::counter!(m::IDEMPOTENCY_REUSED_TOTAL, "operation" => command.operation())
+                    .increment(1);
+                OperationError::KeyReused
+            }
+            _ => {
+                metrics::counter!(m::IDEMPOTENCY_IN_USE_TOTAL, "operation" => command.operation())
+                    .increment(1);
+                OperationError::KeyInUse
+            }
+        }
+    }
+
+    /// Takes the user's lock. `Ok(None)` means the lock service is down and the policy
+    /// lets the change go on under the database guard alone.
+    async fn lock_user(&self, user: UserId) -> Result<Option<HeldLock>, OperationError> {
+        let key = LockKey::user_balance(user);
+        let started = Instant::now();
+        let acquired = self
+            .ports
+            .locks
+            .acquire(&key, self.settings.lock_wait, self.settings.lock_lease)
+            .await;
+        metrics::histogram!(m::LOCK_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+        match acquired {
+            Ok(lease) => {
+                metrics::counter!(m::LOCK_ACQUIRED_TOTAL).increment(1);
+                Ok(Some(HeldLock {
+                    locks: Arc::clone(&self.ports.locks),
+                    lease: Some(lease),
+                }))
+            }
+            Err(LockError::Timeout) => {
+                metrics::counter!(m::LOCK_TIMEOUTS_TOTAL).increment(1);
+                Err(OperationError::LockTimeout)
+            }
+            Err(LockError::Unavailable(cause)) => match self.settings.on_lock_unavailable {
+                LockUnavailablePolicy::Degrade => {
+                    metrics::counter!(m::LOCK_DEGRADED_TOTAL).increment(1);
+                    tracing::warn!(lock = key.as_str(), error = %cause,
+                        "lock service unavailable: going on under the database guard alone");
+                    Ok(None)
+                }
+                LockUnavailablePolicy::Fail => {
+                    metrics::counter!(m::LOCK_UNAVAILABLE_TOTAL).increment(1);
+                    tracing::warn!(lock = key.as_str(), error = %cause,
+                        "lock service unavailable: refusing the balance change");
+                    Err(OperationError::Unavailable(cause))
+                }
+            },
+            Err(LockError::Unexpected(cause)) => Err(OperationError::Unexpected(cause)),
+        }
+    }
+
+    async fn apply_with_retries(
+        &self,
+        command: &BalanceCommand,
+        fingerprint: &Fingerprint,
+    ) -> Result<Execution, OperationError> {
+        // Bounded: under the lock a conflict means the lock was bypassed (lease expired,
+        // Redis down); a few fresh reads settle it, and an endless loop would hold the
+        // lock and the client forever.
+        for attempt in 0..=self.settings.optimistic_retries {
+            if attempt > 0 {
+                metrics::counter!(m::OPTIMISTIC_RETRIES_TOTAL).increment(1);
+            }
+            let now = self.ports.clock.now();
+            let plan = self.plan(command, fingerprint, now).await?;
+            let result = match plan {
+                Plan::Apply(change) => self.ports.store.apply(change).await.map(|applied| {
+                    metrics::counter!(m::OPERATIONS_APPLIED_TOTAL, "operation" => command.operation())
+                        .increment(1);
+                    applied.response
+                }),
+                Plan::Refuse(refusal) => {
+                    let response = refusal.response.clone();
+                    self.ports.store.record_refusal(refusal).await.map(|()| {
+                        metrics::counter!(m::OPERATIONS_REFUSED_TOTAL, "operation" => command.operation())
+                            .increment(1);
+                        response
+                    })
+                }
+            };
+            match result {
+                Ok(response) => {
+                    return Ok(Execution {
+                        response,
+                        replayed: false,
+                    });
+                }
+                Err(StepError::VersionConflict | StepError::OrderNotPending) => {
+                    metrics::counter!(m::OPTIMISTIC_CONFLICTS_TOTAL).increment(1);
+                    tracing::debug!(attempt, "optimistic conflict; retrying from a fresh read");
+                }
+                Err(StepError::KeyTaken) => {
+                    // Another instance finished this key while we ran (the lock was bypassed):
+                    // answer what it stored.
+                    return match self.replay_if_completed(command, fingerprint).await? {
+                        Some(execution) => Ok(execution),
+                        None => Err(OperationError::KeyInUse),
+                    };
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+        metrics::counter!(m::OPTIMISTIC_EXHAUSTED_TOTAL).increment(1);
+        Err(OperationError::Unavailable(anyhow::anyhow!(
+            "optimistic retries exhausted after {} attempts",
+            self.settings.optimistic_retries + 1
+        )))
+    }
+
+    /// Reads the current state and decides what to write.
+    async fn plan(
+        &self,
+        command: &BalanceCommand,
+        fingerprint: &Fingerprint,
+        now: DateTime<Utc>,
+    ) -> Result<Plan, OperationError> {
+        let user = self
+            .ports
+            .users
+            .get_user(command.user())
+            .await?
+            .ok_or(OperationError::UserNotFound)?;
+        let ttl = chrono::Duration::from_std(self.settings.idempotency_ttl)
+            .unwrap_or(chrono::Duration::MAX);
+        let key = KeyRecord {
+            key: command.key().clone(),
+            fingerprint: fingerprint.clone(),
+            created_at: now,
+            expires_at: now
+                .checked_add_signed(ttl)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        };
+        let limits = &self.settings.limits;
+        let decision = match command {
+            BalanceCommand::Charge { amount, .. } => match user.balance.credit(*amount, limits) {
+                Some(after) => Ok((EntryKind::Charge, *amount, after, None)),
+                None => Err(Refusal::BalanceLimitExceeded {
+                    balance: user.balance,
+                    requested: *amount,
+                    max_balance: limits.max_balance,
+                }),
+            },
+            BalanceCommand::Use { amount, .. } => match user.balance.debit(*amount) {
+                Some(after) => Ok((EntryKind::Use, *amount, after, None)),
+                None => Err(Refusal::InsufficientBalance {
+                    balance: user.balance,
+                    requested: *amount,
+                }),
+            },
+            BalanceCommand::Pay { order, .. } => {
+                let order = self
+                    .ports
+                    .orders
+                    .get_order(*order)
+                    .await?
+                    // Another user's order is "not found": its existence is not leaked.
+                    .filter(|o| o.user_id == user.id)
+                    .ok_or(OperationError::OrderNotFound)?;
+                if order.status == OrderStatus::Paid {
+                    Err(Refusal::OrderAlreadyPaid { order_id: order.id })
+                } else {
+                    match user.balance.debit(order.amount) {
+                        Some(after) => {
+                            Ok((EntryKind::Payment, order.amount, after, Some(order.id)))
+                        }
+                        None => Err(Refusal::InsufficientBalance {
+                            balance: user.balance,
+                            requested: order.amount,
+                        }),
+                    }
+                }
+            }
+        };
+        Ok(match decision {
+            Ok((kind, amount, new_balance, pays_order)) => {
+                let encoder = Arc::clone(&self.ports.encoder);
+                let user_id = user.id;
+                Plan::Apply(BalanceChange {
+                    user_id,
+                    expected_version: user.version,
+                    new_balance,
+                    kind,
+                    amount,
+                    at: now,
+                    key,
+                    pays_order,
+                    respond: Box::new(move |assigned| {
+                        let receipt = BalanceReceipt {
+                            user_id,
+                            balance: new_balance,
+                            amount,
+                            at: now,
+                        };
+                        let outcome = match (kind, pays_order, assigned.payment_id) {
+                            (EntryKind::Payment, Some(order_id), Some(payment_id)) => {
+                                Outcome::Paid(PaymentReceipt {
+                                    payment_id,
+                                    order_id,
+                                    user_id,
+                                    amount,
+                                    balance: new_balance,
+                                    paid_at: now,
+                                })
+                            }
+                            (EntryKind::Use | EntryKind::Payment, ..) => Outcome::Used(receipt),
+                            (EntryKind::Charge, ..) => Outcome::Charged(receipt),
+                        };
+                        encoder.encode(&outcome)
+                    }),
+                })
+            }
+            Err(refusal) => Plan::Refuse(RefusalRecord {
+                user_id: user.id,
+                expected_version: user.version,
+                key,
+                response: self.ports.encoder.encode(&Outcome::Refused(refusal)),
+            }),
+        })
+    }
+}
+
+/// A held user lock. `release` is the normal path; if the holder is dropped without it
+/// (a panic, a cancelled future) the release is spawned so the lock does not sit out its
+/// whole lease.
+struct HeldLock {
+    locks: Arc<dyn LockManager>,
+    lease: Option<LockLease>,
+}
+
+impl HeldLock {
+    async fn release(mut self) {
+        if let Some(lease) = self.lease.take() {
+            release_lease(self.locks.as_ref(), &lease).await;
+        }
+    }
+}
+
+async fn release_lease(locks: &dyn LockManager, lease: &LockLease) {
+    match locks.release(lease).await {
+        Ok(Release::Released) => {}
+        Ok(Release::LeaseLost) => {
+            metrics::counter!(m::LOCK_LEASE_LOST_TOTAL).increment(1);
+            tracing::warn!(
+                lock = lease.key.as_str(),
+                "the lock's lease expired before it was released; the version check guarded the write"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(lock = lease.key.as_str(), error = %e,
+                "could not release the lock; it will expire with its lease");
+        }
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let locks = Arc::clone(&self.locks);
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move { release_lease(locks.as_ref(), &lease).await });
+            }
+        }
+    }
+}
