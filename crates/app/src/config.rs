@@ -1,0 +1,174 @@
+//! The configuration table of the spec, as flags and environment variables (`--help`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use domain::types::Limits;
+use domain::{LockUnavailablePolicy, Settings};
+use secrecy::SecretString;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "balance-service",
+    version,
+    about = "Balance and payment service: charges, uses and payments guarded by a per-user lock, an optimistic version and idempotency keys.",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default).
+    Serve(ServeArgs),
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Create users 1..N with balance B where they do not exist yet, and exit.
+    Seed(SeedArgs),
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub struct ServeArgs {
+    /// Users 1..N to create at start if missing (default: 100 with the in-memory store, 0 with MySQL).
+    #[arg(long, env = "SEED_USERS")]
+    pub seed_users: Option<u32>,
+    /// The balance of users created by --seed-users.
+    #[arg(long, env = "SEED_BALANCE", default_value_t = 100_000)]
+    pub seed_balance: i64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SeedArgs {
+    /// How many users (ids 1..N).
+    #[arg(long)]
+    pub users: u32,
+    /// Each new user's balance.
+    #[arg(long)]
+    pub balance: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RedisDownPolicy {
+    /// Go on under the database guard alone, counted and logged.
+    Degrade,
+    /// Answer 503 SERVICE_UNAVAILABLE.
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "BIND_ADDR",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub bind_addr: SocketAddr,
+    /// MySQL URL; unset: the in-memory store (one instance, nothing persisted).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<SecretString>,
+    /// Redis URL; unset: the in-process lock (one instance only).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, global = true)]
+    pub redis_url: Option<SecretString>,
+    /// How long a balance change waits for its user's lock.
+    #[arg(long, env = "LOCK_WAIT_MS", default_value_t = 10_000, global = true)]
+    pub lock_wait_ms: u64,
+    /// How long a lock is held at most if its holder never releases it.
+    #[arg(long, env = "LOCK_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub lock_lease_ms: u64,
+    /// Retries of a balance change after a lost optimistic race.
+    #[arg(long, env = "OPTIMISTIC_RETRIES", default_value_t = 10, global = true)]
+    pub optimistic_retries: u32,
+    /// What balance changes do while Redis is unreachable.
+    #[arg(
+        long,
+        env = "LOCK_ON_REDIS_DOWN",
+        value_enum,
+        default_value = "degrade",
+        global = true
+    )]
+    pub lock_on_redis_down: RedisDownPolicy,
+    /// When set, /api/* needs `Authorization: Bearer <token>`.
+    #[arg(long, env = "API_TOKEN", hide_env_values = true, global = true)]
+    pub api_token: Option<SecretString>,
+    /// How long a finished request's response is kept for replays.
+    #[arg(long, env = "IDEMPOTENCY_TTL_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub idempotency_ttl_secs: u64,
+    /// Largest amount of one operation.
+    #[arg(long, env = "MAX_AMOUNT", default_value_t = Limits::DEFAULT_MAX_AMOUNT, value_parser = clap::value_parser!(i64).range(1..), global = true)]
+    pub max_amount: i64,
+    /// Largest balance of one user.
+    #[arg(long, env = "MAX_BALANCE", default_value_t = Limits::DEFAULT_MAX_BALANCE, value_parser = clap::value_parser!(i64).range(1..), global = true)]
+    pub max_balance: i64,
+    /// Database pool size (default: sized for the machine's cores).
+    #[arg(long, env = "DB_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub db_max_connections: Option<u32>,
+    /// Log filter, e.g. `info` or `info,domain=debug`.
+    #[arg(
+        long = "log-level",
+        env = "RUST_LOG",
+        default_value = "info",
+        global = true
+    )]
+    pub rust_log: String,
+    /// Log lines as text for people or JSON for machines.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "pretty",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "HTTP_WORKERS", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub http_workers: Option<u32>,
+    /// How long a stopping server waits for in-flight requests.
+    #[arg(
+        long,
+        env = "SHUTDOWN_TIMEOUT_SECS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Config {
+    /// The defaults of the spec, as if no flag or variable were given (for tests).
+    pub fn defaults() -> Self {
+        Cli::parse_from(["balance-service"]).config
+    }
+
+    /// The use cases' settings.
+    ///
+    /// # Errors
+    /// When the limits are inconsistent.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        if self.max_amount > self.max_balance {
+            anyhow::bail!("MAX_AMOUNT must not exceed MAX_BALANCE");
+        }
+        Ok(Settings {
+            lock_wait: Duration::from_millis(self.lock_wait_ms),
+            lock_lease: Duration::from_millis(self.lock_lease_ms),
+            optimistic_retries: self.optimistic_retries,
+            on_lock_unavailable: match self.lock_on_redis_down {
+                RedisDownPolicy::Degrade => LockUnavailablePolicy::Degrade,
+                RedisDownPolicy::Fail => LockUnavailablePolicy::Fail,
+            },
+            idempotency_ttl: Duration::from_secs(self.idempotency_ttl_secs),
+            limits: Limits::new(self.max_amount, self.max_balance)?,
+        })
+    }
+}

@@ -1,0 +1,275 @@
+//! Wiring: adapters chosen by the configuration, the HTTP server bound, background tasks.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::HttpServer;
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::web::Data;
+use domain::ports::{LockManager, SystemClock};
+use domain::types::Balance;
+use domain::{BalanceService, Ports, Settings};
+use http_actix::{AppState, Dependency, InProcess, JsonEncoder};
+use secrecy::ExposeSecret;
+
+use crate::config::Config;
+use crate::telemetry;
+
+/// Users the in-memory store creates at start unless told otherwise (the load scripts
+/// expect users 1..100 with 100000).
+pub const DEFAULT_MEMORY_SEED_USERS: u32 = 100;
+pub const DEFAULT_SEED_BALANCE: i64 = 100_000;
+
+/// How often expired idempotency records are purged, and how many per batch.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+const PURGE_BATCH: u32 = 500;
+
+/// The adapters behind the use cases, and what readiness checks.
+pub struct Wiring {
+    pub service: BalanceService,
+    pub dependencies: Vec<Arc<dyn Dependency>>,
+}
+
+impl std::fmt::Debug for Wiring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wiring").finish_non_exhaustive()
+    }
+}
+
+/// Builds the adapters named by the configuration.
+///
+/// # Errors
+/// When the configuration is inconsistent or names an adapter this build lacks.
+pub fn wire(config: &Config) -> anyhow::Result<Wiring> {
+    let settings = config.settings()?;
+    if config.database_url.is_some() {
+        anyhow::bail!(
+            "DATABASE_URL is set, but this build has only the in-memory store; unset it to run in memory"
+        );
+    }
+    if config.redis_url.is_some() {
+        anyhow::bail!(
+            "REDIS_URL is set, but this build has only the in-process lock; unset it to run in memory"
+        );
+    }
+    tracing::warn!(
+        "DATABASE_URL is not set: using the IN-MEMORY store. NOTHING IS PERSISTED across restarts, \
+         and only ONE instance is safe"
+    );
+    tracing::warn!(
+        "REDIS_URL is not set: using the IN-PROCESS lock. It guards this process only: run ONE instance"
+    );
+    Ok(in_memory(
+        settings,
+        Arc::new(memory::InProcessLockManager::new()),
+    ))
+}
+
+/// The in-memory store with the given lock manager (tests pass one they also hold).
+pub fn in_memory(settings: Settings, locks: Arc<dyn LockManager>) -> Wiring {
+    let store = memory::MemoryStore::new();
+    let ports = Ports {
+        users: Arc::new(store.clone()),
+        orders: Arc::new(store.clone()),
+        keys: Arc::new(store.clone()),
+        store: Arc::new(store),
+        locks,
+        encoder: Arc::new(JsonEncoder),
+        clock: Arc::new(SystemClock),
+    };
+    Wiring {
+        service: BalanceService::new(ports, settings),
+        dependencies: vec![
+            Arc::new(InProcess {
+                name: "database",
+                kind: "memory",
+            }),
+            Arc::new(InProcess {
+                name: "lock",
+                kind: "in-process",
+            }),
+        ],
+    }
+}
+
+/// A bound, not yet running service. Tests build it on port 0 and read [`Application::port`].
+pub struct Application {
+    port: u16,
+    server: Server,
+    service: BalanceService,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Wires the adapters, seeds the users asked for, binds the listener and starts the
+    /// background purge. Signals are not handled here; see [`Application::run_until_stopped`].
+    ///
+    /// # Errors
+    /// Bad configuration, a failing seed, or an address that cannot be bound.
+    pub async fn build(
+        config: Config,
+        seed_users: Option<u32>,
+        seed_balance: i64,
+    ) -> anyhow::Result<Self> {
+        let wiring = wire(&config)?;
+        Self::build_with(config, wiring, seed_users, seed_balance).await
+    }
+
+    /// As [`Application::build`], with adapters chosen by the caller (tests swap in a lock
+    /// service that is down, say).
+    ///
+    /// # Errors
+    /// A failing seed, or an address that cannot be bound.
+    pub async fn build_with(
+        config: Config,
+        wiring: Wiring,
+        seed_users: Option<u32>,
+        seed_balance: i64,
+    ) -> anyhow::Result<Self> {
+        let in_memory = config.database_url.is_none();
+        let seed = seed_users.unwrap_or(if in_memory {
+            DEFAULT_MEMORY_SEED_USERS
+        } else {
+            0
+        });
+        if seed > 0 {
+            let balance = Balance::new(seed_balance, wiring.service.limits())
+                .map_err(|e| anyhow::anyhow!("SEED_BALANCE: {e}"))?;
+            let created = wiring.service.seed_users(seed, balance).await?;
+            tracing::info!(
+                users = seed,
+                balance = seed_balance,
+                created,
+                "seeded users"
+            );
+        }
+
+        let metrics = telemetry::metrics_handle();
+        let mut background = Vec::new();
+        if let Some(handle) = metrics.clone() {
+            background.push(tokio::spawn(telemetry::run_upkeep(handle)));
+        }
+        background.push(tokio::spawn(purge_expired_keys(wiring.service.clone())));
+
+        let state = Data::new(AppState {
+            service: wiring.service.clone(),
+            dependencies: wiring.dependencies,
+            metrics,
+            api_token: config
+                .api_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_owned())
+                .filter(|t| !t.is_empty()),
+        });
+        let listener = TcpListener::bind(config.bind_addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind_addr))?;
+        let port = listener.local_addr()?.port();
+        let workers = config
+            .http_workers
+            .map(|w| w as usize)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from));
+        let server = HttpServer::new(move || http_actix::build_app(state.clone()))
+            .workers(workers)
+            .shutdown_timeout(config.shutdown_timeout_secs)
+            // Signals are ours (run_until_stopped), so tests can run many servers in one process.
+            .disable_signals()
+            .listen(listener)?
+            .run();
+        tracing::info!(address = %config.bind_addr.ip(), port, "listening");
+        Ok(Self {
+            port,
+            server,
+            service: wiring.service,
+            background,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn service(&self) -> &BalanceService {
+        &self.service
+    }
+
+    /// A handle that stops the server (gracefully with `stop(true)`).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests
+    /// finish (their locks are released on their normal path) and returns.
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let stopper = tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections; finishing requests in flight");
+            handle.stop(true).await;
+        });
+        let result = self.server.await;
+        stopper.abort();
+        for task in self.background {
+            task.abort();
+        }
+        tracing::info!(in_flight = self.service.in_flight(), "stopped");
+        result
+    }
+}
+
+/// Deletes expired idempotency records in small batches, forever. Safe on every instance:
+/// each batch deletes only what has expired, whoever gets there first.
+async fn purge_expired_keys(service: BalanceService) {
+    let mut tick = tokio::time::interval(PURGE_EVERY);
+    loop {
+        tick.tick().await;
+        loop {
+            match service.purge_expired_keys(PURGE_BATCH).await {
+                Ok(n) if n >= u64::from(PURGE_BATCH) => tokio::task::yield_now().await,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "purging expired idempotency records failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

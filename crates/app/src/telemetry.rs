@@ -1,0 +1,126 @@
+//! Logs (pretty or JSON, every line of a request inside its `request_id` span) and the
+//! Prometheus recorder.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::FmtSpan;
+
+use crate::config::LogFormat;
+
+/// Installs the global log subscriber. A second call (tests build many apps) is a no-op.
+pub fn init_logging(filter: &str, format: LogFormat) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_span_events(FmtSpan::NONE)
+        .with_target(true);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}
+
+/// Latency buckets in seconds, from 0.25 ms (a replay) to 10 s (the lock wait).
+const BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process-wide Prometheus recorder: installed once, shared by every app in the process.
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+/// Keeps the recorder's histograms drained; call from a long-lived task.
+pub async fn run_upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+fn describe() {
+    use domain::telemetry as m;
+    metrics::describe_counter!(
+        http_actix::middleware::HTTP_REQUESTS_TOTAL,
+        "HTTP requests by method, route and status"
+    );
+    metrics::describe_histogram!(
+        http_actix::middleware::HTTP_REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "HTTP request latency by method and route"
+    );
+    metrics::describe_histogram!(
+        m::LOCK_WAIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Time spent waiting for a user lock"
+    );
+    metrics::describe_counter!(m::LOCK_ACQUIRED_TOTAL, "User locks taken");
+    metrics::describe_counter!(
+        m::LOCK_TIMEOUTS_TOTAL,
+        "Lock waits that ran out (LOCK_TIMEOUT)"
+    );
+    metrics::describe_counter!(
+        m::LOCK_LEASE_LOST_TOTAL,
+        "Releases that found the lease already expired"
+    );
+    metrics::describe_counter!(
+        m::LOCK_DEGRADED_TOTAL,
+        "Balance changes run without the lock because the lock service was down"
+    );
+    metrics::describe_counter!(
+        m::LOCK_UNAVAILABLE_TOTAL,
+        "Balance changes refused because the lock service was down (fail policy)"
+    );
+    metrics::describe_counter!(
+        m::OPTIMISTIC_CONFLICTS_TOTAL,
+        "Writes refused by the version check"
+    );
+    metrics::describe_counter!(
+        m::OPTIMISTIC_RETRIES_TOTAL,
+        "Attempts re-run from a fresh read after a conflict"
+    );
+    metrics::describe_counter!(
+        m::OPTIMISTIC_EXHAUSTED_TOTAL,
+        "Requests that ran out of optimistic retries"
+    );
+    metrics::describe_counter!(
+        m::IDEMPOTENT_REPLAYS_TOTAL,
+        "Requests answered from a stored response"
+    );
+    metrics::describe_counter!(
+        m::IDEMPOTENCY_IN_USE_TOTAL,
+        "Duplicates answered IDEMPOTENCY_KEY_IN_USE"
+    );
+    metrics::describe_counter!(
+        m::IDEMPOTENCY_REUSED_TOTAL,
+        "Keys refused as reused with another request"
+    );
+    metrics::describe_counter!(m::OPERATIONS_APPLIED_TOTAL, "Balance changes committed");
+    metrics::describe_counter!(m::OPERATIONS_REFUSED_TOTAL, "Business refusals stored");
+    metrics::describe_counter!(
+        m::IDEMPOTENCY_PURGED_TOTAL,
+        "Expired idempotency records deleted"
+    );
+}

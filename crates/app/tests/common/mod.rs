@@ -1,0 +1,242 @@
+//! Test harness: the real application on 127.0.0.1:0, driven over HTTP.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use actix_web::dev::ServerHandle;
+use app::Config;
+use app::startup::{self, Application, Wiring};
+use domain::ports::LockManager;
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{Value, json};
+
+pub struct TestApp {
+    pub base: String,
+    pub client: Client,
+    pub locks: Arc<dyn LockManager>,
+    pub service: domain::BalanceService,
+    handle: ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// A configuration with the spec's defaults, on a free port.
+pub fn config() -> Config {
+    let mut config = Config::defaults();
+    config.bind_addr = "127.0.0.1:0".parse().unwrap();
+    config.database_url = None;
+    config.redis_url = None;
+    config.api_token = None;
+    config.http_workers = Some(2);
+    config.shutdown_timeout_secs = 5;
+    config
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with_config(config()).await
+    }
+
+    pub async fn spawn_with_config(config: Config) -> Self {
+        let locks: Arc<dyn LockManager> = Arc::new(memory::InProcessLockManager::new());
+        let wiring = startup::in_memory(config.settings().unwrap(), Arc::clone(&locks));
+        Self::spawn_with(config, wiring, locks).await
+    }
+
+    pub async fn spawn_with(config: Config, wiring: Wiring, locks: Arc<dyn LockManager>) -> Self {
+        // No seeded users: every test creates its own through the API.
+        let app = Application::build_with(config, wiring, Some(0), 0)
+            .await
+            .expect("the app builds");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let handle = app.handle();
+        let service = app.service().clone();
+        let task = tokio::spawn(app.run_until_stopped(std::future::pending()));
+        TestApp {
+            base,
+            client: Client::new(),
+            locks,
+            service,
+            handle,
+            task,
+        }
+    }
+
+    /// Waits (bounded) until `n` balance changes are in flight in the app.
+    pub async fn wait_in_flight(&self, n: usize) {
+        for _ in 0..2_000 {
+            if self.service.in_flight() == n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("never saw {n} requests in flight");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A POST with a raw body and content type.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Response {
+        let mut req = self.client.post(self.url(path)).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Creates a user and returns its id.
+    pub async fn create_user(&self) -> i64 {
+        let res = self.post_json("/api/users", &json!({})).await;
+        assert_eq!(res.status(), StatusCode::CREATED);
+        res.json::<Value>().await.unwrap()["userId"]
+            .as_i64()
+            .unwrap()
+    }
+
+    /// Creates a user holding `balance`.
+    pub async fn user_with(&self, balance: i64) -> i64 {
+        let id = self.create_user().await;
+        if balance > 0 {
+            let res = self.charge(id, balance, &new_key()).await;
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+        id
+    }
+
+    pub async fn charge(&self, user: i64, amount: i64, key: &str) -> Response {
+        self.post_json(
+            &format!("/api/users/{user}/balance/charge"),
+            &json!({"amount": amount, "idempotencyKey": key}),
+        )
+        .await
+    }
+
+    pub async fn use_balance(&self, user: i64, amount: i64, key: &str) -> Response {
+        self.post_json(
+            &format!("/api/users/{user}/balance/use"),
+            &json!({"amount": amount, "idempotencyKey": key}),
+        )
+        .await
+    }
+
+    pub async fn create_order(&self, user: i64, amount: i64) -> i64 {
+        let res = self
+            .post_json("/api/orders", &json!({"userId": user, "amount": amount}))
+            .await;
+        assert_eq!(res.status(), StatusCode::CREATED);
+        res.json::<Value>().await.unwrap()["orderId"]
+            .as_i64()
+            .unwrap()
+    }
+
+    pub async fn pay(&self, user: i64, order: i64, key: &str) -> Response {
+        self.post_json(
+            "/api/payments",
+            &json!({"orderId": order, "userId": user, "idempotencyKey": key}),
+        )
+        .await
+    }
+
+    pub async fn balance(&self, user: i64) -> i64 {
+        let res = self.get(&format!("/api/users/{user}/balance")).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        res.json::<Value>().await.unwrap()["balance"]
+            .as_i64()
+            .unwrap()
+    }
+
+    /// Every ledger entry of the user, newest first, following `next` page by page.
+    pub async fn full_history(&self, user: i64) -> Vec<Value> {
+        let mut items = Vec::new();
+        let mut before: Option<i64> = None;
+        loop {
+            let path = match before {
+                Some(b) => format!("/api/users/{user}/balance/history?limit=500&before={b}"),
+                None => format!("/api/users/{user}/balance/history?limit=500"),
+            };
+            let res = self.get(&path).await;
+            assert_eq!(res.status(), StatusCode::OK);
+            let page: Value = res.json().await.unwrap();
+            items.extend(page["items"].as_array().unwrap().iter().cloned());
+            match page["next"].as_i64() {
+                Some(next) => before = Some(next),
+                None => return items,
+            }
+        }
+    }
+
+    /// The signed sum of the ledger: CHARGE adds, USE and PAYMENT take away.
+    pub async fn ledger_sum(&self, user: i64) -> i64 {
+        self.full_history(user)
+            .await
+            .iter()
+            .map(|e| {
+                let amount = e["amount"].as_i64().unwrap();
+                match e["type"].as_str().unwrap() {
+                    "CHARGE" => amount,
+                    "USE" | "PAYMENT" => -amount,
+                    other => panic!("unknown entry type {other}"),
+                }
+            })
+            .sum()
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        let _ = self.task.await;
+    }
+}
+
+pub fn new_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Status, code, headers and body of a problem+json answer, checking its shape.
+pub async fn problem(res: Response) -> (StatusCode, String, reqwest::header::HeaderMap, Value) {
+    let status = res.status();
+    let headers = res.headers().clone();
+    assert_eq!(
+        headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/problem+json"),
+        "a problem answer is application/problem+json (status {status})"
+    );
+    let body: Value = res.json().await.unwrap();
+    for field in ["type", "title", "status", "code", "detail"] {
+        assert!(
+            body.get(field).is_some(),
+            "problem body lacks {field}: {body}"
+        );
+    }
+    assert_eq!(body["status"].as_u64(), Some(u64::from(status.as_u16())));
+    let code = body["code"].as_str().unwrap().to_owned();
+    (status, code, headers, body)
+}
+
+/// The status, the replay header and the exact bytes of an answer.
+pub async fn bytes(res: Response) -> (StatusCode, bool, Vec<u8>) {
+    let status = res.status();
+    let replayed = res
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
+    (status, replayed, res.bytes().await.unwrap().to_vec())
+}

@@ -1,0 +1,313 @@
+//! The handlers: parse, call the use case, answer. Every path's OpenAPI entry is here.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::web::{Data, Payload};
+use actix_web::{HttpRequest, HttpResponse};
+use domain::types::{EntryId, OrderId, PageLimit, PaymentId, UserId};
+use domain::{BalanceCommand, Execution};
+
+use crate::AppState;
+use crate::body::{self, read_json_object};
+use crate::dto::{
+    AmountRequest, BalanceResponse, ChargeResponse, CreateUserRequest, HistoryItem,
+    HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse, UseResponse,
+};
+use crate::problem::{ApiError, PROBLEM_JSON, Problem};
+
+pub const REPLAYED_HEADER: &str = "Idempotent-Replayed";
+
+type ApiResult = Result<HttpResponse, ApiError>;
+
+fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> ApiResult {
+    let bytes = serde_json::to_vec(body)
+        .map_err(|e| ApiError::from(domain::OperationError::Unexpected(e.into())))?;
+    Ok(HttpResponse::build(status)
+        .insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        ))
+        .body(bytes))
+}
+
+fn path_id<T>(
+    req: &HttpRequest,
+    name: &str,
+    parse: fn(&str) -> Result<T, domain::types::ValidationError>,
+) -> Result<T, ApiError> {
+    let raw = req.match_info().get(name).unwrap_or_default();
+    parse(raw).map_err(|_| ApiError::validation(format!("{name} must be a positive integer")))
+}
+
+/// Sends a stored (or just stored) response: status and bytes exactly as kept.
+fn stored(execution: Execution) -> HttpResponse {
+    let status = StatusCode::from_u16(execution.response.status)
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let content_type = if status.is_success() {
+        "application/json"
+    } else {
+        PROBLEM_JSON
+    };
+    let mut response = HttpResponse::build(status);
+    response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(content_type)));
+    if execution.replayed {
+        response.insert_header((REPLAYED_HEADER, HeaderValue::from_static("true")));
+    }
+    response.body(execution.response.body)
+}
+
+/// Runs a balance change on its own task: a client that disconnects must not cancel it
+/// half-way (between commit and lock release, say).
+async fn execute(state: &AppState, command: BalanceCommand) -> ApiResult {
+    let service = state.service.clone();
+    let execution = tokio::spawn(async move { service.execute(command).await })
+        .await
+        .map_err(|e| ApiError::from(domain::OperationError::Unexpected(e.into())))??;
+    Ok(stored(execution))
+}
+
+/// Create a user with a zero balance.
+#[utoipa::path(
+    post, path = "/api/users", tag = "users",
+    request_body(content = Option<CreateUserRequest>, content_type = "application/json", description = "Empty, or `{}`; no initial balance can be set"),
+    responses(
+        (status = 201, description = "Created", body = BalanceResponse, headers(("Location" = String, description = "The new user's balance URL"))),
+        (status = 400, description = "Body is not an empty object", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn create_user(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
+    if let Some(body) = read_json_object(&req, payload).await? {
+        if body.contains_key("balance") {
+            return Err(ApiError::validation(
+                "an initial balance cannot be set through the API; charge the user instead",
+            ));
+        }
+    }
+    let user = state.service.create_user().await?;
+    let mut response = json(StatusCode::CREATED, &BalanceResponse::from(&user))?;
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/users/{}/balance", user.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// A user's balance (committed state, no lock).
+#[utoipa::path(
+    get, path = "/api/users/{userId}/balance", tag = "balance",
+    params(("userId" = i64, Path, minimum = 1)),
+    responses(
+        (status = 200, body = BalanceResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_balance(state: Data<AppState>, req: HttpRequest) -> ApiResult {
+    let user = path_id(&req, "userId", UserId::parse)?;
+    let user = state.service.balance(user).await?;
+    json(StatusCode::OK, &BalanceResponse::from(&user))
+}
+
+/// Charge money to a user's balance, once per idempotency key.
+#[utoipa::path(
+    post, path = "/api/users/{userId}/balance/charge", tag = "balance",
+    params(
+        ("userId" = i64, Path, minimum = 1),
+        ("Idempotency-Key" = Option<String>, Header, description = "Or the body's idempotencyKey"),
+    ),
+    request_body(content = AmountRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Charged, or the replay of a finished request", body = ChargeResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED or BALANCE_LIMIT_EXCEEDED", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "LOCK_TIMEOUT or SERVICE_UNAVAILABLE", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn charge(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
+    let user = path_id(&req, "userId", UserId::parse)?;
+    let body = read_json_object(&req, payload).await?;
+    let key = body::idempotency_key(&req, body.as_ref())?;
+    let body = body.unwrap_or_default();
+    let amount = body::amount(&body, state.service.limits())?;
+    execute(&state, BalanceCommand::Charge { user, amount, key }).await
+}
+
+/// Use (deduct) money from a user's balance, once per idempotency key.
+#[utoipa::path(
+    post, path = "/api/users/{userId}/balance/use", tag = "balance",
+    params(
+        ("userId" = i64, Path, minimum = 1),
+        ("Idempotency-Key" = Option<String>, Header, description = "Or the body's idempotencyKey"),
+    ),
+    request_body(content = AmountRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Used, or the replay of a finished request", body = UseResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED or INSUFFICIENT_BALANCE", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "LOCK_TIMEOUT or SERVICE_UNAVAILABLE", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn use_balance(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
+    let user = path_id(&req, "userId", UserId::parse)?;
+    let body = read_json_object(&req, payload).await?;
+    let key = body::idempotency_key(&req, body.as_ref())?;
+    let body = body.unwrap_or_default();
+    let amount = body::amount(&body, state.service.limits())?;
+    execute(&state, BalanceCommand::Use { user, amount, key }).await
+}
+
+/// A user's ledger, newest first, in pages.
+#[utoipa::path(
+    get, path = "/api/users/{userId}/balance/history", tag = "balance",
+    params(
+        ("userId" = i64, Path, minimum = 1),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "Default 50"),
+        ("before" = Option<i64>, Query, minimum = 1, description = "Only entries with a smaller id"),
+    ),
+    responses(
+        (status = 200, body = HistoryResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn history(state: Data<AppState>, req: HttpRequest) -> ApiResult {
+    let user = path_id(&req, "userId", UserId::parse)?;
+    let mut limit = None;
+    let mut before = None;
+    for (name, value) in query_pairs(req.query_string())? {
+        let slot = match name.as_str() {
+            "limit" => &mut limit,
+            "before" => &mut before,
+            _ => continue,
+        };
+        if slot.replace(value).is_some() {
+            return Err(ApiError::validation(format!(
+                "{name} is given more than once"
+            )));
+        }
+    }
+    let limit = match limit {
+        Some(raw) => PageLimit::parse(&raw)?,
+        None => PageLimit::default(),
+    };
+    let before = match before {
+        Some(raw) => Some(
+            EntryId::parse(&raw)
+                .map_err(|_| ApiError::validation("before must be a positive integer"))?,
+        ),
+        None => None,
+    };
+    let page = state.service.history(user, before, limit).await?;
+    json(
+        StatusCode::OK,
+        &HistoryResponse {
+            items: page.items.iter().map(HistoryItem::from).collect(),
+            next: page.next.map(EntryId::get),
+        },
+    )
+}
+
+fn query_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+        .map_err(|_| ApiError::validation("the query string is malformed"))
+}
+
+/// Create an order to pay later.
+#[utoipa::path(
+    post, path = "/api/orders", tag = "orders",
+    request_body(content = OrderRequest, content_type = "application/json"),
+    responses(
+        (status = 201, body = OrderResponse, headers(("Location" = String))),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn create_order(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
+    let body = read_json_object(&req, payload)
+        .await?
+        .ok_or_else(|| ApiError::validation("userId is required"))?;
+    let user = body::user_id_field(&body)?;
+    let amount = body::amount(&body, state.service.limits())?;
+    let order = state.service.create_order(user, amount).await?;
+    let mut response = json(StatusCode::CREATED, &OrderResponse::from(&order))?;
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/orders/{}", order.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// An order.
+#[utoipa::path(
+    get, path = "/api/orders/{orderId}", tag = "orders",
+    params(("orderId" = i64, Path, minimum = 1)),
+    responses(
+        (status = 200, body = OrderResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_order(state: Data<AppState>, req: HttpRequest) -> ApiResult {
+    let id = path_id(&req, "orderId", OrderId::parse)?;
+    let order = state.service.order(id).await?;
+    json(StatusCode::OK, &OrderResponse::from(&order))
+}
+
+/// Pay an order from the user's balance, once per idempotency key.
+#[utoipa::path(
+    post, path = "/api/payments", tag = "payments",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Or the body's idempotencyKey")),
+    request_body(content = PaymentRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Paid, or the replay of a finished request", body = PaymentResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE or ORDER_ALREADY_PAID", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED or INSUFFICIENT_BALANCE", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "LOCK_TIMEOUT or SERVICE_UNAVAILABLE", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn pay(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
+    let body = read_json_object(&req, payload).await?;
+    let key = body::idempotency_key(&req, body.as_ref())?;
+    let body = body.unwrap_or_default();
+    let order = body::order_id_field(&body)?;
+    let user = body::user_id_field(&body)?;
+    execute(&state, BalanceCommand::Pay { user, order, key }).await
+}
+
+/// A payment.
+#[utoipa::path(
+    get, path = "/api/payments/{paymentId}", tag = "payments",
+    params(("paymentId" = i64, Path, minimum = 1)),
+    responses(
+        (status = 200, body = PaymentResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_payment(state: Data<AppState>, req: HttpRequest) -> ApiResult {
+    let id = path_id(&req, "paymentId", PaymentId::parse)?;
+    let payment = state.service.payment(id).await?;
+    json(StatusCode::OK, &PaymentResponse::from(&payment))
+}

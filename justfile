@@ -1,0 +1,21 @@
+# The everyday commands. `just --list` shows them.
+
+# Run the service on 127.0.0.1:8080 with the in-memory store (users 1..100 seeded with 100000).
+run *ARGS:
+    cargo run --release -- {{ARGS}}
+
+# Every test of the workspace (the README's test command).
+test:
+    cargo test --workspace
+
+# Format check and clippy with warnings as errors, as CI does.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# What CI runs.
+ci:
+    bash .ci/run
+
+fmt:
+    cargo fmt --all
