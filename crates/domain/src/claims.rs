@@ -92,19 +92,19 @@ mod tests {
     use crate::types::{Amount, Limits};
 
     fn key(raw: &str) -> IdempotencyKey {
-        IdempotencyKey::parse(raw).unwrap_or_else(|e| panic!("{e}"))
+        IdempotencyKey::parse(raw).unwrap()
     }
 
     fn fp(amount: i64) -> Fingerprint {
-        let user = UserId::new(1).unwrap_or_else(|e| panic!("{e}"));
-        let amount = Amount::new(amount, &Limits::default()).unwrap_or_else(|e| panic!("{e}"));
+        let user = UserId::new(1).unwrap();
+        let amount = Amount::new(amount, &Limits::default()).unwrap();
         Fingerprint::charge(user, amount)
     }
 
     #[test]
     fn a_second_claim_is_in_use_until_the_first_is_dropped() {
         let registry = ClaimRegistry::new();
-        let user = UserId::new(1).unwrap_or_else(|e| panic!("{e}"));
+        let user = UserId::new(1).unwrap();
         let first = registry.claim(user, &key("k"), &fp(10));
         assert!(first.is_ok());
         assert_eq!(
@@ -123,8 +123,8 @@ mod tests {
     #[test]
     fn keys_are_scoped_to_their_user() {
         let registry = ClaimRegistry::new();
-        let one = UserId::new(1).unwrap_or_else(|e| panic!("{e}"));
-        let two = UserId::new(2).unwrap_or_else(|e| panic!("{e}"));
+        let one = UserId::new(1).unwrap();
+        let two = UserId::new(2).unwrap();
         let _a = registry.claim(one, &key("k"), &fp(10));
         assert!(registry.claim(two, &key("k"), &fp(10)).is_ok());
     }

@@ -47,10 +47,8 @@ pub async fn read_json_object(
         Some(value) => Some(value.to_str().map_err(|_| unsupported())?),
         None => None,
     };
-    if let Some(ct) = content_type {
-        if !is_json(ct) {
-            return Err(unsupported());
-        }
+    if content_type.is_some_and(|ct| !is_json(ct)) {
+        return Err(unsupported());
     }
     let declared = req
         .headers()

@@ -78,12 +78,11 @@ async fn execute(state: &AppState, command: BalanceCommand) -> ApiResult {
     security((), ("bearer" = []))
 )]
 pub async fn create_user(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
-    if let Some(body) = read_json_object(&req, payload).await? {
-        if body.contains_key("balance") {
-            return Err(ApiError::validation(
-                "an initial balance cannot be set through the API; charge the user instead",
-            ));
-        }
+    let body = read_json_object(&req, payload).await?;
+    if body.is_some_and(|b| b.contains_key("balance")) {
+        return Err(ApiError::validation(
+            "an initial balance cannot be set through the API; charge the user instead",
+        ));
     }
     let user = state.service.create_user().await?;
     let mut response = json(StatusCode::CREATED, &BalanceResponse::from(&user))?;
