@@ -1,0 +1,65 @@
+//! `IdempotencyRepo`: the read side and the purge of completed records. Records are
+//! written only inside a balance step ([`crate::step`]).
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use domain::idempotency::{CompletedRecord, Fingerprint};
+use domain::ports::{IdempotencyRepo, RepoError};
+use domain::types::{IdempotencyKey, UserId};
+
+use crate::MySqlStore;
+use crate::convert::{from_db_time, stored_response, to_db_time};
+use crate::error::repo;
+
+#[async_trait]
+impl IdempotencyRepo for MySqlStore {
+    async fn find(
+        &self,
+        user: UserId,
+        key: &IdempotencyKey,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CompletedRecord>, RepoError> {
+        // The primary key (user_id, idempotency_key) scopes the key to its user, and the
+        // ascii_bin collation makes the match byte for byte.
+        let row: Option<(String, u16, Vec<u8>, NaiveDateTime, NaiveDateTime)> = sqlx::query_as(
+            "select fingerprint, response_status, response_body, created_at, expires_at \
+             from idempotency_records \
+             where user_id = ? and idempotency_key = ? and status = 'COMPLETED' \
+             and expires_at > ?",
+        )
+        .bind(user.get())
+        .bind(key.as_str())
+        .bind(to_db_time(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(repo)?;
+        Ok(row.map(
+            |(fingerprint, status, body, created_at, expires_at)| CompletedRecord {
+                user_id: user,
+                key: key.clone(),
+                fingerprint: Fingerprint::from_stored(fingerprint),
+                response: stored_response(status, body),
+                created_at: from_db_time(created_at),
+                expires_at: from_db_time(expires_at),
+            },
+        ))
+    }
+
+    async fn purge_expired(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        // One bounded statement per call keeps each purge transaction (and its row locks)
+        // short. Concurrent purges from several instances are safe: a row deleted by one
+        // is simply not found by the other, which waits on its lock and moves on.
+        let done = sqlx::query(
+            "delete from idempotency_records where expires_at <= ? order by expires_at limit ?",
+        )
+        .bind(to_db_time(now))
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(repo)?;
+        Ok(done.rows_affected())
+    }
+}

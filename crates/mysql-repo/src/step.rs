@@ -1,0 +1,276 @@
+//! `BalanceStore`: the atomic step. Each method is one transaction: the users row (guarded
+//! by its version), the ledger entry, the order and payment, and the key's completed
+//! record commit together or not at all.
+//!
+//! Row locks are always taken in the same order (users row first, then the order row,
+//! then the new rows), so steps of one user queue behind its row instead of deadlocking.
+//! A deadlock that InnoDB still reports (gap locks in a rare path) is a lock conflict,
+//! which the step answers as a version conflict so the use case retries it.
+
+use async_trait::async_trait;
+use chrono::NaiveDateTime;
+use domain::idempotency::StoredResponse;
+use domain::ports::{
+    Applied, Assigned, BalanceChange, BalanceStore, KeyRecord, RefusalRecord, StepError,
+};
+use domain::types::{OrderId, PaymentId, UserId};
+use sqlx::{MySql, MySqlConnection, Transaction};
+
+use crate::MySqlStore;
+use crate::convert::{entry_id, payment_id, to_db_expiry, to_db_time, version_to_db};
+use crate::error::{Classified, classify, step};
+
+#[async_trait]
+impl BalanceStore for MySqlStore {
+    async fn apply(&self, change: BalanceChange) -> Result<Applied, StepError> {
+        let mut tx = self.pool.begin().await.map_err(step)?;
+        match apply_in(&mut tx, change).await {
+            Ok(applied) => {
+                // A commit that fails on the network may or may not have happened; the
+                // error is not stored, so a retry with the same key either replays the
+                // committed record or runs afresh.
+                tx.commit().await.map_err(step)?;
+                Ok(applied)
+            }
+            Err(e) => {
+                rollback(tx).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError> {
+        let mut tx = self.pool.begin().await.map_err(step)?;
+        match refuse_in(&mut tx, &refusal).await {
+            Ok(()) => tx.commit().await.map_err(step),
+            Err(e) => {
+                rollback(tx).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Rolls back at once, so the transaction's row locks are released before the use case retries
+/// (dropping the transaction would defer the rollback to the connection's next use).
+pub(crate) async fn rollback(tx: Transaction<'static, MySql>) {
+    if let Err(e) = tx.rollback().await {
+        // The connection is broken; the server rolls back when the session ends.
+        tracing::debug!(error = %e, "rollback of a failed transaction failed");
+    }
+}
+
+async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<Applied, StepError> {
+    let BalanceChange {
+        user_id,
+        expected_version,
+        new_balance,
+        kind,
+        amount,
+        at,
+        key,
+        pays_order,
+        respond,
+    } = change;
+    let at = to_db_time(at);
+
+    // The optimistic guard: only the version that was read may be replaced. The row lock
+    // this takes is held to the commit, so nobody else writes this user meanwhile.
+    let updated = sqlx::query(
+        "update users set balance = ?, version = version + 1, updated_at = ? \
+         where id = ? and version = ?",
+    )
+    .bind(new_balance.get())
+    .bind(at)
+    .bind(user_id.get())
+    .bind(version_to_db(expected_version)?)
+    .execute(&mut *conn)
+    .await
+    .map_err(step)?;
+    if updated.rows_affected() == 0 {
+        return Err(missing_or_moved(conn, user_id).await);
+    }
+
+    let payment_id = match pays_order {
+        Some(order) => {
+            let payment = NewPayment {
+                amount: amount.get(),
+                balance_after: new_balance.get(),
+                paid_at: at,
+                key: key.key.as_str(),
+            };
+            Some(pay_order(conn, order, user_id, &payment).await?)
+        }
+        None => None,
+    };
+
+    let entry = sqlx::query(
+        "insert into ledger_entries \
+         (user_id, kind, amount, balance_after, idempotency_key, created_at) \
+         values (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(user_id.get())
+    .bind(kind.as_str())
+    .bind(amount.get())
+    .bind(new_balance.get())
+    .bind(key.key.as_str())
+    .bind(at)
+    .execute(&mut *conn)
+    .await
+    .map_err(step)?;
+
+    let assigned = Assigned {
+        entry_id: entry_id(entry.last_insert_id())?,
+        payment_id,
+    };
+    let response = respond(&assigned);
+    put_record(conn, user_id, &key, &response).await?;
+    Ok(Applied { assigned, response })
+}
+
+async fn refuse_in(conn: &mut MySqlConnection, refusal: &RefusalRecord) -> Result<(), StepError> {
+    // A locking read: the refusal was decided on this version, and no balance write may
+    // commit between this check and ours (it waits on the row lock instead).
+    let version: Option<(i64,)> =
+        sqlx::query_as("select version from users where id = ? for update")
+            .bind(refusal.user_id.get())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(step)?;
+    match version {
+        None => return Err(StepError::UserNotFound),
+        Some((v,)) if v != version_to_db(refusal.expected_version)? => {
+            return Err(StepError::VersionConflict);
+        }
+        Some(_) => {}
+    }
+    put_record(conn, refusal.user_id, &refusal.key, &refusal.response).await
+}
+
+/// After a guarded update matched nothing: the user is gone or its version moved on.
+async fn missing_or_moved(conn: &mut MySqlConnection, user: UserId) -> StepError {
+    let found: Result<Option<(i64,)>, _> = sqlx::query_as("select id from users where id = ?")
+        .bind(user.get())
+        .fetch_optional(&mut *conn)
+        .await;
+    match found {
+        Ok(Some(_)) => StepError::VersionConflict,
+        Ok(None) => StepError::UserNotFound,
+        Err(e) => step(e),
+    }
+}
+
+/// The payment row's values, borrowed from the change.
+struct NewPayment<'a> {
+    amount: i64,
+    balance_after: i64,
+    paid_at: NaiveDateTime,
+    key: &'a str,
+}
+
+/// Marks `order` PAID and writes its payment row; `OrderNotPending` when it was paid (or
+/// is not this user's PENDING order) by the time the step runs.
+async fn pay_order(
+    conn: &mut MySqlConnection,
+    order: OrderId,
+    user: UserId,
+    payment: &NewPayment<'_>,
+) -> Result<PaymentId, StepError> {
+    let flipped = sqlx::query(
+        "update orders set status = 'PAID', paid_at = ? \
+         where id = ? and user_id = ? and status = 'PENDING'",
+    )
+    .bind(payment.paid_at)
+    .bind(order.get())
+    .bind(user.get())
+    .execute(&mut *conn)
+    .await
+    .map_err(step)?;
+    if flipped.rows_affected() == 0 {
+        return Err(StepError::OrderNotPending);
+    }
+
+    let inserted = sqlx::query(
+        "insert into payments \
+         (order_id, user_id, amount, balance_after, paid_at, idempotency_key) \
+         values (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(order.get())
+    .bind(user.get())
+    .bind(payment.amount)
+    .bind(payment.balance_after)
+    .bind(payment.paid_at)
+    .bind(payment.key)
+    .execute(&mut *conn)
+    .await;
+    match inserted.map_err(classify) {
+        Ok(done) => Ok(payment_id(done.last_insert_id())?),
+        // The unique order_id: a payment row exists although the order was PENDING, so
+        // the order is not payable; the database refuses a second payment either way.
+        Err(Classified::Duplicate(_)) => Err(StepError::OrderNotPending),
+        Err(other) => Err(other.into_step()),
+    }
+}
+
+/// Writes the key's completed record, replacing an expired one.
+///
+/// The insert comes first and the expired record is deleted only when the insert hits
+/// it: deleting first would, for the usual fresh key, search for a row that is not there,
+/// and under REPEATABLE READ that search takes a gap lock which makes concurrent steps of
+/// other users wait on (or deadlock with) each other's inserts into the same gap. Deleting
+/// a row that exists locks only that row.
+async fn put_record(
+    conn: &mut MySqlConnection,
+    user: UserId,
+    key: &KeyRecord,
+    response: &StoredResponse,
+) -> Result<(), StepError> {
+    match insert_record(conn, user, key, response).await {
+        Err(Classified::Duplicate(_)) => {}
+        other => return other.map_err(Classified::into_step),
+    }
+    // A record is live while `now < expires_at`; the new record's creation is "now".
+    let purged = sqlx::query(
+        "delete from idempotency_records \
+         where user_id = ? and idempotency_key = ? and expires_at <= ?",
+    )
+    .bind(user.get())
+    .bind(key.key.as_str())
+    .bind(to_db_time(key.created_at))
+    .execute(&mut *conn)
+    .await
+    .map_err(step)?;
+    if purged.rows_affected() == 0 {
+        return Err(StepError::KeyTaken);
+    }
+    match insert_record(conn, user, key, response).await {
+        Ok(()) => Ok(()),
+        Err(Classified::Duplicate(_)) => Err(StepError::KeyTaken),
+        Err(other) => Err(other.into_step()),
+    }
+}
+
+async fn insert_record(
+    conn: &mut MySqlConnection,
+    user: UserId,
+    key: &KeyRecord,
+    response: &StoredResponse,
+) -> Result<(), Classified> {
+    sqlx::query(
+        "insert into idempotency_records \
+         (user_id, idempotency_key, fingerprint, status, response_status, response_body, \
+          created_at, expires_at) \
+         values (?, ?, ?, 'COMPLETED', ?, ?, ?, ?)",
+    )
+    .bind(user.get())
+    .bind(key.key.as_str())
+    .bind(key.fingerprint.as_str())
+    .bind(response.status)
+    .bind(response.body.as_slice())
+    .bind(to_db_time(key.created_at))
+    .bind(to_db_expiry(key.expires_at))
+    .execute(&mut *conn)
+    .await
+    .map(|_| ())
+    .map_err(classify)
+}
