@@ -1,1 +1,14 @@
+//! In-memory adapters of every port: the zero-setup default of a single instance and the
+//! fakes behind the HTTP tests.
+//!
+//! - [`MemoryStore`] implements `UserRepo`, `OrderRepo`, `IdempotencyRepo` and
+//!   `BalanceStore` over one mutex, so each atomic step is one critical section;
+//! - [`InProcessLockManager`] implements `LockManager` for the tasks of this process only.
+//!
+//! Nothing here is persisted, and neither adapter guards a second process: run one instance.
 
+mod lock;
+mod store;
+
+pub use lock::InProcessLockManager;
+pub use store::MemoryStore;

@@ -1,0 +1,466 @@
+//! [`MemoryStore`]: users, ledgers, orders, payments and idempotency records in one
+//! mutex-guarded [`State`]. Every port method is one critical section, so the atomic step
+//! is exactly as atomic as a database transaction: it checks everything first, and only
+//! then writes, with nothing that can fail in between.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use domain::idempotency::{CompletedRecord, StoredResponse};
+use domain::model::{EntryKind, HistoryPage, LedgerEntry, Order, OrderStatus, Payment, User};
+use domain::ports::{
+    Applied, Assigned, BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo,
+    RefusalRecord, RepoError, StepError, UserRepo,
+};
+use domain::types::{
+    Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, UserId, ValidationError,
+};
+
+/// The in-memory store: every repository port and the atomic step over one shared state.
+///
+/// Cloning is cheap and every clone sees the same state, so one store can be handed out
+/// as each of the ports.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The state can be millions of rows; a debug print of the store must not dump it.
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store: no users, orders, payments or keys; every id sequence starts at 1.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held cannot have left a half-written step (every step
+        // checks and builds all it needs before its first write), so the state is sound.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Everything the store holds. Each id sequence remembers the last id it handed out.
+#[derive(Default)]
+#[cfg_attr(test, derive(Clone, Debug, PartialEq))]
+struct State {
+    users: HashMap<UserId, User>,
+    /// The highest user id in use: a created user takes the next one, so it never collides
+    /// with a seeded user (seeding fills ids 1..=count, whatever exists above them).
+    last_user_id: i64,
+    /// Each user's ledger in id order: ids grow globally, so appending keeps it sorted.
+    ledgers: HashMap<UserId, Vec<LedgerEntry>>,
+    last_entry_id: i64,
+    orders: HashMap<OrderId, Order>,
+    last_order_id: i64,
+    payments: HashMap<PaymentId, Payment>,
+    /// At most one payment per order, like the unique `order_id` of the payments table.
+    payment_of_order: HashMap<OrderId, PaymentId>,
+    last_payment_id: i64,
+    /// Completed records by user, then by key: a lookup by `&str` needs no allocation.
+    keys: HashMap<UserId, HashMap<String, CompletedRecord>>,
+    /// The records of `keys` ordered by expiry, so a purge visits only what it deletes
+    /// instead of scanning every record under the lock.
+    expiries: BTreeSet<(DateTime<Utc>, UserId, String)>,
+}
+
+/// The id after `last`, built by the id type's validating constructor.
+fn next_id<T>(last: i64, make: fn(i64) -> Result<T, ValidationError>) -> anyhow::Result<T> {
+    let raw = last
+        .checked_add(1)
+        .context("the id sequence is exhausted")?;
+    Ok(make(raw)?)
+}
+
+impl State {
+    fn create_user(&mut self, now: DateTime<Utc>) -> anyhow::Result<User> {
+        let id = next_id(self.last_user_id, UserId::new)?;
+        let user = User {
+            id,
+            balance: Balance::ZERO,
+            version: 0,
+            created_at: now,
+        };
+        self.users.insert(id, user.clone());
+        self.last_user_id = id.get();
+        Ok(user)
+    }
+
+    fn history(&self, user: UserId, before: Option<EntryId>, limit: u32) -> HistoryPage {
+        let Some(entries) = self.ledgers.get(&user) else {
+            return HistoryPage {
+                items: Vec::new(),
+                next: None,
+            };
+        };
+        // The ledger is sorted by id, so the entries below `before` are a prefix of it.
+        let end = before.map_or(entries.len(), |before| {
+            entries.partition_point(|entry| entry.id < before)
+        });
+        let older = entries.get(..end).unwrap_or_default();
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let items: Vec<LedgerEntry> = older.iter().rev().take(limit).cloned().collect();
+        let next = if older.len() > items.len() {
+            items.last().map(|entry| entry.id)
+        } else {
+            None
+        };
+        HistoryPage { items, next }
+    }
+
+    fn seed_users(
+        &mut self,
+        count: u32,
+        balance: Balance,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<u64> {
+        let mut created = 0;
+        for raw in 1..=i64::from(count) {
+            let id = UserId::new(raw)?;
+            if self.users.contains_key(&id) {
+                continue;
+            }
+            // The opening entry keeps the ledger summing to the balance; a zero balance
+            // needs none (an entry's amount is always positive).
+            if balance.get() > 0 {
+                let entry_id = next_id(self.last_entry_id, EntryId::new)?;
+                self.ledgers.entry(id).or_default().push(LedgerEntry {
+                    id: entry_id,
+                    user_id: id,
+                    kind: EntryKind::Charge,
+                    amount: Amount::from_stored(balance.get()),
+                    balance_after: balance,
+                    idempotency_key: None,
+                    created_at: now,
+                });
+                self.last_entry_id = entry_id.get();
+            }
+            self.users.insert(
+                id,
+                User {
+                    id,
+                    balance,
+                    version: 0,
+                    created_at: now,
+                },
+            );
+            self.last_user_id = self.last_user_id.max(raw);
+            created += 1;
+        }
+        Ok(created)
+    }
+
+    fn create_order(
+        &mut self,
+        user: UserId,
+        amount: Amount,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Order> {
+        let id = next_id(self.last_order_id, OrderId::new)?;
+        let order = Order {
+            id,
+            user_id: user,
+            amount,
+            status: OrderStatus::Pending,
+            created_at: now,
+        };
+        self.orders.insert(id, order.clone());
+        self.last_order_id = id.get();
+        Ok(order)
+    }
+
+    /// The record of (user, key) if it is still live at `now`.
+    fn live_record(&self, user: UserId, key: &str, now: DateTime<Utc>) -> Option<&CompletedRecord> {
+        self.keys
+            .get(&user)?
+            .get(key)
+            .filter(|record| !record.is_expired(now))
+    }
+
+    /// The checks every step shares, in the order a transaction meets them: the user, its
+    /// version, then the key (free, or taken only by an expired record).
+    fn check_step(
+        &self,
+        user: UserId,
+        expected_version: u64,
+        key: &KeyRecord,
+        now: DateTime<Utc>,
+    ) -> Result<(), StepError> {
+        let found = self.users.get(&user).ok_or(StepError::UserNotFound)?;
+        if found.version != expected_version {
+            return Err(StepError::VersionConflict);
+        }
+        if self.live_record(user, key.key.as_str(), now).is_some() {
+            return Err(StepError::KeyTaken);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, change: BalanceChange) -> Result<Applied, StepError> {
+        let BalanceChange {
+            user_id,
+            expected_version,
+            new_balance,
+            kind,
+            amount,
+            at,
+            key,
+            pays_order,
+            respond,
+        } = change;
+
+        // Every check and every id first: after the first write nothing may fail.
+        self.check_step(user_id, expected_version, &key, at)?;
+        let new_version = expected_version
+            .checked_add(1)
+            .context("the user's version overflowed")?;
+        if let Some(order) = pays_order {
+            self.check_payable(order, user_id)?;
+        }
+        let entry_id = next_id(self.last_entry_id, EntryId::new)?;
+        let payment_id = match pays_order {
+            Some(_) => Some(next_id(self.last_payment_id, PaymentId::new)?),
+            None => None,
+        };
+        let assigned = Assigned {
+            entry_id,
+            payment_id,
+        };
+        // Called before the writes too, so a panicking encoder leaves nothing half-written.
+        let response = respond(&assigned);
+
+        if let Some(user) = self.users.get_mut(&user_id) {
+            user.balance = new_balance;
+            user.version = new_version;
+        }
+        self.ledgers.entry(user_id).or_default().push(LedgerEntry {
+            id: entry_id,
+            user_id,
+            kind,
+            amount,
+            balance_after: new_balance,
+            idempotency_key: Some(key.key.clone()),
+            created_at: at,
+        });
+        self.last_entry_id = entry_id.get();
+        if let (Some(order_id), Some(payment_id)) = (pays_order, payment_id) {
+            if let Some(order) = self.orders.get_mut(&order_id) {
+                order.status = OrderStatus::Paid;
+            }
+            self.payments.insert(
+                payment_id,
+                Payment {
+                    id: payment_id,
+                    order_id,
+                    user_id,
+                    amount,
+                    balance_after: new_balance,
+                    paid_at: at,
+                },
+            );
+            self.payment_of_order.insert(order_id, payment_id);
+            self.last_payment_id = payment_id.get();
+        }
+        self.put_record(user_id, key, response.clone());
+        Ok(Applied { assigned, response })
+    }
+
+    /// `OrderNotPending` unless `order` is this user's PENDING order without a payment; an
+    /// order of another user is not payable by this one (as the MySQL store's guard has it).
+    fn check_payable(&self, order: OrderId, user: UserId) -> Result<(), StepError> {
+        match self.orders.get(&order) {
+            Some(found)
+                if found.user_id == user
+                    && found.status == OrderStatus::Pending
+                    && !self.payment_of_order.contains_key(&order) =>
+            {
+                Ok(())
+            }
+            _ => Err(StepError::OrderNotPending),
+        }
+    }
+
+    fn record_refusal(&mut self, refusal: RefusalRecord) -> Result<(), StepError> {
+        let RefusalRecord {
+            user_id,
+            expected_version,
+            key,
+            response,
+        } = refusal;
+        // The refusal carries no instant of its own; the key's creation is "now".
+        self.check_step(user_id, expected_version, &key, key.created_at)?;
+        self.put_record(user_id, key, response);
+        Ok(())
+    }
+
+    /// Stores the completed record of (user, key), replacing an expired one. The caller
+    /// has checked that no live record exists.
+    fn put_record(&mut self, user: UserId, key: KeyRecord, response: StoredResponse) {
+        let name = key.key.as_str().to_owned();
+        self.expiries.insert((key.expires_at, user, name.clone()));
+        let record = CompletedRecord {
+            user_id: user,
+            key: key.key,
+            fingerprint: key.fingerprint,
+            response,
+            created_at: key.created_at,
+            expires_at: key.expires_at,
+        };
+        let replaced = self.keys.entry(user).or_default().insert(name, record);
+        if let Some(old) = replaced {
+            // Keep the expiry index an exact mirror of `keys`; the new record's own entry
+            // is left alone when both happen to expire at the same instant.
+            if old.expires_at != key.expires_at {
+                self.expiries
+                    .remove(&(old.expires_at, user, old.key.as_str().to_owned()));
+            }
+        }
+    }
+
+    fn purge_expired(&mut self, now: DateTime<Utc>, limit: u32) -> u64 {
+        let mut purged = 0;
+        while purged < u64::from(limit) {
+            match self.expiries.first() {
+                Some((expires_at, ..)) if *expires_at <= now => {}
+                _ => break,
+            }
+            let Some((_, user, key)) = self.expiries.pop_first() else {
+                break;
+            };
+            if let Some(records) = self.keys.get_mut(&user) {
+                records.remove(&key);
+                // An empty map per user would otherwise stay behind for every user ever seen.
+                if records.is_empty() {
+                    self.keys.remove(&user);
+                }
+            }
+            purged += 1;
+        }
+        purged
+    }
+
+    /// Test-only: the user's ledger summed with signs, to compare with the balance.
+    #[cfg(test)]
+    fn ledger_sum(&self, user: UserId) -> i64 {
+        self.ledgers.get(&user).map_or(0, |entries| {
+            entries
+                .iter()
+                .map(|entry| entry.kind.sign() * entry.amount.get())
+                .sum()
+        })
+    }
+
+    /// Test-only: how many records the store holds, live or expired.
+    #[cfg(test)]
+    fn record_count(&self) -> usize {
+        debug_assert_eq!(
+            self.expiries.len(),
+            self.keys.values().map(HashMap::len).sum::<usize>(),
+            "the expiry index must mirror the records"
+        );
+        self.expiries.len()
+    }
+}
+
+#[cfg(test)]
+impl MemoryStore {
+    pub(crate) fn ledger_sum(&self, user: UserId) -> i64 {
+        self.state().ledger_sum(user)
+    }
+
+    pub(crate) fn record_count(&self) -> usize {
+        self.state().record_count()
+    }
+
+    /// A copy of the whole state, to prove that a failed step wrote nothing at all.
+    fn snapshot(&self) -> State {
+        self.state().clone()
+    }
+}
+
+#[async_trait]
+impl UserRepo for MemoryStore {
+    async fn create_user(&self, now: DateTime<Utc>) -> Result<User, RepoError> {
+        Ok(self.state().create_user(now)?)
+    }
+
+    async fn get_user(&self, id: UserId) -> Result<Option<User>, RepoError> {
+        Ok(self.state().users.get(&id).cloned())
+    }
+
+    async fn history(
+        &self,
+        id: UserId,
+        before: Option<EntryId>,
+        limit: u32,
+    ) -> Result<HistoryPage, RepoError> {
+        Ok(self.state().history(id, before, limit))
+    }
+
+    async fn seed_users(
+        &self,
+        count: u32,
+        balance: Balance,
+        now: DateTime<Utc>,
+    ) -> Result<u64, RepoError> {
+        Ok(self.state().seed_users(count, balance, now)?)
+    }
+}
+
+#[async_trait]
+impl OrderRepo for MemoryStore {
+    async fn create_order(
+        &self,
+        user: UserId,
+        amount: Amount,
+        now: DateTime<Utc>,
+    ) -> Result<Order, RepoError> {
+        Ok(self.state().create_order(user, amount, now)?)
+    }
+
+    async fn get_order(&self, id: OrderId) -> Result<Option<Order>, RepoError> {
+        Ok(self.state().orders.get(&id).cloned())
+    }
+
+    async fn get_payment(&self, id: PaymentId) -> Result<Option<Payment>, RepoError> {
+        Ok(self.state().payments.get(&id).cloned())
+    }
+}
+
+#[async_trait]
+impl IdempotencyRepo for MemoryStore {
+    async fn find(
+        &self,
+        user: UserId,
+        key: &IdempotencyKey,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CompletedRecord>, RepoError> {
+        Ok(self.state().live_record(user, key.as_str(), now).cloned())
+    }
+
+    async fn purge_expired(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {
+        Ok(self.state().purge_expired(now, limit))
+    }
+}
+
+#[async_trait]
+impl BalanceStore for MemoryStore {
+    async fn apply(&self, change: BalanceChange) -> Result<Applied, StepError> {
+        self.state().apply(change)
+    }
+
+    async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError> {
+        self.state().record_refusal(refusal)
+    }
+}
+
+#[cfg(test)]
+mod tests;
