@@ -1,0 +1,460 @@
+//! The fred (Redis) adapter of the [`LockManager`] port.
+//!
+//! - **acquire**: `SET {prefix}{key} {token} NX PX {lease}` with a random token; while the
+//!   key is held elsewhere, retried with jittered exponential backoff until the wait runs
+//!   out. Within one process, waiters for the same key queue locally (FIFO) and only the
+//!   head of the queue polls Redis.
+//! - **release**: a Lua compare-and-delete, so only the token's holder can delete the key
+//!   and a lease that expired and was taken by somebody else is left alone.
+//! - **Redis down**: every call answers [`LockError::Unavailable`] at once (no connection)
+//!   or within the command timeout, never after the whole wait; the connection keeps
+//!   reconnecting in the background, so the manager recovers by itself when Redis returns.
+
+mod backoff;
+mod local;
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use domain::ports::{LockError, LockKey, LockLease, LockManager, Release};
+use fred::prelude::{
+    Builder, Client, ClientLike, Config, Error as RedisError, ErrorKind, Expiration, KeysInterface,
+    LuaInterface, Pool, ReconnectPolicy, SetOptions, TcpConfig,
+};
+use fred::types::ConnectHandle;
+use fred::types::config::UnresponsiveConfig;
+use fred::types::scripts::Script;
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::local::KeyQueues;
+
+/// Redis errors met by the lock (counter), labelled `op` (`acquire`, `release`, `ping`) and
+/// `outcome`, what the port was told (`unavailable`, `unexpected`). The use case counts
+/// waits, timeouts and lost leases itself; this says why the lock service failed.
+pub const REDIS_ERRORS_TOTAL: &str = "balance_lock_redis_errors_total";
+
+/// Deletes the key only if it still holds the caller's token: a plain DEL after the lease
+/// expired would delete the lock of whoever took the key next.
+const COMPARE_AND_DELETE: &str =
+    "if redis.call('get',KEYS[1])==ARGV[1] then return redis.call('del',KEYS[1]) else return 0 end";
+
+/// How the manager talks to Redis. The defaults suit a Redis on the same network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisLockConfig {
+    /// Bound on opening a connection (TCP and the HELLO/AUTH/SELECT handshake), and how
+    /// long [`RedisLockManager::connect_with`] waits for the first connection.
+    pub connect_timeout: Duration,
+    /// Bound on each Redis command. A command that takes longer makes the call answer
+    /// [`LockError::Unavailable`]: a lock service this slow is as good as down.
+    pub command_timeout: Duration,
+    /// Longest pause between two reconnection attempts while Redis is down. Attempts never
+    /// stop, so the manager recovers by itself; the pause only bounds how soon.
+    pub reconnect_max_delay: Duration,
+    /// Connections to Redis. Commands are pipelined, so one carries a lot of lock traffic.
+    pub pool_size: usize,
+    /// First ceiling of the random pause between two attempts on a held key.
+    pub retry_initial: Duration,
+    /// Cap of that ceiling: how stale a poller's view of a freed key can get.
+    pub retry_max: Duration,
+}
+
+impl Default for RedisLockConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_millis(500),
+            reconnect_max_delay: Duration::from_secs(2),
+            pool_size: 1,
+            retry_initial: Duration::from_millis(2),
+            retry_max: Duration::from_millis(25),
+        }
+    }
+}
+
+/// A [`LockManager`] shared by every process that uses the same Redis and key prefix.
+pub struct RedisLockManager {
+    pool: Pool,
+    prefix: String,
+    release_script: Script,
+    config: RedisLockConfig,
+    queues: KeyQueues,
+    /// The tasks driving the pool's connections; aborted on drop, or they would keep
+    /// reconnecting to a Redis nobody uses any more.
+    connections: Vec<ConnectHandle>,
+}
+
+impl fmt::Debug for RedisLockManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The pool's config holds the Redis password: leave it out.
+        f.debug_struct("RedisLockManager")
+            .field("prefix", &self.prefix)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RedisLockManager {
+    fn drop(&mut self) {
+        for connection in &self.connections {
+            connection.abort();
+        }
+    }
+}
+
+impl RedisLockManager {
+    /// Connects with [`RedisLockConfig::default`]. See [`RedisLockManager::connect_with`].
+    ///
+    /// # Errors
+    /// When `url` is not a valid Redis URL.
+    pub async fn connect(url: &str, key_prefix: &str) -> anyhow::Result<Self> {
+        Self::connect_with(url, key_prefix, RedisLockConfig::default()).await
+    }
+
+    /// Connects to the Redis at `url` (`redis://[user:password@]host:port[/db]`); every lock
+    /// key is stored as `{key_prefix}{key}`. Waits up to `connect_timeout` for the first
+    /// connection. If Redis cannot be reached yet this still succeeds, with a warning:
+    /// the service can start while Redis is down (its calls answer `Unavailable` and the
+    /// use case applies its policy), and the connection comes up once Redis does.
+    /// Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// When `url` is not a valid Redis URL or the configuration is invalid.
+    pub async fn connect_with(
+        url: &str,
+        key_prefix: &str,
+        config: RedisLockConfig,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            config.pool_size >= 1,
+            "the Redis pool needs at least one connection"
+        );
+        // The URL is not logged or put in the error: it may carry the password.
+        let redis_config = Config {
+            // Retry the first connection like any later one instead of failing start-up.
+            fail_fast: false,
+            ..Config::from_url(url).context("invalid Redis URL")?
+        };
+        let reconnect_max_ms =
+            u32::try_from(config.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX);
+        let pool = Builder::from_config(redis_config)
+            .with_connection_config(|connection| {
+                connection.connection_timeout = config.connect_timeout;
+                connection.internal_command_timeout = config.connect_timeout;
+                // One attempt: a SET NX replayed after a lost reply would find our own key and
+                // wait for it. An unknown outcome is cleaned up instead (see `UnconfirmedSet`).
+                connection.max_command_attempts = 1;
+                // A half-open connection (no RST, e.g. a network partition) would otherwise
+                // time out every command until TCP gives up after minutes; close it and
+                // reconnect, so calls fail fast on the connection state instead.
+                connection.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(config.command_timeout.saturating_mul(2)),
+                    interval: (config.command_timeout / 2).max(Duration::from_millis(10)),
+                };
+                // Lock commands are tiny request/reply pairs: Nagle would only delay them.
+                connection.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..TcpConfig::default()
+                };
+            })
+            .with_performance_config(|performance| {
+                performance.default_command_timeout = config.command_timeout;
+            })
+            // max_attempts 0: never give up, or the manager would stay down after an outage.
+            .set_policy(ReconnectPolicy::new_exponential(
+                0,
+                100,
+                reconnect_max_ms,
+                2,
+            ))
+            .build_pool(config.pool_size)
+            .context("invalid Redis configuration")?;
+
+        let connections = pool.connect_pool();
+        let manager = Self {
+            pool,
+            prefix: key_prefix.to_owned(),
+            release_script: Script::from_lua(COMPARE_AND_DELETE),
+            config,
+            queues: KeyQueues::default(),
+            connections,
+        };
+        if !manager.wait_until_connected().await {
+            tracing::warn!(
+                "Redis is not reachable yet: lock calls answer Unavailable until it is; reconnecting in the background"
+            );
+        }
+        Ok(manager)
+    }
+
+    /// Readiness: Redis answers PING within the command timeout.
+    ///
+    /// # Errors
+    /// When Redis is not connected or does not answer.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        let client = self.connected_client("ping")?;
+        client
+            .ping::<String>(None)
+            .await
+            .map_err(|e| redis_error("ping", e))?;
+        Ok(())
+    }
+
+    fn redis_key(&self, key: &LockKey) -> String {
+        format!("{}{}", self.prefix, key.as_str())
+    }
+
+    /// Polls the connection state rather than waiting for fred's connect event, which
+    /// could fire between a state check and the subscription and be missed.
+    async fn wait_until_connected(&self) -> bool {
+        let deadline = Instant::now() + self.config.connect_timeout;
+        loop {
+            if self.pool.clients().iter().all(ClientLike::is_connected) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A connected client, or `Unavailable` at once: while fred reconnects, a command would
+    /// sit in its queue for the whole command timeout before failing.
+    fn connected_client(&self, op: &'static str) -> Result<&Client, LockError> {
+        let client = self.pool.next_connected();
+        if client.is_connected() {
+            Ok(client)
+        } else {
+            count_error(op, "unavailable");
+            Err(LockError::Unavailable(anyhow::anyhow!(
+                "not connected to Redis (state: {:?})",
+                client.state()
+            )))
+        }
+    }
+
+    /// One `SET NX PX`: `true` when this call took the key.
+    async fn try_set(
+        &self,
+        client: &Client,
+        key: &str,
+        token: &str,
+        lease_ms: i64,
+    ) -> Result<bool, LockError> {
+        let unconfirmed = UnconfirmedSet::new(client, key, token);
+        let reply: Result<Option<String>, RedisError> = client
+            .set(
+                key,
+                token,
+                Some(Expiration::PX(lease_ms)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await;
+        match reply {
+            Ok(reply) => {
+                unconfirmed.confirm();
+                // "OK" when set, nil when the key exists.
+                Ok(reply.is_some())
+            }
+            // `unconfirmed` is dropped armed here: the SET may still have gone through.
+            Err(e) => Err(redis_error("acquire", e)),
+        }
+    }
+}
+
+#[async_trait]
+impl LockManager for RedisLockManager {
+    async fn acquire(
+        &self,
+        key: &LockKey,
+        wait: Duration,
+        lease: Duration,
+    ) -> Result<LockLease, LockError> {
+        // One deadline for the local queue and the Redis polling together.
+        let deadline = deadline_after(wait);
+        // Fail fast before queueing: with Redis down the wait would only delay `Unavailable`.
+        self.connected_client("acquire")?;
+        let redis_key = self.redis_key(key);
+        let Some(_turn) = self.queues.take_turn(&redis_key, deadline).await else {
+            return Err(LockError::Timeout);
+        };
+
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        // PX takes whole milliseconds, at least 1.
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(1);
+        let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
+        loop {
+            // Checked on every attempt: Redis may have gone while this call waited.
+            let client = self.connected_client("acquire")?;
+            if self.try_set(client, &redis_key, &token, lease_ms).await? {
+                return Ok(LockLease {
+                    key: key.clone(),
+                    token,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(LockError::Timeout);
+            }
+            // Never sleep past the deadline; one last attempt is made when it is reached.
+            tokio::time::sleep(backoff.next_pause().min(deadline - now)).await;
+        }
+    }
+
+    async fn release(&self, lease: &LockLease) -> Result<Release, LockError> {
+        let client = self.connected_client("release")?;
+        let deleted: i64 = self
+            .release_script
+            .evalsha_with_reload(
+                client,
+                vec![self.redis_key(&lease.key)],
+                vec![lease.token.clone()],
+            )
+            .await
+            .map_err(|e| redis_error("release", e))?;
+        match deleted {
+            1 => Ok(Release::Released),
+            0 => Ok(Release::LeaseLost),
+            other => {
+                count_error("release", "unexpected");
+                Err(LockError::Unexpected(anyhow::anyhow!(
+                    "the compare-and-delete script answered {other}, expected 0 or 1"
+                )))
+            }
+        }
+    }
+}
+
+fn deadline_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    // A wait too long to represent is as good as forever: a year is.
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
+/// Maps a fred error to the port's error, counting it.
+fn redis_error(op: &'static str, error: RedisError) -> LockError {
+    if is_unavailable(&error) {
+        count_error(op, "unavailable");
+        LockError::Unavailable(anyhow::Error::new(error).context(format!("Redis {op} failed")))
+    } else {
+        count_error(op, "unexpected");
+        LockError::Unexpected(anyhow::Error::new(error).context(format!("Redis {op} failed")))
+    }
+}
+
+fn count_error(op: &'static str, outcome: &'static str) {
+    metrics::counter!(REDIS_ERRORS_TOTAL, "op" => op, "outcome" => outcome).increment(1);
+}
+
+/// Whether the error says Redis cannot serve us right now (the port's `Unavailable`) rather
+/// than that the request was wrong.
+fn is_unavailable(error: &RedisError) -> bool {
+    match error.kind() {
+        // No connection, a lost or timed-out one, a full command queue, or an
+        // authentication refused (e.g. a restarted Redis without its ACLs): a retry later
+        // may succeed, and the use case's degrade/fail policy is what should decide.
+        ErrorKind::IO
+        | ErrorKind::Timeout
+        | ErrorKind::Canceled
+        | ErrorKind::Backpressure
+        | ErrorKind::Routing
+        | ErrorKind::Auth => true,
+        // fred files most server errors under `Unknown`; the first word of a Redis error
+        // reply is its machine-readable code, and these codes mean "not now".
+        ErrorKind::Unknown | ErrorKind::Cluster => matches!(
+            error.details().split_whitespace().next(),
+            Some("LOADING" | "READONLY" | "MASTERDOWN" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN")
+        ),
+        _ => false,
+    }
+}
+
+/// A `SET NX` whose reply has not been seen. If the reply never comes (timeout, dropped
+/// connection, or the caller dropping the acquire future), the SET may still have taken
+/// the key under a token nobody knows, blocking every process for the whole lease. So
+/// unless confirmed, dropping it spawns a compare-and-delete of that token.
+struct UnconfirmedSet {
+    pending: Option<(Client, String, String)>,
+}
+
+impl UnconfirmedSet {
+    fn new(client: &Client, key: &str, token: &str) -> Self {
+        Self {
+            pending: Some((client.clone(), key.to_owned(), token.to_owned())),
+        }
+    }
+
+    fn confirm(mut self) {
+        self.pending = None;
+    }
+}
+
+impl Drop for UnconfirmedSet {
+    fn drop(&mut self) {
+        let Some((client, key, token)) = self.pending.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            // EVAL, not EVALSHA: this runs when replies are late, and a NOSCRIPT answered
+            // after our timeout (a restarted Redis) would never be followed by the reload.
+            // Bounded by the command timeout; if Redis stays away the lease expires anyway.
+            let cleaned: Result<i64, RedisError> = client
+                .eval(COMPARE_AND_DELETE, vec![key], vec![token])
+                .await;
+            if let Err(e) = cleaned {
+                tracing::debug!(error = %e, "could not clean up after an unconfirmed lock SET");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_trouble_and_not_now_replies_are_unavailable() {
+        for kind in [
+            ErrorKind::IO,
+            ErrorKind::Timeout,
+            ErrorKind::Canceled,
+            ErrorKind::Backpressure,
+        ] {
+            assert!(is_unavailable(&RedisError::new(kind, "x")));
+        }
+        assert!(is_unavailable(&RedisError::new(
+            ErrorKind::Unknown,
+            "LOADING Redis is loading the dataset in memory"
+        )));
+        assert!(is_unavailable(&RedisError::new(
+            ErrorKind::Unknown,
+            "READONLY You can't write against a read only replica."
+        )));
+    }
+
+    #[test]
+    fn bad_requests_are_unexpected() {
+        assert!(!is_unavailable(&RedisError::new(
+            ErrorKind::Unknown,
+            "ERR unknown command"
+        )));
+        assert!(!is_unavailable(&RedisError::new(
+            ErrorKind::InvalidArgument,
+            "x"
+        )));
+        assert!(!is_unavailable(&RedisError::new(ErrorKind::Parse, "x")));
+    }
+
+    #[test]
+    fn an_unrepresentable_wait_still_has_a_deadline() {
+        assert!(deadline_after(Duration::MAX) > Instant::now());
+    }
+}

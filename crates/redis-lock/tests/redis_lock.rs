@@ -1,0 +1,490 @@
+//! The Redis lock against a real Redis: `TEST_REDIS_URL` (skipped when unset), plus a
+//! redis-server this suite starts and kills itself for the outage tests (skipped when the
+//! binary is missing). Every test uses its own key prefix, so they all run in parallel.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use domain::ports::{LockError, LockKey, LockLease, LockManager, Release};
+use domain::types::UserId;
+use fred::prelude::{Builder, Client, ClientLike, Config, KeysInterface};
+use fred::types::CustomCommand;
+use redis_lock::{RedisLockConfig, RedisLockManager};
+
+const WAIT: Duration = Duration::from_secs(10);
+const LEASE: Duration = Duration::from_secs(30);
+/// An upper bound for anything that should be quick, so a broken build fails instead of hanging.
+const BOUND: Duration = Duration::from_secs(20);
+
+fn redis_url() -> Option<String> {
+    let url = std::env::var("TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    if url.is_none() {
+        eprintln!("skipped: TEST_REDIS_URL not set");
+    }
+    url
+}
+
+fn unique_prefix() -> String {
+    format!("test:{}:", uuid::Uuid::new_v4().simple())
+}
+
+fn user(id: i64) -> LockKey {
+    LockKey::user_balance(UserId::new(id).unwrap())
+}
+
+async fn manager(url: &str, prefix: &str) -> RedisLockManager {
+    RedisLockManager::connect(url, prefix).await.unwrap()
+}
+
+/// A plain fred client, separate from the manager, to look at what is really in Redis.
+async fn inspector(url: &str) -> Client {
+    let client = Builder::from_config(Config::from_url(url).unwrap())
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+    client
+}
+
+async fn stored(inspector: &Client, prefix: &str, key: &LockKey) -> Option<String> {
+    inspector
+        .get(format!("{prefix}{}", key.as_str()))
+        .await
+        .unwrap()
+}
+
+async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {BOUND:?}"))
+}
+
+#[tokio::test]
+async fn a_held_key_times_out_other_acquires_in_this_and_other_processes() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let (here, elsewhere) = (manager(&url, &prefix).await, manager(&url, &prefix).await);
+    let key = user(1);
+
+    let lease = here.acquire(&key, WAIT, LEASE).await.unwrap();
+    for other in [&here, &elsewhere] {
+        let started = Instant::now();
+        let second = other.acquire(&key, Duration::from_millis(200), LEASE).await;
+        assert!(matches!(second, Err(LockError::Timeout)), "got {second:?}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "waited the whole wait"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "but not much longer"
+        );
+    }
+    let other_user = bounded("another key", here.acquire(&user(2), Duration::ZERO, LEASE)).await;
+    assert!(other_user.is_ok(), "keys are independent: {other_user:?}");
+    assert_eq!(here.release(&lease).await.unwrap(), Release::Released);
+}
+
+#[tokio::test]
+async fn the_key_holds_the_token_while_held_and_is_gone_after_release() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let locks = manager(&url, &prefix).await;
+    let redis = inspector(&url).await;
+    let key = user(7);
+
+    let lease = locks.acquire(&key, WAIT, LEASE).await.unwrap();
+    assert_eq!(lease.key, key);
+    assert!(!lease.token.is_empty());
+    assert_eq!(
+        stored(&redis, &prefix, &key).await,
+        Some(lease.token.clone())
+    );
+    let ttl_ms: i64 = redis.pttl(format!("{prefix}balance:user:7")).await.unwrap();
+    assert!(
+        ttl_ms > 0 && ttl_ms <= 30_000,
+        "the lease is the key's TTL: {ttl_ms}"
+    );
+
+    assert_eq!(locks.release(&lease).await.unwrap(), Release::Released);
+    assert_eq!(stored(&redis, &prefix, &key).await, None);
+    assert_eq!(
+        locks.release(&lease).await.unwrap(),
+        Release::LeaseLost,
+        "a second release finds nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_waiter_gets_the_lock_soon_after_release() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let holder = Arc::new(manager(&url, &prefix).await);
+    let elsewhere = Arc::new(manager(&url, &prefix).await);
+    let key = user(3);
+
+    // A waiter in the holder's own process and one in another process.
+    for waiter_locks in [Arc::clone(&holder), elsewhere] {
+        let lease = holder.acquire(&key, WAIT, LEASE).await.unwrap();
+        let waiter = {
+            let key = key.clone();
+            tokio::spawn(async move {
+                let lease = waiter_locks.acquire(&key, WAIT, LEASE).await;
+                (lease, Instant::now(), waiter_locks)
+            })
+        };
+        // Give the waiter time to start waiting; the assertion below does not depend on it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "the waiter cannot have the lock yet");
+        assert_eq!(holder.release(&lease).await.unwrap(), Release::Released);
+        let released = Instant::now();
+
+        let (taken, at, waiter_locks) = bounded("the waiter", waiter).await.unwrap();
+        let taken = taken.expect("the waiter gets the lock");
+        assert!(
+            at.saturating_duration_since(released) < WAIT / 4,
+            "got it well before its 10 s wait ran out"
+        );
+        assert_eq!(
+            waiter_locks.release(&taken).await.unwrap(),
+            Release::Released
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_expired_lease_can_be_taken_and_its_old_holder_cannot_delete_the_new_one() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let redis = inspector(&url).await;
+    let key = user(4);
+
+    for same_process in [true, false] {
+        let first_locks = manager(&url, &prefix).await;
+        let second_locks = if same_process {
+            None
+        } else {
+            Some(manager(&url, &prefix).await)
+        };
+        let second_locks = second_locks.as_ref().unwrap_or(&first_locks);
+
+        let old = first_locks
+            .acquire(&key, WAIT, Duration::from_millis(300))
+            .await
+            .unwrap();
+        let new = bounded(
+            "acquire after expiry",
+            second_locks.acquire(&key, WAIT, LEASE),
+        )
+        .await
+        .expect("the lease expires and the key is free again");
+        assert_ne!(old.token, new.token);
+
+        assert_eq!(first_locks.release(&old).await.unwrap(), Release::LeaseLost);
+        assert_eq!(
+            stored(&redis, &prefix, &key).await,
+            Some(new.token.clone()),
+            "the new holder's key is untouched"
+        );
+        assert_eq!(second_locks.release(&new).await.unwrap(), Release::Released);
+        assert_eq!(stored(&redis, &prefix, &key).await, None);
+    }
+}
+
+#[tokio::test]
+async fn only_the_token_holder_can_release() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let locks = manager(&url, &prefix).await;
+    let redis = inspector(&url).await;
+    let key = user(5);
+
+    let lease = locks.acquire(&key, WAIT, LEASE).await.unwrap();
+    let forged = LockLease {
+        key: key.clone(),
+        token: uuid::Uuid::new_v4().simple().to_string(),
+    };
+    assert_eq!(locks.release(&forged).await.unwrap(), Release::LeaseLost);
+    assert_eq!(
+        stored(&redis, &prefix, &key).await,
+        Some(lease.token.clone())
+    );
+    let other_key = LockLease {
+        key: user(6),
+        token: lease.token.clone(),
+    };
+    assert_eq!(locks.release(&other_key).await.unwrap(), Release::LeaseLost);
+    assert_eq!(locks.release(&lease).await.unwrap(), Release::Released);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_tasks_in_four_processes_never_overlap() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    // Several managers, so exclusion is proven in Redis and not only by the local queue.
+    let mut managers = Vec::new();
+    for _ in 0..4 {
+        managers.push(Arc::new(manager(&url, &prefix).await));
+    }
+    let counter = Arc::new(AtomicU64::new(0));
+    let key = user(8);
+
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let (locks, counter, key) = (
+            Arc::clone(&managers[i % 4]),
+            Arc::clone(&counter),
+            key.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let lease = locks
+                .acquire(&key, Duration::from_secs(60), LEASE)
+                .await
+                .unwrap();
+            // A read-modify-write split by a yield: overlapping holders would lose updates.
+            let seen = counter.load(Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            counter.store(seen + 1, Ordering::SeqCst);
+            assert_eq!(locks.release(&lease).await.unwrap(), Release::Released);
+        }));
+    }
+    tokio::time::timeout(Duration::from_secs(90), async {
+        for task in tasks {
+            task.await.unwrap();
+        }
+    })
+    .await
+    .expect("all tasks finish");
+    assert_eq!(counter.load(Ordering::SeqCst), 100);
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_unavailable_quickly() {
+    // Nothing listens on port 1: the manager starts anyway and answers Unavailable.
+    let locks = tokio::time::timeout(
+        Duration::from_secs(5),
+        RedisLockManager::connect("redis://127.0.0.1:1", &unique_prefix()),
+    )
+    .await
+    .expect("connect does not hang")
+    .expect("connect succeeds while Redis is down");
+
+    let acquired =
+        tokio::time::timeout(Duration::from_secs(5), locks.acquire(&user(1), WAIT, LEASE))
+            .await
+            .expect("acquire fails fast instead of waiting 10 s");
+    assert!(
+        matches!(acquired, Err(LockError::Unavailable(_))),
+        "got {acquired:?}"
+    );
+
+    let lease = LockLease {
+        key: user(1),
+        token: "t".to_owned(),
+    };
+    let released = tokio::time::timeout(Duration::from_secs(5), locks.release(&lease))
+        .await
+        .expect("release fails fast");
+    assert!(
+        matches!(released, Err(LockError::Unavailable(_))),
+        "got {released:?}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), locks.ping())
+            .await
+            .expect("ping fails fast")
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_url_is_an_error() {
+    assert!(RedisLockManager::connect("not a url", "").await.is_err());
+    let empty_pool = RedisLockConfig {
+        pool_size: 0,
+        ..RedisLockConfig::default()
+    };
+    assert!(
+        RedisLockManager::connect_with("redis://127.0.0.1:6379", "", empty_pool)
+            .await
+            .is_err()
+    );
+}
+
+/// A redis-server of this test's own, killed when dropped.
+struct OwnRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    /// `None` when there is no redis-server binary to run.
+    fn start() -> Option<Self> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: no redis-server binary");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.restart();
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(started.elapsed() < BOUND, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn the_manager_fails_fast_while_redis_is_down_and_recovers_when_it_returns() {
+    let Some(mut redis) = OwnRedis::start() else {
+        return;
+    };
+    let locks = RedisLockManager::connect(&redis.url(), &unique_prefix())
+        .await
+        .unwrap();
+    let key = user(1);
+
+    let lease = bounded("acquire", locks.acquire(&key, WAIT, LEASE))
+        .await
+        .unwrap();
+    assert_eq!(locks.release(&lease).await.unwrap(), Release::Released);
+    locks.ping().await.unwrap();
+
+    redis.kill();
+    let started = Instant::now();
+    let down = tokio::time::timeout(Duration::from_secs(5), locks.acquire(&key, WAIT, LEASE))
+        .await
+        .expect("acquire fails fast while Redis is down");
+    assert!(
+        matches!(down, Err(LockError::Unavailable(_))),
+        "got {down:?}"
+    );
+    assert!(started.elapsed() < WAIT, "did not wait for the lock");
+    assert!(locks.ping().await.is_err());
+
+    // Same port, a fresh (empty) Redis: the manager reconnects by itself.
+    redis.restart();
+    let lease = bounded("recovery", async {
+        loop {
+            match locks.acquire(&key, WAIT, LEASE).await {
+                Ok(lease) => break lease,
+                Err(LockError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(other) => panic!("unexpected error while reconnecting: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(locks.release(&lease).await.unwrap(), Release::Released);
+    locks.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_acquire_whose_reply_never_came_does_not_leave_the_key_locked() {
+    let Some(redis) = OwnRedis::start() else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let config = RedisLockConfig {
+        command_timeout: Duration::from_secs(1),
+        ..RedisLockConfig::default()
+    };
+    let locks = RedisLockManager::connect_with(&redis.url(), &prefix, config)
+        .await
+        .unwrap();
+    let admin = inspector(&redis.url()).await;
+    let (timed_out_key, cancelled_key) = (user(1), user(2));
+
+    // Redis takes the SETs but runs them only after 1.5 s: after the manager gave up on
+    // one (1 s command timeout) and the caller dropped the other, yet before fred would
+    // call the connection unresponsive (2 s) and drop them unrun.
+    let _: String = admin
+        .custom(
+            CustomCommand::new_static("CLIENT", None::<u16>, false),
+            vec!["PAUSE", "1500", "WRITE"],
+        )
+        .await
+        .unwrap();
+    let (timed_out, cancelled) = tokio::join!(
+        locks.acquire(&timed_out_key, WAIT, LEASE),
+        tokio::time::timeout(
+            Duration::from_millis(200),
+            locks.acquire(&cancelled_key, WAIT, LEASE)
+        ),
+    );
+    assert!(
+        matches!(timed_out, Err(LockError::Unavailable(_))),
+        "got {timed_out:?}"
+    );
+    assert!(cancelled.is_err(), "the caller gave up first");
+
+    // A write of our own runs only once the pause is over, after the manager's SETs that
+    // Redis postponed first: from here on, only the cleanups can have freed the keys.
+    let _: () = bounded(
+        "the pause to end",
+        admin.set(format!("{prefix}barrier"), "1", None, None, false),
+    )
+    .await
+    .unwrap();
+    // The compare-and-deletes queued behind the late SETs free the keys long before the
+    // 30 s lease would have.
+    bounded("the keys to be freed", async {
+        while stored(&admin, &prefix, &timed_out_key).await.is_some()
+            || stored(&admin, &prefix, &cancelled_key).await.is_some()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let lease = bounded(
+        "acquire",
+        locks.acquire(&timed_out_key, Duration::ZERO, LEASE),
+    )
+    .await
+    .unwrap();
+    assert_eq!(locks.release(&lease).await.unwrap(), Release::Released);
+}
