@@ -378,6 +378,7 @@ async fn reused_key_is_422_and_applies_nothing() {
 async fn business_refusals_are_stored_and_replayed_byte_for_byte() {
     let mut cfg = config();
     cfg.max_balance = 100_000;
+    cfg.max_amount = 100_000;
     let app = TestApp::spawn_with_config(cfg).await;
     let user = app.user_with(60_000).await;
 
