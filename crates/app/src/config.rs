@@ -37,9 +37,9 @@ pub struct ServeArgs {
     /// Users 1..N to create at start if missing (default: 100 with the in-memory store, 0 with MySQL).
     #[arg(long, env = "SEED_USERS")]
     pub seed_users: Option<u32>,
-    /// The balance of users created by --seed-users.
-    #[arg(long, env = "SEED_BALANCE", default_value_t = 100_000)]
-    pub seed_balance: i64,
+    /// The balance of users created by --seed-users [default: 100000].
+    #[arg(long, env = "SEED_BALANCE")]
+    pub seed_balance: Option<i64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -82,6 +82,12 @@ pub struct Config {
     /// Redis URL; unset: the in-process lock (one instance only).
     #[arg(long, env = "REDIS_URL", hide_env_values = true, global = true)]
     pub redis_url: Option<SecretString>,
+    /// Prefix of every Redis key this service writes (several deployments, or tests, can share one Redis).
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "", global = true)]
+    pub redis_key_prefix: String,
+    /// Apply pending migrations when `serve` starts (with DATABASE_URL).
+    #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub migrate_on_start: bool,
     /// How long a balance change waits for its user's lock.
     #[arg(long, env = "LOCK_WAIT_MS", default_value_t = 10_000, global = true)]
     pub lock_wait_ms: u64,
@@ -146,6 +152,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// `DB_MAX_CONNECTIONS`, or four per core (8 to 64) when unset: enough connections to
+    /// keep the database busy without queueing behind InnoDB's own concurrency.
+    pub fn db_pool_size(&self) -> u32 {
+        self.db_max_connections.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+            (cores * 4).clamp(8, 64)
+        })
+    }
+
     /// The defaults of the spec, as if no flag or variable were given (for tests).
     pub fn defaults() -> Self {
         Cli::parse_from(["balance-service"]).config

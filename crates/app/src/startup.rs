@@ -9,7 +9,7 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::web::Data;
 use domain::ports::{LockManager, SystemClock};
 use domain::types::Balance;
-use domain::{BalanceService, Ports, Settings};
+use domain::{BalanceService, LockUnavailablePolicy, Ports, Settings};
 use http_actix::{AppState, Dependency, InProcess, JsonEncoder};
 use secrecy::ExposeSecret;
 
@@ -37,33 +37,118 @@ impl std::fmt::Debug for Wiring {
     }
 }
 
-/// Builds the adapters named by the configuration.
+/// Builds the adapters named by the configuration: MySQL or the in-memory store, Redis or
+/// the in-process lock.
 ///
 /// # Errors
-/// When the configuration is inconsistent or names an adapter this build lacks.
-pub fn wire(config: &Config) -> anyhow::Result<Wiring> {
+/// When the configuration is inconsistent, a URL is malformed, or the start-up migration
+/// fails.
+pub async fn wire(config: &Config) -> anyhow::Result<Wiring> {
     let settings = config.settings()?;
-    if config.database_url.is_some() {
-        anyhow::bail!(
-            "DATABASE_URL is set, but this build has only the in-memory store; unset it to run in memory"
-        );
+    let locks: Arc<dyn LockManager>;
+    let mut lock_dependency: Arc<dyn Dependency> = Arc::new(InProcess {
+        name: "lock",
+        kind: "in-process",
+    });
+    match &config.redis_url {
+        Some(url) => {
+            let manager = redis_lock::RedisLockManager::connect(
+                url.expose_secret(),
+                &config.redis_key_prefix,
+            )
+            .await?;
+            if let Err(e) = manager.ping().await {
+                tracing::warn!(error = %format!("{e:#}"), policy = ?config.lock_on_redis_down,
+                    "Redis does not answer at start-up; balance changes follow LOCK_ON_REDIS_DOWN until it does");
+            }
+            let manager = Arc::new(manager);
+            lock_dependency = Arc::new(RedisDependency {
+                manager: Arc::clone(&manager),
+                required: settings.on_lock_unavailable == LockUnavailablePolicy::Fail,
+            });
+            locks = manager;
+        }
+        None => {
+            tracing::warn!(
+                "REDIS_URL is not set: using the IN-PROCESS lock. It guards this process only: run ONE instance"
+            );
+            locks = Arc::new(memory::InProcessLockManager::new());
+        }
     }
-    if config.redis_url.is_some() {
-        anyhow::bail!(
-            "REDIS_URL is set, but this build has only the in-process lock; unset it to run in memory"
+    let Some(url) = &config.database_url else {
+        tracing::warn!(
+            "DATABASE_URL is not set: using the IN-MEMORY store. NOTHING IS PERSISTED across restarts, \
+             and only ONE instance is safe"
         );
+        let mut wiring = in_memory(settings, locks);
+        wiring.dependencies.retain(|d| d.name() != "lock");
+        wiring.dependencies.push(lock_dependency);
+        return Ok(wiring);
+    };
+    let pool = mysql_repo::connect(url.expose_secret(), config.db_pool_size()).await?;
+    if config.migrate_on_start {
+        mysql_repo::migrate(&pool)
+            .await
+            .map_err(|e| e.context("applying migrations at start-up (MIGRATE_ON_START)"))?;
     }
-    tracing::warn!(
-        "DATABASE_URL is not set: using the IN-MEMORY store. NOTHING IS PERSISTED across restarts, \
-         and only ONE instance is safe"
-    );
-    tracing::warn!(
-        "REDIS_URL is not set: using the IN-PROCESS lock. It guards this process only: run ONE instance"
-    );
-    Ok(in_memory(
-        settings,
-        Arc::new(memory::InProcessLockManager::new()),
-    ))
+    let store = mysql_repo::MySqlStore::new(pool);
+    let ports = Ports {
+        users: Arc::new(store.clone()),
+        orders: Arc::new(store.clone()),
+        keys: Arc::new(store.clone()),
+        store: Arc::new(store.clone()),
+        locks,
+        encoder: Arc::new(JsonEncoder),
+        clock: Arc::new(SystemClock),
+    };
+    Ok(Wiring {
+        service: BalanceService::new(ports, settings),
+        dependencies: vec![Arc::new(MySqlDependency { store }), lock_dependency],
+    })
+}
+
+/// Readiness of the MySQL store: always required.
+struct MySqlDependency {
+    store: mysql_repo::MySqlStore,
+}
+
+#[async_trait::async_trait]
+impl Dependency for MySqlDependency {
+    fn name(&self) -> &'static str {
+        "database"
+    }
+    fn kind(&self) -> &'static str {
+        "mysql"
+    }
+    fn required(&self) -> bool {
+        true
+    }
+    async fn check(&self) -> anyhow::Result<()> {
+        Ok(self.store.ping().await?)
+    }
+}
+
+/// Readiness of the Redis lock: required only under `LOCK_ON_REDIS_DOWN=fail`; under
+/// `degrade` the service keeps working without it.
+struct RedisDependency {
+    manager: Arc<redis_lock::RedisLockManager>,
+    required: bool,
+}
+
+#[async_trait::async_trait]
+impl Dependency for RedisDependency {
+    fn name(&self) -> &'static str {
+        "lock"
+    }
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+    fn required(&self) -> bool {
+        self.required
+    }
+    async fn check(&self) -> anyhow::Result<()> {
+        self.manager.ping().await
+    }
 }
 
 /// The in-memory store with the given lock manager (tests pass one they also hold).
@@ -120,7 +205,7 @@ impl Application {
         seed_users: Option<u32>,
         seed_balance: i64,
     ) -> anyhow::Result<Self> {
-        let wiring = wire(&config)?;
+        let wiring = wire(&config).await?;
         Self::build_with(config, wiring, seed_users, seed_balance).await
     }
 

@@ -1,6 +1,7 @@
 //! Logs (pretty or JSON, every line of a request inside its `request_id` span) and the
 //! Prometheus recorder.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ pub fn init_logging(filter: &str, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_span_events(FmtSpan::NONE)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_target(true);
     let _ = match format {
         LogFormat::Json => builder

@@ -135,6 +135,7 @@ pub fn build_app(
                 .route(web::get().to(health::metrics))
                 .default_service(only("GET")),
         )
+        .service(web::redirect("/swagger-ui", "/swagger-ui/"))
         .service(swagger)
         .default_service(web::to(not_found))
 }
