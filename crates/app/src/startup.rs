@@ -9,7 +9,7 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::web::Data;
 use domain::ports::{LockManager, SystemClock};
 use domain::types::Balance;
-use domain::{BalanceService, LockUnavailablePolicy, Ports, Settings};
+use domain::{BalanceService, Ports, Settings};
 use http_actix::{AppState, Dependency, InProcess, JsonEncoder};
 use secrecy::ExposeSecret;
 
@@ -44,37 +44,54 @@ impl std::fmt::Debug for Wiring {
 /// When the configuration is inconsistent, a URL is malformed, or the start-up migration
 /// fails.
 pub async fn wire(config: &Config) -> anyhow::Result<Wiring> {
-    let settings = config.settings()?;
-    let locks: Arc<dyn LockManager>;
-    let mut lock_dependency: Arc<dyn Dependency> = Arc::new(InProcess {
-        name: "lock",
-        kind: "in-process",
-    });
-    match &config.redis_url {
-        Some(url) => {
-            let manager = redis_lock::RedisLockManager::connect(
-                url.expose_secret(),
-                &config.redis_key_prefix,
-            )
+    let (locks, lock_dependency) = lock_from_config(config).await?;
+    wire_with_locks(config, locks, lock_dependency).await
+}
+
+/// The lock manager named by `REDIS_URL`, or the in-process one, with its readiness check.
+///
+/// # Errors
+/// A malformed `REDIS_URL`.
+pub async fn lock_from_config(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn LockManager>, Arc<dyn Dependency>)> {
+    let Some(url) = &config.redis_url else {
+        tracing::warn!(
+            "REDIS_URL is not set: using the IN-PROCESS lock. It guards this process only: run ONE instance"
+        );
+        return Ok((
+            Arc::new(memory::InProcessLockManager::new()),
+            Arc::new(InProcess {
+                name: "lock",
+                kind: "in-process",
+            }),
+        ));
+    };
+    let manager =
+        redis_lock::RedisLockManager::connect(url.expose_secret(), &config.redis_key_prefix)
             .await?;
-            if let Err(e) = manager.ping().await {
-                tracing::warn!(error = %format!("{e:#}"), policy = ?config.lock_on_redis_down,
-                    "Redis does not answer at start-up; balance changes follow LOCK_ON_REDIS_DOWN until it does");
-            }
-            let manager = Arc::new(manager);
-            lock_dependency = Arc::new(RedisDependency {
-                manager: Arc::clone(&manager),
-                required: settings.on_lock_unavailable == LockUnavailablePolicy::Fail,
-            });
-            locks = manager;
-        }
-        None => {
-            tracing::warn!(
-                "REDIS_URL is not set: using the IN-PROCESS lock. It guards this process only: run ONE instance"
-            );
-            locks = Arc::new(memory::InProcessLockManager::new());
-        }
+    if let Err(e) = manager.ping().await {
+        tracing::warn!(error = %format!("{e:#}"), policy = ?config.lock_on_redis_down,
+            "Redis does not answer at start-up; balance changes follow LOCK_ON_REDIS_DOWN until it does");
     }
+    let manager = Arc::new(manager);
+    let dependency = Arc::new(RedisDependency {
+        manager: Arc::clone(&manager),
+        required: config.lock_on_redis_down == crate::config::RedisDownPolicy::Fail,
+    });
+    Ok((manager, dependency))
+}
+
+/// The store named by `DATABASE_URL` (or the in-memory one) behind the given lock manager.
+///
+/// # Errors
+/// A bad configuration, a malformed `DATABASE_URL`, or a failed start-up migration.
+pub async fn wire_with_locks(
+    config: &Config,
+    locks: Arc<dyn LockManager>,
+    lock_dependency: Arc<dyn Dependency>,
+) -> anyhow::Result<Wiring> {
+    let settings = config.settings()?;
     let Some(url) = &config.database_url else {
         tracing::warn!(
             "DATABASE_URL is not set: using the IN-MEMORY store. NOTHING IS PERSISTED across restarts, \

@@ -2,6 +2,7 @@
 //! ledger, and the operational endpoints.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{TestApp, bytes, config, new_key, problem};
+use common::{Backend, TestApp, bytes, config, new_key, problem};
 use domain::ports::{LockError, LockKey, LockLease, LockManager, Release};
 use futures::future::join_all;
 use reqwest::StatusCode;
@@ -23,9 +24,10 @@ fn is_rfc3339_millis_utc(s: &str) -> bool {
         && chrono::DateTime::parse_from_rfc3339(s).is_ok()
 }
 
-#[tokio::test]
-async fn charge_use_and_read_follow_the_contract() {
-    let app = TestApp::spawn().await;
+async fn charge_use_and_read_follow_the_contract(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.create_user().await;
     assert_eq!(app.balance(user).await, 0);
 
@@ -72,9 +74,10 @@ async fn charge_use_and_read_follow_the_contract() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn successes_replay_byte_identical_with_the_header() {
-    let app = TestApp::spawn().await;
+async fn successes_replay_byte_identical_with_the_header(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(50_000).await;
     let key = new_key();
     let first = bytes(app.charge(user, 1_234, &key).await).await;
@@ -107,9 +110,10 @@ async fn successes_replay_byte_identical_with_the_header() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn the_same_key_for_two_users_is_two_keys() {
-    let app = TestApp::spawn().await;
+async fn the_same_key_for_two_users_is_two_keys(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let a = app.user_with(1_000).await;
     let b = app.user_with(1_000).await;
     let key = new_key();
@@ -131,9 +135,10 @@ async fn the_same_key_for_two_users_is_two_keys() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn two_hundred_concurrent_charges_on_one_user() {
-    let app = TestApp::spawn().await;
+async fn two_hundred_concurrent_charges_on_one_user(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.create_user().await;
     let requests = (0..200).map(|_| {
         let client = app.client.clone();
@@ -160,9 +165,10 @@ async fn two_hundred_concurrent_charges_on_one_user() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn fifty_concurrent_sends_of_one_key_apply_once() {
-    let app = TestApp::spawn().await;
+async fn fifty_concurrent_sends_of_one_key_apply_once(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(1_000).await;
     let key = new_key();
     let requests = (0..50).map(|_| {
@@ -197,9 +203,10 @@ async fn fifty_concurrent_sends_of_one_key_apply_once() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn concurrent_uses_never_overdraw() {
-    let app = TestApp::spawn().await;
+async fn concurrent_uses_never_overdraw(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(10_000).await;
     let requests = (0..40).map(|_| {
         let client = app.client.clone();
@@ -228,9 +235,10 @@ async fn concurrent_uses_never_overdraw() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_payment_sent_three_times_charges_once() {
-    let app = TestApp::spawn().await;
+async fn a_payment_sent_three_times_charges_once(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(100_000).await;
     let order = app.create_order(user, 15_000).await;
     let key = new_key();
@@ -282,9 +290,10 @@ async fn a_payment_sent_three_times_charges_once() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn concurrent_payments_of_one_order_pay_it_once() {
-    let app = TestApp::spawn().await;
+async fn concurrent_payments_of_one_order_pay_it_once(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(100_000).await;
     let order = app.create_order(user, 10_000).await;
     let requests = (0..20).map(|_| {
@@ -316,9 +325,10 @@ async fn concurrent_payments_of_one_order_pay_it_once() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn mixed_concurrent_operations_keep_the_ledger_equal_to_the_balance() {
-    let app = TestApp::spawn().await;
+async fn mixed_concurrent_operations_keep_the_ledger_equal_to_the_balance(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(5_000).await;
     let mut orders = Vec::new();
     for _ in 0..10 {
@@ -374,9 +384,10 @@ async fn mixed_concurrent_operations_keep_the_ledger_equal_to_the_balance() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn history_pages_newest_first() {
-    let app = TestApp::spawn().await;
+async fn history_pages_newest_first(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.create_user().await;
     for i in 1..=7 {
         assert_eq!(
@@ -444,9 +455,10 @@ async fn history_pages_newest_first() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn request_ids_are_echoed_or_made() {
-    let app = TestApp::spawn().await;
+async fn request_ids_are_echoed_or_made(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let res = app
         .client
         .get(app.url("/health/live"))
@@ -475,15 +487,21 @@ async fn request_ids_are_echoed_or_made() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn health_metrics_and_docs_are_served() {
-    let app = TestApp::spawn().await;
+async fn health_metrics_and_docs_are_served(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let live: Value = app.get("/health/live").await.json().await.unwrap();
     assert_eq!(live["status"], "UP");
     let ready: Value = app.get("/health/ready").await.json().await.unwrap();
     assert_eq!(ready["status"], "UP");
     assert_eq!(ready["dependencies"]["database"]["status"], "UP");
-    assert_eq!(ready["dependencies"]["lock"]["kind"], "in-process");
+    let (db_kind, lock_kind) = match backend {
+        Backend::Memory => ("memory", "in-process"),
+        Backend::Real => ("mysql", "redis"),
+    };
+    assert_eq!(ready["dependencies"]["database"]["kind"], db_kind);
+    assert_eq!(ready["dependencies"]["lock"]["kind"], lock_kind);
 
     let user = app.user_with(100).await;
     let key = new_key();
@@ -554,17 +572,17 @@ impl LockManager for DownLocks {
     }
 }
 
-#[tokio::test]
-async fn lock_service_down_degrades_or_fails_as_configured() {
+async fn lock_service_down_degrades_or_fails_as_configured(backend: Backend) {
     for (policy, expect_ok) in [
         (app::config::RedisDownPolicy::Degrade, true),
         (app::config::RedisDownPolicy::Fail, false),
     ] {
         let mut cfg = config();
         cfg.lock_on_redis_down = policy;
-        let locks: Arc<dyn LockManager> = Arc::new(DownLocks);
-        let wiring = app::startup::in_memory(cfg.settings().unwrap(), Arc::clone(&locks));
-        let app = TestApp::spawn_with(cfg, wiring, locks).await;
+        let Some(app) = TestApp::spawn_with_locks(backend, cfg, Some(Arc::new(DownLocks))).await
+        else {
+            return;
+        };
         let user = app.create_user().await;
         let key = new_key();
         let res = app.charge(user, 100, &key).await;
@@ -591,3 +609,19 @@ async fn lock_service_down_degrades_or_fails_as_configured() {
         app.stop().await;
     }
 }
+
+on_both_backends!(
+    charge_use_and_read_follow_the_contract,
+    successes_replay_byte_identical_with_the_header,
+    the_same_key_for_two_users_is_two_keys,
+    two_hundred_concurrent_charges_on_one_user,
+    fifty_concurrent_sends_of_one_key_apply_once,
+    concurrent_uses_never_overdraw,
+    a_payment_sent_three_times_charges_once,
+    concurrent_payments_of_one_order_pay_it_once,
+    mixed_concurrent_operations_keep_the_ledger_equal_to_the_balance,
+    history_pages_newest_first,
+    request_ids_are_echoed_or_made,
+    health_metrics_and_docs_are_served,
+    lock_service_down_degrades_or_fails_as_configured,
+);

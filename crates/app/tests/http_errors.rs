@@ -2,18 +2,20 @@
 //! the headers that go with it, and that nothing changed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
-use common::{TestApp, bytes, config, new_key, problem};
+use common::{Backend, TestApp, bytes, config, new_key, problem};
 use domain::ports::LockKey;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-#[tokio::test]
-async fn validation_errors_are_400_and_change_nothing() {
-    let app = TestApp::spawn().await;
+async fn validation_errors_are_400_and_change_nothing(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(50_000).await;
     let charge = format!("/api/users/{user}/balance/charge");
     let bodies: Vec<(Option<&str>, Vec<u8>)> = vec![
@@ -105,9 +107,10 @@ async fn validation_errors_are_400_and_change_nothing() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn history_limit_and_before_are_validated() {
-    let app = TestApp::spawn().await;
+async fn history_limit_and_before_are_validated(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.create_user().await;
     for query in [
         "limit=0",
@@ -139,9 +142,10 @@ async fn history_limit_and_before_are_validated() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn idempotency_key_required_and_invalid() {
-    let app = TestApp::spawn().await;
+async fn idempotency_key_required_and_invalid(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(10_000).await;
     let charge = app.url(&format!("/api/users/{user}/balance/charge"));
 
@@ -218,9 +222,10 @@ async fn idempotency_key_required_and_invalid() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn unknown_user_order_and_payment_are_404_and_not_stored() {
-    let app = TestApp::spawn().await;
+async fn unknown_user_order_and_payment_are_404_and_not_stored(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     for (path, code) in [
         ("/api/users/999999/balance", "USER_NOT_FOUND"),
         ("/api/users/999999/balance/history", "USER_NOT_FOUND"),
@@ -274,9 +279,10 @@ async fn unknown_user_order_and_payment_are_404_and_not_stored() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn unknown_routes_and_methods_are_problems() {
-    let app = TestApp::spawn().await;
+async fn unknown_routes_and_methods_are_problems(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let (status, code, _, _) = problem(app.get("/nope").await).await;
     assert_eq!(
         (status, code.as_str()),
@@ -297,9 +303,10 @@ async fn unknown_routes_and_methods_are_problems() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn payload_too_large_and_unsupported_media_type() {
-    let app = TestApp::spawn().await;
+async fn payload_too_large_and_unsupported_media_type(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(10_000).await;
     let path = format!("/api/users/{user}/balance/charge");
     let mut big = br#"{"amount":1,"idempotencyKey":"k","pad":""#.to_vec();
@@ -348,9 +355,10 @@ async fn payload_too_large_and_unsupported_media_type() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn reused_key_is_422_and_applies_nothing() {
-    let app = TestApp::spawn().await;
+async fn reused_key_is_422_and_applies_nothing(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(10_000).await;
     let key = new_key();
     assert_eq!(app.charge(user, 1_000, &key).await.status(), StatusCode::OK);
@@ -374,12 +382,13 @@ async fn reused_key_is_422_and_applies_nothing() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn business_refusals_are_stored_and_replayed_byte_for_byte() {
+async fn business_refusals_are_stored_and_replayed_byte_for_byte(backend: Backend) {
     let mut cfg = config();
     cfg.max_balance = 100_000;
     cfg.max_amount = 100_000;
-    let app = TestApp::spawn_with_config(cfg).await;
+    let Some(app) = TestApp::spawn_with_config(backend, cfg).await else {
+        return;
+    };
     let user = app.user_with(60_000).await;
 
     let key = new_key();
@@ -424,9 +433,10 @@ async fn business_refusals_are_stored_and_replayed_byte_for_byte() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn key_in_use_while_the_first_request_waits_for_the_lock() {
-    let app = TestApp::spawn().await;
+async fn key_in_use_while_the_first_request_waits_for_the_lock(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let user = app.user_with(10_000).await;
     // Hold the user's lock from outside, so the first request stays in flight.
     let held = app
@@ -472,11 +482,12 @@ async fn key_in_use_while_the_first_request_waits_for_the_lock() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn lock_timeout_is_503_with_retry_after_and_not_stored() {
+async fn lock_timeout_is_503_with_retry_after_and_not_stored(backend: Backend) {
     let mut cfg = config();
     cfg.lock_wait_ms = 50;
-    let app = TestApp::spawn_with_config(cfg).await;
+    let Some(app) = TestApp::spawn_with_config(backend, cfg).await else {
+        return;
+    };
     let user = app.user_with(10_000).await;
     let held = app
         .locks
@@ -503,11 +514,12 @@ async fn lock_timeout_is_503_with_retry_after_and_not_stored() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn bearer_token_guards_the_api_only() {
+async fn bearer_token_guards_the_api_only(backend: Backend) {
     let mut cfg = config();
     cfg.api_token = Some("s3cret-token".to_owned().into());
-    let app = TestApp::spawn_with_config(cfg).await;
+    let Some(app) = TestApp::spawn_with_config(backend, cfg).await else {
+        return;
+    };
     for auth in [
         None,
         Some("Bearer wrong"),
@@ -546,9 +558,10 @@ async fn bearer_token_guards_the_api_only() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn initial_balance_cannot_be_set_through_the_api() {
-    let app = TestApp::spawn().await;
+async fn initial_balance_cannot_be_set_through_the_api(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
     let (status, code, _, _) =
         problem(app.post_json("/api/users", &json!({"balance": 100})).await).await;
     assert_eq!(
@@ -569,3 +582,18 @@ async fn initial_balance_cannot_be_set_through_the_api() {
     assert_eq!(location, format!("/api/users/{}/balance", body["userId"]));
     app.stop().await;
 }
+
+on_both_backends!(
+    validation_errors_are_400_and_change_nothing,
+    history_limit_and_before_are_validated,
+    idempotency_key_required_and_invalid,
+    unknown_user_order_and_payment_are_404_and_not_stored,
+    unknown_routes_and_methods_are_problems,
+    payload_too_large_and_unsupported_media_type,
+    reused_key_is_422_and_applies_nothing,
+    business_refusals_are_stored_and_replayed_byte_for_byte,
+    key_in_use_while_the_first_request_waits_for_the_lock,
+    lock_timeout_is_503_with_retry_after_and_not_stored,
+    bearer_token_guards_the_api_only,
+    initial_balance_cannot_be_set_through_the_api,
+);

@@ -10,11 +10,44 @@ use domain::ports::LockManager;
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 
+/// Which adapters a test runs on. `Real` is MySQL + Redis from testkit (a fresh database
+/// and key prefix per test); it is skipped when there are no servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Real,
+}
+
+/// Runs each listed `async fn name(backend: Backend)` as two tests: `memory::name` and
+/// `real::name`. The same test code covers both adapters.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Memory).await
+                }
+            )*
+        }
+        mod real {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Real).await
+                }
+            )*
+        }
+    };
+}
+
 pub struct TestApp {
     pub base: String,
     pub client: Client,
     pub locks: Arc<dyn LockManager>,
     pub service: domain::BalanceService,
+    pub db: Option<testkit::TestDatabase>,
+    pub redis: Option<testkit::TestRedis>,
     handle: ServerHandle,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -32,17 +65,68 @@ pub fn config() -> Config {
 }
 
 impl TestApp {
-    pub async fn spawn() -> Self {
-        Self::spawn_with_config(config()).await
+    /// The app on `backend` with the default test configuration; `None` when the backend's
+    /// servers are not there (the test then returns, having said so).
+    pub async fn spawn(backend: Backend) -> Option<Self> {
+        Self::spawn_with_config(backend, config()).await
     }
 
-    pub async fn spawn_with_config(config: Config) -> Self {
-        let locks: Arc<dyn LockManager> = Arc::new(memory::InProcessLockManager::new());
-        let wiring = startup::in_memory(config.settings().unwrap(), Arc::clone(&locks));
-        Self::spawn_with(config, wiring, locks).await
+    pub async fn spawn_with_config(backend: Backend, config: Config) -> Option<Self> {
+        Self::spawn_with_locks(backend, config, None).await
     }
 
-    pub async fn spawn_with(config: Config, wiring: Wiring, locks: Arc<dyn LockManager>) -> Self {
+    /// As [`TestApp::spawn_with_config`]; `locks` replaces the backend's lock manager.
+    pub async fn spawn_with_locks(
+        backend: Backend,
+        mut config: Config,
+        locks: Option<Arc<dyn LockManager>>,
+    ) -> Option<Self> {
+        match backend {
+            Backend::Memory => {
+                let locks = locks.unwrap_or_else(|| Arc::new(memory::InProcessLockManager::new()));
+                let wiring = startup::in_memory(config.settings().unwrap(), Arc::clone(&locks));
+                Some(Self::start(config, wiring, locks, None, None).await)
+            }
+            Backend::Real => {
+                let db = testkit::TestDatabase::create().await?;
+                let redis = testkit::TestRedis::create().await?;
+                config.database_url = Some(db.url.clone().into());
+                config.redis_url = Some(redis.url.clone().into());
+                config.redis_key_prefix = redis.prefix.clone();
+                config.migrate_on_start = false;
+                let (own_locks, dependency) = startup::lock_from_config(&config).await.unwrap();
+                let locks = locks.unwrap_or(own_locks);
+                let wiring = startup::wire_with_locks(&config, Arc::clone(&locks), dependency)
+                    .await
+                    .unwrap();
+                Some(Self::start(config, wiring, locks, Some(db), Some(redis)).await)
+            }
+        }
+    }
+
+    /// One more instance on the same database and Redis prefix (several instances).
+    pub async fn another_instance(&self) -> TestApp {
+        let mut config = config();
+        if let (Some(db), Some(redis)) = (&self.db, &self.redis) {
+            config.database_url = Some(db.url.clone().into());
+            config.redis_url = Some(redis.url.clone().into());
+            config.redis_key_prefix = redis.prefix.clone();
+            config.migrate_on_start = false;
+        }
+        let (locks, dependency) = startup::lock_from_config(&config).await.unwrap();
+        let wiring = startup::wire_with_locks(&config, Arc::clone(&locks), dependency)
+            .await
+            .unwrap();
+        Self::start(config, wiring, locks, None, None).await
+    }
+
+    async fn start(
+        config: Config,
+        wiring: Wiring,
+        locks: Arc<dyn LockManager>,
+        db: Option<testkit::TestDatabase>,
+        redis: Option<testkit::TestRedis>,
+    ) -> Self {
         // No seeded users: every test creates its own through the API.
         let app = Application::build_with(config, wiring, Some(0), 0)
             .await
@@ -56,6 +140,8 @@ impl TestApp {
             client: Client::new(),
             locks,
             service,
+            db,
+            redis,
             handle,
             task,
         }
@@ -200,9 +286,12 @@ impl TestApp {
             .sum()
     }
 
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.handle.stop(true).await;
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+        if let Some(db) = self.db.take() {
+            db.cleanup().await;
+        }
     }
 }
 
