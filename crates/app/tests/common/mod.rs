@@ -20,6 +20,7 @@ pub enum Backend {
 
 /// Runs each listed `async fn name(backend: Backend)` as two tests: `memory::name` and
 /// `real::name`. The same test code covers both adapters.
+#[allow(unused_macros)]
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -85,7 +86,7 @@ impl TestApp {
             Backend::Memory => {
                 let locks = locks.unwrap_or_else(|| Arc::new(memory::InProcessLockManager::new()));
                 let wiring = startup::in_memory(config.settings().unwrap(), Arc::clone(&locks));
-                Some(Self::start(config, wiring, locks, None, None).await)
+                Some(Self::start_with(config, wiring, locks, None, None).await)
             }
             Backend::Real => {
                 let db = testkit::TestDatabase::create().await?;
@@ -99,7 +100,7 @@ impl TestApp {
                 let wiring = startup::wire_with_locks(&config, Arc::clone(&locks), dependency)
                     .await
                     .unwrap();
-                Some(Self::start(config, wiring, locks, Some(db), Some(redis)).await)
+                Some(Self::start_with(config, wiring, locks, Some(db), Some(redis)).await)
             }
         }
     }
@@ -117,10 +118,10 @@ impl TestApp {
         let wiring = startup::wire_with_locks(&config, Arc::clone(&locks), dependency)
             .await
             .unwrap();
-        Self::start(config, wiring, locks, None, None).await
+        Self::start_with(config, wiring, locks, None, None).await
     }
 
-    async fn start(
+    pub async fn start_with(
         config: Config,
         wiring: Wiring,
         locks: Arc<dyn LockManager>,
