@@ -36,12 +36,17 @@ macro_rules! positive_id {
                 }
             }
 
-            /// Parses a path or query segment: ASCII digits only, no sign, no spaces.
+            /// Parses a path or query segment in its one canonical form: ASCII digits, no
+            /// sign, no spaces, no leading zero.
             ///
             /// # Errors
             /// A [`ValidationError`] for anything that is not a positive 64-bit integer.
             pub fn parse(raw: &str) -> Result<Self, ValidationError> {
-                if raw.is_empty() || raw.len() > 19 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+                if raw.is_empty()
+                    || raw.len() > 19
+                    || raw.starts_with('0')
+                    || !raw.bytes().all(|b| b.is_ascii_digit())
+                {
                     return Err(ValidationError::new(concat!($what, " must be a positive integer")));
                 }
                 raw.parse::<i64>()
@@ -260,7 +265,11 @@ impl PageLimit {
     /// A [`ValidationError`] for anything but an integer from 1 to 500.
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
         let invalid = || ValidationError::new("limit must be an integer from 1 to 500");
-        if raw.is_empty() || raw.len() > 3 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        if raw.is_empty()
+            || raw.len() > 3
+            || raw.starts_with('0')
+            || !raw.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(invalid());
         }
         match raw.parse::<u32>() {
@@ -277,5 +286,22 @@ impl PageLimit {
 impl Default for PageLimit {
     fn default() -> Self {
         Self::DEFAULT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_have_one_canonical_form() {
+        assert_eq!(UserId::parse("7").map(UserId::get), Ok(7));
+        for raw in ["07", "007", "0", "+7", " 7", "7 ", "", "9223372036854775808"] {
+            assert!(UserId::parse(raw).is_err(), "{raw:?}");
+        }
+        assert_eq!(PageLimit::parse("50").map(PageLimit::get), Ok(50));
+        for raw in ["050", "0", "501", "5a", ""] {
+            assert!(PageLimit::parse(raw).is_err(), "{raw:?}");
+        }
     }
 }
