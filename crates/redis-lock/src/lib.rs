@@ -279,7 +279,7 @@ impl LockManager for RedisLockManager {
         // Fail fast before queueing: with Redis down the wait would only delay `Unavailable`.
         self.connected_client("acquire")?;
         let redis_key = self.redis_key(key);
-        let Some(_turn) = self.queues.take_turn(&redis_key, deadline).await else {
+        let Some(turn) = self.queues.take_turn(&redis_key, deadline).await else {
             return Err(LockError::Timeout);
         };
 
@@ -300,8 +300,12 @@ impl LockManager for RedisLockManager {
             if now >= deadline {
                 return Err(LockError::Timeout);
             }
-            // Never sleep past the deadline; one last attempt is made when it is reached.
-            tokio::time::sleep(backoff.next_pause().min(deadline - now)).await;
+            // Never sleep past the deadline; one last attempt is made when it is reached. A
+            // release by this process ends the pause early.
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_pause().min(deadline - now)) => {}
+                () = turn.released() => {}
+            }
         }
     }
 
@@ -317,7 +321,10 @@ impl LockManager for RedisLockManager {
             .await
             .map_err(|e| redis_error("release", e))?;
         match deleted {
-            1 => Ok(Release::Released),
+            1 => {
+                self.queues.wake(&self.redis_key(&lease.key));
+                Ok(Release::Released)
+            }
             0 => Ok(Release::LeaseLost),
             other => {
                 count_error("release", "unexpected");

@@ -5,14 +5,25 @@
 //! A turn is held only while its waiter contends on Redis, never while the lock itself is
 //! held: the next local waiter then polls with the same backoff as waiters in other
 //! processes, so no process can hand the lock to its own queue ahead of the others.
+//!
+//! A release made by this process wakes the local turn holder at once ([`KeyQueues::wake`]),
+//! so under a hot key the next local waiter tries Redis right after the release instead of
+//! at the end of its backoff pause.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::{Mutex as TurnLock, OwnedMutexGuard};
+use tokio::sync::{Mutex as TurnLock, Notify, OwnedMutexGuard};
 use tokio::time::Instant;
 
-type Slots = Arc<Mutex<HashMap<String, Arc<TurnLock<()>>>>>;
+/// One key's local queue: whose turn it is to poll Redis, and a bell rung by local releases.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    turn: Arc<TurnLock<()>>,
+    released: Notify,
+}
+
+type Slots = Arc<Mutex<HashMap<String, Arc<Slot>>>>;
 
 /// The queues of every key somebody in this process waits for. An entry lives only while
 /// it has a waiter, so the map never holds more keys than there are waiting acquires.
@@ -26,7 +37,8 @@ impl KeyQueues {
     /// tokio's mutex is fair, so turns are handed out in arrival order.
     pub(crate) async fn take_turn(&self, key: &str, deadline: Instant) -> Option<Turn> {
         let member = self.join(key);
-        let waited = tokio::time::timeout_at(deadline, Arc::clone(&member.slot).lock_owned()).await;
+        let waited =
+            tokio::time::timeout_at(deadline, Arc::clone(&member.slot.turn).lock_owned()).await;
         match waited {
             Ok(guard) => Some(Turn {
                 _guard: guard,
@@ -46,6 +58,15 @@ impl KeyQueues {
         }
     }
 
+    /// Wakes the local waiter polling Redis for `key`, if there is one: this process has
+    /// just released it. A bell rung with nobody listening is kept for the next poller
+    /// (`Notify::notify_one`), so a release between two polls is not missed.
+    pub(crate) fn wake(&self, key: &str) {
+        if let Some(slot) = lock(&self.slots).get(key) {
+            slot.released.notify_one();
+        }
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         lock(&self.slots).len()
@@ -54,7 +75,7 @@ impl KeyQueues {
 
 /// The map is only touched in short non-async sections that cannot leave it half-updated,
 /// so a panic elsewhere while it was locked does not make its contents wrong.
-fn lock(slots: &Slots) -> MutexGuard<'_, HashMap<String, Arc<TurnLock<()>>>> {
+fn lock(slots: &Slots) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
     slots.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -62,7 +83,7 @@ fn lock(slots: &Slots) -> MutexGuard<'_, HashMap<String, Arc<TurnLock<()>>>> {
 /// removes the key from the map, whether the waiter got its turn, timed out or was cancelled.
 struct Member {
     key: String,
-    slot: Arc<TurnLock<()>>,
+    slot: Arc<Slot>,
     slots: Slots,
 }
 
@@ -85,6 +106,13 @@ pub(crate) struct Turn {
     // Field order matters: the guard must be released before `Member::drop` counts references.
     _guard: OwnedMutexGuard<()>,
     _member: Member,
+}
+
+impl Turn {
+    /// Completes when this process releases the key (or already has, since the last poll).
+    pub(crate) async fn released(&self) {
+        self._member.slot.released.notified().await;
+    }
 }
 
 #[cfg(test)]
@@ -138,9 +166,10 @@ mod tests {
                 let _turn = mine.take_turn("k", later(5_000)).await.expect("turn");
                 order.lock().unwrap().push(i);
             }));
-            // Let this waiter queue up before the next one is spawned: the map, the holder's
-            // member and guard (3), then a member and a pending lock future per waiter.
-            while Arc::strong_count(lock(&queues.slots).get("k").unwrap()) < 2 * i + 5 {
+            // Let this waiter queue up before the next one is spawned: the turn lock is
+            // shared by the slot and the holder's guard (2), then a pending lock future per
+            // waiter, which has queued by the time it holds its reference.
+            while Arc::strong_count(&lock(&queues.slots).get("k").unwrap().turn) < i + 3 {
                 tokio::task::yield_now().await;
             }
         }

@@ -157,6 +157,41 @@ async fn a_waiter_gets_the_lock_soon_after_release() {
     }
 }
 
+/// A release made by this process wakes its local waiter at once, whatever its backoff:
+/// with pauses of up to 60 s, only the wake-up can hand the lock over within the bound.
+#[tokio::test]
+async fn a_local_release_wakes_the_local_waiter_at_once() {
+    let Some(url) = redis_url() else { return };
+    let config = RedisLockConfig {
+        retry_initial: Duration::from_secs(60),
+        retry_max: Duration::from_secs(60),
+        ..RedisLockConfig::default()
+    };
+    let locks = Arc::new(
+        RedisLockManager::connect_with(&url, &unique_prefix(), config)
+            .await
+            .unwrap(),
+    );
+    let key = user(4);
+    // Several rounds, so a lucky short random pause cannot make the test pass by chance.
+    for _ in 0..5 {
+        let lease = locks.acquire(&key, WAIT, LEASE).await.unwrap();
+        let waiter = {
+            let (locks, key) = (Arc::clone(&locks), key.clone());
+            tokio::spawn(async move { locks.acquire(&key, Duration::from_secs(120), LEASE).await })
+        };
+        // Let the waiter make its first attempt and start its pause.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(locks.release(&lease).await.unwrap(), Release::Released);
+        let taken = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the release, not by its 60 s pause")
+            .unwrap()
+            .unwrap();
+        assert_eq!(locks.release(&taken).await.unwrap(), Release::Released);
+    }
+}
+
 #[tokio::test]
 async fn an_expired_lease_can_be_taken_and_its_old_holder_cannot_delete_the_new_one() {
     let Some(url) = redis_url() else { return };
