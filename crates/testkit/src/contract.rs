@@ -1,0 +1,105 @@
+//! Port contract suites: what every adapter of a port must do, written once and run against
+//! the in-memory adapters and the real ones alike (`tests/contracts.rs`).
+//!
+//! Each suite is a public async function that takes the adapter under test and panics
+//! (through `assert!`) when the adapter breaks the contract its port documents in
+//! `domain::ports`:
+//!
+//! - [`UserRepo`](domain::ports::UserRepo): [`user_repo_creates_and_reads`],
+//!   [`user_repo_pages_history_newest_first`], [`user_repo_seeds_idempotently`],
+//!   [`user_repo_seeding_skips_created_users`];
+//! - [`OrderRepo`](domain::ports::OrderRepo): [`order_repo_creates_and_reads`];
+//! - [`IdempotencyRepo`](domain::ports::IdempotencyRepo):
+//!   [`idempotency_repo_finds_only_live_records_of_their_user`],
+//!   [`idempotency_repo_purges_only_expired_records`];
+//! - [`BalanceStore`](domain::ports::BalanceStore), the atomic step:
+//!   [`balance_store_apply_writes_everything_together`],
+//!   [`balance_store_payment_pays_the_order_once`],
+//!   [`balance_store_stale_version_writes_nothing`],
+//!   [`balance_store_live_key_writes_nothing`],
+//!   [`balance_store_unknown_user_writes_nothing`],
+//!   [`balance_store_unpayable_order_writes_nothing`],
+//!   [`balance_store_replaces_an_expired_record`],
+//!   [`balance_store_records_refusals_under_the_guards`],
+//!   [`balance_store_concurrent_applies_on_one_version_let_exactly_one_win`],
+//!   [`balance_store_concurrent_applies_of_different_users_all_succeed`];
+//! - [`LockManager`](domain::ports::LockManager): [`lock_is_exclusive`],
+//!   [`lock_waiter_acquires_soon_after_release`],
+//!   [`lock_lease_expiry_frees_the_key_but_not_for_the_old_holder`],
+//!   [`lock_release_is_owner_only`], [`lock_serializes_concurrent_increments`].
+//!
+//! Every store suite expects a new, empty store (the suites that seed rely on it), and
+//! uses fixed instants at millisecond precision, the precision the ports keep. The lock
+//! suites use short real durations (a contract must hold on Redis, whose clock cannot be
+//! paused) and assert outcomes, with only generous upper bounds on how long things take.
+
+// Test support: a broken contract is a failed test, and a panic is how it fails. Clippy's
+// allow-in-tests settings do not reach a library module, hence this.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod balance_store;
+mod idempotency_repo;
+mod lock_manager;
+mod order_repo;
+mod support;
+mod user_repo;
+
+use std::sync::Arc;
+
+use domain::ports::{BalanceStore, IdempotencyRepo, OrderRepo, UserRepo};
+
+pub use balance_store::{
+    balance_store_apply_writes_everything_together,
+    balance_store_concurrent_applies_of_different_users_all_succeed,
+    balance_store_concurrent_applies_on_one_version_let_exactly_one_win,
+    balance_store_live_key_writes_nothing, balance_store_payment_pays_the_order_once,
+    balance_store_records_refusals_under_the_guards, balance_store_replaces_an_expired_record,
+    balance_store_stale_version_writes_nothing, balance_store_unknown_user_writes_nothing,
+    balance_store_unpayable_order_writes_nothing,
+};
+pub use idempotency_repo::{
+    idempotency_repo_finds_only_live_records_of_their_user,
+    idempotency_repo_purges_only_expired_records,
+};
+pub use lock_manager::{
+    lock_is_exclusive, lock_lease_expiry_frees_the_key_but_not_for_the_old_holder,
+    lock_release_is_owner_only, lock_serializes_concurrent_increments,
+    lock_waiter_acquires_soon_after_release,
+};
+pub use order_repo::order_repo_creates_and_reads;
+pub use user_repo::{
+    user_repo_creates_and_reads, user_repo_pages_history_newest_first,
+    user_repo_seeding_skips_created_users, user_repo_seeds_idempotently,
+};
+
+/// One store seen through each of its repository ports, as the service wires it. The
+/// ports are `'static` trait objects so the concurrent suites can hand them to tasks.
+#[derive(Clone)]
+pub struct Stores {
+    pub users: Arc<dyn UserRepo>,
+    pub orders: Arc<dyn OrderRepo>,
+    pub idempotency: Arc<dyn IdempotencyRepo>,
+    pub balances: Arc<dyn BalanceStore>,
+}
+
+impl Stores {
+    /// Every port of `store`, all sharing the one store.
+    pub fn new<S>(store: S) -> Self
+    where
+        S: UserRepo + OrderRepo + IdempotencyRepo + BalanceStore + 'static,
+    {
+        let store = Arc::new(store);
+        Self {
+            users: Arc::clone(&store) as Arc<dyn UserRepo>,
+            orders: Arc::clone(&store) as Arc<dyn OrderRepo>,
+            idempotency: Arc::clone(&store) as Arc<dyn IdempotencyRepo>,
+            balances: store,
+        }
+    }
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores").finish_non_exhaustive()
+    }
+}
