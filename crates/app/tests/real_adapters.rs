@@ -1,6 +1,7 @@
 //! Guarantees that need the real adapters: the Redis lock really held around the commit,
 //! several instances on one MySQL and one Redis, and Redis dying mid-run.
 //! Skipped (saying so) when there is no MySQL and Redis to use.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[macro_use]
 mod common;

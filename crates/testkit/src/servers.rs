@@ -1,4 +1,6 @@
 //! Where the test servers come from, and a database and key prefix per test.
+// A dev-only harness: a broken test environment must fail the test loudly.
+#![allow(clippy::panic)]
 
 use std::sync::Arc;
 
