@@ -296,7 +296,16 @@ mod tests {
     #[test]
     fn numbers_have_one_canonical_form() {
         assert_eq!(UserId::parse("7").map(UserId::get), Ok(7));
-        for raw in ["07", "007", "0", "+7", " 7", "7 ", "", "9223372036854775808"] {
+        for raw in [
+            "07",
+            "007",
+            "0",
+            "+7",
+            " 7",
+            "7 ",
+            "",
+            "9223372036854775808",
+        ] {
             assert!(UserId::parse(raw).is_err(), "{raw:?}");
         }
         assert_eq!(PageLimit::parse("50").map(PageLimit::get), Ok(50));
