@@ -355,3 +355,90 @@ impl NewEntry {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Reconciliation
+// ---------------------------------------------------------------------------------------
+
+/// One broken invariant found by the audit. `subject` names the row(s) (`user 7`,
+/// `order 12`, `user 3 key abc`); `detail` says what was expected and what was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Breach {
+    pub check: AuditCheck,
+    pub subject: String,
+    pub detail: String,
+}
+
+/// The invariants the audit checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AuditCheck {
+    /// A user's balance equals the signed sum of its ledger (CHARGE +, USE/PAYMENT −),
+    /// and the newest entry's `balance_after` equals the balance.
+    BalanceMatchesLedger,
+    /// A stored success has exactly one ledger entry (same user, key and instant); a
+    /// stored refusal has none.
+    RecordHasOneEffect,
+    /// No key was applied twice within its retention: two ledger entries of one user and
+    /// key are at least the idempotency TTL apart.
+    KeyAppliedOnce,
+    /// No idempotency record is stuck in flight past the lock lease.
+    NoRecordStuckInFlight,
+    /// Every PAID order has exactly one payment (with its PAYMENT ledger entry), and
+    /// every payment's order is PAID.
+    PaidOrderHasOnePayment,
+}
+
+impl AuditCheck {
+    pub const ALL: [AuditCheck; 5] = [
+        AuditCheck::BalanceMatchesLedger,
+        AuditCheck::RecordHasOneEffect,
+        AuditCheck::KeyAppliedOnce,
+        AuditCheck::NoRecordStuckInFlight,
+        AuditCheck::PaidOrderHasOnePayment,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditCheck::BalanceMatchesLedger => "balance_matches_ledger",
+            AuditCheck::RecordHasOneEffect => "record_has_one_effect",
+            AuditCheck::KeyAppliedOnce => "key_applied_once",
+            AuditCheck::NoRecordStuckInFlight => "no_record_stuck_in_flight",
+            AuditCheck::PaidOrderHasOnePayment => "paid_order_has_one_payment",
+        }
+    }
+}
+
+/// What an audit looked at and what it found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    pub users: u64,
+    pub ledger_entries: u64,
+    pub records: u64,
+    pub orders: u64,
+    pub payments: u64,
+    pub breaches: Vec<Breach>,
+}
+
+impl AuditReport {
+    pub fn is_clean(&self) -> bool {
+        self.breaches.is_empty()
+    }
+}
+
+/// Reconciliation of the books: reads everything, changes nothing.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait Auditor: Send + Sync {
+    /// Checks every [`AuditCheck`] over the committed state. `key_ttl` is the idempotency
+    /// retention (two uses of one key closer than that are a double application);
+    /// `lease` is the lock lease (an in-flight record older than that is stuck).
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn audit(
+        &self,
+        key_ttl: Duration,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<AuditReport, RepoError>;
+}

@@ -30,3 +30,7 @@ pub const OPERATIONS_APPLIED_TOTAL: &str = "balance_operations_applied_total";
 pub const OPERATIONS_REFUSED_TOTAL: &str = "balance_operations_refused_total";
 /// Expired idempotency records deleted by the purge.
 pub const IDEMPOTENCY_PURGED_TOTAL: &str = "balance_idempotency_purged_total";
+/// Breaches found by the last audit run (gauge), by check.
+pub const AUDIT_BREACHES: &str = "balance_audit_breaches";
+/// When the last audit finished (gauge, Unix seconds).
+pub const AUDIT_LAST_RUN_SECONDS: &str = "balance_audit_last_run_timestamp_seconds";
