@@ -6,6 +6,7 @@ use actix_web::web::{Data, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use domain::types::{EntryId, OrderId, PageLimit, PaymentId, UserId};
 use domain::{BalanceCommand, Execution};
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::body::{self, read_json_object};
@@ -60,7 +61,9 @@ fn stored(execution: Execution) -> HttpResponse {
 /// half-way (between commit and lock release, say).
 async fn execute(state: &AppState, command: BalanceCommand) -> ApiResult {
     let service = state.service.clone();
-    let execution = tokio::spawn(async move { service.execute(command).await })
+    // The task keeps the request's span, so its log lines carry the request id too.
+    let span = tracing::Span::current();
+    let execution = tokio::spawn(async move { service.execute(command).await }.instrument(span))
         .await
         .map_err(|e| ApiError::from(domain::OperationError::Unexpected(e.into())))??;
     Ok(stored(execution))
