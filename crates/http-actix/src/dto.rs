@@ -153,8 +153,8 @@ pub struct HistoryResponse {
 #[serde(rename_all = "camelCase")]
 #[allow(dead_code)] // documents the body in the OpenAPI document
 pub struct AmountRequest {
-    /// 1..=MAX_AMOUNT.
-    #[schema(example = 10000, minimum = 1)]
+    /// 1..=MAX_AMOUNT (1000000000 by default).
+    #[schema(example = 10000, minimum = 1, maximum = 1_000_000_000)]
     pub amount: i64,
     /// Optional if the `Idempotency-Key` header is sent; both must then agree.
     #[schema(
@@ -173,7 +173,8 @@ pub struct AmountRequest {
 pub struct OrderRequest {
     #[schema(example = 1, minimum = 1)]
     pub user_id: i64,
-    #[schema(example = 15000, minimum = 1)]
+    /// 1..=MAX_AMOUNT (1000000000 by default).
+    #[schema(example = 15000, minimum = 1, maximum = 1_000_000_000)]
     pub amount: i64,
 }
 
@@ -195,7 +196,8 @@ pub struct PaymentRequest {
     pub idempotency_key: Option<String>,
 }
 
-/// Body of a new user: empty, or an empty object.
+/// Body of a new user: empty, or an empty object (no initial balance through the API).
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct CreateUserRequest {}

@@ -81,11 +81,16 @@ async fn execute(state: &AppState, command: BalanceCommand) -> ApiResult {
     security((), ("bearer" = []))
 )]
 pub async fn create_user(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
-    let body = read_json_object(&req, payload).await?;
-    if body.is_some_and(|b| b.contains_key("balance")) {
+    let body = read_json_object(&req, payload).await?.unwrap_or_default();
+    if body.contains_key("balance") {
         return Err(ApiError::validation(
             "an initial balance cannot be set through the API; charge the user instead",
         ));
+    }
+    if let Some(field) = body.keys().next() {
+        return Err(ApiError::validation(format!(
+            "the body of a new user must be empty or {{}}; unknown field {field:?}"
+        )));
     }
     let user = state.service.create_user().await?;
     let mut response = json(StatusCode::CREATED, &BalanceResponse::from(&user))?;
