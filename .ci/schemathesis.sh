@@ -19,7 +19,7 @@ SEED_USERS=20 "$bin" --bind-addr "127.0.0.1:$port" --log-level warn >/tmp/schema
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
-  curl -fsS "http://127.0.0.1:$port/health/live" >/dev/null 2>&1 && break
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
   sleep 0.1
 done
 
