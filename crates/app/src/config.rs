@@ -33,14 +33,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Args, Default)]
-pub struct ServeArgs {
-    /// Users 1..N to create at start if missing (default: 100 with the in-memory store, 0 with MySQL).
-    #[arg(long, env = "SEED_USERS")]
-    pub seed_users: Option<u32>,
-    /// The balance of users created by --seed-users [default: 100000].
-    #[arg(long, env = "SEED_BALANCE")]
-    pub seed_balance: Option<i64>,
-}
+pub struct ServeArgs {}
 
 #[derive(Debug, Clone, Args)]
 pub struct SeedArgs {
@@ -86,8 +79,15 @@ pub struct Config {
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "", global = true)]
     pub redis_key_prefix: String,
     /// Apply pending migrations when `serve` starts (with DATABASE_URL).
-    #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), global = true)]
     pub migrate_on_start: bool,
+    /// Users 1..N that `serve` creates at start if missing (default: 100 with the in-memory store, 0 with MySQL).
+    #[arg(long, env = "SEED_USERS", global = true)]
+    pub seed_users: Option<u32>,
+    /// The balance of users created by --seed-users [default: 100000].
+    #[arg(long, env = "SEED_BALANCE", global = true)]
+    pub seed_balance: Option<i64>,
     /// How long a balance change waits for its user's lock.
     #[arg(long, env = "LOCK_WAIT_MS", default_value_t = 10_000, global = true)]
     pub lock_wait_ms: u64,

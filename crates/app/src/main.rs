@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     app::telemetry::init_logging(&cli.config.rust_log, cli.config.log_format);
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
-        Command::Serve(args) => serve(cli.config, args).await,
+        Command::Serve(ServeArgs {}) => serve(cli.config).await,
         Command::Migrate => migrate(&cli.config).await,
         Command::Seed(args) => seed(&cli.config, args.users, args.balance).await,
     };
@@ -28,9 +28,10 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: app::Config, args: ServeArgs) -> anyhow::Result<()> {
-    let seed_balance = args.seed_balance.unwrap_or(startup::DEFAULT_SEED_BALANCE);
-    let app = Application::build(config, args.seed_users, seed_balance).await?;
+async fn serve(config: app::Config) -> anyhow::Result<()> {
+    let seed_users = config.seed_users;
+    let seed_balance = config.seed_balance.unwrap_or(startup::DEFAULT_SEED_BALANCE);
+    let app = Application::build(config, seed_users, seed_balance).await?;
     app.run_until_stopped(startup::shutdown_signal()).await?;
     Ok(())
 }

@@ -125,4 +125,8 @@ fn describe() {
         m::IDEMPOTENCY_PURGED_TOTAL,
         "Expired idempotency records deleted"
     );
+    metrics::describe_counter!(
+        redis_lock::REDIS_ERRORS_TOTAL,
+        "Redis errors met by the lock, by operation and outcome"
+    );
 }
