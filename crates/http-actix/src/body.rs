@@ -273,4 +273,55 @@ mod tests {
             assert_eq!(parse(bad).unwrap_err().code, Code::ValidationError, "{bad}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Arbitrary bytes never panic the parser: one JSON object or a 400.
+            #[test]
+            fn any_bytes_parse_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                match parse_object(&bytes) {
+                    Ok(map) => prop_assert!(serde_json::to_value(&map).is_ok()),
+                    Err(e) => prop_assert_eq!(e.code, Code::ValidationError),
+                }
+            }
+
+            /// Every integer amount is accepted exactly when it is within 1..=MAX_AMOUNT.
+            #[test]
+            fn integer_amounts(value in any::<i64>()) {
+                let limits = Limits::default();
+                let body = parse_object(format!(r#"{{"amount":{value}}}"#).as_bytes()).unwrap();
+                let ok = (1..=limits.max_amount).contains(&value);
+                prop_assert_eq!(amount(&body, &limits).is_ok(), ok);
+            }
+
+            /// Fractions and numbers past 64 bits are refused, never truncated.
+            #[test]
+            fn non_integers_are_refused(whole in 1i64..1_000, frac in 1u32..1000, big in 19usize..40) {
+                let limits = Limits::default();
+                let fraction = parse_object(format!(r#"{{"amount":{whole}.{frac}}}"#).as_bytes()).unwrap();
+                prop_assert!(amount(&fraction, &limits).is_err());
+                let huge = parse_object(format!(r#"{{"amount":9{}}}"#, "9".repeat(big)).as_bytes()).unwrap();
+                prop_assert!(amount(&huge, &limits).is_err());
+            }
+
+            /// A body key is accepted exactly when it is 1..=255 visible ASCII characters.
+            #[test]
+            fn body_keys(key in prop_oneof!["\\PC{0,300}", "[ -~]{0,300}", "[!-~]{250,260}"]) {
+                let req = actix_web::test::TestRequest::default().to_http_request();
+                let mut body = Map::new();
+                body.insert("idempotencyKey".to_owned(), Value::String(key.clone()));
+                let valid = !key.is_empty() && key.len() <= 255 && key.bytes().all(|b| (0x21..=0x7e).contains(&b));
+                let parsed = idempotency_key(&req, Some(&body));
+                prop_assert_eq!(parsed.is_ok(), valid);
+                if let Ok(parsed) = parsed {
+                    prop_assert_eq!(parsed.as_str(), key.as_str());
+                } else if let Err(e) = parsed {
+                    prop_assert_eq!(e.code, Code::InvalidIdempotencyKey);
+                }
+            }
+        }
+    }
 }
