@@ -1,6 +1,7 @@
 //! The ports: what the use cases need from the outside world. Each method says which
 //! errors an adapter MUST return; anything else is `Unexpected`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -409,6 +410,11 @@ impl AuditCheck {
 }
 
 /// What an audit looked at and what it found.
+///
+/// A broken database can hold millions of breaches; the report lists at most
+/// [`AuditReport::LISTED_PER_CHECK`] of each check in `breaches` and counts them all in
+/// `found`. Build it with [`AuditReport::add`] / [`AuditReport::add_found`], which keep
+/// both in step.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditReport {
     pub users: u64,
@@ -416,12 +422,66 @@ pub struct AuditReport {
     pub records: u64,
     pub orders: u64,
     pub payments: u64,
+    /// The breaches listed, at most [`AuditReport::LISTED_PER_CHECK`] per check.
     pub breaches: Vec<Breach>,
+    /// How many breaches each check found, listed or not. Only checks that found some
+    /// have an entry.
+    pub found: BTreeMap<AuditCheck, u64>,
 }
 
 impl AuditReport {
+    /// How many breaches of one check are listed; the rest are only counted.
+    pub const LISTED_PER_CHECK: usize = 100;
+
     pub fn is_clean(&self) -> bool {
-        self.breaches.is_empty()
+        self.breaches.is_empty() && self.found.values().all(|n| *n == 0)
+    }
+
+    /// How many breaches `check` found (at least as many as are listed).
+    pub fn found(&self, check: AuditCheck) -> u64 {
+        let listed = self.listed(check).count() as u64;
+        self.found.get(&check).copied().unwrap_or(0).max(listed)
+    }
+
+    /// How many breaches all checks found.
+    pub fn total_found(&self) -> u64 {
+        AuditCheck::ALL.iter().map(|check| self.found(*check)).sum()
+    }
+
+    /// The listed breaches of `check`.
+    pub fn listed(&self, check: AuditCheck) -> impl Iterator<Item = &Breach> {
+        self.breaches.iter().filter(move |b| b.check == check)
+    }
+
+    /// Counts one breach, and lists it while its check has found fewer than the cap.
+    pub fn add(&mut self, breach: Breach) {
+        let found = self.found.entry(breach.check).or_insert(0);
+        *found += 1;
+        if *found <= Self::LISTED_PER_CHECK as u64 {
+            self.breaches.push(breach);
+        }
+    }
+
+    /// Counts `total` breaches of `check`, of which `listed` are the ones to list (a
+    /// query that stopped at the cap; any beyond the cap are dropped). `listed` must be
+    /// breaches of `check`.
+    pub fn add_found(
+        &mut self,
+        check: AuditCheck,
+        total: u64,
+        listed: impl IntoIterator<Item = Breach>,
+    ) {
+        let room = Self::LISTED_PER_CHECK.saturating_sub(self.listed(check).count());
+        let mut shown = 0_u64;
+        for breach in listed.into_iter().take(room) {
+            debug_assert_eq!(breach.check, check, "a breach added under another check");
+            self.breaches.push(breach);
+            shown += 1;
+        }
+        let found = total.max(shown);
+        if found > 0 {
+            *self.found.entry(check).or_insert(0) += found;
+        }
     }
 }
 
