@@ -1,13 +1,15 @@
 //! sqlx adapters of the repository ports for MySQL 8 and MariaDB 10.11, and the migrator.
 //!
 //! [`MySqlStore`] implements [`UserRepo`](domain::ports::UserRepo),
-//! [`OrderRepo`](domain::ports::OrderRepo), [`IdempotencyRepo`](domain::ports::IdempotencyRepo)
-//! and [`BalanceStore`](domain::ports::BalanceStore). Every atomic step is one method and one
+//! [`OrderRepo`](domain::ports::OrderRepo), [`IdempotencyRepo`](domain::ports::IdempotencyRepo),
+//! [`BalanceStore`](domain::ports::BalanceStore) and [`Auditor`](domain::ports::Auditor) (a
+//! read-only reconciliation in one consistent snapshot). Every atomic step is one method and one
 //! database transaction; nothing here lets a transaction span two port calls.
 //!
 //! All SQL is shared by both servers: no `RETURNING` (MySQL lacks it), ids come from
 //! `last_insert_id()`, and database conditions are told apart in one place (`error.rs`).
 
+mod audit;
 mod convert;
 mod error;
 mod idempotency;
