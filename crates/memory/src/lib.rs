@@ -2,7 +2,8 @@
 //! fakes behind the HTTP tests.
 //!
 //! - [`MemoryStore`] implements `UserRepo`, `OrderRepo`, `IdempotencyRepo` and
-//!   `BalanceStore` over one mutex, so each atomic step is one critical section;
+//!   `BalanceStore` over one mutex, so each atomic step is one critical section, and
+//!   `Auditor` (the reconciliation, one critical section too);
 //! - [`InProcessLockManager`] implements `LockManager` for the tasks of this process only.
 //!
 //! Nothing here is persisted, and neither adapter guards a second process: run one instance.

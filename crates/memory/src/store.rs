@@ -462,5 +462,7 @@ impl BalanceStore for MemoryStore {
     }
 }
 
+mod audit;
+
 #[cfg(test)]
 mod tests;

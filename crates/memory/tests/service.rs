@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use domain::idempotency::{Fingerprint, StoredResponse};
 use domain::outcome::{Outcome, Refusal};
-use domain::ports::{Clock, ResponseEncoder};
+use domain::ports::{Auditor, Clock, ResponseEncoder};
 use domain::types::{Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, UserId};
 use domain::{BalanceCommand, BalanceService, OperationError, Ports, Settings};
 use memory::{InProcessLockManager, MemoryStore};
@@ -279,7 +279,7 @@ fn command(op: &Op) -> Option<BalanceCommand> {
 
 async fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let clock = Arc::new(ManualClock(Mutex::new(start())));
-    let (service, _store) = service(Arc::clone(&clock));
+    let (service, store) = service(Arc::clone(&clock));
     service
         .seed_users(3, Balance::new(OPENING, &limits()).unwrap())
         .await
@@ -352,7 +352,19 @@ async fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
             if expected.paid { "PAID" } else { "PENDING" }
         );
     }
+    // Keys reused after their retention, purges, refusals and payments: the books
+    // reconcile.
+    let report = audit(&store, clock.now()).await;
+    prop_assert!(report.is_clean(), "{:#?}", report);
     Ok(())
+}
+
+async fn audit(store: &MemoryStore, now: DateTime<Utc>) -> domain::ports::AuditReport {
+    let ttl = Duration::from_secs(TTL_SECS.unsigned_abs());
+    store
+        .audit(ttl, Settings::default().lock_lease, now)
+        .await
+        .unwrap()
 }
 
 proptest! {
@@ -378,7 +390,7 @@ proptest! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_lose_no_update_and_apply_each_key_once() {
     let clock = Arc::new(ManualClock(Mutex::new(start())));
-    let (service, _store) = service(clock);
+    let (service, store) = service(Arc::clone(&clock));
     service
         .seed_users(2, Balance::new(OPENING, &limits()).unwrap())
         .await
@@ -441,4 +453,7 @@ async fn concurrent_requests_lose_no_update_and_apply_each_key_once() {
         keys.dedup();
         assert_eq!(keys.len(), count, "no key of user {id} applied twice");
     }
+    let report = audit(&store, clock.now()).await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!(report.users, 2);
 }

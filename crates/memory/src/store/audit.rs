@@ -1,0 +1,384 @@
+//! `Auditor` over the in-memory state: the checks of the MySQL audit, in short critical
+//! sections of the store's mutex.
+//!
+//! Holding the mutex for a whole audit would stop every balance change for as long as it
+//! runs (seconds for millions of ledger entries), so the audit goes a bounded amount of
+//! work at a time, letting the lock go in between. It stays free of false breaches
+//! because every subject is read whole within one section, and every step writes all of
+//! a subject's rows within one section too:
+//!
+//! - a user's balance, ledger and records (`BalanceMatchesLedger`, `RecordHasOneEffect`,
+//!   `KeyAppliedOnce`) are read together, user by user;
+//! - an order and its payment, a payment and its order, likewise;
+//! - payments are paired with PAYMENT ledger entries among the rows that existed when the
+//!   audit began: both are immutable and their ids grow, so the ids handed out by then
+//!   mark that instant exactly, whenever each row is read.
+//!
+//! The counters are taken when the audit begins. Two checks read less here than on MySQL,
+//! because the in-memory store keeps less: no in-flight state is ever stored (claims live
+//! in the use case), so [`AuditCheck::NoRecordStuckInFlight`] never finds anything; and a
+//! payment does not keep its idempotency key, so its PAYMENT ledger entry is matched by
+//! user, amount and instant only.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use domain::model::{EntryKind, OrderStatus, User};
+use domain::ports::{AuditCheck, AuditReport, Auditor, Breach, RepoError};
+use domain::time::format_rfc3339_millis;
+use domain::types::{EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
+
+use super::{MemoryStore, State};
+
+/// Rows looked at in one critical section before the lock is let go (a handful in the
+/// unit tests, so they cross section boundaries).
+const WORK_PER_SECTION: usize = if cfg!(test) { 5 } else { 10_000 };
+
+/// The pause between two sections: long enough for the threads that queued on the lock
+/// meanwhile to get it (the mutex is not fair: without a pause the audit takes it back
+/// before a woken waiter runs).
+const PAUSE: Duration = Duration::from_micros(500);
+
+#[async_trait]
+impl Auditor for MemoryStore {
+    async fn audit(
+        &self,
+        key_ttl: Duration,
+        _lease: Duration,
+        _now: DateTime<Utc>,
+    ) -> Result<AuditReport, RepoError> {
+        let mut audit = Audit::begin(&self.state(), key_ttl);
+        let mut next = Some(1);
+        while let Some(from) = next {
+            next = audit.users(&self.state(), from);
+            tokio::time::sleep(PAUSE).await;
+        }
+        audit.orphan_ledgers(&self.state());
+        let mut next = Some(1);
+        while let Some(from) = next {
+            next = audit.orders(&self.state(), from);
+            tokio::time::sleep(PAUSE).await;
+        }
+        let mut next = Some(1);
+        while let Some(from) = next {
+            next = audit.payments(&self.state(), from);
+            tokio::time::sleep(PAUSE).await;
+        }
+        Ok(audit.finish())
+    }
+}
+
+fn breach(check: AuditCheck, subject: String, detail: String) -> Breach {
+    Breach {
+        check,
+        subject,
+        detail,
+    }
+}
+
+fn at(t: DateTime<Utc>) -> String {
+    format_rfc3339_millis(t)
+}
+
+/// What a payment and its PAYMENT ledger entry share.
+type PaymentFacts = (UserId, i64, DateTime<Utc>);
+
+/// An audit under way: the report so far, the ids handed out when it began, and the
+/// payments and PAYMENT entries gathered for pairing.
+struct Audit {
+    report: AuditReport,
+    key_ttl: Duration,
+    last_user: i64,
+    last_order: i64,
+    last_payment: i64,
+    last_entry: i64,
+    pairs: HashMap<PaymentFacts, (Vec<PaymentId>, Vec<EntryId>)>,
+}
+
+impl Audit {
+    fn begin(state: &State, key_ttl: Duration) -> Self {
+        let report = AuditReport {
+            users: state.users.len() as u64,
+            ledger_entries: state.ledgers.values().map(Vec::len).sum::<usize>() as u64,
+            records: state.keys.values().map(HashMap::len).sum::<usize>() as u64,
+            orders: state.orders.len() as u64,
+            payments: state.payments.len() as u64,
+            ..AuditReport::default()
+        };
+        Self {
+            report,
+            key_ttl,
+            last_user: state.last_user_id,
+            last_order: state.last_order_id,
+            last_payment: state.last_payment_id,
+            last_entry: state.last_entry_id,
+            pairs: HashMap::new(),
+        }
+    }
+
+    /// Audits users from id `from` on, for one section's work; where to go on, if anywhere.
+    fn users(&mut self, state: &State, from: i64) -> Option<i64> {
+        let mut work = 0;
+        let mut id = from;
+        while id <= self.last_user {
+            if work >= WORK_PER_SECTION {
+                return Some(id);
+            }
+            if let Some(user) = UserId::new(id).ok().and_then(|id| state.users.get(&id)) {
+                work += self.user(state, user);
+            }
+            work += 1;
+            id += 1;
+        }
+        None
+    }
+
+    /// The checks of one user; returns how many rows it looked at.
+    fn user(&mut self, state: &State, user: &User) -> usize {
+        let entries = state.ledgers.get(&user.id).map_or(&[][..], Vec::as_slice);
+
+        // BalanceMatchesLedger
+        let sum: i64 = entries
+            .iter()
+            .map(|entry| entry.kind.sign() * entry.amount.get())
+            .sum();
+        let balance = user.balance.get();
+        let newest = entries.last();
+        let newest_wrong = newest.is_some_and(|entry| entry.balance_after.get() != balance);
+        if sum != balance || newest_wrong {
+            let mut detail = format!(
+                "balance {balance}, ledger sum {sum} over {} entries",
+                entries.len()
+            );
+            if let Some(entry) = newest.filter(|_| newest_wrong) {
+                detail.push_str(&format!(
+                    "; newest entry {} has balance_after {}",
+                    entry.id, entry.balance_after
+                ));
+            }
+            self.report.add(breach(
+                AuditCheck::BalanceMatchesLedger,
+                format!("user {}", user.id),
+                detail,
+            ));
+        }
+
+        // The keyed entries in (key, instant, id) order, and the PAYMENT entries to pair.
+        let mut keyed: Vec<(&IdempotencyKey, DateTime<Utc>, EntryId)> = Vec::new();
+        for entry in entries {
+            if let Some(key) = &entry.idempotency_key {
+                keyed.push((key, entry.created_at, entry.id));
+            }
+            if entry.kind == EntryKind::Payment && entry.id.get() <= self.last_entry {
+                self.pairs
+                    .entry((entry.user_id, entry.amount.get(), entry.created_at))
+                    .or_default()
+                    .1
+                    .push(entry.id);
+            }
+        }
+        keyed.sort_unstable();
+
+        // KeyAppliedOnce
+        let ttl = chrono::Duration::from_std(self.key_ttl).unwrap_or(chrono::Duration::MAX);
+        for pair in keyed.windows(2) {
+            if let [(key, first_at, first), (other, second_at, second)] = pair
+                && key == other
+                && *second_at - *first_at < ttl
+            {
+                let apart = *second_at - *first_at;
+                self.report.add(breach(
+                    AuditCheck::KeyAppliedOnce,
+                    format!("user {} key {key}", user.id),
+                    format!(
+                        "ledger entries {first} ({}) and {second} ({}) are {:.3} s apart, within the key's retention of {} s",
+                        at(*first_at),
+                        at(*second_at),
+                        apart.num_milliseconds() as f64 / 1000.0,
+                        self.key_ttl.as_secs()
+                    ),
+                ));
+            }
+        }
+
+        // RecordHasOneEffect
+        let records = state.keys.get(&user.id);
+        let mut wrong: Vec<_> = records
+            .into_iter()
+            .flat_map(HashMap::values)
+            .filter_map(|record| {
+                // The entries of this key and instant: a run of the sorted list.
+                let this = (&record.key, record.created_at);
+                let effects = keyed.partition_point(|(key, t, _)| (*key, *t) <= this)
+                    - keyed.partition_point(|(key, t, _)| (*key, *t) < this);
+                let status = record.response.status;
+                let success = (200..300).contains(&status);
+                let ok = if success { effects == 1 } else { effects == 0 };
+                (!ok).then_some((record, status, success, effects))
+            })
+            .collect();
+        wrong.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
+        for (record, status, success, effects) in wrong {
+            let (what, expected) = if success {
+                ("stored success", "exactly 1")
+            } else {
+                ("stored refusal", "none")
+            };
+            self.report.add(breach(
+                AuditCheck::RecordHasOneEffect,
+                format!("user {} key {}", user.id, record.key),
+                format!(
+                    "{what} ({status}) of {}: {effects} ledger entries with this key and instant, expected {expected}",
+                    at(record.created_at)
+                ),
+            ));
+        }
+
+        entries.len() + records.map_or(0, HashMap::len)
+    }
+
+    /// Ledger entries of users that do not exist.
+    fn orphan_ledgers(&mut self, state: &State) {
+        let mut orphans: Vec<_> = state
+            .ledgers
+            .iter()
+            .filter(|(user, entries)| !entries.is_empty() && !state.users.contains_key(user))
+            .collect();
+        orphans.sort_unstable_by_key(|(user, _)| **user);
+        for (user, entries) in orphans {
+            let sum: i64 = entries
+                .iter()
+                .map(|entry| entry.kind.sign() * entry.amount.get())
+                .sum();
+            self.report.add(breach(
+                AuditCheck::BalanceMatchesLedger,
+                format!("user {user}"),
+                format!(
+                    "no such user, but {} ledger entries summing to {sum}",
+                    entries.len()
+                ),
+            ));
+        }
+    }
+
+    /// PAID orders without a payment, from id `from` on, for one section's work.
+    fn orders(&mut self, state: &State, from: i64) -> Option<i64> {
+        let end = from.saturating_add(WORK_PER_SECTION as i64);
+        for id in from..end.min(self.last_order.saturating_add(1)) {
+            let Some(order) = OrderId::new(id).ok().and_then(|id| state.orders.get(&id)) else {
+                continue;
+            };
+            let paid_by = state
+                .payment_of_order
+                .get(&order.id)
+                .filter(|payment| state.payments.contains_key(payment));
+            if order.status == OrderStatus::Paid && paid_by.is_none() {
+                self.report.add(breach(
+                    AuditCheck::PaidOrderHasOnePayment,
+                    format!("order {}", order.id),
+                    format!(
+                        "PAID (user {}, amount {}) but has no payment",
+                        order.user_id, order.amount
+                    ),
+                ));
+            }
+        }
+        (end <= self.last_order).then_some(end)
+    }
+
+    /// Payments whose order is missing, not PAID, someone else's or of another amount,
+    /// or that is paid by another payment, from id `from` on, for one section's work;
+    /// gathers the payments to pair.
+    fn payments(&mut self, state: &State, from: i64) -> Option<i64> {
+        const CHECK: AuditCheck = AuditCheck::PaidOrderHasOnePayment;
+        let end = from.saturating_add(WORK_PER_SECTION as i64);
+        for id in from..end.min(self.last_payment.saturating_add(1)) {
+            let Some(payment) = PaymentId::new(id)
+                .ok()
+                .and_then(|id| state.payments.get(&id))
+            else {
+                continue;
+            };
+            self.pairs
+                .entry((payment.user_id, payment.amount.get(), payment.paid_at))
+                .or_default()
+                .0
+                .push(payment.id);
+            let order_id = payment.order_id;
+            let detail = match state.orders.get(&order_id) {
+                None => format!("pays order {order_id}, which does not exist"),
+                Some(order) if order.status != OrderStatus::Paid => {
+                    format!("pays order {order_id}, which is {}", order.status.as_str())
+                }
+                Some(order)
+                    if order.user_id != payment.user_id || order.amount != payment.amount =>
+                {
+                    format!(
+                        "pays order {order_id} of user {} for {}, but is user {}'s for {}",
+                        order.user_id, order.amount, payment.user_id, payment.amount
+                    )
+                }
+                Some(_) => match state.payment_of_order.get(&order_id) {
+                    Some(other) if *other != payment.id => {
+                        self.report.add(breach(
+                            CHECK,
+                            format!("order {order_id}"),
+                            format!(
+                                "paid twice: by payment {other} and by payment {}",
+                                payment.id
+                            ),
+                        ));
+                        continue;
+                    }
+                    _ => continue,
+                },
+            };
+            self.report
+                .add(breach(CHECK, format!("payment {}", payment.id), detail));
+        }
+        (end <= self.last_payment).then_some(end)
+    }
+
+    /// Pairs the payments with their PAYMENT ledger entries: one of each per
+    /// (user, amount, instant).
+    fn finish(mut self) -> AuditReport {
+        let mut unpaired: Vec<_> = self
+            .pairs
+            .into_iter()
+            .filter(|(_, (payments, entries))| payments.len() != 1 || entries.len() != 1)
+            .map(|(facts, (payments, entries))| {
+                let payment = payments.iter().max().copied();
+                let entry = entries.iter().max().copied();
+                (facts, payments.len(), entries.len(), payment, entry)
+            })
+            .collect();
+        unpaired.sort_unstable_by_key(|((user, _, paid_at), _, _, payment, entry)| {
+            (*user, *paid_at, *payment, *entry)
+        });
+        for ((user, amount, paid_at), payments, entries, payment, entry) in unpaired {
+            let what = format!("user {user}, amount {amount}, at {}", at(paid_at));
+            let found = match (payment, entry) {
+                (Some(payment), _) => breach(
+                    AuditCheck::PaidOrderHasOnePayment,
+                    format!("payment {payment}"),
+                    format!(
+                        "{payments} payment(s) and {entries} PAYMENT ledger entries share {what}; expected exactly one of each"
+                    ),
+                ),
+                (None, Some(entry)) => breach(
+                    AuditCheck::PaidOrderHasOnePayment,
+                    format!("ledger entry {entry}"),
+                    format!("a PAYMENT entry ({what}) without a payment"),
+                ),
+                (None, None) => continue,
+            };
+            self.report.add(found);
+        }
+        self.report
+    }
+}
+
+#[cfg(test)]
+mod tests;
