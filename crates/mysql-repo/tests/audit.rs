@@ -346,6 +346,30 @@ async fn books_written_by_real_operations_audit_clean() {
 }
 
 #[tokio::test]
+async fn two_payments_of_one_amount_in_one_millisecond_audit_clean() {
+    with_db(|db| async move {
+        write_books(&db).await;
+        let mut balance = 100_300;
+        for (version, key) in [(2, "pa"), (3, "pb")] {
+            let order = db
+                .store
+                .create_order(user(1), Amount::from_stored(40), at(7))
+                .await
+                .unwrap();
+            balance -= 40;
+            db.store
+                .apply(payment(1, version, order.id, 40, balance, key, at(8)))
+                .await
+                .unwrap();
+        }
+        let report = db.audit().await;
+        assert!(report.is_clean(), "{report:#?}");
+        assert_eq!(report.payments, 3);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_empty_database_audits_clean() {
     with_db(|db| async move {
         let report = db.audit().await;

@@ -232,6 +232,29 @@ async fn books_written_by_real_operations_audit_clean() {
     );
 }
 
+/// Two payments of one user and amount in the same millisecond: legitimate, and to the
+/// in-memory audit (which pairs payments and entries without the key) indistinguishable
+/// from a swap; as many of each is clean.
+#[tokio::test]
+async fn two_payments_of_one_amount_in_one_millisecond_audit_clean() {
+    let store = books().await;
+    let mut balance = 100_300;
+    for (version, key) in [(2, "pa"), (3, "pb")] {
+        let order = store
+            .create_order(user(1), Amount::from_stored(40), at(7))
+            .await
+            .unwrap();
+        balance -= 40;
+        let mut pay = change(1, version, EntryKind::Payment, 40, balance, key, at(8));
+        pay.key.fingerprint = Fingerprint::payment(user(1), order.id);
+        pay.pays_order = Some(order.id);
+        store.apply(pay).await.unwrap();
+    }
+    let report = audit(&store).await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!(report.payments, 3);
+}
+
 #[tokio::test]
 async fn an_empty_store_audits_clean() {
     let report = audit(&MemoryStore::new()).await;
