@@ -30,6 +30,19 @@ pub enum Command {
     Migrate,
     /// Create users 1..N with balance B where they do not exist yet, and exit.
     Seed(SeedArgs),
+    /// Reconcile the books of the database (read-only) and print a report. Exit status:
+    /// 0 clean, 1 breaches found, 2 the audit could not run (no DATABASE_URL, database down).
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Print the report as JSON (every listed breach) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Breaches shown per check in the text report (up to 100 are listed).
+    #[arg(long, default_value_t = 10)]
+    pub show: usize,
 }
 
 #[derive(Debug, Clone, Args, Default)]
@@ -149,6 +162,14 @@ pub struct Config {
         global = true
     )]
     pub shutdown_timeout_secs: u64,
+    /// How often `serve` audits the books (gauge `balance_audit_breaches`); 0: never.
+    #[arg(
+        long,
+        env = "AUDIT_INTERVAL_SECS",
+        default_value_t = 300,
+        global = true
+    )]
+    pub audit_interval_secs: u64,
 }
 
 impl Config {

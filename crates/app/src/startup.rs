@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix_web::HttpServer;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::web::Data;
-use domain::ports::{LockManager, SystemClock};
+use domain::ports::{Auditor, LockManager, SystemClock};
 use domain::types::Balance;
 use domain::{BalanceService, Ports, Settings};
 use http_actix::{AppState, Dependency, InProcess, JsonEncoder};
@@ -25,10 +25,12 @@ pub const DEFAULT_SEED_BALANCE: i64 = 100_000;
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 const PURGE_BATCH: u32 = 500;
 
-/// The adapters behind the use cases, and what readiness checks.
+/// The adapters behind the use cases, what readiness checks, and the audit of the books
+/// (the same store, kept apart from the use cases).
 pub struct Wiring {
     pub service: BalanceService,
     pub dependencies: Vec<Arc<dyn Dependency>>,
+    pub auditor: Arc<dyn Auditor>,
 }
 
 impl std::fmt::Debug for Wiring {
@@ -120,6 +122,7 @@ pub async fn wire_with_locks(
     };
     Ok(Wiring {
         service: BalanceService::new(ports, settings),
+        auditor: Arc::new(store.clone()),
         dependencies: vec![Arc::new(MySqlDependency { store }), lock_dependency],
     })
 }
@@ -175,13 +178,14 @@ pub fn in_memory(settings: Settings, locks: Arc<dyn LockManager>) -> Wiring {
         users: Arc::new(store.clone()),
         orders: Arc::new(store.clone()),
         keys: Arc::new(store.clone()),
-        store: Arc::new(store),
+        store: Arc::new(store.clone()),
         locks,
         encoder: Arc::new(JsonEncoder),
         clock: Arc::new(SystemClock),
     };
     Wiring {
         service: BalanceService::new(ports, settings),
+        auditor: Arc::new(store),
         dependencies: vec![
             Arc::new(InProcess {
                 name: "database",
@@ -261,6 +265,13 @@ impl Application {
             background.push(tokio::spawn(telemetry::run_upkeep(handle)));
         }
         background.push(tokio::spawn(purge_expired_keys(wiring.service.clone())));
+        if config.audit_interval_secs > 0 {
+            background.push(tokio::spawn(crate::audit::run_periodically(
+                Arc::clone(&wiring.auditor),
+                wiring.service.settings().clone(),
+                Duration::from_secs(config.audit_interval_secs),
+            )));
+        }
 
         let state = Data::new(AppState {
             service: wiring.service.clone(),

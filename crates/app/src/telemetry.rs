@@ -13,11 +13,35 @@ use crate::config::LogFormat;
 
 /// Installs the global log subscriber. A second call (tests build many apps) is a no-op.
 pub fn init_logging(filter: &str, format: LogFormat) {
+    init_logging_with(
+        filter,
+        format,
+        std::io::stdout().is_terminal(),
+        std::io::stdout,
+    );
+}
+
+/// As [`init_logging`], with the log on stderr: for commands whose stdout is their
+/// output (`audit`, whose report a script may parse).
+pub fn init_logging_to_stderr(filter: &str, format: LogFormat) {
+    init_logging_with(
+        filter,
+        format,
+        std::io::stderr().is_terminal(),
+        std::io::stderr,
+    );
+}
+
+fn init_logging_with<W>(filter: &str, format: LogFormat, ansi: bool, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_span_events(FmtSpan::NONE)
-        .with_ansi(std::io::stdout().is_terminal())
+        .with_ansi(ansi)
+        .with_writer(writer)
         .with_target(true);
     let _ = match format {
         LogFormat::Json => builder
@@ -124,6 +148,15 @@ fn describe() {
     metrics::describe_counter!(
         m::IDEMPOTENCY_PURGED_TOTAL,
         "Expired idempotency records deleted"
+    );
+    metrics::describe_gauge!(
+        m::AUDIT_BREACHES,
+        "Breaches found by the last audit of the books, by check (0: the check passed)"
+    );
+    metrics::describe_gauge!(
+        m::AUDIT_LAST_RUN_SECONDS,
+        metrics::Unit::Seconds,
+        "When the last audit of the books finished (Unix time)"
     );
     metrics::describe_counter!(
         redis_lock::REDIS_ERRORS_TOTAL,
