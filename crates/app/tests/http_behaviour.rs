@@ -162,6 +162,7 @@ async fn two_hundred_concurrent_charges_on_one_user(backend: Backend) {
     assert_eq!(distinct, (1..=200).map(|i| i * 100).collect());
     assert_eq!(app.balance(user).await, 20_000);
     assert_eq!(app.ledger_sum(user).await, 20_000);
+    app.assert_books_reconcile().await;
     app.stop().await;
 }
 
@@ -200,6 +201,7 @@ async fn fifty_concurrent_sends_of_one_key_apply_once(backend: Backend) {
     }
     assert_eq!(app.balance(user).await, 1_700);
     assert_eq!(app.full_history(user).await.len(), 2);
+    app.assert_books_reconcile().await;
     app.stop().await;
 }
 
@@ -232,6 +234,7 @@ async fn concurrent_uses_never_overdraw(backend: Backend) {
     }
     assert_eq!(app.balance(user).await, 10_000 - 14 * 700);
     assert_eq!(app.ledger_sum(user).await, 10_000 - 14 * 700);
+    app.assert_books_reconcile().await;
     app.stop().await;
 }
 
@@ -287,6 +290,7 @@ async fn a_payment_sent_three_times_charges_once(backend: Backend) {
     assert_eq!(history[0]["amount"], 15_000);
     assert_eq!(history[0]["balanceAfter"], 85_000);
     assert_eq!(history[0]["idempotencyKey"], key.as_str());
+    app.assert_books_reconcile().await;
     app.stop().await;
 }
 
@@ -322,6 +326,7 @@ async fn concurrent_payments_of_one_order_pay_it_once(backend: Backend) {
         );
     }
     assert_eq!(app.balance(user).await, 90_000);
+    app.assert_books_reconcile().await;
     app.stop().await;
 }
 
@@ -381,6 +386,7 @@ async fn mixed_concurrent_operations_keep_the_ledger_equal_to_the_balance(backen
         );
         assert!(newer["id"].as_i64().unwrap() > older["id"].as_i64().unwrap());
     }
+    app.assert_books_reconcile().await;
     app.stop().await;
 }
 

@@ -113,7 +113,7 @@ async fn witnessed_app(locks: Option<Arc<dyn LockManager>>) -> Option<(TestApp, 
     let ports = Ports {
         users: Arc::new(store.clone()),
         orders: Arc::new(store.clone()),
-        keys: Arc::new(store),
+        keys: Arc::new(store.clone()),
         store: Arc::clone(&witness) as Arc<dyn BalanceStore>,
         locks: Arc::clone(&locks),
         encoder: Arc::new(JsonEncoder),
@@ -125,6 +125,7 @@ async fn witnessed_app(locks: Option<Arc<dyn LockManager>>) -> Option<(TestApp, 
             name: "database",
             kind: "mysql",
         })],
+        auditor: Arc::new(store),
     };
     let app = TestApp::start_with(cfg, wiring, locks, Some(db), Some(redis)).await;
     Some((app, witness))
@@ -183,6 +184,7 @@ async fn the_witness_sees_a_lock_that_does_nothing() {
     let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count() as i64;
     assert_eq!(app.balance(user).await, ok * 100);
     assert_eq!(app.ledger_sum(user).await, ok * 100);
+    app.assert_books_reconcile().await;
     app.stop().await;
 }
 
@@ -279,6 +281,7 @@ async fn three_instances_keep_exact_books() {
         }
         assert_eq!(first.ledger_sum(user).await, expected);
     }
+    first.assert_books_reconcile().await;
     // No key applied twice, no order paid twice, every applied key in the ledger once.
     let pool = first.db.as_ref().unwrap().pool();
     let twice: Vec<(Option<String>, i64)> = sqlx::query_as(
@@ -445,6 +448,7 @@ async fn redis_killed_mid_run_degrades_without_losing_or_doubling() {
     }
     assert_eq!(app.balance(user).await, 10_000 + 200 * 100);
     assert_eq!(app.ledger_sum(user).await, 10_000 + 200 * 100);
+    app.assert_books_reconcile().await;
     let ready = app.get("/health/ready").await;
     assert_eq!(
         ready.status(),

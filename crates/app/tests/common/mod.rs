@@ -6,7 +6,7 @@ use std::sync::Arc;
 use actix_web::dev::ServerHandle;
 use app::Config;
 use app::startup::{self, Application, Wiring};
-use domain::ports::LockManager;
+use domain::ports::{AuditReport, Auditor, LockManager};
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 
@@ -47,6 +47,7 @@ pub struct TestApp {
     pub client: Client,
     pub locks: Arc<dyn LockManager>,
     pub service: domain::BalanceService,
+    pub auditor: Arc<dyn Auditor>,
     pub db: Option<testkit::TestDatabase>,
     pub redis: Option<testkit::TestRedis>,
     handle: ServerHandle,
@@ -62,6 +63,8 @@ pub fn config() -> Config {
     config.api_token = None;
     config.http_workers = Some(2);
     config.shutdown_timeout_secs = 5;
+    // No background audits: the tests that want one ask for it, or call `TestApp::audit`.
+    config.audit_interval_secs = 0;
     config
 }
 
@@ -128,6 +131,7 @@ impl TestApp {
         db: Option<testkit::TestDatabase>,
         redis: Option<testkit::TestRedis>,
     ) -> Self {
+        let auditor = Arc::clone(&wiring.auditor);
         // No seeded users: every test creates its own through the API.
         let app = Application::build_with(config, wiring, Some(0), 0)
             .await
@@ -141,6 +145,7 @@ impl TestApp {
             client: Client::new(),
             locks,
             service,
+            auditor,
             db,
             redis,
             handle,
@@ -157,6 +162,25 @@ impl TestApp {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         panic!("never saw {n} requests in flight");
+    }
+
+    /// Audits the app's store now, with the app's retention and lease.
+    pub async fn audit(&self) -> AuditReport {
+        let settings = self.service.settings();
+        self.auditor
+            .audit(
+                settings.idempotency_ttl,
+                settings.lock_lease,
+                domain::ports::Clock::now(&domain::ports::SystemClock),
+            )
+            .await
+            .expect("the audit runs")
+    }
+
+    /// Audits the app's store and insists that the books reconcile.
+    pub async fn assert_books_reconcile(&self) {
+        let report = self.audit().await;
+        assert!(report.is_clean(), "the books do not reconcile: {report:#?}");
     }
 
     pub fn url(&self, path: &str) -> String {
