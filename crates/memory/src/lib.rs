@@ -3,7 +3,7 @@
 //!
 //! - [`MemoryStore`] implements `UserRepo`, `OrderRepo`, `IdempotencyRepo` and
 //!   `BalanceStore` over one mutex, so each atomic step is one critical section, and
-//!   `Auditor` (the reconciliation, one critical section too);
+//!   `Auditor` (the reconciliation, in short critical sections);
 //! - [`InProcessLockManager`] implements `LockManager` for the tasks of this process only.
 //!
 //! Nothing here is persisted, and neither adapter guards a second process: run one instance.

@@ -184,7 +184,7 @@ impl Audit {
         // KeyAppliedOnce
         let ttl = chrono::Duration::from_std(self.key_ttl).unwrap_or(chrono::Duration::MAX);
         for pair in keyed.windows(2) {
-            if let [(key, first_at, first), (other, second_at, second)] = pair
+            if let [(key, first_at, _), (other, second_at, second)] = pair
                 && key == other
                 && *second_at - *first_at < ttl
             {
@@ -192,11 +192,12 @@ impl Audit {
                 self.report.add(breach(
                     AuditCheck::KeyAppliedOnce,
                     format!("user {} key {key}", user.id),
+                    // Worded as the MySQL audit words it.
                     format!(
-                        "ledger entries {first} ({}) and {second} ({}) are {:.3} s apart, within the key's retention of {} s",
-                        at(*first_at),
+                        "ledger entry {second} ({}) is {:.3} s after an earlier entry of this key ({}), within the key's retention of {} s",
                         at(*second_at),
                         apart.num_milliseconds() as f64 / 1000.0,
+                        at(*first_at),
                         self.key_ttl.as_secs()
                     ),
                 ));
