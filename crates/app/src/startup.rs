@@ -217,7 +217,8 @@ impl std::fmt::Debug for Application {
 
 impl Application {
     /// Wires the adapters, seeds the users asked for, binds the listener and starts the
-    /// background purge. Signals are not handled here; see [`Application::run_until_stopped`].
+    /// background purge and audit. Signals are not handled here; see
+    /// [`Application::run_until_stopped`].
     ///
     /// # Errors
     /// Bad configuration, a failing seed, or an address that cannot be bound.
