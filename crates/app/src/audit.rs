@@ -28,7 +28,10 @@ const LOGGED_PER_CHECK: usize = 5;
 #[derive(Debug, Clone)]
 pub struct AuditRun {
     pub report: AuditReport,
+    /// The instant audited (when the run began).
     pub at: DateTime<Utc>,
+    /// When the run finished.
+    pub finished: DateTime<Utc>,
     pub key_ttl: Duration,
     pub lease: Duration,
 }
@@ -45,18 +48,20 @@ pub async fn run_once(auditor: &dyn Auditor, settings: &Settings) -> Result<Audi
     Ok(AuditRun {
         report,
         at,
+        finished: SystemClock.now(),
         key_ttl: settings.idempotency_ttl,
         lease: settings.lock_lease,
     })
 }
 
-/// Sets the gauges: breaches by check (every check, 0 when clean) and the run's time.
+/// Sets the gauges: breaches by check (every check, 0 when clean) and when the run
+/// finished.
 pub fn record(run: &AuditRun) {
     for check in AuditCheck::ALL {
         metrics::gauge!(AUDIT_BREACHES, "check" => check.name())
             .set(run.report.found(check) as f64);
     }
-    metrics::gauge!(AUDIT_LAST_RUN_SECONDS).set(run.at.timestamp_millis() as f64 / 1000.0);
+    metrics::gauge!(AUDIT_LAST_RUN_SECONDS).set(run.finished.timestamp_millis() as f64 / 1000.0);
 }
 
 /// Logs a run: one info line when clean; otherwise an error line with the counts and a
@@ -221,6 +226,7 @@ mod tests {
         AuditRun {
             report,
             at: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            finished: DateTime::from_timestamp(1_800_000_001, 0).unwrap(),
             key_ttl: Duration::from_secs(86_400),
             lease: Duration::from_secs(30),
         }

@@ -13,7 +13,7 @@
 //! payments to ledger entries by `(user, key, instant)` is done by sorting a `union all`
 //! of both sides (window functions, or a `group by`) rather than by a join (a nested loop
 //! over each user's whole ledger on servers without hash joins). The three checks about
-//! keys share one such sort. Window functions (`range`/`rows` frames, `row_number`,
+//! keys share one such sort. Window functions (`rows` frames, `row_number`,
 //! `count(*) over`) and derived tables work on MySQL 8 and MariaDB 10.11 alike; nothing
 //! here uses `RETURNING` or JSON.
 //!
@@ -195,8 +195,8 @@ async fn balance_matches_ledger(
 ///
 /// - for each completed record, the entries at its instant: one for a stored success
 ///   (2xx), none for a stored refusal (`RecordHasOneEffect`);
-/// - for each entry, the latest earlier entry of its key, which must be at least the
-///   key's retention before it (`KeyAppliedOnce`);
+/// - for each entry, the latest earlier entry of its key (by instant, then id), which must
+///   be at least the key's retention before it (`KeyAppliedOnce`);
 /// - each record that is not completed and older than the lock lease
 ///   (`NoRecordStuckInFlight`; the service stores only completed records, so this finds
 ///   nothing unless something else wrote the table).
@@ -238,10 +238,10 @@ async fn key_checks(
                             cast(effects as signed) as effects, prev_at, \
                             cast(id as signed) as id \
                      from (select user_id, k, at, status, record_status, is_entry, id, \
-                                  sum(is_entry) over (partition by user_id, k order by at \
-                                      range between current row and current row) as effects, \
+                                  sum(is_entry) over (partition by user_id, k, at) \
+                                      as effects, \
                                   max(case is_entry when 1 then at end) \
-                                      over (partition by user_id, k order by at \
+                                      over (partition by user_id, k order by at, id \
                                       rows between unbounded preceding and 1 preceding) \
                                       as prev_at \
                            from (select user_id, idempotency_key as k, created_at as at, \
