@@ -10,6 +10,7 @@ use domain::types::{IdempotencyKey, UserId};
 use crate::MySqlStore;
 use crate::convert::{from_db_time, stored_response, to_db_time};
 use crate::error::repo;
+use crate::sql;
 
 #[async_trait]
 impl IdempotencyRepo for MySqlStore {
@@ -21,18 +22,14 @@ impl IdempotencyRepo for MySqlStore {
     ) -> Result<Option<CompletedRecord>, RepoError> {
         // The primary key (user_id, idempotency_key) scopes the key to its user, and the
         // ascii_bin collation makes the match byte for byte.
-        let row: Option<(String, u16, Vec<u8>, NaiveDateTime, NaiveDateTime)> = sqlx::query_as(
-            "select fingerprint, response_status, response_body, created_at, expires_at \
-             from idempotency_records \
-             where user_id = ? and idempotency_key = ? and status = 'COMPLETED' \
-             and expires_at > ?",
-        )
-        .bind(user.get())
-        .bind(key.as_str())
-        .bind(to_db_time(now))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(repo)?;
+        let row: Option<(String, u16, Vec<u8>, NaiveDateTime, NaiveDateTime)> =
+            sqlx::query_as(sql::FIND_KEY)
+                .bind(user.get())
+                .bind(key.as_str())
+                .bind(to_db_time(now))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(repo)?;
         Ok(row.map(
             |(fingerprint, status, body, created_at, expires_at)| CompletedRecord {
                 user_id: user,

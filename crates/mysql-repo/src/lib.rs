@@ -14,6 +14,7 @@ mod convert;
 mod error;
 mod idempotency;
 mod orders;
+pub mod sql;
 mod step;
 mod users;
 

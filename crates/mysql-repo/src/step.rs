@@ -19,6 +19,7 @@ use sqlx::{MySql, MySqlConnection, Transaction};
 use crate::MySqlStore;
 use crate::convert::{entry_id, payment_id, to_db_expiry, to_db_time, version_to_db};
 use crate::error::{Classified, classify, step};
+use crate::sql;
 
 #[async_trait]
 impl BalanceStore for MySqlStore {
@@ -76,17 +77,14 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
 
     // The optimistic guard: only the version that was read may be replaced. The row lock
     // this takes is held to the commit, so nobody else writes this user meanwhile.
-    let updated = sqlx::query(
-        "update users set balance = ?, version = version + 1, updated_at = ? \
-         where id = ? and version = ?",
-    )
-    .bind(new_balance.get())
-    .bind(at)
-    .bind(user_id.get())
-    .bind(version_to_db(expected_version)?)
-    .execute(&mut *conn)
-    .await
-    .map_err(step)?;
+    let updated = sqlx::query(sql::UPDATE_BALANCE)
+        .bind(new_balance.get())
+        .bind(at)
+        .bind(user_id.get())
+        .bind(version_to_db(expected_version)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(step)?;
     if updated.rows_affected() == 0 {
         return Err(missing_or_moved(conn, user_id).await);
     }
@@ -104,20 +102,16 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
         None => None,
     };
 
-    let entry = sqlx::query(
-        "insert into ledger_entries \
-         (user_id, kind, amount, balance_after, idempotency_key, created_at) \
-         values (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(user_id.get())
-    .bind(kind.as_str())
-    .bind(amount.get())
-    .bind(new_balance.get())
-    .bind(key.key.as_str())
-    .bind(at)
-    .execute(&mut *conn)
-    .await
-    .map_err(step)?;
+    let entry = sqlx::query(sql::INSERT_LEDGER_ENTRY)
+        .bind(user_id.get())
+        .bind(kind.as_str())
+        .bind(amount.get())
+        .bind(new_balance.get())
+        .bind(key.key.as_str())
+        .bind(at)
+        .execute(&mut *conn)
+        .await
+        .map_err(step)?;
 
     let assigned = Assigned {
         entry_id: entry_id(entry.last_insert_id())?,
@@ -149,7 +143,7 @@ async fn refuse_in(conn: &mut MySqlConnection, refusal: &RefusalRecord) -> Resul
 
 /// After a guarded update matched nothing: the user is gone or its version moved on.
 async fn missing_or_moved(conn: &mut MySqlConnection, user: UserId) -> StepError {
-    let found: Result<Option<(i64,)>, _> = sqlx::query_as("select id from users where id = ?")
+    let found: Result<Option<(i64,)>, _> = sqlx::query_as(sql::USER_EXISTS)
         .bind(user.get())
         .fetch_optional(&mut *conn)
         .await;
@@ -256,21 +250,16 @@ async fn insert_record(
     key: &KeyRecord,
     response: &StoredResponse,
 ) -> Result<(), Classified> {
-    sqlx::query(
-        "insert into idempotency_records \
-         (user_id, idempotency_key, fingerprint, status, response_status, response_body, \
-          created_at, expires_at) \
-         values (?, ?, ?, 'COMPLETED', ?, ?, ?, ?)",
-    )
-    .bind(user.get())
-    .bind(key.key.as_str())
-    .bind(key.fingerprint.as_str())
-    .bind(response.status)
-    .bind(response.body.as_slice())
-    .bind(to_db_time(key.created_at))
-    .bind(to_db_expiry(key.expires_at))
-    .execute(&mut *conn)
-    .await
-    .map(|_| ())
-    .map_err(classify)
+    sqlx::query(sql::INSERT_KEY_RECORD)
+        .bind(user.get())
+        .bind(key.key.as_str())
+        .bind(key.fingerprint.as_str())
+        .bind(response.status)
+        .bind(response.body.as_slice())
+        .bind(to_db_time(key.created_at))
+        .bind(to_db_expiry(key.expires_at))
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(classify)
 }

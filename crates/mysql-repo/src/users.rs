@@ -12,6 +12,7 @@ use crate::convert::{
     entry_id, entry_kind, from_db_time, idempotency_key, to_db_time, user_id, version_from_db,
 };
 use crate::error::{Classified, classify, repo};
+use crate::sql;
 use crate::step::rollback;
 
 /// Users created per seeding transaction: large enough to seed thousands of users in a
@@ -45,12 +46,11 @@ impl UserRepo for MySqlStore {
     }
 
     async fn get_user(&self, id: UserId) -> Result<Option<User>, RepoError> {
-        let row: Option<(i64, i64, NaiveDateTime)> =
-            sqlx::query_as("select balance, version, created_at from users where id = ?")
-                .bind(id.get())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(repo)?;
+        let row: Option<(i64, i64, NaiveDateTime)> = sqlx::query_as(sql::SELECT_USER)
+            .bind(id.get())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(repo)?;
         let Some((balance, version, created_at)) = row else {
             return Ok(None);
         };

@@ -1,0 +1,38 @@
+//! The statements of a charge, as text: used by the adapter and by the database baseline
+//! (`crates/bench`), so the baseline measures exactly what the service sends.
+//!
+//! A charge is [`FIND_KEY`] (no lock), then under the user lock [`SELECT_USER`], then one
+//! transaction: [`UPDATE_BALANCE`] (when it matches nothing, [`USER_EXISTS`] tells a
+//! missing user from a version conflict), [`INSERT_LEDGER_ENTRY`], [`INSERT_KEY_RECORD`],
+//! COMMIT.
+
+/// The fresh read of a user before a change (`UserRepo::get_user`).
+pub const SELECT_USER: &str = "select balance, version, created_at from users where id = ?";
+
+/// The optimistic guard: only the version that was read may be replaced. Binds: balance,
+/// updated_at, id, version.
+pub const UPDATE_BALANCE: &str = "update users set balance = ?, version = version + 1, updated_at = ? \
+     where id = ? and version = ?";
+
+/// After [`UPDATE_BALANCE`] matched nothing: is the user there at all?
+pub const USER_EXISTS: &str = "select id from users where id = ?";
+
+/// The ledger entry of a change. Binds: user_id, kind, amount, balance_after,
+/// idempotency_key, created_at.
+pub const INSERT_LEDGER_ENTRY: &str = "insert into ledger_entries \
+     (user_id, kind, amount, balance_after, idempotency_key, created_at) \
+     values (?, ?, ?, ?, ?, ?)";
+
+/// The key's completed record, in the same transaction as the change. Binds: user_id,
+/// idempotency_key, fingerprint, response_status, response_body, created_at, expires_at.
+pub const INSERT_KEY_RECORD: &str = "insert into idempotency_records \
+     (user_id, idempotency_key, fingerprint, status, response_status, response_body, \
+      created_at, expires_at) \
+     values (?, ?, ?, 'COMPLETED', ?, ?, ?, ?)";
+
+/// A live completed record of a key (`IdempotencyRepo::find`), read before the lock.
+/// Binds: user_id, idempotency_key, now.
+pub const FIND_KEY: &str = "select fingerprint, response_status, response_body, created_at, expires_at \
+     from idempotency_records \
+     where user_id = ? and idempotency_key = ? and status = 'COMPLETED' \
+     and expires_at > ?";
