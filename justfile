@@ -19,3 +19,8 @@ ci:
 
 fmt:
     cargo fmt --all
+
+# The benchmark: the service against the database's own ceiling, written to docs/benchmarks.md
+# (`just bench --quick` for a short development run; `--help` lists the options).
+bench *ARGS:
+    python3 bench/run.py {{ARGS}}
