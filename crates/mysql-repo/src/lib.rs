@@ -55,6 +55,12 @@ pub fn connect_with(options: MySqlConnectOptions, max_connections: u32) -> MySql
     MySqlPoolOptions::new()
         .max_connections(max_connections.max(1))
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        // No ping before every acquire: it is one more round trip per query, and a balance
+        // change acquires three times (replay check, read, transaction), two of them under
+        // the user's lock (measured: +32% charges/s on the database alone). A connection
+        // that died meanwhile fails its query instead, which answers 503 (not stored) and
+        // is closed; the client's retry with the same key runs on a fresh one.
+        .test_before_acquire(false)
         .connect_lazy_with(options.timezone(Some("+00:00".to_owned())))
 }
 
