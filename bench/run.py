@@ -140,7 +140,16 @@ def ensure_tools() -> None:
 
 def build() -> None:
     log("cargo build --release -p app -p bench")
-    run(["cargo", "build", "--release", "-p", "app", "-p", "bench"], timeout=3600, capture=False)
+    # Its own process group, so an interrupted build takes its rustc processes with it.
+    proc = subprocess.Popen(["cargo", "build", "--release", "-p", "app", "-p", "bench"], cwd=ROOT, start_new_session=True)
+    try:
+        if proc.wait(timeout=3600) != 0:
+            raise RuntimeError(f"cargo build exited {proc.returncode}")
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        raise
 
 
 # ------------------------------------------------------------------ database, redis
@@ -175,6 +184,22 @@ def proc_ticks(pid: int) -> int:
         return 0
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of every thread of `pid`."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += sum(int(l.split()[1]) for l in f if "ctxt_switches:" in l)
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def machine_busy_ticks() -> tuple[int, int]:
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
@@ -199,13 +224,14 @@ class CpuMeter:
         snap = {f"{name}/{p}": proc_ticks(p) / CLK_TCK for name, pids in self.groups.items() for p in pids}
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         snap["client"] = ru.ru_utime + ru.ru_stime
+        snap["service_ctx_switches"] = context_switches(self.groups["service"][0])
         busy, total = machine_busy_ticks()
         snap["machine_busy"] = busy / CLK_TCK
         snap["machine_total"] = total / CLK_TCK
         return snap
 
     def delta(self, a: dict, b: dict) -> dict:
-        d = {k: round(b[k] - a[k], 3) for k in ("client", "machine_busy", "machine_total")}
+        d = {k: round(b[k] - a[k], 3) for k in ("client", "machine_busy", "machine_total", "service_ctx_switches")}
         for name in self.groups:
             # A process that ended (read as 0) counts for nothing rather than negatively.
             d[name] = round(sum(max(0.0, b[k] - a[k]) for k in a if k.startswith(name + "/") and b.get(k)), 3)
@@ -408,6 +434,9 @@ class Bench:
     # ---- one measured run
 
     def measure(self, scenario: str, kind: str, label: str, fn) -> dict:
+        if self.args.wait_quiet:
+            # Each run starts on a quiet machine if it gets quiet within a minute.
+            wait_quiet(1, window=3, quiet=True)
         if not self.service.alive():
             raise RuntimeError(f"the service died:\n{self.service.log_tail()}")
         m0, c0, t0 = self.service.metrics(), self.cpu.snapshot(), time.time()
@@ -541,8 +570,8 @@ class Bench:
             # What the service adds to the database's work per charge, measured alone.
             self.measure("spread", "variant", "baseline + key lookup",
                          lambda: self.baseline("spread", "optimistic", c, secs, ["--key-lookup"]))
-            self.measure("spread", "variant", "baseline without pool ping",
-                         lambda: self.baseline("spread", "optimistic", c, secs, ["--no-ping"]))
+            self.measure("spread", "variant", "baseline with a ping per acquire",
+                         lambda: self.baseline("spread", "optimistic", c, secs, ["--ping"]))
             pool = self.args.db_max_connections or service_pool_size()
             if pool != c:
                 self.measure("spread", "variant", f"baseline at {pool} connections (the service's pool)",
@@ -905,8 +934,8 @@ def conflicts_of(r):
 
 def run_table(runs: list[dict]) -> list[str]:
     lines = [
-        "| run | throughput /s | avg | p50 | p95 | p99 | max (ms) | errors | conflicts | lock waits (mean ms) | lock timeouts | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | throughput /s | avg | p50 | p95 | p99 | max (ms) | errors | conflicts | lock waits (mean ms) | lock timeouts | peak RSS MiB | other CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         l = r["result"]["latency_ms"]
@@ -916,15 +945,15 @@ def run_table(runs: list[dict]) -> list[str]:
             f"| {r['label']} | {fmt(throughput(r))} | {fmt(l['avg'], 2)} | {fmt(l['p50'], 2)} | {fmt(l['p95'], 2)} | "
             f"{fmt(l['p99'], 2)} | {fmt(l['max'], 1)} | {fmt(errors_of(r))} | {fmt(conflicts_of(r))} | "
             f"{fmt(sc['balance_lock_wait_seconds_mean_ms'], 2) if svc else '–'} | {fmt(sc['balance_lock_timeouts_total']) if svc else '–'} | "
-            f"{fmt(r['service_rss_peak_mib']) if svc else '–'} |"
+            f"{fmt(r['service_rss_peak_mib']) if svc else '–'} | {100 * r['cpu_s']['other'] / max(r['wall_s'], 1e-9):.0f}% |"
         )
     return lines
 
 
 def cpu_table(runs: list[dict]) -> list[str]:
     lines = [
-        "| run | wall s | done | service | MariaDB | Redis | load client | other | machine busy | service µs CPU / request | MariaDB µs CPU / request |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | wall s | done | service | MariaDB | Redis | load client | other | machine busy | service µs CPU / request | MariaDB µs CPU / request | service context switches / request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         c, w = r["cpu_s"], r["wall_s"]
@@ -932,9 +961,11 @@ def cpu_table(runs: list[dict]) -> list[str]:
         n = res.get("committed") or res.get("requests") or 0
         pct = lambda k: f"{100 * c[k] / w:.0f}%" if w else "–"  # noqa: E731
         per = lambda k: f"{1e6 * c[k] / n:,.0f}" if n else "–"  # noqa: E731
+        per_n = lambda v: f"{v / n:,.1f}" if n else "–"  # noqa: E731
         lines.append(
             f"| {r['label']} ({r['scenario']}) | {w:.0f} | {n:,} | {pct('service')} | {pct('mariadb')} | {pct('redis')} | {pct('client')} | "
-            f"{pct('other')} | {100 * c['machine_busy'] / max(c['machine_total'], 1e-9):.0f}% | {per('service')} | {per('mariadb')} |"
+            f"{pct('other')} | {100 * c['machine_busy'] / max(c['machine_total'], 1e-9):.0f}% | {per('service')} | {per('mariadb')} | "
+            f"{per_n(c['service_ctx_switches']) if r['kind'] not in ('baseline', 'variant') else '–'} |"
         )
     return lines
 
@@ -989,7 +1020,9 @@ def observations(runs: list[dict]) -> list[str]:
         if not b or not s:
             continue
         lines.append(
-            f"- **{scenario}**: per charge the service process used {fmt(per_request(s, 'service'), 0)} µs of CPU, Redis "
+            f"- **{scenario}**: per charge the service process used {fmt(per_request(s, 'service'), 0)} µs of CPU and "
+            f"{fmt(med(r['cpu_s']['service_ctx_switches'] / r['result']['requests'] for r in s if r['result'].get('requests')), 1)} "
+            "context switches, Redis "
             f"{fmt(per_request(s, 'redis'), 0)} µs and wrk {fmt(per_request(s, 'client'), 0)} µs; MariaDB used "
             f"{fmt(per_request(s, 'mariadb'), 0)} µs per charge under the service against {fmt(per_request(b, 'mariadb'), 0)} µs under "
             f"the baseline (whose client used {fmt(per_request(b, 'client'), 0)} µs). The machine was "
@@ -1005,13 +1038,13 @@ def observations(runs: list[dict]) -> list[str]:
             f"- The service sends one statement more per charge than the baseline: the idempotency lookup before the lock. "
             f"The database alone with that lookup did {fmt(lb, 0)} charges/s ({fmt(100 * lb / bb if bb else None, 0)}% of the plain baseline)."
         )
-    noping = [r for r in runs if r["label"] == "baseline without pool ping"]
-    if noping and spread_b:
-        nb, bb = throughput(noping[0]), med(throughput(r) for r in spread_b)
+    ping = [r for r in runs if r["label"] == "baseline with a ping per acquire"]
+    if ping and spread_b:
+        pb, bb = throughput(ping[0]), med(throughput(r) for r in spread_b)
         lines.append(
-            f"- sqlx pings every connection it takes from the pool (`test_before_acquire`, on by default): one more round trip per "
-            f"acquire, three per charge in the service (lookup, read, transaction). Without it the database alone did {fmt(nb, 0)}/s "
-            f"({fmt(100 * nb / bb if bb else None, 0)}% of the baseline with it)."
+            f"- sqlx's default ping before every acquire (`test_before_acquire`, one more round trip per query; the service "
+            f"turns it off): the database alone did {fmt(pb, 0)}/s with it ({fmt(100 * pb / bb if bb else None, 0)}% of the "
+            "baseline without it)."
         )
     small_pool = [r for r in runs if r["label"].startswith("baseline at ") and "service's pool" in r["label"]]
     if small_pool and spread_b:
@@ -1135,7 +1168,7 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
       "(`RUST_LOG=info`) costs throughput, so the run logs warnings only.")
     w("- **The database baseline** (`target/release/baseline`, [crates/bench](../crates/bench)) sends the service's own statements: "
       "the SQL text is shared with the adapter ([crates/mysql-repo/src/sql.rs](../crates/mysql-repo/src/sql.rs)), through the same "
-      "sqlx pool builder (`mysql_repo::connect`, which pings a connection on every acquire, as the service's pool does), with the same "
+      "sqlx pool builder (`mysql_repo::connect`), with the same "
       "durability (the server's `innodb_flush_log_at_trx_commit`). A charge: read the user; `BEGIN`; `UPDATE users … WHERE id = ? "
       "AND version = ?`; `INSERT` the ledger entry; `INSERT` the idempotency record (a fresh UUID key, the same ~100-byte body); "
       "`COMMIT`. Optimistic mode retries a lost version race from the read (at most 10 times, as the service); "
@@ -1148,6 +1181,8 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
     w("- Interleaved: baseline, service, baseline, service, baseline; the ratios use the medians.")
     w("- Around every run: the service's `/metrics` (the increase of its counters), the CPU time of the service, MariaDB, "
       "Redis and the load client (`/proc`), and the service's RSS every 250 ms (`VmRSS`).")
+    w("- \"other CPU\": CPU used in the same seconds by processes outside the benchmark (other work on this shared machine), "
+      "as a share of one core; a run with much of it is slowed by it.")
     w("- k6 runs the project's scripts unchanged ([k6/](../k6)), with `--out csv` for the per-window figures; at 1000 VUs "
       "k6 itself needs a good part of a core (see its CPU below).")
     w("")
@@ -1184,8 +1219,8 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
         scenario_section("2. Spread: 32 connections over 100 users", "spread",
                          f"Median throughput: database {spread_b:,.0f} charges/s, service {spread_s:,.0f}/s: **{spread_ratio:.0%}** "
                          f"(target ≥ {TARGETS['spread_ratio']:.0%}). The variants measure, on the database alone, what the service "
-                         "adds or could drop: its idempotency lookup before the lock (`--key-lookup`, one more read per charge), "
-                         "the pool's ping on every acquire (`--no-ping`), and its pool size.")
+                         "adds or could add: its idempotency lookup before the lock (`--key-lookup`, one more read per charge), "
+                         "sqlx's default ping on every acquire (`--ping`, off in the service), and the service's pool size.")
     if hot_ratio is not None:
         scenario_section("3. Hot user: 32 connections on user 1", "hot",
                          f"Median throughput: database with `SELECT … FOR UPDATE` {hot_b:,.0f} charges/s, service {hot_s:,.0f}/s: "
@@ -1283,17 +1318,18 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
 # ------------------------------------------------------------------ main
 
 
-def wait_quiet(minutes: float) -> None:
-    """Waits (at most `minutes`) until the machine is under 25% busy over 10 s: other work
-    on the same cores skews every figure."""
+def wait_quiet(minutes: float, window: float = 10, quiet: bool = False) -> None:
+    """Waits (at most `minutes`) until the machine is under 25% busy over `window` seconds:
+    other work on the same cores skews every figure."""
     deadline = time.time() + 60 * minutes
     while True:
         b0, t0 = machine_busy_ticks()
-        time.sleep(10)
+        time.sleep(window)
         b1, t1 = machine_busy_ticks()
         busy = (b1 - b0) / max(1, t1 - t0)
         if busy < 0.25:
-            log(f"machine {busy:.0%} busy: starting")
+            if not quiet:
+                log(f"machine {busy:.0%} busy: starting")
             return
         if time.time() >= deadline:
             log(f"machine still {busy:.0%} busy after {minutes:g} min: starting anyway (see 'other' in the report)")
@@ -1314,7 +1350,7 @@ def main() -> int:
     ap.add_argument("--rust-log", default="warn", help="RUST_LOG of the service (default: warn)")
     ap.add_argument("--skip-build", action="store_true", help="use the release binaries as they are")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="MINUTES",
-                    help="first wait up to MINUTES for the machine to be under 25%% busy")
+                    help="first wait up to MINUTES for the machine to be under 25%% busy, and up to 1 min before each run")
     ap.add_argument("--keep-db", action="store_true", help="don't drop the bench database")
     ap.add_argument("--no-report", action="store_true", help="don't write docs/benchmarks.md")
     args = ap.parse_args()
@@ -1322,6 +1358,8 @@ def main() -> int:
     argv = (" " + shlex.join(sys.argv[1:])) if sys.argv[1:] else ""
     command = f"just bench{argv}` (`python3 bench/run.py{argv}"
     started = time.time()
+    # SIGTERM tears down like Ctrl-C (KeyboardInterrupt reaches the finally blocks).
+    signal.signal(signal.SIGTERM, interrupted)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -1336,8 +1374,6 @@ def main() -> int:
     info = machine_info()
     bench = Bench(args)
     stages: list[dict] = []
-    # SIGTERM/SIGINT tear down too (KeyboardInterrupt reaches the finally below).
-    signal.signal(signal.SIGTERM, interrupted)
     try:
         bench.setup()
         bench.scenarios()

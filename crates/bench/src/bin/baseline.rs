@@ -46,9 +46,9 @@ struct Args {
     /// Also send the service's idempotency lookup before each charge.
     #[arg(long)]
     key_lookup: bool,
-    /// Don't ping connections taken from the pool (the service's pool does).
+    /// Ping every connection taken from the pool (sqlx's default; the service's pool doesn't).
     #[arg(long)]
-    no_ping: bool,
+    ping: bool,
     /// One JSON line on stdout (the table on stderr).
     #[arg(long)]
     json: bool,
@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
         amount: args.amount,
         max_retries: args.max_retries,
         key_lookup: args.key_lookup,
-        ping: !args.no_ping,
+        ping: args.ping,
     };
     let pool = bench::pool(&args.database_url, &plan).await?;
     let report = bench::run(pool, plan).await?;
