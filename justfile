@@ -24,3 +24,8 @@ fmt:
 # (`just bench --quick` for a short development run; `--help` lists the options).
 bench *ARGS:
     python3 bench/run.py {{ARGS}}
+
+# The fault suite: every scenario of docs/reliability.md (needs root; builds the release binary;
+# `just chaos --list`, `just chaos --only mariadb-kill`, `just chaos --update-doc`).
+chaos *ARGS:
+    python3 chaos/run.py {{ARGS}}
