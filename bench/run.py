@@ -240,23 +240,39 @@ class CpuMeter:
 
 
 class RssSampler(threading.Thread):
-    """VmRSS of the service every 250 ms, and its VmHWM."""
+    """Every 250 ms: the service's VmRSS (and VmHWM), and the CPU time so far of the service,
+    MariaDB, Redis and the whole machine; every 2 s, when the service's last audit finished."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, cpu: CpuMeter, metrics_url: str):
         super().__init__(daemon=True)
-        self.pid, self.samples, self.hwm_kib = pid, [], 0
+        self.pid, self.cpu, self.metrics_url = pid, cpu, metrics_url
+        self.samples: list[tuple[float, int]] = []
+        self.cpu_samples: list[tuple[float, dict]] = []
+        self.audits: set[float] = set()
+        self.hwm_kib = 0
         self._halt = threading.Event()
 
     def run(self) -> None:
+        n = 0
         while not self._halt.is_set():
             try:
                 with open(f"/proc/{self.pid}/status") as f:
                     status = f.read()
                 rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
                 self.hwm_kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
-                self.samples.append((time.time(), rss))
+                now = time.time()
+                self.samples.append((now, rss))
+                ticks = {name: sum(proc_ticks(p) for p in pids) / CLK_TCK for name, pids in self.cpu.groups.items()}
+                ticks["machine_busy"], ticks["machine_total"] = (v / CLK_TCK for v in machine_busy_ticks())
+                self.cpu_samples.append((now, ticks))
             except (OSError, AttributeError):
                 pass
+            if n % 8 == 0:
+                status, text = http_get(self.metrics_url, 2)
+                m = re.search(r"^balance_audit_last_run_timestamp_seconds (\S+)", text, re.M) if status == 200 else None
+                if m:
+                    self.audits.add(float(m.group(1)))
+            n += 1
             self._halt.wait(0.25)
 
     def stop(self) -> None:
@@ -265,6 +281,26 @@ class RssSampler(threading.Thread):
     def peak_mib(self, t0: float, t1: float) -> float | None:
         window = [kib for t, kib in self.samples if t0 <= t <= t1]
         return round(max(window) / 1024, 1) if window else None
+
+    def cpu_series(self, start: float, end: float, window: float) -> dict:
+        """CPU use per window between start and end, % of one core."""
+        pts = [(t, c) for t, c in self.cpu_samples if start - window <= t <= end + window]
+        out = {"t": [], "service": [], "mariadb": [], "redis": [], "rest": [], "busy": []}
+        t = start
+        while t < end:
+            inside = [(ts, c) for ts, c in pts if t <= ts <= t + window]
+            if len(inside) >= 2:
+                (ta, a), (tb, b) = inside[0], inside[-1]
+                span = tb - ta
+                d = {k: (b[k] - a[k]) / span * 100 for k in ("service", "mariadb", "redis")}
+                busy = (b["machine_busy"] - a["machine_busy"]) / max(b["machine_total"] - a["machine_total"], 1e-9) * 100 * (os.cpu_count() or 2)
+                out["t"].append(t + window / 2 - start)
+                for k in d:
+                    out[k].append(d[k])
+                out["busy"].append(busy)
+                out["rest"].append(max(0.0, busy - sum(d.values())))
+            t += window
+        return out
 
 
 # ------------------------------------------------------------------ the service
@@ -393,9 +429,9 @@ class Bench:
         run([str(SERVICE_BIN), "seed", "--users", str(USERS), "--balance", str(SEED_BALANCE)], env=env, timeout=300)
         self.service = Service(env, self.tmp / "service.log")
         self.service.start()
-        self.rss = RssSampler(self.service.proc.pid)
-        self.rss.start()
         self.cpu = CpuMeter(self.service.proc.pid)
+        self.rss = RssSampler(self.service.proc.pid, self.cpu, self.service.base + "/metrics")
+        self.rss.start()
         log(f"service up, pid {self.service.proc.pid}")
 
     def service_env(self) -> dict:
@@ -716,6 +752,13 @@ def k6_series(path: Path, t0: float, window: float) -> dict:
     return out
 
 
+def stage_cpu(rss: RssSampler, t0: float, t1: float) -> dict:
+    c = rss.cpu_series(t0, t1, t1 - t0)
+    if not c["t"]:
+        return {}
+    return {f"cpu_{k}_pct": round(c[k][0]) for k in ("busy", "service", "mariadb", "redis", "rest")}
+
+
 def stage_table(series: dict, samples_path: Path | None, time_scale: float, rss: RssSampler) -> list[dict]:
     """The original profile's stages (scaled), with req/s, latency and the service's peak RSS."""
     stages = [(30, 100), (60, 100), (30, 500), (60, 500), (30, 1000), (60, 1000), (30, 0)]
@@ -759,6 +802,7 @@ def stage_table(series: dict, samples_path: Path | None, time_scale: float, rss:
             "max": round(vals[-1], 2) if vals else None,
             "failed": fails,
             "rss_peak_mib": rss.peak_mib(start + a, start + b),
+            **stage_cpu(rss, start + a, start + b),
         })
     return rows
 
@@ -775,7 +819,7 @@ def plot_k6(entry: dict, rss: RssSampler, path: Path, title: str) -> None:
     s = entry["result"].get("series") or {}
     if not s.get("t"):
         return
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    fig, (ax1, ax2, ax4, ax3) = plt.subplots(4, 1, figsize=(10, 12), sharex=True)
     for p, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
         ax1.plot(s["t"], [v if v is not None else float("nan") for v in s[p]], style, label=p)
     ax1.set_ylabel("latency (ms)")
@@ -796,6 +840,25 @@ def plot_k6(entry: dict, rss: RssSampler, path: Path, title: str) -> None:
     if pts:
         ax3.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:red", label="service RSS")
     ax3.axhline(TARGETS["rss_mib"], color="black", linestyle=":", linewidth=1, label=f"{TARGETS['rss_mib']:g} MiB target")
+    end = start + s["t"][-1] + s["window_s"] / 2
+    cpu = rss.cpu_series(start, end, s["window_s"])
+    if cpu["t"]:
+        ax4.stackplot(
+            cpu["t"], cpu["service"], cpu["mariadb"], cpu["redis"], cpu["rest"],
+            labels=["service", "MariaDB", "Redis", "k6 and everything else"],
+            colors=["tab:orange", "tab:blue", "tab:red", "tab:gray"], alpha=0.8,
+        )
+        ax4.axhline(100 * (os.cpu_count() or 2), color="black", linestyle=":", linewidth=1)
+        ax4.set_ylabel("CPU (% of one core)")
+        ax4.set_ylim(0, 100 * (os.cpu_count() or 2) * 1.05)
+        ax4.grid(True, alpha=0.3)
+        ax4.legend(loc="upper left", fontsize="small")
+    audits = sorted(a - start for a in rss.audits if start <= a <= end)
+    for i, a in enumerate(audits):
+        for ax in (ax1, ax2, ax3, ax4):
+            ax.axvline(a, color="purple", linestyle="--", linewidth=1, label="an audit finished" if (i == 0 and ax is ax1) else None)
+    if audits:
+        ax1.legend(loc="upper left")
     ax3.set_ylabel("RSS (MiB)")
     ax3.set_xlabel("seconds since the first request")
     ax3.grid(True, alpha=0.3)
@@ -1120,7 +1183,9 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
     for r in runs:
         r2 = {k: v for k, v in r.items() if k not in ("t0", "t1")}
         slim.append(r2)
-    (OUT / "runs.json").write_text(json.dumps({"machine": info, "command": command, "quick": bench.quick, "runs": slim, "stages": stages}, indent=1))
+    audits = [dt.datetime.fromtimestamp(a, dt.timezone.utc).isoformat(timespec="seconds") for a in sorted(bench.rss.audits)]
+    (OUT / "runs.json").write_text(json.dumps(
+        {"machine": info, "command": command, "quick": bench.quick, "audits_finished": audits, "runs": slim, "stages": stages}, indent=1))
 
     md = []
     w = md.append
@@ -1247,11 +1312,16 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
         if stages:
             w("Per stage:")
             w("")
-            w("| stage | seconds | requests | req/s | p50 | p95 | p99 | max (ms) | failed | service peak RSS MiB |")
-            w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            w("| stage | seconds | requests | req/s | p50 | p95 | p99 | max (ms) | failed | service peak RSS MiB | CPU: machine | service | MariaDB | Redis | k6 and the rest |")
+            w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for s in stages:
+                cpu = lambda k: f"{s[k]}%" if k in s else "–"  # noqa: E731
                 w(f"| {s['stage']} | {s['from_s']:g}–{s['to_s']:g} | {fmt(s['requests'])} | {fmt(s['rps'])} | {fmt(s['p50'], 2)} | "
-                  f"{fmt(s['p95'], 2)} | {fmt(s['p99'], 2)} | {fmt(s['max'], 1)} | {fmt(s['failed'])} | {fmt(s['rss_peak_mib'])} |")
+                  f"{fmt(s['p95'], 2)} | {fmt(s['p99'], 2)} | {fmt(s['max'], 1)} | {fmt(s['failed'])} | {fmt(s['rss_peak_mib'])} | "
+                  f"{cpu('cpu_busy_pct')} | {cpu('cpu_service_pct')} | {cpu('cpu_mariadb_pct')} | {cpu('cpu_redis_pct')} | {cpu('cpu_rest_pct')} |")
+            w("")
+            w("CPU as a share of one core (the machine has "
+              f"{os.cpu_count()}: {100 * (os.cpu_count() or 2)}% is all of it).")
             w("")
         w("![balance-charge.js: latency percentiles, throughput and RSS per window](benchmarks/balance-charge.png)")
         w("")
