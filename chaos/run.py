@@ -1457,9 +1457,14 @@ def table(results: list[dict[str, Any]]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def update_doc(results: list[dict[str, Any]], total: float) -> None:
+def git_state() -> tuple[str, bool]:
+    """The commit checked out, and whether tracked files differ from it."""
     commit = sh(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT).stdout.strip() or "?"
     dirty = sh(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=ROOT).stdout.strip()
+    return commit, bool(dirty)
+
+
+def update_doc(results: list[dict[str, Any]], total: float, commit: str, dirty: bool) -> None:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [DOC_START, "",
            f"Last run: {when}, commit `{commit}`{' (with uncommitted changes in the tree)' if dirty else ''}, "
@@ -1525,6 +1530,7 @@ def main() -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
+    commit, dirty = git_state()  # what is built and run, before anyone commits meanwhile
     ensure_tools(any(s.netns for s in specs))
     if not args.no_build:
         build()
@@ -1548,7 +1554,7 @@ def main() -> int:
     if failed:
         print("FAILED: " + ", ".join(failed))
     if args.update_doc:
-        update_doc(results, total)
+        update_doc(results, total, commit, dirty)
     return 1 if failed else 0
 
 
