@@ -358,26 +358,26 @@ fn count_error(op: &'static str, outcome: &'static str) {
     metrics::counter!(REDIS_ERRORS_TOTAL, "op" => op, "outcome" => outcome).increment(1);
 }
 
-/// Whether the error says Redis cannot serve us right now (the port's `Unavailable`) rather
-/// than that the request was wrong.
+/// Whether the error means the lock service cannot serve us right now (the port's
+/// `Unavailable`, which the use case answers with its degrade/fail policy) rather than a
+/// request this code got wrong. Only errors that a retry against a healthy Redis would
+/// repeat are `Unexpected` (a 500): a bad command, argument or configuration. Everything
+/// else, including a connection dropped mid-command (`Protocol`, `Unknown`, …) and
+/// Redis replies such as LOADING or READONLY, is `Unavailable`: the chaos suite saw a
+/// killed Redis surface as a 500 before this was widened.
 fn is_unavailable(error: &RedisError) -> bool {
     match error.kind() {
-        // No connection, a lost or timed-out one, a full command queue, or an
-        // authentication refused (e.g. a restarted Redis without its ACLs): a retry later
-        // may succeed, and the use case's degrade/fail policy is what should decide.
-        ErrorKind::IO
-        | ErrorKind::Timeout
-        | ErrorKind::Canceled
-        | ErrorKind::Backpressure
-        | ErrorKind::Routing
-        | ErrorKind::Auth => true,
-        // fred files most server errors under `Unknown`; the first word of a Redis error
-        // reply is its machine-readable code, and these codes mean "not now".
-        ErrorKind::Unknown | ErrorKind::Cluster => matches!(
+        ErrorKind::Config
+        | ErrorKind::Url
+        | ErrorKind::InvalidCommand
+        | ErrorKind::InvalidArgument => false,
+        // A Redis error reply starts with its code: `ERR` and `WRONGTYPE` say the command
+        // itself was wrong, which waiting will not fix.
+        ErrorKind::Unknown => !matches!(
             error.details().split_whitespace().next(),
-            Some("LOADING" | "READONLY" | "MASTERDOWN" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN")
+            Some("ERR" | "WRONGTYPE")
         ),
-        _ => false,
+        _ => true,
     }
 }
 
@@ -434,6 +434,9 @@ mod tests {
             ErrorKind::Timeout,
             ErrorKind::Canceled,
             ErrorKind::Backpressure,
+            ErrorKind::Protocol,
+            ErrorKind::Parse,
+            ErrorKind::Routing,
         ] {
             assert!(is_unavailable(&RedisError::new(kind, "x")));
         }
@@ -444,6 +447,10 @@ mod tests {
         assert!(is_unavailable(&RedisError::new(
             ErrorKind::Unknown,
             "READONLY You can't write against a read only replica."
+        )));
+        assert!(is_unavailable(&RedisError::new(
+            ErrorKind::Unknown,
+            "Connection closed abruptly"
         )));
     }
 
@@ -457,7 +464,7 @@ mod tests {
             ErrorKind::InvalidArgument,
             "x"
         )));
-        assert!(!is_unavailable(&RedisError::new(ErrorKind::Parse, "x")));
+        assert!(!is_unavailable(&RedisError::new(ErrorKind::Url, "x")));
     }
 
     #[test]
