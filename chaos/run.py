@@ -32,6 +32,7 @@ import asyncio
 import collections
 import dataclasses
 import datetime as dt
+import fcntl
 import json
 import os
 import random
@@ -62,6 +63,9 @@ VETH_NS = "bschaos1"
 HOST_IP = "10.213.77.1"
 NS_IP = "10.213.77.2"
 NS_PORT = 18080
+# One run at a time on a machine: runs share the namespace name and its /30, and a run
+# removes a namespace left over by an interrupted one.
+RUN_LOCK = Path("/tmp/balance-service-chaos.lock")
 
 USERS = 16
 SEED_BALANCE = 1_000_000
@@ -1525,6 +1529,19 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root: the suite starts servers and creates a network namespace", file=sys.stderr)
         return 2
+
+    lock = open(RUN_LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        print(f"another chaos run holds {RUN_LOCK} ({lock.read().strip() or 'pid unknown'}); "
+              "wait for it to finish", file=sys.stderr)
+        return 2
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
