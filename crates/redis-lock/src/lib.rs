@@ -452,6 +452,11 @@ mod tests {
             ErrorKind::Unknown,
             "Connection closed abruptly"
         )));
+        // What fred 10.1 answers when a command finds no connection (seen by the chaos suite).
+        assert!(is_unavailable(&RedisError::new(
+            ErrorKind::Unknown,
+            "Failed to route command."
+        )));
     }
 
     #[test]
