@@ -162,4 +162,8 @@ fn describe() {
         redis_lock::REDIS_ERRORS_TOTAL,
         "Redis errors met by the lock, by operation and outcome"
     );
+    metrics::describe_counter!(
+        redis_lock::HANDOFFS_TOTAL,
+        "Locks handed from a releasing holder to a waiter of this instance without a Redis round trip"
+    );
 }

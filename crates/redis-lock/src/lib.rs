@@ -3,9 +3,11 @@
 //! - **acquire**: `SET {prefix}{key} {token} NX PX {lease}` with a random token; while the
 //!   key is held elsewhere, retried with jittered exponential backoff until the wait runs
 //!   out. Within one process, waiters for the same key queue locally (FIFO) and only the
-//!   head of the queue polls Redis.
+//!   head of the queue polls Redis, and only while the key is held by another process.
 //! - **release**: a Lua compare-and-delete, so only the token's holder can delete the key
-//!   and a lease that expired and was taken by somebody else is left alone.
+//!   and a lease that expired and was taken by somebody else is left alone. When a waiter
+//!   in this process is next in line, a young chain of holders hands the key straight over
+//!   instead (no Redis round trip; see [`HandoffPolicy`] and the `local` module).
 //! - **Redis down**: every call answers [`LockError::Unavailable`] at once (no connection)
 //!   or within the command timeout, never after the whole wait; the connection keeps
 //!   reconnecting in the background, so the manager recovers by itself when Redis returns.
@@ -29,12 +31,17 @@ use fred::types::scripts::Script;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::local::KeyQueues;
+pub use crate::local::HandoffPolicy;
+use crate::local::{Chain, Claim, KeyQueues, ReleaseStep};
 
 /// Redis errors met by the lock (counter), labelled `op` (`acquire`, `release`, `ping`) and
 /// `outcome`, what the port was told (`unavailable`, `unexpected`). The use case counts
 /// waits, timeouts and lost leases itself; this says why the lock service failed.
 pub const REDIS_ERRORS_TOTAL: &str = "balance_lock_redis_errors_total";
+
+/// Locks handed from a releasing holder to a waiter of the same process without a Redis
+/// round trip (counter).
+pub const HANDOFFS_TOTAL: &str = "balance_lock_handoffs_total";
 
 /// Deletes the key only if it still holds the caller's token: a plain DEL after the lease
 /// expired would delete the lock of whoever took the key next.
@@ -59,6 +66,8 @@ pub struct RedisLockConfig {
     pub retry_initial: Duration,
     /// Cap of that ceiling: how stale a poller's view of a freed key can get.
     pub retry_max: Duration,
+    /// When a release hands the key to the next waiter of this process.
+    pub handoff: HandoffPolicy,
 }
 
 impl Default for RedisLockConfig {
@@ -70,6 +79,12 @@ impl Default for RedisLockConfig {
             pool_size: 1,
             retry_initial: Duration::from_millis(2),
             retry_max: Duration::from_millis(25),
+            // Long enough to take a hot key's round trips off its critical path, short
+            // enough that other processes get a turn several times a second.
+            handoff: HandoffPolicy {
+                max_handoffs: 32,
+                max_age: Duration::from_millis(100),
+            },
         }
     }
 }
@@ -84,6 +99,8 @@ pub struct RedisLockManager {
     /// The tasks driving the pool's connections; aborted on drop, or they would keep
     /// reconnecting to a Redis nobody uses any more.
     connections: Vec<ConnectHandle>,
+    /// Deletes keys parked for a waiter that left (see the `local` module); aborted on drop.
+    reaper: tokio::task::JoinHandle<()>,
 }
 
 impl fmt::Debug for RedisLockManager {
@@ -101,6 +118,7 @@ impl Drop for RedisLockManager {
         for connection in &self.connections {
             connection.abort();
         }
+        self.reaper.abort();
     }
 }
 
@@ -173,13 +191,28 @@ impl RedisLockManager {
             .context("invalid Redis configuration")?;
 
         let connections = pool.connect_pool();
+        let (orphans, mut parked) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+        let reaper_pool = pool.clone();
+        let reaper = tokio::spawn(async move {
+            while let Some((key, token)) = parked.recv().await {
+                // Bounded by the command timeout; if Redis is away the lease expires anyway.
+                let deleted: Result<i64, RedisError> = reaper_pool
+                    .next()
+                    .eval(COMPARE_AND_DELETE, vec![key], vec![token])
+                    .await;
+                if let Err(e) = deleted {
+                    tracing::debug!(error = %e, "could not delete a parked lock nobody took");
+                }
+            }
+        });
         let manager = Self {
             pool,
             prefix: key_prefix.to_owned(),
             release_script: Script::from_lua(COMPARE_AND_DELETE),
             config,
-            queues: KeyQueues::default(),
+            queues: KeyQueues::new(orphans),
             connections,
+            reaper,
         };
         if !manager.wait_until_connected().await {
             tracing::warn!(
@@ -200,6 +233,11 @@ impl RedisLockManager {
             .await
             .map_err(|e| redis_error("ping", e))?;
         Ok(())
+    }
+
+    /// Whether a caller of this manager is waiting for `key` (a release would hand it over).
+    pub fn has_local_waiter(&self, key: &LockKey) -> bool {
+        self.queues.is_awaited(&self.redis_key(key))
     }
 
     fn redis_key(&self, key: &LockKey) -> String {
@@ -284,17 +322,42 @@ impl LockManager for RedisLockManager {
         };
 
         let token = uuid::Uuid::new_v4().simple().to_string();
+        let held = || {
+            Ok(LockLease {
+                key: key.clone(),
+                token: token.clone(),
+            })
+        };
         // PX takes whole milliseconds, at least 1.
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(1);
         let mut backoff = Backoff::new(self.config.retry_initial, self.config.retry_max);
         loop {
+            match turn.claim(&token) {
+                Claim::Taken => {
+                    metrics::counter!(HANDOFFS_TOTAL).increment(1);
+                    return held();
+                }
+                Claim::HeldHere(lease_end) => {
+                    // Held by this process: its release hands the key over or wakes this
+                    // turn, so there is nothing to ask Redis until its lease runs out.
+                    if Instant::now() >= deadline {
+                        return Err(LockError::Timeout);
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep_until(deadline.min(lease_end)) => {}
+                        () = turn.released() => {}
+                    }
+                    continue;
+                }
+                Claim::Stale(parked) => self.delete(&redis_key, &parked).await.map(drop)?,
+                Claim::Free => {}
+            }
             // Checked on every attempt: Redis may have gone while this call waited.
             let client = self.connected_client("acquire")?;
+            let sent = Instant::now();
             if self.try_set(client, &redis_key, &token, lease_ms).await? {
-                return Ok(LockLease {
-                    key: key.clone(),
-                    token,
-                });
+                turn.hold(Chain::begun(&token, sent, lease));
+                return held();
             }
             let now = Instant::now();
             if now >= deadline {
@@ -310,22 +373,37 @@ impl LockManager for RedisLockManager {
     }
 
     async fn release(&self, lease: &LockLease) -> Result<Release, LockError> {
+        let redis_key = self.redis_key(&lease.key);
+        match self
+            .queues
+            .release(&redis_key, &lease.token, self.config.handoff)
+        {
+            ReleaseStep::HandedOff => Ok(Release::Released),
+            ReleaseStep::NotHolder => Ok(Release::LeaseLost),
+            ReleaseStep::Delete(token) => {
+                if self.delete(&redis_key, &token).await? {
+                    self.queues.wake(&redis_key);
+                    Ok(Release::Released)
+                } else {
+                    Ok(Release::LeaseLost)
+                }
+            }
+        }
+    }
+}
+
+impl RedisLockManager {
+    /// The compare-and-delete: `true` when `key` held `token` and is gone.
+    async fn delete(&self, key: &str, token: &str) -> Result<bool, LockError> {
         let client = self.connected_client("release")?;
         let deleted: i64 = self
             .release_script
-            .evalsha_with_reload(
-                client,
-                vec![self.redis_key(&lease.key)],
-                vec![lease.token.clone()],
-            )
+            .evalsha_with_reload(client, vec![key.to_owned()], vec![token.to_owned()])
             .await
             .map_err(|e| redis_error("release", e))?;
         match deleted {
-            1 => {
-                self.queues.wake(&self.redis_key(&lease.key));
-                Ok(Release::Released)
-            }
-            0 => Ok(Release::LeaseLost),
+            1 => Ok(true),
+            0 => Ok(false),
             other => {
                 count_error("release", "unexpected");
                 Err(LockError::Unexpected(anyhow::anyhow!(

@@ -1,38 +1,142 @@
-//! In-process, per-key FIFO turns. Within one process only the waiter whose turn it is
-//! polls Redis for a key; the others queue here. Under a hot key this turns N pollers per
-//! process into one, which is most of the Redis round trips a contended lock costs.
+//! What this process knows about its keys: per-key FIFO turns for its waiters, and the
+//! keys it holds in Redis, so a release can hand a key straight to the next local waiter.
 //!
-//! A turn is held only while its waiter contends on Redis, never while the lock itself is
-//! held: the next local waiter then polls with the same backoff as waiters in other
-//! processes, so no process can hand the lock to its own queue ahead of the others.
+//! **Turns.** Within one process only the waiter whose turn it is contends for a key; the
+//! others queue here. Under a hot key this turns N pollers per process into one.
 //!
-//! A release made by this process wakes the local turn holder at once ([`KeyQueues::wake`]),
-//! so under a hot key the next local waiter tries Redis right after the release instead of
-//! at the end of its backoff pause.
+//! **Hand-off.** While this process holds a key, its turn holder does not poll Redis: it
+//! waits for the local release. The releasing holder then, instead of deleting the key and
+//! letting the waiter `SET` it again (two Redis round trips inside the hot key's critical
+//! path), *parks* the key: it stays in Redis under the same value and the waiter takes it
+//! over with a token of its own. A hand-off is allowed only while the chain of holders that
+//! began with the `SET` is young and short ([`HandoffPolicy`]): the key's Redis lease was
+//! set when the chain began, so every holder still has most of its lease, and holders in
+//! other processes get their chance to `SET` the key whenever a chain ends.
+//!
+//! A parked key nobody takes (its waiters timed out or were cancelled) is sent to the
+//! manager's reaper, which deletes it from Redis.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{Mutex as TurnLock, Notify, OwnedMutexGuard};
 use tokio::time::Instant;
 
-/// One key's local queue: whose turn it is to poll Redis, and a bell rung by local releases.
+/// When a release may hand its key to a local waiter instead of deleting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandoffPolicy {
+    /// Hand-offs in a row before the key is released in Redis for everybody (0: never).
+    pub max_handoffs: u32,
+    /// Age of the chain (since its `SET`) after which the key is released in Redis; it is
+    /// also capped at half the lease, so a holder always has at least half its lease left.
+    pub max_age: Duration,
+}
+
+impl HandoffPolicy {
+    fn allows(&self, chain: &Chain) -> bool {
+        chain.handoffs < self.max_handoffs && chain.is_young(self.max_age)
+    }
+}
+
+/// A run of local holders of one key, begun by one `SET NX PX` in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Chain {
+    /// The value stored in Redis for the whole chain.
+    redis_token: String,
+    /// The current holder's token; `None` while the key is parked for the next waiter.
+    holder: Option<String>,
+    /// Taken before the `SET` was sent, so the Redis lease ends no earlier than
+    /// `started + lease`.
+    started: Instant,
+    lease: Duration,
+    handoffs: u32,
+}
+
+impl Chain {
+    /// A chain begun by a `SET` of `token`, sent at `started`, held by that token.
+    pub(crate) fn begun(token: &str, started: Instant, lease: Duration) -> Self {
+        Self {
+            redis_token: token.to_owned(),
+            holder: Some(token.to_owned()),
+            started,
+            lease,
+            handoffs: 0,
+        }
+    }
+
+    fn is_young(&self, max_age: Duration) -> bool {
+        self.started.elapsed() < max_age.min(self.lease / 2)
+    }
+}
+
+/// What the turn holder found for its key.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Nobody in this process holds the key: contend for it in Redis.
+    Free,
+    /// Somebody in this process holds it until at most this instant (its lease's end): wait
+    /// for its release, which hands it over or wakes, or for the lease to run out.
+    HeldHere(Instant),
+    /// A parked key was taken over: the caller holds it under its own token.
+    Taken,
+    /// A parked key too old to take over: delete this token's key in Redis, then contend.
+    Stale(String),
+}
+
+/// What a release must still do.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ReleaseStep {
+    /// The key was handed to a local waiter: nothing to do in Redis.
+    HandedOff,
+    /// The token does not hold the key here any more (released already, or handed off by
+    /// an earlier holder of the chain): nothing to delete.
+    NotHolder,
+    /// Delete the key in Redis if it still holds this token.
+    Delete(String),
+}
+
+/// One key's local queue: whose turn it is to contend, and a bell rung by local releases.
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
     turn: Arc<TurnLock<()>>,
     released: Notify,
 }
 
-type Slots = Arc<Mutex<HashMap<String, Arc<Slot>>>>;
-
-/// The queues of every key somebody in this process waits for. An entry lives only while
-/// it has a waiter, so the map never holds more keys than there are waiting acquires.
 #[derive(Debug, Default)]
+struct State {
+    /// Keys somebody here waits for; an entry lives only while it has a waiter.
+    waiting: HashMap<String, Arc<Slot>>,
+    /// Keys this process holds (or has parked) in Redis.
+    held: HashMap<String, Chain>,
+}
+
+/// The reaper's inbox: a parked key nobody took, as (Redis key, token).
+pub(crate) type Orphans = UnboundedSender<(String, String)>;
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    orphans: Orphans,
+}
+
+/// The queues and holds of every key of this process.
+#[derive(Debug)]
 pub(crate) struct KeyQueues {
-    slots: Slots,
+    shared: Arc<Shared>,
 }
 
 impl KeyQueues {
+    pub(crate) fn new(orphans: Orphans) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                orphans,
+            }),
+        }
+    }
+
     /// Waits in `key`'s queue until it is this caller's turn, or `None` at `deadline`.
     /// tokio's mutex is fair, so turns are handed out in arrival order.
     pub(crate) async fn take_turn(&self, key: &str, deadline: Instant) -> Option<Turn> {
@@ -42,76 +146,160 @@ impl KeyQueues {
         match waited {
             Ok(guard) => Some(Turn {
                 _guard: guard,
-                _member: member,
+                member,
             }),
             Err(_elapsed) => None,
         }
     }
 
     fn join(&self, key: &str) -> Member {
-        let mut slots = lock(&self.slots);
-        let slot = Arc::clone(slots.entry(key.to_owned()).or_default());
+        let mut state = lock(&self.shared);
+        let slot = Arc::clone(state.waiting.entry(key.to_owned()).or_default());
         Member {
             key: key.to_owned(),
             slot,
-            slots: Arc::clone(&self.slots),
+            shared: Arc::clone(&self.shared),
         }
     }
 
-    /// Wakes the local waiter polling Redis for `key`, if there is one: this process has
-    /// just released it. A bell rung with nobody listening is kept for the next poller
+    /// Decides what releasing `token`'s hold on `key` takes: a hand-off to the local
+    /// waiter when there is one and `policy` allows it, else a delete in Redis.
+    pub(crate) fn release(&self, key: &str, token: &str, policy: HandoffPolicy) -> ReleaseStep {
+        let mut state = lock(&self.shared);
+        let State { waiting, held } = &mut *state;
+        let Some(chain) = held.get_mut(key) else {
+            // Not known here (taken before a restart of this manager, say): the token's own.
+            return ReleaseStep::Delete(token.to_owned());
+        };
+        if chain.holder.as_deref() != Some(token) {
+            return ReleaseStep::NotHolder;
+        }
+        if let Some(slot) = waiting.get(key)
+            && policy.allows(chain)
+        {
+            chain.holder = None;
+            chain.handoffs += 1;
+            slot.released.notify_one();
+            return ReleaseStep::HandedOff;
+        }
+        let redis_token = chain.redis_token.clone();
+        held.remove(key);
+        ReleaseStep::Delete(redis_token)
+    }
+
+    /// Wakes the local waiter contending for `key`, if there is one: this process has
+    /// just deleted it. A bell rung with nobody listening is kept for the next waiter
     /// (`Notify::notify_one`), so a release between two polls is not missed.
     pub(crate) fn wake(&self, key: &str) {
-        if let Some(slot) = lock(&self.slots).get(key) {
+        if let Some(slot) = lock(&self.shared).waiting.get(key) {
             slot.released.notify_one();
         }
     }
 
+    /// Whether somebody in this process waits for `key`.
+    pub(crate) fn is_awaited(&self, key: &str) -> bool {
+        lock(&self.shared).waiting.contains_key(key)
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
-        lock(&self.slots).len()
+        lock(&self.shared).waiting.len()
+    }
+
+    #[cfg(test)]
+    fn held(&self, key: &str) -> Option<Chain> {
+        lock(&self.shared).held.get(key).cloned()
     }
 }
 
-/// The map is only touched in short non-async sections that cannot leave it half-updated,
-/// so a panic elsewhere while it was locked does not make its contents wrong.
-fn lock(slots: &Slots) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
-    slots.lock().unwrap_or_else(PoisonError::into_inner)
+/// The state is only touched in short non-async sections that cannot leave it
+/// half-updated, so a panic elsewhere while it was locked does not make it wrong.
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    shared.state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One waiter's (or turn holder's) reference to its key's queue. Dropping the last one
-/// removes the key from the map, whether the waiter got its turn, timed out or was cancelled.
+/// removes the key from the map, whether the waiter got its turn, timed out or was
+/// cancelled; a key parked for a waiter that is gone goes to the reaper.
 struct Member {
     key: String,
     slot: Arc<Slot>,
-    slots: Slots,
+    shared: Arc<Shared>,
 }
 
 impl Drop for Member {
     fn drop(&mut self) {
-        let mut slots = lock(&self.slots);
+        let mut state = lock(&self.shared);
         // The map's reference plus ours means nobody else waits for or holds this turn, and
-        // nobody can join without the map lock held here, so the entry can go safely.
-        let unused = slots
+        // nobody can join without the lock held here, so the entry can go safely.
+        let unused = state
+            .waiting
             .get(&self.key)
             .is_some_and(|slot| Arc::ptr_eq(slot, &self.slot) && Arc::strong_count(slot) == 2);
-        if unused {
-            slots.remove(&self.key);
+        if !unused {
+            return;
+        }
+        state.waiting.remove(&self.key);
+        let parked = state
+            .held
+            .get(&self.key)
+            .is_some_and(|chain| chain.holder.is_none());
+        if parked && let Some(chain) = state.held.remove(&self.key) {
+            // If the reaper is gone (the manager was dropped) the lease expires by itself.
+            let _ = self
+                .shared
+                .orphans
+                .send((self.key.clone(), chain.redis_token));
         }
     }
 }
 
-/// The right to contend on Redis for a key; the next local waiter's turn starts on drop.
+/// The right to contend for a key; the next local waiter's turn starts on drop.
 pub(crate) struct Turn {
     // Field order matters: the guard must be released before `Member::drop` counts references.
     _guard: OwnedMutexGuard<()>,
-    _member: Member,
+    member: Member,
 }
 
 impl Turn {
-    /// Completes when this process releases the key (or already has, since the last poll).
+    /// Looks at the key's hold in this process; takes a parked key over as `token`.
+    pub(crate) fn claim(&self, token: &str) -> Claim {
+        let mut state = lock(&self.member.shared);
+        let Some(chain) = state.held.get_mut(&self.member.key) else {
+            return Claim::Free;
+        };
+        if chain.holder.is_some() {
+            let lease_end = chain.started + chain.lease;
+            // A holder past its lease no longer holds the key in Redis: contend for it
+            // there, as other processes do (a new chain replaces this one).
+            return if Instant::now() < lease_end {
+                Claim::HeldHere(lease_end)
+            } else {
+                Claim::Free
+            };
+        }
+        // Parked: the releaser checked the chain's age, but this waiter may have been
+        // slow to run; a holder must still have most of the lease.
+        if chain.is_young(chain.lease) {
+            chain.holder = Some(token.to_owned());
+            return Claim::Taken;
+        }
+        let redis_token = chain.redis_token.clone();
+        state.held.remove(&self.member.key);
+        Claim::Stale(redis_token)
+    }
+
+    /// Records that this turn's `SET` took the key, beginning a chain.
+    pub(crate) fn hold(&self, chain: Chain) {
+        lock(&self.member.shared)
+            .held
+            .insert(self.member.key.clone(), chain);
+    }
+
+    /// Completes when this process releases or hands over the key (or already has, since
+    /// the last look).
     pub(crate) async fn released(&self) {
-        self._member.slot.released.notified().await;
+        self.member.slot.released.notified().await;
     }
 }
 
@@ -122,13 +310,17 @@ mod tests {
 
     use super::*;
 
+    fn queues() -> KeyQueues {
+        KeyQueues::new(tokio::sync::mpsc::unbounded_channel().0)
+    }
+
     fn later(ms: u64) -> Instant {
         Instant::now() + Duration::from_millis(ms)
     }
 
     #[tokio::test]
     async fn a_turn_is_exclusive_and_its_entry_goes_with_it() {
-        let queues = KeyQueues::default();
+        let queues = queues();
         let turn = queues
             .take_turn("k", later(1_000))
             .await
@@ -153,7 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn turns_pass_in_arrival_order() {
-        let queues = Arc::new(KeyQueues::default());
+        let queues = Arc::new(queues());
         let first = queues
             .take_turn("k", later(1_000))
             .await
@@ -169,7 +361,7 @@ mod tests {
             // Let this waiter queue up before the next one is spawned: the turn lock is
             // shared by the slot and the holder's guard (2), then a pending lock future per
             // waiter, which has queued by the time it holds its reference.
-            while Arc::strong_count(&lock(&queues.slots).get("k").unwrap().turn) < i + 3 {
+            while Arc::strong_count(&lock(&queues.shared).waiting.get("k").unwrap().turn) < i + 3 {
                 tokio::task::yield_now().await;
             }
         }
@@ -183,7 +375,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_waiter_leaves_no_entry() {
-        let queues = Arc::new(KeyQueues::default());
+        let queues = Arc::new(queues());
         let held = queues
             .take_turn("k", later(1_000))
             .await
@@ -196,6 +388,124 @@ mod tests {
         waiter.abort();
         assert!(waiter.await.is_err(), "aborted");
         drop(held);
+        assert_eq!(queues.len(), 0);
+    }
+
+    const POLICY: HandoffPolicy = HandoffPolicy {
+        max_handoffs: 2,
+        max_age: Duration::from_millis(100),
+    };
+
+    /// A turn that took `key` with a `SET` of `token`, as the manager does.
+    async fn holding(queues: &KeyQueues, key: &str, token: &str) {
+        let turn = queues.take_turn(key, later(1_000)).await.expect("turn");
+        assert_eq!(turn.claim(token), Claim::Free);
+        turn.hold(Chain::begun(token, Instant::now(), Duration::from_secs(30)));
+    }
+
+    #[tokio::test]
+    async fn a_release_with_nobody_waiting_deletes_the_chains_redis_value() {
+        let queues = queues();
+        holding(&queues, "k", "t1").await;
+        assert_eq!(
+            queues.release("k", "t1", POLICY),
+            ReleaseStep::Delete("t1".into())
+        );
+        assert_eq!(queues.held("k"), None);
+        assert_eq!(
+            queues.release("k", "t1", POLICY),
+            ReleaseStep::Delete("t1".into()),
+            "unknown here: the compare-and-delete decides"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiter_takes_a_released_key_over_and_the_old_token_releases_nothing() {
+        let queues = queues();
+        holding(&queues, "k", "t1").await;
+        let turn = queues.take_turn("k", later(1_000)).await.expect("turn");
+        assert!(matches!(turn.claim("t2"), Claim::HeldHere(_)), "held by t1");
+
+        assert_eq!(queues.release("k", "t1", POLICY), ReleaseStep::HandedOff);
+        tokio::time::timeout(Duration::from_secs(5), turn.released())
+            .await
+            .expect("the hand-off rings the bell");
+        assert_eq!(turn.claim("t2"), Claim::Taken);
+        drop(turn);
+        let chain = queues.held("k").expect("still held here");
+        assert_eq!(chain.redis_token, "t1", "Redis keeps the chain's value");
+        assert_eq!(chain.holder.as_deref(), Some("t2"));
+
+        assert_eq!(queues.release("k", "t1", POLICY), ReleaseStep::NotHolder);
+        assert_eq!(
+            queues.release("k", "t2", POLICY),
+            ReleaseStep::Delete("t1".into()),
+            "the last holder deletes the chain's value"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chain_ends_after_its_hand_offs_and_releases_in_redis() {
+        let queues = queues();
+        holding(&queues, "k", "t0").await;
+        let mut holder = "t0".to_owned();
+        for next in ["t1", "t2"] {
+            let turn = queues.take_turn("k", later(1_000)).await.expect("turn");
+            assert_eq!(queues.release("k", &holder, POLICY), ReleaseStep::HandedOff);
+            assert_eq!(turn.claim(next), Claim::Taken);
+            holder = next.to_owned();
+        }
+        let _waiting = queues.take_turn("k", later(1_000)).await.expect("turn");
+        assert_eq!(
+            queues.release("k", &holder, POLICY),
+            ReleaseStep::Delete("t0".into()),
+            "two hand-offs is the policy's limit, waiter or not"
+        );
+        assert_eq!(queues.held("k"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_old_chain_is_not_handed_off_nor_taken_over() {
+        let queues = queues();
+        holding(&queues, "k", "t1").await;
+        let turn = queues.take_turn("k", later(60_000)).await.expect("turn");
+        tokio::time::advance(Duration::from_millis(150)).await;
+        assert_eq!(
+            queues.release("k", "t1", POLICY),
+            ReleaseStep::Delete("t1".into()),
+            "older than max_age"
+        );
+        assert_eq!(turn.claim("t2"), Claim::Free);
+
+        // Parked while young, taken over only while the lease has at least half left.
+        turn.hold(Chain::begun("t2", Instant::now(), Duration::from_secs(30)));
+        let waiter = queues.take_turn("k", later(60_000));
+        let release = async {
+            tokio::task::yield_now().await;
+            let relaxed = HandoffPolicy {
+                max_handoffs: 5,
+                max_age: Duration::from_secs(3_600),
+            };
+            assert_eq!(queues.release("k", "t2", relaxed), ReleaseStep::HandedOff);
+            drop(turn);
+        };
+        let (waiter, ()) = tokio::join!(waiter, release);
+        let waiter = waiter.expect("turn");
+        tokio::time::advance(Duration::from_secs(16)).await;
+        assert_eq!(waiter.claim("t3"), Claim::Stale("t2".into()));
+        assert_eq!(queues.held("k"), None);
+    }
+
+    #[tokio::test]
+    async fn a_key_parked_for_a_waiter_that_left_goes_to_the_reaper() {
+        let (orphans, mut reaper) = tokio::sync::mpsc::unbounded_channel();
+        let queues = KeyQueues::new(orphans);
+        holding(&queues, "k", "t1").await;
+        let turn = queues.take_turn("k", later(1_000)).await.expect("turn");
+        assert_eq!(queues.release("k", "t1", POLICY), ReleaseStep::HandedOff);
+        drop(turn);
+        assert_eq!(reaper.try_recv().ok(), Some(("k".into(), "t1".into())));
+        assert_eq!(queues.held("k"), None);
         assert_eq!(queues.len(), 0);
     }
 }

@@ -13,7 +13,7 @@ use domain::ports::{LockError, LockKey, LockLease, LockManager, Release};
 use domain::types::UserId;
 use fred::prelude::{Builder, Client, ClientLike, Config, KeysInterface};
 use fred::types::CustomCommand;
-use redis_lock::{RedisLockConfig, RedisLockManager};
+use redis_lock::{HandoffPolicy, RedisLockConfig, RedisLockManager};
 
 const WAIT: Duration = Duration::from_secs(10);
 const LEASE: Duration = Duration::from_secs(30);
@@ -165,6 +165,11 @@ async fn a_local_release_wakes_the_local_waiter_at_once() {
     let config = RedisLockConfig {
         retry_initial: Duration::from_secs(60),
         retry_max: Duration::from_secs(60),
+        // A real release every time: this is about the wake-up, not the hand-off.
+        handoff: HandoffPolicy {
+            max_handoffs: 0,
+            ..RedisLockConfig::default().handoff
+        },
         ..RedisLockConfig::default()
     };
     let locks = Arc::new(
@@ -190,6 +195,61 @@ async fn a_local_release_wakes_the_local_waiter_at_once() {
             .unwrap();
         assert_eq!(locks.release(&taken).await.unwrap(), Release::Released);
     }
+}
+
+/// A release with a local waiter next in line hands the key over without touching Redis:
+/// the key keeps its value and TTL, the new holder has a token of its own, the old token
+/// can no longer release anything, and the chain's last holder deletes the key.
+#[tokio::test]
+async fn a_local_waiter_takes_the_key_over_without_a_new_set() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let locks = Arc::new(manager(&url, &prefix).await);
+    let redis = inspector(&url).await;
+    let key = user(5);
+
+    let first = locks.acquire(&key, WAIT, LEASE).await.unwrap();
+    let waiter = {
+        let (locks, key) = (Arc::clone(&locks), key.clone());
+        tokio::spawn(async move { locks.acquire(&key, WAIT, LEASE).await })
+    };
+    // The waiter must have queued: with nobody waiting, a release deletes the key.
+    bounded("the waiter queueing", async {
+        while !locks.has_local_waiter(&key) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(locks.release(&first).await.unwrap(), Release::Released);
+    let second = bounded("the waiter", waiter).await.unwrap().unwrap();
+    assert_ne!(second.token, first.token);
+    assert_eq!(
+        stored(&redis, &prefix, &key).await,
+        Some(first.token.clone()),
+        "handed over: the key was neither deleted nor set again"
+    );
+    assert_eq!(
+        locks.release(&first).await.unwrap(),
+        Release::LeaseLost,
+        "the first holder's token releases nothing now"
+    );
+    assert_eq!(
+        stored(&redis, &prefix, &key).await,
+        Some(first.token.clone())
+    );
+    let elsewhere = manager(&url, &prefix).await;
+    assert!(
+        matches!(
+            elsewhere
+                .acquire(&key, Duration::from_millis(100), LEASE)
+                .await,
+            Err(LockError::Timeout)
+        ),
+        "still held for every other process"
+    );
+
+    assert_eq!(locks.release(&second).await.unwrap(), Release::Released);
+    assert_eq!(stored(&redis, &prefix, &key).await, None);
 }
 
 #[tokio::test]
