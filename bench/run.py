@@ -65,6 +65,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # The service's counters whose increase is reported per run.
 COUNTERS = [
     "balance_lock_acquired_total",
+    "balance_lock_handoffs_total",
     "balance_lock_timeouts_total",
     "balance_optimistic_conflicts_total",
     "balance_optimistic_retries_total",
@@ -642,8 +643,8 @@ class Bench:
 
 
 def service_pool_size() -> int:
-    """The service's default DB_MAX_CONNECTIONS: four per core, 8 to 64."""
-    return min(64, max(8, 4 * (os.cpu_count() or 2)))
+    """The service's default DB_MAX_CONNECTIONS: eight per core, 16 to 64."""
+    return min(64, max(16, 8 * (os.cpu_count() or 2)))
 
 
 def short(entry: dict) -> str:
@@ -1037,6 +1038,7 @@ def counters_table(runs: list[dict]) -> list[str]:
     cols = [
         ("balance_operations_applied_total", "applied"),
         ("balance_lock_acquired_total", "lock acquired"),
+        ("balance_lock_handoffs_total", "of which handed off"),
         ("balance_lock_wait_seconds_mean_ms", "lock wait mean ms"),
         ("balance_lock_timeouts_total", "lock timeouts"),
         ("balance_optimistic_conflicts_total", "optimistic conflicts"),

@@ -173,12 +173,13 @@ pub struct Config {
 }
 
 impl Config {
-    /// `DB_MAX_CONNECTIONS`, or four per core (8 to 64) when unset: enough connections to
-    /// keep the database busy without queueing behind InnoDB's own concurrency.
+    /// `DB_MAX_CONNECTIONS`, or eight per core (16 to 64) when unset: commits waiting on the
+    /// log flush share it (group commit), so more connections than cores pay off; the
+    /// benchmark measured 8 → 16 connections on 2 cores at about +10% spread charges/s.
     pub fn db_pool_size(&self) -> u32 {
         self.db_max_connections.unwrap_or_else(|| {
             let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
-            (cores * 4).clamp(8, 64)
+            (cores * 8).clamp(16, 64)
         })
     }
 
