@@ -1123,7 +1123,9 @@ def observations(runs: list[dict]) -> list[str]:
         lines.append(
             f"- **hot**: the service's charges waited {fmt(med(r['service_counters']['balance_lock_wait_seconds_mean_ms'] for r in hot), 1)} ms "
             "on average for the user's lock (their queue); one holder at a time, so the hot user's throughput is one charge's "
-            "lock-to-release time, inverted: its database transaction plus the lock's two Redis round trips and the re-read."
+            "lock-to-release time, inverted: the read of the user and its database transaction, plus the hand-off to the next "
+            "waiter of the same process (no Redis round trip; after 32 hand-offs or 100 ms the key is deleted and set again "
+            "in Redis, two round trips)."
         )
     ch = runs_of(runs, "balance-charge")
     if ch:
@@ -1199,6 +1201,7 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
     w("")
     w("Every figure below comes from this one run: the database baseline and the service were measured on the same")
     w("machine, the same database and in the same minutes, interleaved. Raw figures: [benchmarks/runs.json](benchmarks/runs.json).")
+    w("What limits these figures, and what was changed to reach them: [performance.md](performance.md).")
     w("")
     w("## Targets")
     w("")
