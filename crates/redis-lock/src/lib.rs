@@ -22,8 +22,8 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use domain::ports::{LockError, LockKey, LockLease, LockManager, Release};
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, Error as RedisError, ErrorKind, Expiration, KeysInterface,
-    LuaInterface, Pool, ReconnectPolicy, SetOptions, TcpConfig,
+    Builder, Client, ClientLike, Config, Error as RedisError, ErrorKind, LuaInterface, Pool,
+    ReconnectPolicy, TcpConfig,
 };
 use fred::types::ConnectHandle;
 use fred::types::config::UnresponsiveConfig;
@@ -47,6 +47,26 @@ pub const HANDOFFS_TOTAL: &str = "balance_lock_handoffs_total";
 /// expired would delete the lock of whoever took the key next.
 const COMPARE_AND_DELETE: &str =
     "if redis.call('get',KEYS[1])==ARGV[1] then return redis.call('del',KEYS[1]) else return 0 end";
+
+/// `SET NX PX` that leaves a trace when it fails: KEYS[2], the key's *waiting marker*,
+/// names the last process that found the key held (ARGV[3], for ARGV[4] ms). On success it
+/// answers 2 instead of 1 when another process's marker is there: somebody else waits, so
+/// this chain of holders hands nothing off. Answers 0 when the key is held.
+const ACQUIRE: &str = "if redis.call('set',KEYS[1],ARGV[1],'NX','PX',ARGV[2]) then \
+       local w=redis.call('get',KEYS[2]) \
+       if w and w~=ARGV[3] then return 2 end \
+       return 1 \
+     end \
+     redis.call('set',KEYS[2],ARGV[3],'PX',ARGV[4]) \
+     return 0";
+
+/// The compare-and-delete of a release: 0 when KEYS[1] does not hold ARGV[1], else deletes
+/// it and answers 2 when another process (not ARGV[2]) has left a waiting marker, 1 if not.
+const RELEASE: &str = "if redis.call('get',KEYS[1])~=ARGV[1] then return 0 end \
+     redis.call('del',KEYS[1]) \
+     local w=redis.call('get',KEYS[2]) \
+     if w and w~=ARGV[2] then return 2 end \
+     return 1";
 
 /// How the manager talks to Redis. The defaults suit a Redis on the same network.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +113,10 @@ impl Default for RedisLockConfig {
 pub struct RedisLockManager {
     pool: Pool,
     prefix: String,
+    acquire_script: Script,
     release_script: Script,
+    /// This manager's name in waiting markers (see [`ACQUIRE`]).
+    id: String,
     config: RedisLockConfig,
     queues: KeyQueues,
     /// The tasks driving the pool's connections; aborted on drop, or they would keep
@@ -208,7 +231,9 @@ impl RedisLockManager {
         let manager = Self {
             pool,
             prefix: key_prefix.to_owned(),
-            release_script: Script::from_lua(COMPARE_AND_DELETE),
+            acquire_script: Script::from_lua(ACQUIRE),
+            release_script: Script::from_lua(RELEASE),
+            id: uuid::Uuid::new_v4().simple().to_string(),
             config,
             queues: KeyQueues::new(orphans),
             connections,
@@ -274,29 +299,50 @@ impl RedisLockManager {
         }
     }
 
-    /// One `SET NX PX`: `true` when this call took the key.
+    fn marker_key(redis_key: &str) -> String {
+        format!("{redis_key}:waiting")
+    }
+
+    /// One `SET NX PX` (the [`ACQUIRE`] script).
     async fn try_set(
         &self,
         client: &Client,
         key: &str,
         token: &str,
         lease_ms: i64,
-    ) -> Result<bool, LockError> {
+    ) -> Result<Taken, LockError> {
+        // A marker outlives a poller's longest pause, so it stays while somebody polls.
+        let marker_ms = u64::try_from(self.config.retry_max.as_millis().saturating_mul(2))
+            .unwrap_or(u64::MAX)
+            .max(50);
         let unconfirmed = UnconfirmedSet::new(client, key, token);
-        let reply: Result<Option<String>, RedisError> = client
-            .set(
-                key,
-                token,
-                Some(Expiration::PX(lease_ms)),
-                Some(SetOptions::NX),
-                false,
+        let reply: Result<i64, RedisError> = self
+            .acquire_script
+            .evalsha_with_reload(
+                client,
+                vec![key.to_owned(), Self::marker_key(key)],
+                vec![
+                    token.to_owned(),
+                    lease_ms.to_string(),
+                    self.id.clone(),
+                    marker_ms.to_string(),
+                ],
             )
             .await;
         match reply {
             Ok(reply) => {
                 unconfirmed.confirm();
-                // "OK" when set, nil when the key exists.
-                Ok(reply.is_some())
+                match reply {
+                    0 => Ok(Taken::No),
+                    1 => Ok(Taken::Alone),
+                    2 => Ok(Taken::WhileOthersWait),
+                    other => {
+                        count_error("acquire", "unexpected");
+                        Err(LockError::Unexpected(anyhow::anyhow!(
+                            "the acquire script answered {other}, expected 0, 1 or 2"
+                        )))
+                    }
+                }
             }
             // `unconfirmed` is dropped armed here: the SET may still have gone through.
             Err(e) => Err(redis_error("acquire", e)),
@@ -339,24 +385,37 @@ impl LockManager for RedisLockManager {
                 }
                 Claim::HeldHere(lease_end) => {
                     // Held by this process: its release hands the key over or wakes this
-                    // turn, so there is nothing to ask Redis until its lease runs out.
-                    if Instant::now() >= deadline {
+                    // turn, so there is nothing to ask Redis. Look again at least every
+                    // `retry_max`: a release whose delete failed or was cancelled (Redis
+                    // down, a client gone) wakes nobody.
+                    let now = Instant::now();
+                    if now >= deadline {
                         return Err(LockError::Timeout);
                     }
+                    let look_again = (now + self.config.retry_max).min(lease_end);
                     tokio::select! {
-                        () = tokio::time::sleep_until(deadline.min(lease_end)) => {}
+                        () = tokio::time::sleep_until(deadline.min(look_again)) => {}
                         () = turn.released() => {}
                     }
                     continue;
                 }
-                Claim::Stale(parked) => self.delete(&redis_key, &parked).await.map(drop)?,
-                Claim::Free => {}
+                Claim::Free => {
+                    // This process just released the key while another process waited:
+                    // let that one take it first (its polls are at most `retry_max` apart).
+                    if let Some(until) = turn.take_courtesy()
+                        && until > Instant::now()
+                    {
+                        tokio::time::sleep_until(until.min(deadline)).await;
+                    }
+                }
             }
             // Checked on every attempt: Redis may have gone while this call waited.
             let client = self.connected_client("acquire")?;
             let sent = Instant::now();
-            if self.try_set(client, &redis_key, &token, lease_ms).await? {
-                turn.hold(Chain::begun(&token, sent, lease));
+            let taken = self.try_set(client, &redis_key, &token, lease_ms).await?;
+            if taken != Taken::No {
+                let others_wait = taken == Taken::WhileOthersWait;
+                turn.hold(Chain::begun(&token, sent, lease, others_wait));
                 return held();
             }
             let now = Instant::now();
@@ -374,44 +433,80 @@ impl LockManager for RedisLockManager {
 
     async fn release(&self, lease: &LockLease) -> Result<Release, LockError> {
         let redis_key = self.redis_key(&lease.key);
-        match self
-            .queues
-            .release(&redis_key, &lease.token, self.config.handoff)
-        {
+        // No hand-off while Redis is unreachable: the key there may be gone (a restart)
+        // and another process may hold it; the waiter then meets the outage itself.
+        let policy = if self.pool.next().is_connected() {
+            self.config.handoff
+        } else {
+            HandoffPolicy {
+                max_handoffs: 0,
+                ..self.config.handoff
+            }
+        };
+        match self.queues.release(&redis_key, &lease.token, policy) {
             ReleaseStep::HandedOff => Ok(Release::Released),
             ReleaseStep::NotHolder => Ok(Release::LeaseLost),
-            ReleaseStep::Delete(token) => {
-                if self.delete(&redis_key, &token).await? {
-                    self.queues.wake(&redis_key);
+            ReleaseStep::Delete(token) => match self.delete(&redis_key, &token).await? {
+                Deleted::NotHeld => Ok(Release::LeaseLost),
+                Deleted::Alone => {
+                    self.queues.wake(&redis_key, None);
                     Ok(Release::Released)
-                } else {
-                    Ok(Release::LeaseLost)
                 }
-            }
+                Deleted::WhileOthersWait => {
+                    let courtesy = Instant::now() + self.config.retry_max;
+                    self.queues.wake(&redis_key, Some(courtesy));
+                    Ok(Release::Released)
+                }
+            },
         }
     }
 }
 
 impl RedisLockManager {
-    /// The compare-and-delete: `true` when `key` held `token` and is gone.
-    async fn delete(&self, key: &str, token: &str) -> Result<bool, LockError> {
+    /// The compare-and-delete of `key` if it holds `token` (the [`RELEASE`] script).
+    async fn delete(&self, key: &str, token: &str) -> Result<Deleted, LockError> {
         let client = self.connected_client("release")?;
         let deleted: i64 = self
             .release_script
-            .evalsha_with_reload(client, vec![key.to_owned()], vec![token.to_owned()])
+            .evalsha_with_reload(
+                client,
+                vec![key.to_owned(), Self::marker_key(key)],
+                vec![token.to_owned(), self.id.clone()],
+            )
             .await
             .map_err(|e| redis_error("release", e))?;
         match deleted {
-            1 => Ok(true),
-            0 => Ok(false),
+            0 => Ok(Deleted::NotHeld),
+            1 => Ok(Deleted::Alone),
+            2 => Ok(Deleted::WhileOthersWait),
             other => {
                 count_error("release", "unexpected");
                 Err(LockError::Unexpected(anyhow::anyhow!(
-                    "the compare-and-delete script answered {other}, expected 0 or 1"
+                    "the release script answered {other}, expected 0, 1 or 2"
                 )))
             }
         }
     }
+}
+
+/// What an attempt to take a key found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// Held by somebody else.
+    No,
+    Alone,
+    /// Taken while another process had left its waiting marker.
+    WhileOthersWait,
+}
+
+/// What a compare-and-delete found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deleted {
+    /// The key did not hold the token (expired, or taken by somebody else).
+    NotHeld,
+    Alone,
+    /// Deleted while another process had left its waiting marker.
+    WhileOthersWait,
 }
 
 fn deadline_after(wait: Duration) -> Instant {

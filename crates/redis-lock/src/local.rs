@@ -36,7 +36,7 @@ pub struct HandoffPolicy {
 
 impl HandoffPolicy {
     fn allows(&self, chain: &Chain) -> bool {
-        chain.handoffs < self.max_handoffs && chain.is_young(self.max_age)
+        !chain.others_wait && chain.handoffs < self.max_handoffs && chain.is_young(self.max_age)
     }
 }
 
@@ -52,17 +52,21 @@ pub(crate) struct Chain {
     started: Instant,
     lease: Duration,
     handoffs: u32,
+    /// Another process was waiting when the chain began: it hands nothing off, so that
+    /// process gets the key at the next release.
+    others_wait: bool,
 }
 
 impl Chain {
     /// A chain begun by a `SET` of `token`, sent at `started`, held by that token.
-    pub(crate) fn begun(token: &str, started: Instant, lease: Duration) -> Self {
+    pub(crate) fn begun(token: &str, started: Instant, lease: Duration, others_wait: bool) -> Self {
         Self {
             redis_token: token.to_owned(),
             holder: Some(token.to_owned()),
             started,
             lease,
             handoffs: 0,
+            others_wait,
         }
     }
 
@@ -77,12 +81,11 @@ pub(crate) enum Claim {
     /// Nobody in this process holds the key: contend for it in Redis.
     Free,
     /// Somebody in this process holds it until at most this instant (its lease's end): wait
-    /// for its release, which hands it over or wakes, or for the lease to run out.
+    /// for its release, which hands it over or wakes (and look again now and then: a
+    /// release whose delete failed or was cancelled wakes nobody).
     HeldHere(Instant),
     /// A parked key was taken over: the caller holds it under its own token.
     Taken,
-    /// A parked key too old to take over: delete this token's key in Redis, then contend.
-    Stale(String),
 }
 
 /// What a release must still do.
@@ -102,12 +105,23 @@ pub(crate) enum ReleaseStep {
 pub(crate) struct Slot {
     turn: Arc<TurnLock<()>>,
     released: Notify,
+    /// Set by a release that found another process waiting: the local turn holder does
+    /// not contend before this instant, so that process gets its chance first.
+    courtesy: Mutex<Option<Instant>>,
+}
+
+/// One key's queue and how many waiters (turn holder included) are in it. The count is
+/// only changed under the state lock, so the last one out is known for sure.
+#[derive(Debug, Default)]
+struct Waiting {
+    slot: Arc<Slot>,
+    members: usize,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    /// Keys somebody here waits for; an entry lives only while it has a waiter.
-    waiting: HashMap<String, Arc<Slot>>,
+    /// Keys somebody here waits for; an entry lives only while it has a member.
+    waiting: HashMap<String, Waiting>,
     /// Keys this process holds (or has parked) in Redis.
     held: HashMap<String, Chain>,
 }
@@ -154,7 +168,9 @@ impl KeyQueues {
 
     fn join(&self, key: &str) -> Member {
         let mut state = lock(&self.shared);
-        let slot = Arc::clone(state.waiting.entry(key.to_owned()).or_default());
+        let entry = state.waiting.entry(key.to_owned()).or_default();
+        entry.members += 1;
+        let slot = Arc::clone(&entry.slot);
         Member {
             key: key.to_owned(),
             slot,
@@ -174,12 +190,12 @@ impl KeyQueues {
         if chain.holder.as_deref() != Some(token) {
             return ReleaseStep::NotHolder;
         }
-        if let Some(slot) = waiting.get(key)
+        if let Some(waiting) = waiting.get(key)
             && policy.allows(chain)
         {
             chain.holder = None;
             chain.handoffs += 1;
-            slot.released.notify_one();
+            waiting.slot.released.notify_one();
             return ReleaseStep::HandedOff;
         }
         let redis_token = chain.redis_token.clone();
@@ -188,11 +204,17 @@ impl KeyQueues {
     }
 
     /// Wakes the local waiter contending for `key`, if there is one: this process has
-    /// just deleted it. A bell rung with nobody listening is kept for the next waiter
+    /// just deleted it. With `courtesy`, that waiter holds back until then (another process
+    /// waits too). A bell rung with nobody listening is kept for the next waiter
     /// (`Notify::notify_one`), so a release between two polls is not missed.
-    pub(crate) fn wake(&self, key: &str) {
-        if let Some(slot) = lock(&self.shared).waiting.get(key) {
-            slot.released.notify_one();
+    pub(crate) fn wake(&self, key: &str, courtesy: Option<Instant>) {
+        if let Some(waiting) = lock(&self.shared).waiting.get(key) {
+            *waiting
+                .slot
+                .courtesy
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = courtesy;
+            waiting.slot.released.notify_one();
         }
     }
 
@@ -218,9 +240,9 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
     shared.state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// One waiter's (or turn holder's) reference to its key's queue. Dropping the last one
+/// One waiter's (or turn holder's) membership of its key's queue. The last one to leave
 /// removes the key from the map, whether the waiter got its turn, timed out or was
-/// cancelled; a key parked for a waiter that is gone goes to the reaper.
+/// cancelled; a key parked for waiters that are all gone goes to the reaper.
 struct Member {
     key: String,
     slot: Arc<Slot>,
@@ -230,13 +252,14 @@ struct Member {
 impl Drop for Member {
     fn drop(&mut self) {
         let mut state = lock(&self.shared);
-        // The map's reference plus ours means nobody else waits for or holds this turn, and
-        // nobody can join without the lock held here, so the entry can go safely.
-        let unused = state
-            .waiting
-            .get(&self.key)
-            .is_some_and(|slot| Arc::ptr_eq(slot, &self.slot) && Arc::strong_count(slot) == 2);
-        if !unused {
+        let last = match state.waiting.get_mut(&self.key) {
+            Some(waiting) if Arc::ptr_eq(&waiting.slot, &self.slot) => {
+                waiting.members -= 1;
+                waiting.members == 0
+            }
+            _ => false,
+        };
+        if !last {
             return;
         }
         state.waiting.remove(&self.key);
@@ -256,7 +279,6 @@ impl Drop for Member {
 
 /// The right to contend for a key; the next local waiter's turn starts on drop.
 pub(crate) struct Turn {
-    // Field order matters: the guard must be released before `Member::drop` counts references.
     _guard: OwnedMutexGuard<()>,
     member: Member,
 }
@@ -284,9 +306,26 @@ impl Turn {
             chain.holder = Some(token.to_owned());
             return Claim::Taken;
         }
-        let redis_token = chain.redis_token.clone();
-        state.held.remove(&self.member.key);
-        Claim::Stale(redis_token)
+        // Too old to take over: the reaper deletes it in Redis, and this waiter contends
+        // there like everybody else (its attempts fail until the key is gone).
+        if let Some(chain) = state.held.remove(&self.member.key) {
+            let _ = self
+                .member
+                .shared
+                .orphans
+                .send((self.member.key.clone(), chain.redis_token));
+        }
+        Claim::Free
+    }
+
+    /// The instant before which this turn should not contend, set by the last release.
+    pub(crate) fn take_courtesy(&self) -> Option<Instant> {
+        self.member
+            .slot
+            .courtesy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// Records that this turn's `SET` took the key, beginning a chain.
@@ -361,7 +400,9 @@ mod tests {
             // Let this waiter queue up before the next one is spawned: the turn lock is
             // shared by the slot and the holder's guard (2), then a pending lock future per
             // waiter, which has queued by the time it holds its reference.
-            while Arc::strong_count(&lock(&queues.shared).waiting.get("k").unwrap().turn) < i + 3 {
+            while Arc::strong_count(&lock(&queues.shared).waiting.get("k").unwrap().slot.turn)
+                < i + 3
+            {
                 tokio::task::yield_now().await;
             }
         }
@@ -391,16 +432,22 @@ mod tests {
         assert_eq!(queues.len(), 0);
     }
 
+    /// Ages are tested with paused time; elsewhere the age limit is out of reach.
     const POLICY: HandoffPolicy = HandoffPolicy {
         max_handoffs: 2,
-        max_age: Duration::from_millis(100),
+        max_age: Duration::from_secs(3_600),
     };
 
     /// A turn that took `key` with a `SET` of `token`, as the manager does.
     async fn holding(queues: &KeyQueues, key: &str, token: &str) {
         let turn = queues.take_turn(key, later(1_000)).await.expect("turn");
         assert_eq!(turn.claim(token), Claim::Free);
-        turn.hold(Chain::begun(token, Instant::now(), Duration::from_secs(30)));
+        turn.hold(Chain::begun(
+            token,
+            Instant::now(),
+            Duration::from_secs(30),
+            false,
+        ));
     }
 
     #[tokio::test]
@@ -466,19 +513,29 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_old_chain_is_not_handed_off_nor_taken_over() {
-        let queues = queues();
+        let (orphans, mut reaper) = tokio::sync::mpsc::unbounded_channel();
+        let queues = KeyQueues::new(orphans);
+        let young = HandoffPolicy {
+            max_age: Duration::from_millis(100),
+            ..POLICY
+        };
         holding(&queues, "k", "t1").await;
         let turn = queues.take_turn("k", later(60_000)).await.expect("turn");
         tokio::time::advance(Duration::from_millis(150)).await;
         assert_eq!(
-            queues.release("k", "t1", POLICY),
+            queues.release("k", "t1", young),
             ReleaseStep::Delete("t1".into()),
             "older than max_age"
         );
         assert_eq!(turn.claim("t2"), Claim::Free);
 
         // Parked while young, taken over only while the lease has at least half left.
-        turn.hold(Chain::begun("t2", Instant::now(), Duration::from_secs(30)));
+        turn.hold(Chain::begun(
+            "t2",
+            Instant::now(),
+            Duration::from_secs(30),
+            false,
+        ));
         let waiter = queues.take_turn("k", later(60_000));
         let release = async {
             tokio::task::yield_now().await;
@@ -492,8 +549,13 @@ mod tests {
         let (waiter, ()) = tokio::join!(waiter, release);
         let waiter = waiter.expect("turn");
         tokio::time::advance(Duration::from_secs(16)).await;
-        assert_eq!(waiter.claim("t3"), Claim::Stale("t2".into()));
+        assert_eq!(waiter.claim("t3"), Claim::Free, "not taken over");
         assert_eq!(queues.held("k"), None);
+        assert_eq!(
+            reaper.try_recv().ok(),
+            Some(("k".into(), "t2".into())),
+            "the reaper deletes it in Redis"
+        );
     }
 
     #[tokio::test]
@@ -507,5 +569,66 @@ mod tests {
         assert_eq!(reaper.try_recv().ok(), Some(("k".into(), "t1".into())));
         assert_eq!(queues.held("k"), None);
         assert_eq!(queues.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_chain_begun_while_another_process_waited_hands_nothing_off() {
+        let queues = queues();
+        let turn = queues.take_turn("k", later(1_000)).await.expect("turn");
+        turn.hold(Chain::begun(
+            "t1",
+            Instant::now(),
+            Duration::from_secs(30),
+            true,
+        ));
+        drop(turn);
+        let _waiting = queues.take_turn("k", later(1_000)).await.expect("turn");
+        assert_eq!(
+            queues.release("k", "t1", POLICY),
+            ReleaseStep::Delete("t1".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_courtesy_pause_is_handed_to_the_next_turn_once() {
+        let queues = queues();
+        let turn = queues.take_turn("k", later(1_000)).await.expect("turn");
+        let until = later(25);
+        queues.wake("k", Some(until));
+        assert_eq!(turn.take_courtesy(), Some(until));
+        assert_eq!(turn.take_courtesy(), None, "taken once");
+        queues.wake("k", None);
+        assert_eq!(turn.take_courtesy(), None);
+    }
+
+    /// Two members leaving at once (on two threads) must still leave no entry behind:
+    /// an entry without members would make a release park the key for nobody.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_leaving_together_leave_no_entry() {
+        let queues = Arc::new(queues());
+        for _ in 0..200 {
+            let held = queues.take_turn("k", later(1_000)).await.expect("turn");
+            let waiter = {
+                let queues = Arc::clone(&queues);
+                tokio::spawn(async move { queues.take_turn("k", later(60_000)).await.is_some() })
+            };
+            while lock(&queues.shared).waiting.get("k").map(|w| w.members) != Some(2) {
+                tokio::task::yield_now().await;
+            }
+            let (a, b) = (
+                tokio::spawn(async move { drop(held) }),
+                tokio::spawn(async move { waiter.abort() }),
+            );
+            a.await.expect("drop");
+            b.await.expect("abort");
+            // The aborted waiter may still be unwinding; it must leave, not linger.
+            for _ in 0..100_000 {
+                if queues.len() == 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(queues.len(), 0, "an entry outlived its members");
+        }
     }
 }

@@ -198,13 +198,25 @@ async fn a_local_release_wakes_the_local_waiter_at_once() {
 }
 
 /// A release with a local waiter next in line hands the key over without touching Redis:
-/// the key keeps its value and TTL, the new holder has a token of its own, the old token
-/// can no longer release anything, and the chain's last holder deletes the key.
+/// the key keeps its value, the new holder has a token of its own, the old token can no
+/// longer release anything, and the chain's last holder deletes the key.
 #[tokio::test]
 async fn a_local_waiter_takes_the_key_over_without_a_new_set() {
     let Some(url) = redis_url() else { return };
     let prefix = unique_prefix();
-    let locks = Arc::new(manager(&url, &prefix).await);
+    // An age limit out of reach, so a slow machine cannot end the chain before the hand-off.
+    let config = RedisLockConfig {
+        handoff: HandoffPolicy {
+            max_age: Duration::from_secs(600),
+            ..RedisLockConfig::default().handoff
+        },
+        ..RedisLockConfig::default()
+    };
+    let locks = Arc::new(
+        RedisLockManager::connect_with(&url, &prefix, config)
+            .await
+            .unwrap(),
+    );
     let redis = inspector(&url).await;
     let key = user(5);
 
@@ -250,6 +262,72 @@ async fn a_local_waiter_takes_the_key_over_without_a_new_set() {
 
     assert_eq!(locks.release(&second).await.unwrap(), Release::Released);
     assert_eq!(stored(&redis, &prefix, &key).await, None);
+}
+
+/// A release that finds another process waiting (its marker, left by a failed attempt)
+/// holds the local waiter back, so the other process gets the key first: with a courtesy
+/// of 60 s on this side, the other process can only win through it.
+#[tokio::test]
+async fn a_release_lets_a_waiting_process_go_before_the_local_waiter() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix();
+    let redis = inspector(&url).await;
+    let key = user(6);
+    let here = Arc::new(
+        RedisLockManager::connect_with(
+            &url,
+            &prefix,
+            RedisLockConfig {
+                retry_max: Duration::from_secs(60),
+                handoff: HandoffPolicy {
+                    max_handoffs: 0,
+                    ..RedisLockConfig::default().handoff
+                },
+                ..RedisLockConfig::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let elsewhere = Arc::new(manager(&url, &prefix).await);
+
+    let first = here.acquire(&key, WAIT, LEASE).await.unwrap();
+    let remote = {
+        let (locks, key) = (Arc::clone(&elsewhere), key.clone());
+        tokio::spawn(async move { locks.acquire(&key, WAIT, LEASE).await })
+    };
+    let marker = format!("{prefix}{}:waiting", key.as_str());
+    bounded("the other process's marker", async {
+        while redis
+            .get::<Option<String>, _>(&marker)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let local = {
+        let (locks, key) = (Arc::clone(&here), key.clone());
+        tokio::spawn(async move { locks.acquire(&key, Duration::from_secs(120), LEASE).await })
+    };
+    bounded("the local waiter queueing", async {
+        while !here.has_local_waiter(&key) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+
+    assert_eq!(here.release(&first).await.unwrap(), Release::Released);
+    let taken = bounded("the other process", remote).await.unwrap().unwrap();
+    assert!(!local.is_finished(), "the local waiter held back");
+    assert_eq!(
+        stored(&redis, &prefix, &key).await,
+        Some(taken.token.clone())
+    );
+    assert_eq!(elsewhere.release(&taken).await.unwrap(), Release::Released);
+    local.abort();
 }
 
 #[tokio::test]
