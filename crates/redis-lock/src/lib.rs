@@ -117,6 +117,9 @@ pub struct RedisLockManager {
     release_script: Script,
     /// This manager's name in waiting markers (see [`ACQUIRE`]).
     id: String,
+    /// How long a waiting marker lives, in ms: longer than a poller's longest pause, so it
+    /// stays while somebody polls.
+    marker_ms: String,
     config: RedisLockConfig,
     queues: KeyQueues,
     /// The tasks driving the pool's connections; aborted on drop, or they would keep
@@ -234,6 +237,10 @@ impl RedisLockManager {
             acquire_script: Script::from_lua(ACQUIRE),
             release_script: Script::from_lua(RELEASE),
             id: uuid::Uuid::new_v4().simple().to_string(),
+            marker_ms: u64::try_from(config.retry_max.as_millis().saturating_mul(2))
+                .unwrap_or(u64::MAX)
+                .max(50)
+                .to_string(),
             config,
             queues: KeyQueues::new(orphans),
             connections,
@@ -310,11 +317,7 @@ impl RedisLockManager {
         key: &str,
         token: &str,
         lease_ms: i64,
-    ) -> Result<Taken, LockError> {
-        // A marker outlives a poller's longest pause, so it stays while somebody polls.
-        let marker_ms = u64::try_from(self.config.retry_max.as_millis().saturating_mul(2))
-            .unwrap_or(u64::MAX)
-            .max(50);
+    ) -> Result<Outcome, LockError> {
         let unconfirmed = UnconfirmedSet::new(client, key, token);
         let reply: Result<i64, RedisError> = self
             .acquire_script
@@ -325,24 +328,14 @@ impl RedisLockManager {
                     token.to_owned(),
                     lease_ms.to_string(),
                     self.id.clone(),
-                    marker_ms.to_string(),
+                    self.marker_ms.clone(),
                 ],
             )
             .await;
         match reply {
             Ok(reply) => {
                 unconfirmed.confirm();
-                match reply {
-                    0 => Ok(Taken::No),
-                    1 => Ok(Taken::Alone),
-                    2 => Ok(Taken::WhileOthersWait),
-                    other => {
-                        count_error("acquire", "unexpected");
-                        Err(LockError::Unexpected(anyhow::anyhow!(
-                            "the acquire script answered {other}, expected 0, 1 or 2"
-                        )))
-                    }
-                }
+                Outcome::from_reply("acquire", reply)
             }
             // `unconfirmed` is dropped armed here: the SET may still have gone through.
             Err(e) => Err(redis_error("acquire", e)),
@@ -413,8 +406,8 @@ impl LockManager for RedisLockManager {
             let client = self.connected_client("acquire")?;
             let sent = Instant::now();
             let taken = self.try_set(client, &redis_key, &token, lease_ms).await?;
-            if taken != Taken::No {
-                let others_wait = taken == Taken::WhileOthersWait;
+            if taken != Outcome::Missed {
+                let others_wait = taken == Outcome::WhileOthersWait;
                 turn.hold(Chain::begun(&token, sent, lease, others_wait));
                 return held();
             }
@@ -447,12 +440,12 @@ impl LockManager for RedisLockManager {
             ReleaseStep::HandedOff => Ok(Release::Released),
             ReleaseStep::NotHolder => Ok(Release::LeaseLost),
             ReleaseStep::Delete(token) => match self.delete(&redis_key, &token).await? {
-                Deleted::NotHeld => Ok(Release::LeaseLost),
-                Deleted::Alone => {
+                Outcome::Missed => Ok(Release::LeaseLost),
+                Outcome::Alone => {
                     self.queues.wake(&redis_key, None);
                     Ok(Release::Released)
                 }
-                Deleted::WhileOthersWait => {
+                Outcome::WhileOthersWait => {
                     let courtesy = Instant::now() + self.config.retry_max;
                     self.queues.wake(&redis_key, Some(courtesy));
                     Ok(Release::Released)
@@ -464,7 +457,7 @@ impl LockManager for RedisLockManager {
 
 impl RedisLockManager {
     /// The compare-and-delete of `key` if it holds `token` (the [`RELEASE`] script).
-    async fn delete(&self, key: &str, token: &str) -> Result<Deleted, LockError> {
+    async fn delete(&self, key: &str, token: &str) -> Result<Outcome, LockError> {
         let client = self.connected_client("release")?;
         let deleted: i64 = self
             .release_script
@@ -475,38 +468,36 @@ impl RedisLockManager {
             )
             .await
             .map_err(|e| redis_error("release", e))?;
-        match deleted {
-            0 => Ok(Deleted::NotHeld),
-            1 => Ok(Deleted::Alone),
-            2 => Ok(Deleted::WhileOthersWait),
+        Outcome::from_reply("release", deleted)
+    }
+}
+
+/// What the [`ACQUIRE`] or [`RELEASE`] script did (their answers 0, 1 and 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Nothing: the key is held by somebody else (acquire) or no longer holds the token
+    /// (release: expired, or taken by somebody else).
+    Missed,
+    /// Took or deleted the key, with no other process waiting.
+    Alone,
+    /// Took or deleted the key while another process had left its waiting marker.
+    WhileOthersWait,
+}
+
+impl Outcome {
+    fn from_reply(op: &'static str, reply: i64) -> Result<Self, LockError> {
+        match reply {
+            0 => Ok(Self::Missed),
+            1 => Ok(Self::Alone),
+            2 => Ok(Self::WhileOthersWait),
             other => {
-                count_error("release", "unexpected");
+                count_error(op, "unexpected");
                 Err(LockError::Unexpected(anyhow::anyhow!(
-                    "the release script answered {other}, expected 0, 1 or 2"
+                    "the {op} script answered {other}, expected 0, 1 or 2"
                 )))
             }
         }
     }
-}
-
-/// What an attempt to take a key found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Taken {
-    /// Held by somebody else.
-    No,
-    Alone,
-    /// Taken while another process had left its waiting marker.
-    WhileOthersWait,
-}
-
-/// What a compare-and-delete found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Deleted {
-    /// The key did not hold the token (expired, or taken by somebody else).
-    NotHeld,
-    Alone,
-    /// Deleted while another process had left its waiting marker.
-    WhileOthersWait,
 }
 
 fn deadline_after(wait: Duration) -> Instant {
