@@ -6,7 +6,14 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use domain::types::Limits;
 use domain::{LockUnavailablePolicy, Settings};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
+
+/// The largest integer a JSON number carries exactly to every client (2^53 − 1, IEEE
+/// doubles): no balance or amount may exceed it, and sums of two stay far inside i64.
+pub const MAX_EXACT_JSON_INTEGER: i64 = 9_007_199_254_740_991;
+
+/// The longest retention of a finished request: a year.
+pub const MAX_TTL_SECS: u64 = 365 * 86_400;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -96,19 +103,19 @@ pub struct Config {
           value_parser = clap::builder::BoolishValueParser::new(), global = true)]
     pub migrate_on_start: bool,
     /// Users 1..N that `serve` creates at start if missing (default: 100 with the in-memory store, 0 with MySQL).
-    #[arg(long, env = "SEED_USERS", global = true)]
+    #[arg(long, env = "SEED_USERS", value_parser = clap::value_parser!(u32).range(0..=10_000_000), global = true)]
     pub seed_users: Option<u32>,
     /// The balance of users created by --seed-users [default: 100000].
     #[arg(long, env = "SEED_BALANCE", global = true)]
     pub seed_balance: Option<i64>,
     /// How long a balance change waits for its user's lock.
-    #[arg(long, env = "LOCK_WAIT_MS", default_value_t = 10_000, global = true)]
+    #[arg(long, env = "LOCK_WAIT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000), global = true)]
     pub lock_wait_ms: u64,
     /// How long a lock is held at most if its holder never releases it.
-    #[arg(long, env = "LOCK_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    #[arg(long, env = "LOCK_LEASE_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000), global = true)]
     pub lock_lease_ms: u64,
     /// Retries of a balance change after a lost optimistic race.
-    #[arg(long, env = "OPTIMISTIC_RETRIES", default_value_t = 10, global = true)]
+    #[arg(long, env = "OPTIMISTIC_RETRIES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=1000), global = true)]
     pub optimistic_retries: u32,
     /// What balance changes do while Redis is unreachable.
     #[arg(
@@ -119,20 +126,44 @@ pub struct Config {
         global = true
     )]
     pub lock_on_redis_down: RedisDownPolicy,
-    /// When set, /api/* needs `Authorization: Bearer <token>`.
+    /// The service token: when set, /api/* needs `Authorization: Bearer <token>` (or a valid JWT); it acts for every user.
     #[arg(long, env = "API_TOKEN", hide_env_values = true, global = true)]
     pub api_token: Option<SecretString>,
+    /// HS256 secret (at least 32 bytes) of per-user JWTs; then /api/* needs a bearer JWT (or the API_TOKEN).
+    #[arg(
+        long,
+        env = "AUTH_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "auth_jwt_public_key_file",
+        global = true
+    )]
+    pub auth_jwt_secret: Option<SecretString>,
+    /// PEM public key (RSA: RS256, Ed25519: EdDSA) of per-user JWTs, instead of AUTH_JWT_SECRET.
+    #[arg(long, env = "AUTH_JWT_PUBLIC_KEY_FILE", global = true)]
+    pub auth_jwt_public_key_file: Option<std::path::PathBuf>,
+    /// When set, a JWT's `aud` must contain this audience.
+    #[arg(long, env = "AUTH_JWT_AUDIENCE", global = true)]
+    pub auth_jwt_audience: Option<String>,
+    /// When set, a JWT's `iss` must be this issuer.
+    #[arg(long, env = "AUTH_JWT_ISSUER", global = true)]
+    pub auth_jwt_issuer: Option<String>,
+    /// When set, /metrics needs `Authorization: Bearer <token>`.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true, global = true)]
+    pub metrics_token: Option<SecretString>,
+    /// Connections served at once, across all workers; more wait in the listen backlog.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 25_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    pub max_connections: u32,
     /// How long a finished request's response is kept for replays.
-    #[arg(long, env = "IDEMPOTENCY_TTL_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    #[arg(long, env = "IDEMPOTENCY_TTL_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=MAX_TTL_SECS), global = true)]
     pub idempotency_ttl_secs: u64,
     /// Largest amount of one operation.
-    #[arg(long, env = "MAX_AMOUNT", default_value_t = Limits::DEFAULT_MAX_AMOUNT, value_parser = clap::value_parser!(i64).range(1..), global = true)]
+    #[arg(long, env = "MAX_AMOUNT", default_value_t = Limits::DEFAULT_MAX_AMOUNT, value_parser = clap::value_parser!(i64).range(1..=MAX_EXACT_JSON_INTEGER), global = true)]
     pub max_amount: i64,
     /// Largest balance of one user.
-    #[arg(long, env = "MAX_BALANCE", default_value_t = Limits::DEFAULT_MAX_BALANCE, value_parser = clap::value_parser!(i64).range(1..), global = true)]
+    #[arg(long, env = "MAX_BALANCE", default_value_t = Limits::DEFAULT_MAX_BALANCE, value_parser = clap::value_parser!(i64).range(1..=MAX_EXACT_JSON_INTEGER), global = true)]
     pub max_balance: i64,
     /// Database pool size (default: sized for the machine's cores).
-    #[arg(long, env = "DB_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "DB_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
     pub db_max_connections: Option<u32>,
     /// Log filter, e.g. `info` or `info,domain=debug`.
     #[arg(
@@ -152,13 +183,14 @@ pub struct Config {
     )]
     pub log_format: LogFormat,
     /// HTTP worker threads (default: one per core).
-    #[arg(long, env = "HTTP_WORKERS", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    #[arg(long, env = "HTTP_WORKERS", value_parser = clap::value_parser!(u32).range(1..=256), global = true)]
     pub http_workers: Option<u32>,
     /// How long a stopping server waits for in-flight requests.
     #[arg(
         long,
         env = "SHUTDOWN_TIMEOUT_SECS",
         default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(0..=3600),
         global = true
     )]
     pub shutdown_timeout_secs: u64,
@@ -167,6 +199,7 @@ pub struct Config {
         long,
         env = "AUDIT_INTERVAL_SECS",
         default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(0..=604_800),
         global = true
     )]
     pub audit_interval_secs: u64,
@@ -186,6 +219,41 @@ impl Config {
     /// The defaults of the spec, as if no flag or variable were given (for tests).
     pub fn defaults() -> Self {
         Cli::parse_from(["balance-service"]).config
+    }
+
+    /// Who `/api/*` requests act for: `API_TOKEN` and the JWT key, if any.
+    ///
+    /// # Errors
+    /// A short `AUTH_JWT_SECRET`, or a key file that cannot be read or is not a supported
+    /// public key; the message names the variable.
+    pub fn authenticator(&self) -> anyhow::Result<http_actix::auth::Authenticator> {
+        use http_actix::auth::{Authenticator, JwtVerifier};
+        let jwt = match (&self.auth_jwt_secret, &self.auth_jwt_public_key_file) {
+            (Some(secret), _) => Some(JwtVerifier::hs256(secret.expose_secret().as_bytes())?),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!("AUTH_JWT_PUBLIC_KEY_FILE {}: {e}", path.display())
+                })?;
+                Some(JwtVerifier::from_public_key_pem(&pem)?)
+            }
+            (None, None) => None,
+        };
+        if jwt.is_none() && (self.auth_jwt_audience.is_some() || self.auth_jwt_issuer.is_some()) {
+            anyhow::bail!(
+                "AUTH_JWT_AUDIENCE and AUTH_JWT_ISSUER need AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY_FILE"
+            );
+        }
+        let jwt = jwt.map(|mut jwt| {
+            if let Some(audience) = &self.auth_jwt_audience {
+                jwt = jwt.with_audience(audience);
+            }
+            if let Some(issuer) = &self.auth_jwt_issuer {
+                jwt = jwt.with_issuer(issuer);
+            }
+            jwt
+        });
+        let api_token = self.api_token.as_ref().map(|t| t.expose_secret());
+        Ok(Authenticator::new(api_token, jwt))
     }
 
     /// The use cases' settings.

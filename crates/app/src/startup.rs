@@ -274,16 +274,24 @@ impl Application {
             )));
         }
 
+        let auth = config.authenticator()?;
+        if auth.is_open() {
+            tracing::warn!(
+                "neither API_TOKEN nor AUTH_JWT_* is set: /api/* is OPEN to every caller (run it behind a gateway that authenticates)"
+            );
+        }
         let state = Data::new(AppState {
             service: wiring.service.clone(),
             dependencies: wiring.dependencies,
             metrics,
-            api_token: config
-                .api_token
+            auth,
+            metrics_token: config
+                .metrics_token
                 .as_ref()
                 .map(|t| t.expose_secret().to_owned())
                 .filter(|t| !t.is_empty()),
         });
+        raise_open_file_limit(config.max_connections);
         let listener = TcpListener::bind(config.bind_addr)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind_addr))?;
         let port = listener.local_addr()?.port();
@@ -291,8 +299,11 @@ impl Application {
             .http_workers
             .map(|w| w as usize)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from));
+        // actix counts connections per worker; MAX_CONNECTIONS is for the whole process.
+        let per_worker = (config.max_connections as usize).div_ceil(workers).max(1);
         let server = HttpServer::new(move || http_actix::build_app(state.clone()))
             .workers(workers)
+            .max_connections(per_worker)
             .shutdown_timeout(config.shutdown_timeout_secs)
             // Signals are ours (run_until_stopped), so tests can run many servers in one process.
             .disable_signals()
@@ -361,6 +372,23 @@ async fn purge_expired_keys(service: BalanceService) {
                 }
             }
         }
+    }
+}
+
+/// Raises the soft open-file limit as far as the hard limit allows (every connection is a
+/// file descriptor; the usual soft default of 1024 would refuse connections long before
+/// `MAX_CONNECTIONS`), and says what it got.
+fn raise_open_file_limit(max_connections: u32) {
+    // Connections, plus the database pool, Redis, logs and the listener.
+    let wanted = u64::from(max_connections) + 1024;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            open_files = limit,
+            max_connections,
+            "the open-file limit is below MAX_CONNECTIONS plus headroom; connections past it are refused (raise the hard limit: ulimit -Hn, LimitNOFILE=)"
+        ),
+        Ok(limit) => tracing::info!(open_files = limit, "open-file limit raised"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
 }
 

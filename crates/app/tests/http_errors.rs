@@ -299,7 +299,7 @@ async fn unknown_routes_and_methods_are_problems(backend: Backend) {
         (status, code.as_str()),
         (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED")
     );
-    assert_eq!(headers.get("allow").unwrap(), "GET");
+    assert_eq!(headers.get("allow").unwrap(), "GET, HEAD");
     app.stop().await;
 }
 

@@ -1,14 +1,22 @@
 //! Reading requests by hand, so that every refusal is one of the API's problems (actix's
 //! own extractor errors would answer in its own format) and nothing past the limit is read.
 
-use actix_web::HttpRequest;
+use std::time::{Duration, Instant};
+
 use actix_web::http::header;
 use actix_web::web::{BytesMut, Payload};
+use actix_web::{HttpMessage, HttpRequest};
 use domain::types::{Amount, IdempotencyKey, Limits, OrderId, UserId};
 use futures_util::StreamExt;
 use serde_json::{Map, Value};
 
+use crate::middleware::HeadReceived;
 use crate::problem::{ApiError, Code};
+
+/// How long after its head a request's body may take to arrive: past it, 408
+/// `REQUEST_TIMEOUT` and the connection is closed, so a client trickling bytes cannot hold
+/// a connection (and a handler) for ever.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Bodies above this are refused with 413 `PAYLOAD_TOO_LARGE`.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -59,15 +67,34 @@ pub async fn read_json_object(
         return Err(too_large());
     }
 
-    let mut body = BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|_| ApiError::validation("the request body could not be read"))?;
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(too_large());
+    let head = req
+        .extensions()
+        .get::<HeadReceived>()
+        .map_or_else(Instant::now, |h| h.0);
+    let deadline = tokio::time::Instant::from_std(head + BODY_DEADLINE);
+    let read = async {
+        let mut body = BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk =
+                chunk.map_err(|_| ApiError::validation("the request body could not be read"))?;
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
+        Ok(body)
+    };
+    let body = tokio::time::timeout_at(deadline, read)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                Code::RequestTimeout,
+                format!(
+                    "the request body did not arrive within {} s of its head",
+                    BODY_DEADLINE.as_secs()
+                ),
+            )
+        })??;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }

@@ -3,15 +3,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::HttpResponse;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::web::Data;
+use actix_web::{HttpRequest, HttpResponse};
 use async_trait::async_trait;
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::AppState;
+use crate::auth::{bearer_token, same_secret};
+use crate::problem::{ApiError, Code, Problem};
 
 /// Something the service needs to do its work, as readiness sees it.
 #[async_trait]
@@ -140,18 +142,33 @@ pub async fn ready(state: Data<AppState>) -> HttpResponse {
     )
 }
 
-/// Prometheus text format.
-#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
-pub async fn metrics(state: Data<AppState>) -> HttpResponse {
+/// Prometheus text format; with `METRICS_TOKEN` set, only for `Authorization: Bearer <METRICS_TOKEN>`.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses(
+        (status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
+        (status = 401, description = "`METRICS_TOKEN` is set and the request's bearer token is missing or wrong", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("metrics_bearer" = []))
+)]
+pub async fn metrics(state: Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    if let Some(expected) = &state.metrics_token {
+        let presented = bearer_token(req.headers()).unwrap_or_default();
+        if !same_secret(presented.as_bytes(), expected.as_bytes()) {
+            return Err(ApiError::new(
+                Code::Unauthorized,
+                "a valid bearer token (METRICS_TOKEN) is required",
+            ));
+        }
+    }
     let text = state
         .metrics
         .as_ref()
         .map(|h| h.render())
         .unwrap_or_default();
-    HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .insert_header((
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         ))
-        .body(text)
+        .body(text))
 }

@@ -1,6 +1,7 @@
 //! The HTTP adapter: routes, request parsing, problem+json errors, health, metrics and the
 //! OpenAPI document with its Swagger UI (vendored: no CDN at build or run time).
 
+pub mod auth;
 pub mod body;
 pub mod dto;
 pub mod encoder;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::web::{self, Data};
-use actix_web::{App, Error, HttpResponse};
+use actix_web::{App, Error, HttpResponse, guard};
 use domain::BalanceService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
@@ -34,8 +35,10 @@ pub struct AppState {
     pub dependencies: Vec<Arc<dyn Dependency>>,
     /// Renders `/metrics`; `None` serves an empty page.
     pub metrics: Option<PrometheusHandle>,
-    /// `API_TOKEN`: when set, `/api/*` needs `Authorization: Bearer <token>`.
-    pub api_token: Option<String>,
+    /// Who `/api/*` requests act for (`API_TOKEN`, `AUTH_JWT_*`).
+    pub auth: auth::Authenticator,
+    /// `METRICS_TOKEN`: when set, `/metrics` needs `Authorization: Bearer <token>`.
+    pub metrics_token: Option<String>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -43,7 +46,11 @@ impl std::fmt::Debug for AppState {
         f.debug_struct("AppState")
             .field("service", &self.service)
             .field("dependencies", &self.dependencies.len())
-            .field("api_token", &self.api_token.as_ref().map(|_| "[REDACTED]"))
+            .field("auth", &self.auth)
+            .field(
+                "metrics_token",
+                &self.metrics_token.as_ref().map(|_| "[REDACTED]"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -55,6 +62,35 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
 fn only(allow: &'static str) -> actix_web::Route {
     web::route()
         .to(move || async move { Err::<HttpResponse, _>(ApiError::method_not_allowed(allow)) })
+}
+
+/// GET, and HEAD wherever GET answers (actix sends HEAD's headers without the body).
+fn get() -> actix_web::Route {
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+}
+
+/// A resource answering GET (and HEAD), 405 for anything else.
+fn readable<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path)
+        .route(get().to(handler))
+        .default_service(only("GET, HEAD"))
+}
+
+/// A resource answering POST, 405 for anything else.
+fn writable<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path)
+        .route(web::post().to(handler))
+        .default_service(only("POST"))
 }
 
 /// The whole application: routes, middleware, docs and problem+json fallbacks.
@@ -75,67 +111,27 @@ pub fn build_app(
     App::new()
         .app_data(state)
         .wrap(actix_web::middleware::from_fn(middleware::observe))
+        // Authentication wraps the whole scope: it runs on the route a request reaches, so
+        // no spelling of a path (percent-encoding, case, dots) that routes here can skip it.
         .service(
-            web::resource("/api/users")
-                .route(web::post().to(routes::create_user))
-                .default_service(only("POST")),
+            web::scope("/api")
+                .wrap(actix_web::middleware::from_fn(auth::authenticate))
+                .service(writable("/users", routes::create_user))
+                .service(readable("/users/{userId}/balance", routes::get_balance))
+                .service(writable("/users/{userId}/balance/charge", routes::charge))
+                .service(writable("/users/{userId}/balance/use", routes::use_balance))
+                .service(readable("/users/{userId}/balance/history", routes::history))
+                .service(writable("/orders", routes::create_order))
+                .service(readable("/orders/{orderId}", routes::get_order))
+                .service(writable("/payments", routes::pay))
+                .service(readable("/payments/{paymentId}", routes::get_payment))
+                .default_service(web::to(not_found)),
         )
-        .service(
-            web::resource("/api/users/{userId}/balance")
-                .route(web::get().to(routes::get_balance))
-                .default_service(only("GET")),
-        )
-        .service(
-            web::resource("/api/users/{userId}/balance/charge")
-                .route(web::post().to(routes::charge))
-                .default_service(only("POST")),
-        )
-        .service(
-            web::resource("/api/users/{userId}/balance/use")
-                .route(web::post().to(routes::use_balance))
-                .default_service(only("POST")),
-        )
-        .service(
-            web::resource("/api/users/{userId}/balance/history")
-                .route(web::get().to(routes::history))
-                .default_service(only("GET")),
-        )
-        .service(
-            web::resource("/api/orders")
-                .route(web::post().to(routes::create_order))
-                .default_service(only("POST")),
-        )
-        .service(
-            web::resource("/api/orders/{orderId}")
-                .route(web::get().to(routes::get_order))
-                .default_service(only("GET")),
-        )
-        .service(
-            web::resource("/api/payments")
-                .route(web::post().to(routes::pay))
-                .default_service(only("POST")),
-        )
-        .service(
-            web::resource("/api/payments/{paymentId}")
-                .route(web::get().to(routes::get_payment))
-                .default_service(only("GET")),
-        )
-        .service(
-            web::resource("/health/live")
-                .route(web::get().to(health::live))
-                .default_service(only("GET")),
-        )
-        .service(
-            web::resource("/health/ready")
-                .route(web::get().to(health::ready))
-                .default_service(only("GET")),
-        )
-        .service(
-            web::resource("/metrics")
-                .route(web::get().to(health::metrics))
-                .default_service(only("GET")),
-        )
+        .service(readable("/health/live", health::live))
+        .service(readable("/health/ready", health::ready))
+        .service(readable("/metrics", health::metrics))
         .service(web::redirect("/swagger-ui", "/swagger-ui/"))
+        .service(web::redirect("/", "/swagger-ui/"))
         .service(swagger)
         .default_service(web::to(not_found))
 }

@@ -1,6 +1,7 @@
 //! The OpenAPI document, generated from the handlers' annotations.
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::dto::{
@@ -8,7 +9,7 @@ use crate::dto::{
     HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse, UseResponse,
 };
 use crate::health::{self, DependencyState, LiveResponse, ReadyResponse};
-use crate::problem::Problem;
+use crate::problem::{Code, PROBLEM_JSON, Problem};
 use crate::routes;
 
 #[derive(OpenApi)]
@@ -45,7 +46,8 @@ use crate::routes;
 #[derive(Debug)]
 pub struct ApiDoc;
 
-/// Declares the optional bearer token (`API_TOKEN`).
+/// Declares the bearer schemes, and on every `/api` operation the 401 the `/api` scope
+/// answers when authentication is configured (one place, as the check itself is one place).
 struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -53,7 +55,62 @@ impl Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "`API_TOKEN` (acts for every user), or a JWT (`AUTH_JWT_SECRET` / `AUTH_JWT_PUBLIC_KEY_FILE`) whose `sub` is a user id (acts for that user) or whose `scope` holds `balance:admin`. Needed only when one of them is configured.",
+                    ))
+                    .build(),
+            ),
         );
+        components.add_security_scheme(
+            "metrics_bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("`METRICS_TOKEN`, when it is set."))
+                    .build(),
+            ),
+        );
+        for (path, item) in &mut openapi.paths.paths {
+            if !(path == "/api" || path.starts_with("/api/")) {
+                continue;
+            }
+            for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+                operation
+                    .responses
+                    .responses
+                    .entry("401".to_owned())
+                    .or_insert_with(|| {
+                        problem_response(
+                            "API_TOKEN or a JWT key is configured and the bearer token is missing, invalid or expired",
+                            Code::Unauthorized,
+                            "a valid bearer token is required",
+                        )
+                    });
+            }
+        }
     }
+}
+
+/// A problem+json response with an example of its own code.
+pub fn problem_response(
+    description: &str,
+    code: Code,
+    detail: &str,
+) -> RefOr<utoipa::openapi::Response> {
+    let example = serde_json::to_value(Problem::new(code, detail)).unwrap_or_default();
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                PROBLEM_JSON,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .example(Some(example))
+                    .build(),
+            )
+            .build(),
+    )
 }

@@ -38,11 +38,13 @@ pub enum Code {
     IdempotencyKeyRequired,
     InvalidIdempotencyKey,
     Unauthorized,
+    Forbidden,
     UserNotFound,
     OrderNotFound,
     PaymentNotFound,
     NotFound,
     MethodNotAllowed,
+    RequestTimeout,
     IdempotencyKeyInUse,
     OrderAlreadyPaid,
     PayloadTooLarge,
@@ -62,11 +64,13 @@ impl Code {
             Code::IdempotencyKeyRequired => "IDEMPOTENCY_KEY_REQUIRED",
             Code::InvalidIdempotencyKey => "INVALID_IDEMPOTENCY_KEY",
             Code::Unauthorized => "UNAUTHORIZED",
+            Code::Forbidden => "FORBIDDEN",
             Code::UserNotFound => "USER_NOT_FOUND",
             Code::OrderNotFound => "ORDER_NOT_FOUND",
             Code::PaymentNotFound => "PAYMENT_NOT_FOUND",
             Code::NotFound => "NOT_FOUND",
             Code::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Code::RequestTimeout => "REQUEST_TIMEOUT",
             Code::IdempotencyKeyInUse => "IDEMPOTENCY_KEY_IN_USE",
             Code::OrderAlreadyPaid => "ORDER_ALREADY_PAID",
             Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
@@ -86,10 +90,12 @@ impl Code {
                 400
             }
             Code::Unauthorized => 401,
+            Code::Forbidden => 403,
             Code::UserNotFound | Code::OrderNotFound | Code::PaymentNotFound | Code::NotFound => {
                 404
             }
             Code::MethodNotAllowed => 405,
+            Code::RequestTimeout => 408,
             Code::IdempotencyKeyInUse | Code::OrderAlreadyPaid => 409,
             Code::PayloadTooLarge => 413,
             Code::UnsupportedMediaType => 415,
@@ -107,11 +113,13 @@ impl Code {
             Code::IdempotencyKeyRequired => "Idempotency key required",
             Code::InvalidIdempotencyKey => "Invalid idempotency key",
             Code::Unauthorized => "Unauthorized",
+            Code::Forbidden => "Forbidden",
             Code::UserNotFound => "User not found",
             Code::OrderNotFound => "Order not found",
             Code::PaymentNotFound => "Payment not found",
             Code::NotFound => "Not found",
             Code::MethodNotAllowed => "Method not allowed",
+            Code::RequestTimeout => "Request timeout",
             Code::IdempotencyKeyInUse => "Idempotency key in use",
             Code::OrderAlreadyPaid => "Order already paid",
             Code::PayloadTooLarge => "Payload too large",
@@ -199,6 +207,21 @@ impl From<ValidationError> for ApiError {
     }
 }
 
+/// The answer to a failed read. Reads carry no idempotency key, so their 503 says only to
+/// retry; everything else is as for a balance change.
+pub fn read_error(e: OperationError) -> ApiError {
+    match e {
+        OperationError::Unavailable(cause) => {
+            tracing::warn!(error = %format!("{cause:#}"), "dependency unavailable");
+            ApiError::new(
+                Code::ServiceUnavailable,
+                "the service is temporarily unavailable; retry later",
+            )
+        }
+        other => other.into(),
+    }
+}
+
 impl From<OperationError> for ApiError {
     fn from(e: OperationError) -> Self {
         match e {
@@ -255,6 +278,10 @@ impl ResponseError for ApiError {
         }
         if let Some(allow) = self.allow {
             response.insert_header((header::ALLOW, HeaderValue::from_static(allow)));
+        }
+        if self.code == Code::RequestTimeout {
+            // The rest of a body that came too slowly is not waited for: the connection goes.
+            response.force_close();
         }
         if self.code == Code::Unauthorized {
             response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));

@@ -5,16 +5,17 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::web::{Data, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use domain::types::{EntryId, OrderId, PageLimit, PaymentId, UserId};
-use domain::{BalanceCommand, Execution};
+use domain::{BalanceCommand, Execution, OperationError};
 use tracing::Instrument;
 
 use crate::AppState;
+use crate::auth::Principal;
 use crate::body::{self, read_json_object};
 use crate::dto::{
     AmountRequest, BalanceResponse, ChargeResponse, CreateUserRequest, HistoryItem,
     HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse, UseResponse,
 };
-use crate::problem::{ApiError, PROBLEM_JSON, Problem};
+use crate::problem::{ApiError, PROBLEM_JSON, Problem, read_error};
 
 pub const REPLAYED_HEADER: &str = "Idempotent-Replayed";
 
@@ -76,11 +77,18 @@ async fn execute(state: &AppState, command: BalanceCommand) -> ApiResult {
     responses(
         (status = 201, description = "Created", body = BalanceResponse, headers(("Location" = String, description = "The new user's balance URL"))),
         (status = 400, description = "Body is not an empty object", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN: a user token; creating users needs the API_TOKEN or an admin JWT", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
-pub async fn create_user(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
+pub async fn create_user(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+    payload: Payload,
+) -> ApiResult {
+    principal.require_admin()?;
     let body = read_json_object(&req, payload).await?.unwrap_or_default();
     if body.contains_key("balance") {
         return Err(ApiError::validation(
@@ -111,9 +119,14 @@ pub async fn create_user(state: Data<AppState>, req: HttpRequest, payload: Paylo
     ),
     security((), ("bearer" = []))
 )]
-pub async fn get_balance(state: Data<AppState>, req: HttpRequest) -> ApiResult {
+pub async fn get_balance(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+) -> ApiResult {
     let user = path_id(&req, "userId", UserId::parse)?;
-    let user = state.service.balance(user).await?;
+    principal.check_user(user)?;
+    let user = state.service.balance(user).await.map_err(read_error)?;
     json(StatusCode::OK, &BalanceResponse::from(&user))
 }
 
@@ -137,12 +150,18 @@ pub async fn get_balance(state: Data<AppState>, req: HttpRequest) -> ApiResult {
     ),
     security((), ("bearer" = []))
 )]
-pub async fn charge(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
+pub async fn charge(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+    payload: Payload,
+) -> ApiResult {
     let user = path_id(&req, "userId", UserId::parse)?;
     let body = read_json_object(&req, payload).await?;
     let key = body::idempotency_key(&req, body.as_ref())?;
     let body = body.unwrap_or_default();
     let amount = body::amount(&body, state.service.limits())?;
+    principal.check_user(user)?;
     execute(&state, BalanceCommand::Charge { user, amount, key }).await
 }
 
@@ -166,12 +185,18 @@ pub async fn charge(state: Data<AppState>, req: HttpRequest, payload: Payload) -
     ),
     security((), ("bearer" = []))
 )]
-pub async fn use_balance(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
+pub async fn use_balance(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+    payload: Payload,
+) -> ApiResult {
     let user = path_id(&req, "userId", UserId::parse)?;
     let body = read_json_object(&req, payload).await?;
     let key = body::idempotency_key(&req, body.as_ref())?;
     let body = body.unwrap_or_default();
     let amount = body::amount(&body, state.service.limits())?;
+    principal.check_user(user)?;
     execute(&state, BalanceCommand::Use { user, amount, key }).await
 }
 
@@ -190,7 +215,7 @@ pub async fn use_balance(state: Data<AppState>, req: HttpRequest, payload: Paylo
     ),
     security((), ("bearer" = []))
 )]
-pub async fn history(state: Data<AppState>, req: HttpRequest) -> ApiResult {
+pub async fn history(state: Data<AppState>, principal: Principal, req: HttpRequest) -> ApiResult {
     let user = path_id(&req, "userId", UserId::parse)?;
     let mut limit = None;
     let mut before = None;
@@ -217,7 +242,12 @@ pub async fn history(state: Data<AppState>, req: HttpRequest) -> ApiResult {
         ),
         None => None,
     };
-    let page = state.service.history(user, before, limit).await?;
+    principal.check_user(user)?;
+    let page = state
+        .service
+        .history(user, before, limit)
+        .await
+        .map_err(read_error)?;
     json(
         StatusCode::OK,
         &HistoryResponse {
@@ -245,12 +275,18 @@ fn query_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
     ),
     security((), ("bearer" = []))
 )]
-pub async fn create_order(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
+pub async fn create_order(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+    payload: Payload,
+) -> ApiResult {
     let body = read_json_object(&req, payload)
         .await?
         .ok_or_else(|| ApiError::validation("userId is required"))?;
     let user = body::user_id_field(&body)?;
     let amount = body::amount(&body, state.service.limits())?;
+    principal.check_user(user)?;
     let order = state.service.create_order(user, amount).await?;
     let mut response = json(StatusCode::CREATED, &OrderResponse::from(&order))?;
     if let Ok(location) = HeaderValue::from_str(&format!("/api/orders/{}", order.id)) {
@@ -270,9 +306,12 @@ pub async fn create_order(state: Data<AppState>, req: HttpRequest, payload: Payl
     ),
     security((), ("bearer" = []))
 )]
-pub async fn get_order(state: Data<AppState>, req: HttpRequest) -> ApiResult {
+pub async fn get_order(state: Data<AppState>, principal: Principal, req: HttpRequest) -> ApiResult {
     let id = path_id(&req, "orderId", OrderId::parse)?;
-    let order = state.service.order(id).await?;
+    let order = state.service.order(id).await.map_err(read_error)?;
+    if !principal.acts_for(order.user_id) {
+        return Err(OperationError::OrderNotFound.into());
+    }
     json(StatusCode::OK, &OrderResponse::from(&order))
 }
 
@@ -293,12 +332,18 @@ pub async fn get_order(state: Data<AppState>, req: HttpRequest) -> ApiResult {
     ),
     security((), ("bearer" = []))
 )]
-pub async fn pay(state: Data<AppState>, req: HttpRequest, payload: Payload) -> ApiResult {
+pub async fn pay(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+    payload: Payload,
+) -> ApiResult {
     let body = read_json_object(&req, payload).await?;
     let key = body::idempotency_key(&req, body.as_ref())?;
     let body = body.unwrap_or_default();
     let order = body::order_id_field(&body)?;
     let user = body::user_id_field(&body)?;
+    principal.check_user(user)?;
     execute(&state, BalanceCommand::Pay { user, order, key }).await
 }
 
@@ -313,8 +358,15 @@ pub async fn pay(state: Data<AppState>, req: HttpRequest, payload: Payload) -> A
     ),
     security((), ("bearer" = []))
 )]
-pub async fn get_payment(state: Data<AppState>, req: HttpRequest) -> ApiResult {
+pub async fn get_payment(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+) -> ApiResult {
     let id = path_id(&req, "paymentId", PaymentId::parse)?;
-    let payment = state.service.payment(id).await?;
+    let payment = state.service.payment(id).await.map_err(read_error)?;
+    if !principal.acts_for(payment.user_id) {
+        return Err(OperationError::PaymentNotFound.into());
+    }
     json(StatusCode::OK, &PaymentResponse::from(&payment))
 }
