@@ -202,6 +202,33 @@ async fn connections_past_the_cap_wait_for_a_free_one() {
     app.stop().await;
 }
 
+/// Requests actix-http refuses while parsing, before any of our code runs: it answers them
+/// itself (empty body, no `X-Request-Id`) and closes; docs/operations.md says so. Pinned
+/// here so that a change of that behaviour is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parser_level_rejections_close_the_connection() {
+    let app = TestApp::spawn(Backend::Memory).await.unwrap();
+    let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    for (request, status) in [
+        (format!("GET /health/live HTTP/1.1\r\nHost: x\r\n{many}\r\n"), "431"),
+        ("POST /api/users HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_owned(), "400"),
+        ("POST /api/users HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_owned(), "400"),
+        ("GARBAGE\r\n\r\n".to_owned(), "400"),
+    ] {
+        let mut stream = connect(&app).await;
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(answer.starts_with(&format!("http/1.1 {status}")), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+    }
+    app.stop().await;
+}
+
 /// Runs the binary with one setting out of range: it must refuse to start and name it.
 #[tokio::test]
 async fn settings_out_of_range_stop_the_service_at_start() {

@@ -289,3 +289,31 @@ impl ResponseError for ApiError {
         response.body(body)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_that_cannot_run_is_told_to_retry_without_a_key() {
+        let read = read_error(OperationError::Unavailable(anyhow::anyhow!("down")));
+        assert_eq!(read.code, Code::ServiceUnavailable);
+        assert!(!read.detail.contains("idempotency"), "{}", read.detail);
+        let write = ApiError::from(OperationError::Unavailable(anyhow::anyhow!("down")));
+        assert!(
+            write.detail.contains("same idempotency key"),
+            "{}",
+            write.detail
+        );
+        let response = read.error_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key(header::RETRY_AFTER));
+    }
+
+    #[test]
+    fn a_timed_out_body_closes_the_connection() {
+        let response = ApiError::new(Code::RequestTimeout, "late").error_response();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(response.head().connection_type() == actix_web::http::ConnectionType::Close);
+    }
+}
