@@ -69,28 +69,21 @@ fn get() -> actix_web::Route {
     web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
 }
 
-/// A resource answering GET (and HEAD), 405 for anything else.
+/// A resource with one route, 405 (listing `allow`) for every other method.
+fn resource(path: &str, allow: &'static str, route: actix_web::Route) -> actix_web::Resource {
+    web::resource(path)
+        .route(route)
+        .default_service(only(allow))
+}
+
+/// GET (and HEAD) only.
 fn readable<F, Args>(path: &str, handler: F) -> actix_web::Resource
 where
     F: actix_web::Handler<Args>,
     Args: actix_web::FromRequest + 'static,
     F::Output: actix_web::Responder + 'static,
 {
-    web::resource(path)
-        .route(get().to(handler))
-        .default_service(only("GET, HEAD"))
-}
-
-/// A resource answering POST, 405 for anything else.
-fn writable<F, Args>(path: &str, handler: F) -> actix_web::Resource
-where
-    F: actix_web::Handler<Args>,
-    Args: actix_web::FromRequest + 'static,
-    F::Output: actix_web::Responder + 'static,
-{
-    web::resource(path)
-        .route(web::post().to(handler))
-        .default_service(only("POST"))
+    resource(path, "GET, HEAD", get().to(handler))
 }
 
 /// The whole application: routes, middleware, docs and problem+json fallbacks.
@@ -116,14 +109,30 @@ pub fn build_app(
         .service(
             web::scope("/api")
                 .wrap(actix_web::middleware::from_fn(auth::authenticate))
-                .service(writable("/users", routes::create_user))
+                .service(resource(
+                    "/users",
+                    "POST",
+                    web::post().to(routes::create_user),
+                ))
                 .service(readable("/users/{userId}/balance", routes::get_balance))
-                .service(writable("/users/{userId}/balance/charge", routes::charge))
-                .service(writable("/users/{userId}/balance/use", routes::use_balance))
+                .service(resource(
+                    "/users/{userId}/balance/charge",
+                    "POST",
+                    web::post().to(routes::charge),
+                ))
+                .service(resource(
+                    "/users/{userId}/balance/use",
+                    "POST",
+                    web::post().to(routes::use_balance),
+                ))
                 .service(readable("/users/{userId}/balance/history", routes::history))
-                .service(writable("/orders", routes::create_order))
+                .service(resource(
+                    "/orders",
+                    "POST",
+                    web::post().to(routes::create_order),
+                ))
                 .service(readable("/orders/{orderId}", routes::get_order))
-                .service(writable("/payments", routes::pay))
+                .service(resource("/payments", "POST", web::post().to(routes::pay)))
                 .service(readable("/payments/{paymentId}", routes::get_payment))
                 .default_service(web::to(not_found)),
         )
