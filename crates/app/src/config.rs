@@ -126,7 +126,7 @@ pub struct Config {
         global = true
     )]
     pub lock_on_redis_down: RedisDownPolicy,
-    /// The service token: when set, /api/* needs `Authorization: Bearer <token>` (or a valid JWT); it acts for every user.
+    /// The service token (at least 32 visible characters): when set, /api/* needs `Authorization: Bearer <token>` (or a valid JWT); it acts for every user.
     #[arg(long, env = "API_TOKEN", hide_env_values = true, global = true)]
     pub api_token: Option<SecretString>,
     /// HS256 secret (at least 32 bytes) of per-user JWTs; then /api/* needs a bearer JWT (or the API_TOKEN).
@@ -147,7 +147,7 @@ pub struct Config {
     /// When set, a JWT's `iss` must be this issuer.
     #[arg(long, env = "AUTH_JWT_ISSUER", global = true)]
     pub auth_jwt_issuer: Option<String>,
-    /// When set, /metrics needs `Authorization: Bearer <token>`.
+    /// When set (at least 32 visible characters), /metrics needs `Authorization: Bearer <token>`.
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true, global = true)]
     pub metrics_token: Option<SecretString>,
     /// Connections served at once, across all workers; more wait in the listen backlog.
@@ -252,8 +252,15 @@ impl Config {
             }
             jwt
         });
+        if let Some(jwt) = &jwt
+            && !jwt.checks_audience()
+        {
+            tracing::warn!(
+                "AUTH_JWT_AUDIENCE is not set: a token the same issuer signed for ANOTHER application is accepted here too; set it to this service's audience"
+            );
+        }
         let api_token = self.api_token.as_ref().map(|t| t.expose_secret());
-        Ok(Authenticator::new(api_token, jwt))
+        Ok(Authenticator::new(api_token, jwt)?)
     }
 
     /// The use cases' settings.

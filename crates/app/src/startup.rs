@@ -288,8 +288,11 @@ impl Application {
             metrics_token: config
                 .metrics_token
                 .as_ref()
-                .map(|t| t.expose_secret().to_owned())
-                .filter(|t| !t.is_empty()),
+                .map(|t| {
+                    http_actix::auth::check_token("METRICS_TOKEN", t.expose_secret())
+                        .map(str::to_owned)
+                })
+                .transpose()?,
         });
         raise_open_file_limit(config.max_connections);
         let listener = TcpListener::bind(config.bind_addr)

@@ -585,7 +585,7 @@ async fn audience_and_issuer_when_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_token_guards_metrics_only() {
     let mut cfg = config();
-    cfg.metrics_token = Some("metrics-token-0123".to_owned().into());
+    cfg.metrics_token = Some("metrics-token-0123456789abcdef0123456789".to_owned().into());
     let app = spawn_with(cfg).await;
     let open = Client::new();
     let (status, _) = get_with(&app, &open, "/metrics").await;
@@ -601,7 +601,12 @@ async fn metrics_token_guards_metrics_only() {
         (status, code.as_str()),
         (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
     );
-    let (status, _) = get_with(&app, &client_with("metrics-token-0123"), "/metrics").await;
+    let (status, _) = get_with(
+        &app,
+        &client_with("metrics-token-0123456789abcdef0123456789"),
+        "/metrics",
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     for path in ["/health/live", "/health/ready", "/api-docs/openapi.json"] {
         assert_eq!(

@@ -249,24 +249,34 @@ async fn settings_out_of_range_stop_the_service_at_start() {
         ("MAX_CONNECTIONS", "0"),
         ("SEED_USERS", "4000000000"),
         ("AUTH_JWT_SECRET", "too-short"),
+        ("API_TOKEN", ""),
+        ("API_TOKEN", "guessable"),
+        ("METRICS_TOKEN", "guessable"),
     ] {
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_balance-service"))
-            .env_clear()
-            .env("BIND_ADDR", "127.0.0.1:0")
-            .env(variable, value)
-            .stdin(Stdio::null())
-            .output();
-        let output = tokio::time::timeout(Duration::from_secs(30), output)
-            .await
-            .expect("refused at once, not served")
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{variable}={value} started");
-        assert!(
-            stderr.contains(variable),
-            "{variable}={value}: the message does not name the variable: {stderr}"
-        );
+        assert_refused_at_start(variable, value).await;
     }
+    // A private key where the public one belongs.
+    let private = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/rsa_private.pem");
+    assert_refused_at_start("AUTH_JWT_PUBLIC_KEY_FILE", private).await;
+}
+
+async fn assert_refused_at_start(variable: &str, value: &str) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_balance-service"))
+        .env_clear()
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .env(variable, value)
+        .stdin(Stdio::null())
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .expect("refused at once, not served")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{variable}={value} started");
+    assert!(
+        stderr.contains(variable),
+        "{variable}={value}: the message does not name the variable: {stderr}"
+    );
 }
 
 /// The binary raises its open-file limit at start and logs what it got.

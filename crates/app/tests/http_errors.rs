@@ -516,15 +516,15 @@ async fn lock_timeout_is_503_with_retry_after_and_not_stored(backend: Backend) {
 
 async fn bearer_token_guards_the_api_only(backend: Backend) {
     let mut cfg = config();
-    cfg.api_token = Some("s3cret-token".to_owned().into());
+    cfg.api_token = Some("s3cret-token-of-at-least-32-chars".to_owned().into());
     let Some(app) = TestApp::spawn_with_config(backend, cfg).await else {
         return;
     };
     for auth in [
         None,
         Some("Bearer wrong"),
-        Some("Basic s3cret-token"),
-        Some("Bearer s3cret-tokenX"),
+        Some("Basic s3cret-token-of-at-least-32-chars"),
+        Some("Bearer s3cret-token-of-at-least-32-charsX"),
     ] {
         let mut req = app.client.post(app.url("/api/users")).json(&json!({}));
         if let Some(a) = auth {
@@ -541,7 +541,7 @@ async fn bearer_token_guards_the_api_only(backend: Backend) {
     let res = app
         .client
         .post(app.url("/api/users"))
-        .header("authorization", "Bearer s3cret-token")
+        .header("authorization", "Bearer s3cret-token-of-at-least-32-chars")
         .json(&json!({}))
         .send()
         .await

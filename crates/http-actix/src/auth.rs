@@ -20,6 +20,7 @@ use domain::OperationError;
 use domain::types::UserId;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::AppState;
@@ -33,6 +34,14 @@ pub const JWT_LEEWAY_SECS: u64 = 30;
 
 /// The shortest HS256 secret accepted: the hash's own size (RFC 7518 §3.2).
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
+/// The shortest service or metrics token accepted: a token anyone can guess is no token.
+pub const MIN_TOKEN_CHARS: usize = 32;
+
+/// PEM labels that hold a public key (or a certificate carrying one). A private key is
+/// refused: it has no business on the verifying host, and jsonwebtoken would accept an RSA
+/// one silently.
+const PUBLIC_PEM_LABELS: [&str; 3] = ["PUBLIC KEY", "RSA PUBLIC KEY", "CERTIFICATE"];
 
 /// Whom an authenticated request acts for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +118,12 @@ pub enum AuthConfigError {
         "AUTH_JWT_PUBLIC_KEY_FILE must hold a PEM public key of RSA (RS256) or Ed25519 (EdDSA)"
     )]
     UnsupportedKey,
+    #[error("AUTH_JWT_PUBLIC_KEY_FILE holds a PRIVATE key: give the service the public key only")]
+    PrivateKey,
+    #[error(
+        "{0} must be at least {MIN_TOKEN_CHARS} visible ASCII characters (no spaces); unset it to turn it off"
+    )]
+    WeakToken(&'static str),
 }
 
 /// Verifies per-user JWTs with one key and one algorithm, fixed at start: a token that
@@ -154,6 +169,18 @@ impl JwtVerifier {
     /// # Errors
     /// A PEM that is neither an RSA nor an Ed25519 public key.
     pub fn from_public_key_pem(pem: &[u8]) -> Result<Self, AuthConfigError> {
+        let text = std::str::from_utf8(pem).map_err(|_| AuthConfigError::UnsupportedKey)?;
+        let label = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("-----BEGIN "))
+            .and_then(|l| l.strip_suffix("-----"))
+            .ok_or(AuthConfigError::UnsupportedKey)?;
+        if label.contains("PRIVATE") {
+            return Err(AuthConfigError::PrivateKey);
+        }
+        if !PUBLIC_PEM_LABELS.contains(&label) {
+            return Err(AuthConfigError::UnsupportedKey);
+        }
         if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
             return Ok(Self::new(key, Algorithm::RS256));
         }
@@ -198,6 +225,11 @@ impl JwtVerifier {
         self
     }
 
+    /// Whether `aud` is checked (`AUTH_JWT_AUDIENCE`).
+    pub fn checks_audience(&self) -> bool {
+        self.validation.validate_aud
+    }
+
     pub fn algorithm(&self) -> Algorithm {
         self.validation
             .algorithms
@@ -214,7 +246,7 @@ impl JwtVerifier {
         if claims
             .scope
             .as_deref()
-            .is_some_and(|s| s.split_ascii_whitespace().any(|s| s == ADMIN_SCOPE))
+            .is_some_and(|s| s.split(' ').any(|s| s == ADMIN_SCOPE))
         {
             return Some(Principal::Admin);
         }
@@ -240,14 +272,15 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    /// An empty `api_token` counts as unset.
-    pub fn new(api_token: Option<&str>, jwt: Option<JwtVerifier>) -> Self {
-        Self {
+    /// # Errors
+    /// A service token that is empty or weak ([`check_token`]).
+    pub fn new(api_token: Option<&str>, jwt: Option<JwtVerifier>) -> Result<Self, AuthConfigError> {
+        Ok(Self {
             api_token: api_token
-                .filter(|t| !t.is_empty())
-                .map(|t| t.as_bytes().to_vec()),
+                .map(|t| check_token("API_TOKEN", t).map(|t| t.as_bytes().to_vec()))
+                .transpose()?,
             jwt,
-        }
+        })
     }
 
     /// No authentication configured: every request acts for every user.
@@ -290,10 +323,27 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Constant-time in the content (`subtle`), so timing does not reveal how much of a guessed
-/// token was right; a length mismatch answers early, which reveals only the length.
+/// A service or metrics token as configured: set means set (an empty value is refused
+/// rather than read as "off", so a missing secret mount cannot open the API), at least
+/// [`MIN_TOKEN_CHARS`] visible ASCII characters (what a bearer header can carry whole).
+///
+/// # Errors
+/// [`AuthConfigError::WeakToken`] naming `variable`.
+pub fn check_token<'a>(variable: &'static str, token: &'a str) -> Result<&'a str, AuthConfigError> {
+    let visible = token.bytes().all(|b| b.is_ascii_graphic());
+    if visible && token.len() >= MIN_TOKEN_CHARS {
+        Ok(token)
+    } else {
+        Err(AuthConfigError::WeakToken(variable))
+    }
+}
+
+/// Compares the SHA-256 digests in constant time (`subtle`): timing reveals neither how
+/// much of a guessed token was right nor how long the real one is.
 pub fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
-    presented.ct_eq(expected).into()
+    Sha256::digest(presented)
+        .ct_eq(&Sha256::digest(expected))
+        .into()
 }
 
 /// Wraps the `/api` scope: stores the request's [`Principal`] for the handlers, or answers
@@ -359,6 +409,42 @@ mod tests {
             header::HeaderValue::from_static("Bearer a"),
         );
         assert_eq!(bearer_token(&headers), None, "two headers are ambiguous");
+    }
+
+    #[test]
+    fn weak_tokens_are_refused() {
+        for weak in [
+            "",
+            "a",
+            " padded-token-of-more-than-32-characters ",
+            "tab\tin-a-token-of-more-than-32-chars",
+        ] {
+            assert!(check_token("API_TOKEN", weak).is_err(), "{weak:?}");
+        }
+        assert!(check_token("API_TOKEN", "0123456789abcdef0123456789abcdef").is_ok());
+        assert!(
+            Authenticator::new(Some(""), None).is_err(),
+            "empty is not off"
+        );
+    }
+
+    #[test]
+    fn private_keys_are_refused() {
+        let private =
+            b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n";
+        assert!(matches!(
+            JwtVerifier::from_public_key_pem(private),
+            Err(AuthConfigError::PrivateKey)
+        ));
+        let rsa = b"-----BEGIN RSA PRIVATE KEY-----\nAA==\n-----END RSA PRIVATE KEY-----\n";
+        assert!(matches!(
+            JwtVerifier::from_public_key_pem(rsa),
+            Err(AuthConfigError::PrivateKey)
+        ));
+        assert!(matches!(
+            JwtVerifier::from_public_key_pem(b"not a pem"),
+            Err(AuthConfigError::UnsupportedKey)
+        ));
     }
 
     #[test]
