@@ -13,7 +13,10 @@ fn run_child(test: &str, ci: Option<&str>, tally: Option<&std::path::Path>) -> O
     let mut child = Command::new(std::env::current_exe().unwrap());
     // Default output: libtest captures the test's prints, as in `cargo test`.
     child.args(["--exact", test, "--test-threads", "2"]);
-    child.env(CHILD, "1").env_remove("CI").env_remove(testkit::SKIP_LOG_VAR);
+    child
+        .env(CHILD, "1")
+        .env_remove("CI")
+        .env_remove(testkit::SKIP_LOG_VAR);
     if let Some(ci) = ci {
         child.env("CI", ci);
     }
@@ -41,9 +44,8 @@ fn a_skip_is_shown_in_the_default_output_and_tallied() {
     );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{stdout}{stderr}");
-    let expected = format!(
-        "SKIPPED a_skip_is_shown_in_the_default_output_and_tallied [skip]: {REASON}\n"
-    );
+    let expected =
+        format!("SKIPPED a_skip_is_shown_in_the_default_output_and_tallied [skip]: {REASON}\n");
     assert!(stderr.contains(&expected), "stderr: {stderr:?}");
     let tallied = std::fs::read_to_string(&tally).unwrap();
     let _ = std::fs::remove_file(&tally);
