@@ -17,7 +17,8 @@
 # - one worker: with two, Hypothesis describes filter lambdas by `ast.parse`-ing their
 #   source from both threads at once, which CPython 3.11 (Debian 12's and pyenv's 3.11.7
 #   alike) does not survive: "SystemError: AST constructor recursion depth mismatch"
-#   (3 runs out of 5 here). One worker also keeps the order of requests, and so the
+#   (3 runs out of 5 here; CPython issue 106905, the AST builder's recursion count is
+#   shared by threads). One worker also keeps the order of requests, and so the
 #   stateful phase's server state, the same from run to run.
 #
 # Usage: .ci/schemathesis.sh PATH_TO_BINARY [MAX_EXAMPLES]
