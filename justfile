@@ -4,9 +4,10 @@
 run *ARGS:
     cargo run --release -- {{ARGS}}
 
-# Every test of the workspace (the README's test command).
-test:
-    cargo test --workspace
+# Every test of the workspace, with a closing count of passed, failed and skipped (the
+# README's test command; arguments go to `cargo test --workspace`).
+test *ARGS:
+    bash scripts/test.sh {{ARGS}}
 
 # Format check and clippy with warnings as errors, as CI does.
 lint:

@@ -7,8 +7,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -26,6 +24,7 @@ use futures::future::join_all;
 use http_actix::{InProcess, JsonEncoder};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use testkit::RedisServer;
 
 /// A `BalanceStore` that, at every atomic step, looks in Redis for the user's lock and
 /// counts the steps that ran without it, before and after the commit.
@@ -322,73 +321,8 @@ async fn three_instances_keep_exact_books() {
     first.stop().await;
 }
 
-/// A redis-server of the test's own, on a free port, killed on drop.
-struct OwnRedis {
-    child: Child,
-    port: u16,
-}
-
-impl OwnRedis {
-    fn start() -> Option<OwnRedis> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        match child {
-            Ok(child) => Some(OwnRedis { child, port }),
-            Err(_) => {
-                testkit::skip("no redis-server binary to start and kill");
-                None
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn wait_ready(&self) {
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("redis-server did not start");
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 async fn app_on_own_redis(
-    redis: &OwnRedis,
+    redis: &RedisServer,
     policy: app::config::RedisDownPolicy,
 ) -> Option<TestApp> {
     let db = testkit::TestDatabase::create().await?;
@@ -407,10 +341,9 @@ async fn app_on_own_redis(
 /// once, under the database guard alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_killed_mid_run_degrades_without_losing_or_doubling() {
-    let Some(mut redis) = OwnRedis::start() else {
+    let Some(mut redis) = RedisServer::start() else {
         return;
     };
-    redis.wait_ready().await;
     let Some(app) = app_on_own_redis(&redis, app::config::RedisDownPolicy::Degrade).await else {
         return;
     };
@@ -463,10 +396,9 @@ async fn redis_killed_mid_run_degrades_without_losing_or_doubling() {
 /// Under `fail`, with Redis gone, balance changes answer 503 and nothing is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_gone_under_fail_answers_503_and_applies_nothing() {
-    let Some(mut redis) = OwnRedis::start() else {
+    let Some(mut redis) = RedisServer::start() else {
         return;
     };
-    redis.wait_ready().await;
     let Some(app) = app_on_own_redis(&redis, app::config::RedisDownPolicy::Fail).await else {
         return;
     };

@@ -1,8 +1,9 @@
 //! The MySQL `Auditor` against a real server: books written through the real atomic step
 //! audit clean, and each kind of corruption, made with raw SQL, is found as its check's
 //! breach of exactly the corrupted subject. Each test creates its own database
-//! (`t_<uuid>`), migrates it, runs and drops it. Without `TEST_DATABASE_URL` (e.g.
-//! `mysql://root@127.0.0.1:3306/test`) they skip.
+//! (`t_<uuid>`), migrates it, runs and drops it. The server comes from testkit:
+//! `TEST_DATABASE_URL`, else testcontainers, else the test is skipped, saying so (and fails
+//! under `CI=true`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -20,8 +21,9 @@ use domain::ports::{
 };
 use domain::types::{Amount, Balance, IdempotencyKey, OrderId, UserId};
 use mysql_repo::MySqlStore;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::{AssertSqlSafe, MySqlPool};
+use sqlx::MySqlPool;
+use sqlx::mysql::MySqlConnectOptions;
+use testkit::TestDatabase;
 
 /// The idempotency retention the books are written and audited with.
 const TTL_SECS: i64 = 60;
@@ -51,53 +53,22 @@ impl Db {
     }
 }
 
-/// Runs `test` on a fresh database and drops the database afterwards, also when the test
-/// panics (as in `tests/mysql.rs`).
+/// Runs `test` on a fresh database from testkit (skipped, saying so, when there is no
+/// MySQL) and drops the database afterwards, also when the test panics.
 async fn with_db<F, Fut>(test: F)
 where
     F: FnOnce(Db) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Ok(url) = std::env::var("TEST_DATABASE_URL") else {
-        eprintln!("skipped: TEST_DATABASE_URL not set");
+    let Some(database) = TestDatabase::create_with_pool(8).await else {
         return;
     };
-    let admin_options = MySqlConnectOptions::from_str(&url).unwrap();
-    let admin = MySqlPoolOptions::new()
-        .max_connections(1)
-        .connect_with(admin_options.clone())
-        .await
-        .unwrap();
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(AssertSqlSafe(format!(
-        "create database `{name}` character set utf8mb4"
-    )))
-    .execute(&admin)
-    .await
-    .unwrap();
-
-    let options = admin_options.database(&name);
-    let pool = mysql_repo::connect_with(options.clone(), 8);
-    mysql_repo::migrate(&pool).await.unwrap();
     let db = Db {
-        store: MySqlStore::new(pool.clone()),
-        pool: pool.clone(),
-        options,
+        store: database.store(),
+        pool: database.pool().clone(),
+        options: MySqlConnectOptions::from_str(&database.url).unwrap(),
     };
-    let outcome = tokio::spawn(test(db)).await;
-
-    pool.close().await;
-    sqlx::query(AssertSqlSafe(format!("drop database `{name}`")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    if let Err(e) = outcome {
-        match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(e) => panic!("test task failed: {e}"),
-        }
-    }
+    database.run_then_cleanup(test(db)).await;
 }
 
 fn at(secs: i64) -> DateTime<Utc> {

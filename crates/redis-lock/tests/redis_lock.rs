@@ -1,10 +1,9 @@
-//! The Redis lock against a real Redis: `TEST_REDIS_URL` (skipped when unset), plus a
-//! redis-server this suite starts and kills itself for the outage tests (skipped when the
-//! binary is missing). Every test uses its own key prefix, so they all run in parallel.
+//! The Redis lock against a real Redis from testkit (`TEST_REDIS_URL`, else testcontainers,
+//! else skipped, saying so), plus a redis-server this suite starts and kills itself for the
+//! outage tests (skipped, saying so, when the binary is missing). Every skip fails under
+//! `CI=true`. Every test uses its own key prefix, so they all run in parallel.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,21 +13,12 @@ use domain::types::UserId;
 use fred::prelude::{Builder, Client, ClientLike, Config, KeysInterface};
 use fred::types::CustomCommand;
 use redis_lock::{HandoffPolicy, RedisLockConfig, RedisLockManager};
+use testkit::{RedisServer, TestRedis};
 
 const WAIT: Duration = Duration::from_secs(10);
 const LEASE: Duration = Duration::from_secs(30);
 /// An upper bound for anything that should be quick, so a broken build fails instead of hanging.
 const BOUND: Duration = Duration::from_secs(20);
-
-fn redis_url() -> Option<String> {
-    let url = std::env::var("TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty());
-    if url.is_none() {
-        eprintln!("skipped: TEST_REDIS_URL not set");
-    }
-    url
-}
 
 fn unique_prefix() -> String {
     format!("test:{}:", uuid::Uuid::new_v4().simple())
@@ -66,8 +56,10 @@ async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
 
 #[tokio::test]
 async fn a_held_key_times_out_other_acquires_in_this_and_other_processes() {
-    let Some(url) = redis_url() else { return };
-    let prefix = unique_prefix();
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
     let (here, elsewhere) = (manager(&url, &prefix).await, manager(&url, &prefix).await);
     let key = user(1);
 
@@ -92,8 +84,10 @@ async fn a_held_key_times_out_other_acquires_in_this_and_other_processes() {
 
 #[tokio::test]
 async fn the_key_holds_the_token_while_held_and_is_gone_after_release() {
-    let Some(url) = redis_url() else { return };
-    let prefix = unique_prefix();
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
     let locks = manager(&url, &prefix).await;
     let redis = inspector(&url).await;
     let key = user(7);
@@ -122,8 +116,10 @@ async fn the_key_holds_the_token_while_held_and_is_gone_after_release() {
 
 #[tokio::test]
 async fn a_waiter_gets_the_lock_soon_after_release() {
-    let Some(url) = redis_url() else { return };
-    let prefix = unique_prefix();
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
     let holder = Arc::new(manager(&url, &prefix).await);
     let elsewhere = Arc::new(manager(&url, &prefix).await);
     let key = user(3);
@@ -161,7 +157,10 @@ async fn a_waiter_gets_the_lock_soon_after_release() {
 /// with pauses of up to 60 s, only the wake-up can hand the lock over within the bound.
 #[tokio::test]
 async fn a_local_release_wakes_the_local_waiter_at_once() {
-    let Some(url) = redis_url() else { return };
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let url = redis.url.clone();
     let config = RedisLockConfig {
         retry_initial: Duration::from_secs(60),
         retry_max: Duration::from_secs(60),
@@ -202,8 +201,10 @@ async fn a_local_release_wakes_the_local_waiter_at_once() {
 /// longer release anything, and the chain's last holder deletes the key.
 #[tokio::test]
 async fn a_local_waiter_takes_the_key_over_without_a_new_set() {
-    let Some(url) = redis_url() else { return };
-    let prefix = unique_prefix();
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
     // An age limit out of reach, so a slow machine cannot end the chain before the hand-off.
     let config = RedisLockConfig {
         handoff: HandoffPolicy {
@@ -269,8 +270,10 @@ async fn a_local_waiter_takes_the_key_over_without_a_new_set() {
 /// of 60 s on this side, the other process can only win through it.
 #[tokio::test]
 async fn a_release_lets_a_waiting_process_go_before_the_local_waiter() {
-    let Some(url) = redis_url() else { return };
-    let prefix = unique_prefix();
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
     let redis = inspector(&url).await;
     let key = user(6);
     let here = Arc::new(
@@ -332,8 +335,10 @@ async fn a_release_lets_a_waiting_process_go_before_the_local_waiter() {
 
 #[tokio::test]
 async fn an_expired_lease_can_be_taken_and_its_old_holder_cannot_delete_the_new_one() {
-    let Some(url) = redis_url() else { return };
-    let prefix = unique_prefix();
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
     let redis = inspector(&url).await;
     let key = user(4);
 
@@ -371,8 +376,10 @@ async fn an_expired_lease_can_be_taken_and_its_old_holder_cannot_delete_the_new_
 
 #[tokio::test]
 async fn only_the_token_holder_can_release() {
-    let Some(url) = redis_url() else { return };
-    let prefix = unique_prefix();
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
     let locks = manager(&url, &prefix).await;
     let redis = inspector(&url).await;
     let key = user(5);
@@ -397,8 +404,10 @@ async fn only_the_token_holder_can_release() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_tasks_in_four_processes_never_overlap() {
-    let Some(url) = redis_url() else { return };
-    let prefix = unique_prefix();
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
     // Several managers, so exclusion is proven in Redis and not only by the local queue.
     let mut managers = Vec::new();
     for _ in 0..4 {
@@ -489,70 +498,9 @@ async fn an_invalid_url_is_an_error() {
     );
 }
 
-/// A redis-server of this test's own, killed when dropped.
-struct OwnRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    /// `None` when there is no redis-server binary to run.
-    fn start() -> Option<Self> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("skipped: no redis-server binary");
-            return None;
-        }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self { port, child: None };
-        redis.restart();
-        Some(redis)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(started.elapsed() < BOUND, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn the_manager_fails_fast_while_redis_is_down_and_recovers_when_it_returns() {
-    let Some(mut redis) = OwnRedis::start() else {
+    let Some(mut redis) = RedisServer::start() else {
         return;
     };
     let locks = RedisLockManager::connect(&redis.url(), &unique_prefix())
@@ -598,7 +546,7 @@ async fn the_manager_fails_fast_while_redis_is_down_and_recovers_when_it_returns
 
 #[tokio::test]
 async fn an_acquire_whose_reply_never_came_does_not_leave_the_key_locked() {
-    let Some(redis) = OwnRedis::start() else {
+    let Some(redis) = RedisServer::start() else {
         return;
     };
     let prefix = unique_prefix();

@@ -2,19 +2,21 @@
 //!
 //! - [`TestDatabase`]: a fresh, migrated MySQL database per test, dropped afterwards;
 //! - [`TestRedis`]: a Redis URL and a key prefix of the test's own;
+//! - [`RedisServer`]: a redis-server of the test's own, to kill and restart;
+//! - [`skip`]: how a test that cannot run says so (and fails under CI);
 //! - [`contract`]: the port contract suites, written once and run against every adapter.
 //!
-//! Where the servers come from: `TEST_DATABASE_URL` / `TEST_REDIS_URL` when set (CI points
-//! them at the local MariaDB and Redis); otherwise, with the `containers` feature (on by
-//! default), MySQL 8.4 and Redis 7.2 started by testcontainers, one pair per test process;
-//! otherwise the test is skipped, saying so.
+//! Where the servers come from, for every suite alike: `TEST_DATABASE_URL` /
+//! `TEST_REDIS_URL` when set (CI points them at the local MariaDB and Redis); otherwise,
+//! with the `containers` feature (on by default), MySQL 8.4 and Redis 7.2 started by
+//! testcontainers, shared by the tests of one process; otherwise the test is skipped,
+//! saying so on stderr (`SKIPPED …`), and under `CI=true` it fails instead.
 
 pub mod contract;
+mod redis_server;
 mod servers;
+mod skip;
 
+pub use redis_server::RedisServer;
 pub use servers::{TestDatabase, TestRedis};
-
-/// Prints why a test did not run; the test then returns early.
-pub fn skip(what: &str) {
-    eprintln!("skipped: {what} (set TEST_DATABASE_URL and TEST_REDIS_URL, or run Docker)");
-}
+pub use skip::{SKIP_LOG_VAR, SKIP_MARK, is_ci, skip, skip_line};

@@ -16,7 +16,7 @@ pub struct TestDatabase {
     pub name: String,
     server_url: String,
     pool: MySqlPool,
-    _servers: Option<Arc<containers::Servers>>,
+    _server: Option<Arc<containers::Server>>,
     dropped: bool,
 }
 
@@ -41,33 +41,79 @@ fn split_database(url: &str) -> (String, String) {
     }
 }
 
+/// How a suite that found no server says so: the first line of the error, kept short.
+fn short(error: &str) -> String {
+    let first = error.lines().next().unwrap_or_default();
+    let mut short: String = first.chars().take(160).collect();
+    if short.len() < first.len() {
+        short.push('…');
+    }
+    short
+}
+
+/// The skip reason of a suite that has no MySQL.
+fn no_mysql(error: &str) -> String {
+    format!(
+        "no MySQL (set TEST_DATABASE_URL=mysql://root@127.0.0.1:3306/test or start Docker; \
+         testcontainers: {})",
+        short(error)
+    )
+}
+
+/// The skip reason of a suite that has no Redis.
+fn no_redis(error: &str) -> String {
+    format!(
+        "no Redis (set TEST_REDIS_URL=redis://127.0.0.1:6379 or start Docker; \
+         testcontainers: {})",
+        short(error)
+    )
+}
+
+/// A URL from `var` when it is set and not empty.
+fn from_env(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|url| !url.is_empty())
+}
+
 impl TestDatabase {
-    /// A new database on the test server, with every migration applied; `None` (after
-    /// printing why) when there is no server to use.
+    /// A new database on the test server, with every migration applied; `None` when there
+    /// is no server to use (after [`crate::skip`], which fails the test under CI).
     ///
     /// # Panics
     /// When a server is configured but the database cannot be created: a broken
     /// environment must fail the test, not skip it.
     pub async fn create() -> Option<TestDatabase> {
-        let (url, servers) = match std::env::var("TEST_DATABASE_URL") {
-            Ok(url) if !url.is_empty() => (url, None),
-            _ => {
-                let servers = containers::Servers::shared().await?;
-                (servers.mysql_url.clone(), Some(servers))
-            }
+        Self::create_with_pool(8).await
+    }
+
+    /// As [`TestDatabase::create`], with a pool of `max_connections`.
+    ///
+    /// # Panics
+    /// As [`TestDatabase::create`].
+    pub async fn create_with_pool(max_connections: u32) -> Option<TestDatabase> {
+        let (url, servers) = match from_env("TEST_DATABASE_URL") {
+            Some(url) => (url, None),
+            None => match containers::mysql().await {
+                Ok(server) => (server.url.clone(), Some(server)),
+                Err(e) => {
+                    crate::skip(&no_mysql(&e));
+                    return None;
+                }
+            },
         };
         let (server_url, query) = split_database(&url);
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
         let mut admin = MySqlConnection::connect(&format!("{server_url}/{query}"))
             .await
             .unwrap_or_else(|e| panic!("cannot reach the test MySQL at {server_url}: {e}"));
-        sqlx::query(AssertSqlSafe(format!("create database `{name}`")))
-            .execute(&mut admin)
-            .await
-            .unwrap_or_else(|e| panic!("cannot create the test database: {e}"));
+        sqlx::query(AssertSqlSafe(format!(
+            "create database `{name}` character set utf8mb4"
+        )))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot create the test database: {e}"));
         let _ = admin.close().await;
         let db_url = format!("{server_url}/{name}{query}");
-        let pool = mysql_repo::connect(&db_url, 8)
+        let pool = mysql_repo::connect(&db_url, max_connections)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to {name}: {e}"));
         mysql_repo::migrate(&pool)
@@ -78,7 +124,7 @@ impl TestDatabase {
             name,
             server_url: format!("{server_url}/{query}"),
             pool,
-            _servers: servers,
+            _server: servers,
             dropped: false,
         })
     }
@@ -98,6 +144,25 @@ impl TestDatabase {
         self.pool.close().await;
         drop_database(&self.server_url, &self.name).await;
         self.dropped = true;
+    }
+
+    /// Runs `test` in a task of its own, then drops the database, also when `test`
+    /// panics (the panic is caught, and raised again after the cleanup).
+    ///
+    /// # Panics
+    /// When `test` panics, with its panic.
+    pub async fn run_then_cleanup<F>(self, test: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let outcome = tokio::spawn(test).await;
+        self.cleanup().await;
+        if let Err(e) = outcome {
+            match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(e) => panic!("the test's task failed: {e}"),
+            }
+        }
     }
 }
 
@@ -137,7 +202,7 @@ pub struct TestRedis {
     pub url: String,
     /// `t:<uuid>:`; every key the test writes starts with it.
     pub prefix: String,
-    _servers: Option<Arc<containers::Servers>>,
+    _server: Option<Arc<containers::Server>>,
 }
 
 impl std::fmt::Debug for TestRedis {
@@ -149,19 +214,23 @@ impl std::fmt::Debug for TestRedis {
 }
 
 impl TestRedis {
-    /// `None` (after printing why) when there is no Redis to use.
+    /// `None` when there is no Redis to use (after [`crate::skip`], which fails the test
+    /// under CI).
     pub async fn create() -> Option<TestRedis> {
-        let (url, servers) = match std::env::var("TEST_REDIS_URL") {
-            Ok(url) if !url.is_empty() => (url, None),
-            _ => {
-                let servers = containers::Servers::shared().await?;
-                (servers.redis_url.clone(), Some(servers))
-            }
+        let (url, server) = match from_env("TEST_REDIS_URL") {
+            Some(url) => (url, None),
+            None => match containers::redis().await {
+                Ok(server) => (server.url.clone(), Some(server)),
+                Err(e) => {
+                    crate::skip(&no_redis(&e));
+                    return None;
+                }
+            },
         };
         Some(TestRedis {
             url,
             prefix: format!("t:{}:", uuid::Uuid::new_v4().simple()),
-            _servers: servers,
+            _server: server,
         })
     }
 
@@ -196,8 +265,10 @@ impl TestRedis {
 
 #[cfg(feature = "containers")]
 mod containers {
-    //! MySQL and Redis in containers, shared by the tests of one process that run at the
-    //! same time and removed when the last of them is done.
+    //! MySQL and Redis in containers, each shared by the tests of one process that run at
+    //! the same time and removed when the last of them is done. A server that could not be
+    //! started (no Docker) is not tried again by that process: the first test pays for the
+    //! detection, the others skip at once.
 
     use std::sync::{Arc, Weak};
 
@@ -207,45 +278,78 @@ mod containers {
     use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt};
     use tokio::sync::Mutex;
 
-    pub struct Servers {
-        pub mysql_url: String,
-        pub redis_url: String,
-        _mysql: ContainerAsync<Mysql>,
-        _redis: ContainerAsync<Redis>,
+    /// A running container and the URL to reach it.
+    pub struct Server {
+        pub url: String,
+        _container: Container,
     }
 
-    static SHARED: Mutex<Option<Weak<Servers>>> = Mutex::const_new(None);
+    // Held, never read: dropping it stops and removes the container.
+    #[allow(dead_code)]
+    enum Container {
+        Mysql(ContainerAsync<Mysql>),
+        Redis(ContainerAsync<Redis>),
+    }
 
-    impl Servers {
-        pub async fn shared() -> Option<Arc<Servers>> {
-            let mut slot = SHARED.lock().await;
-            if let Some(servers) = slot.as_ref().and_then(Weak::upgrade) {
-                return Some(servers);
-            }
-            match Self::start().await {
-                Ok(servers) => {
-                    let servers = Arc::new(servers);
-                    *slot = Some(Arc::downgrade(&servers));
-                    Some(servers)
-                }
-                Err(e) => {
-                    crate::skip(&format!("no test servers: containers did not start ({e})"));
-                    None
-                }
-            }
-        }
+    /// The server in use, or why it could not be started.
+    enum Slot {
+        Empty,
+        Running(Weak<Server>),
+        Failed(String),
+    }
 
-        async fn start() -> anyhow::Result<Servers> {
+    static MYSQL: Mutex<Slot> = Mutex::const_new(Slot::Empty);
+    static REDIS: Mutex<Slot> = Mutex::const_new(Slot::Empty);
+
+    pub async fn mysql() -> Result<Arc<Server>, String> {
+        shared(&MYSQL, async {
             let mysql = Mysql::default().with_tag("8.4").start().await?;
-            let redis = Redis::default().with_tag("7.2").start().await?;
-            let mysql_port = mysql.get_host_port_ipv4(3306).await?;
-            let redis_port = redis.get_host_port_ipv4(6379).await?;
-            Ok(Servers {
-                mysql_url: format!("mysql://root@127.0.0.1:{mysql_port}/test"),
-                redis_url: format!("redis://127.0.0.1:{redis_port}"),
-                _mysql: mysql,
-                _redis: redis,
+            let port = mysql.get_host_port_ipv4(3306).await?;
+            Ok(Server {
+                url: format!("mysql://root@127.0.0.1:{port}/test"),
+                _container: Container::Mysql(mysql),
             })
+        })
+        .await
+    }
+
+    pub async fn redis() -> Result<Arc<Server>, String> {
+        shared(&REDIS, async {
+            let redis = Redis::default().with_tag("7.2").start().await?;
+            let port = redis.get_host_port_ipv4(6379).await?;
+            Ok(Server {
+                url: format!("redis://127.0.0.1:{port}"),
+                _container: Container::Redis(redis),
+            })
+        })
+        .await
+    }
+
+    async fn shared(
+        slot: &Mutex<Slot>,
+        start: impl Future<Output = anyhow::Result<Server>>,
+    ) -> Result<Arc<Server>, String> {
+        let mut slot = slot.lock().await;
+        match &*slot {
+            Slot::Running(server) => {
+                if let Some(server) = server.upgrade() {
+                    return Ok(server);
+                }
+            }
+            Slot::Failed(why) => return Err(why.clone()),
+            Slot::Empty => {}
+        }
+        match start.await {
+            Ok(server) => {
+                let server = Arc::new(server);
+                *slot = Slot::Running(Arc::downgrade(&server));
+                Ok(server)
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                *slot = Slot::Failed(why.clone());
+                Err(why)
+            }
         }
     }
 }
@@ -254,18 +358,18 @@ mod containers {
 mod containers {
     use std::sync::Arc;
 
-    pub struct Servers {
-        pub mysql_url: String,
-        pub redis_url: String,
+    pub struct Server {
+        pub url: String,
     }
 
-    impl Servers {
-        pub async fn shared() -> Option<Arc<Servers>> {
-            crate::skip(
-                "no test servers: TEST_DATABASE_URL/TEST_REDIS_URL unset and the containers feature is off",
-            );
-            None
-        }
+    const OFF: &str = "testkit's `containers` feature is off";
+
+    pub async fn mysql() -> Result<Arc<Server>, String> {
+        Err(OFF.to_owned())
+    }
+
+    pub async fn redis() -> Result<Arc<Server>, String> {
+        Err(OFF.to_owned())
     }
 }
 
