@@ -9,6 +9,10 @@
 //! All SQL is shared by both servers: no `RETURNING` (MySQL lacks it), ids come from
 //! `last_insert_id()`, and database conditions are told apart in one place (`error.rs`).
 
+// First: the read helper macro it defines is used by the modules below.
+#[macro_use]
+mod retry;
+
 mod audit;
 mod convert;
 mod error;
