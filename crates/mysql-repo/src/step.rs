@@ -150,6 +150,7 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
         .bind(new_balance.get())
         .bind(key.key.as_str())
         .bind(at)
+        .bind(to_db_expiry(key.expires_at))
         .execute(&mut *conn)
         .await
         .map_err(step)?;
