@@ -127,7 +127,11 @@ async fn an_aborted_step_is_run_again_from_a_fresh_read() {
     assert!(!done.replayed);
     assert_eq!(done.response.status, 200);
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
-    assert_eq!(reads.load(Ordering::SeqCst), 2, "the retry reads the user afresh");
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        2,
+        "the retry reads the user afresh"
+    );
 }
 
 #[tokio::test]
