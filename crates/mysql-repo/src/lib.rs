@@ -62,8 +62,8 @@ pub fn connect_with(options: MySqlConnectOptions, max_connections: u32) -> MySql
         // No ping before every acquire: it is one more round trip per query, and a balance
         // change acquires three times (replay check, read, transaction), two of them under
         // the user's lock (measured: +32% charges/s on the database alone). A connection
-        // that died meanwhile fails its query instead, which answers 503 (not stored) and
-        // is closed; the client's retry with the same key runs on a fresh one.
+        // that died meanwhile fails its query instead and is closed; a read, or a step's
+        // BEGIN, is then sent once more on a tested connection (see `retry`).
         .test_before_acquire(false)
         .connect_lazy_with(options.timezone(Some("+00:00".to_owned())))
 }
