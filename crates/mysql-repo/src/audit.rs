@@ -32,6 +32,7 @@ use sqlx::{Connection as _, MySqlConnection};
 use crate::MySqlStore;
 use crate::convert::{from_db_time, to_db_time};
 use crate::error::repo;
+use crate::retry::tested_connection;
 
 /// Rows fetched per statement: the report lists no more than this per check anyway.
 const LISTED: i64 = AuditReport::LISTED_PER_CHECK as i64;
@@ -44,7 +45,9 @@ impl Auditor for MySqlStore {
         lease: Duration,
         now: DateTime<Utc>,
     ) -> Result<AuditReport, RepoError> {
-        let mut conn = self.pool.acquire().await.map_err(repo)?;
+        // Tested first: a periodic audit may be the first query in minutes, on an idle
+        // connection the database has dropped meanwhile; one ping per audit is nothing.
+        let mut conn = tested_connection(&self.pool).await.map_err(repo)?;
         // For the next transaction only: the snapshot below needs REPEATABLE READ whatever
         // the server's default is, and the pooled connection keeps its own level afterwards.
         sqlx::raw_sql("set transaction isolation level repeatable read")
