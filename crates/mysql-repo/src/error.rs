@@ -8,7 +8,7 @@
 //! | [`Classified::ConnectionLost`] | 2006, 2013, 1927, 1053, 4031, `Io`, `Protocol` | retried once on a tested connection | [`StepError::Aborted`] | outcome unknown: 503 |
 //! | [`Classified::Unavailable`] | 1040, 1047, pool timeout/closed, TLS | 503 | 503 | 503 |
 //!
-//! docs/reliability.md explains why each of these is safe.
+//! docs/operations.md ("Database errors: retried or 503") explains why each is exact.
 
 use domain::ports::{RepoError, StepError};
 use sqlx::mysql::MySqlDatabaseError;
