@@ -9,7 +9,8 @@
 //! 3. **lock** `balance:user:{id}`, before the first read of the user;
 //! 4. **read, decide, apply**: one atomic store call writes the balance (if the version is
 //!    still the one read), the ledger entry, the key's record and the order/payment; a
-//!    lost optimistic race is retried from a fresh read, a bounded number of times;
+//!    lost optimistic race is retried from a fresh read, a bounded number of times, and a
+//!    step the store aborted before its commit once;
 //! 5. **release** the lock after the commit, on every path; drop the claim.
 
 use std::sync::Arc;
