@@ -128,6 +128,10 @@ fn describe() {
         "Attempts re-run from a fresh read after a conflict"
     );
     metrics::describe_counter!(
+        m::STEP_ABORTED_RETRIES_TOTAL,
+        "Balance changes re-run after the database aborted their step before the commit"
+    );
+    metrics::describe_counter!(
         m::OPTIMISTIC_EXHAUSTED_TOTAL,
         "Requests that ran out of optimistic retries"
     );

@@ -463,6 +463,7 @@ async fn write(
         .bind(new_balance)
         .bind(key)
         .bind(at)
+        .bind(at + TimeDelta::days(1))
         .execute(&mut *conn)
         .await?;
     sqlx::query(sql::INSERT_KEY_RECORD)

@@ -50,7 +50,9 @@ impl From<StepError> for OperationError {
     fn from(e: StepError) -> Self {
         match e {
             StepError::UserNotFound => OperationError::UserNotFound,
-            StepError::Unavailable(cause) => OperationError::Unavailable(cause),
+            StepError::Aborted(cause) | StepError::Unavailable(cause) => {
+                OperationError::Unavailable(cause)
+            }
             StepError::Unexpected(cause) => OperationError::Unexpected(cause),
             other => OperationError::Unexpected(anyhow::Error::new(other)),
         }

@@ -268,6 +268,12 @@ pub enum StepError {
     /// The user does not exist.
     #[error("no such user")]
     UserNotFound,
+    /// The store aborted the step before it committed (the statement was killed or timed
+    /// out, or the connection was lost before the commit was sent): nothing was written,
+    /// and a fresh attempt may succeed.
+    #[error("the store aborted the step before it committed")]
+    Aborted(#[source] anyhow::Error),
+    /// The store cannot be reached, or a commit failed with an unknown outcome.
     #[error("the store is unavailable")]
     Unavailable(#[source] anyhow::Error),
     #[error(transparent)]
@@ -295,7 +301,9 @@ pub trait BalanceStore: Send + Sync {
     /// - MUST return [`StepError::OrderNotPending`] when `pays_order` is not PENDING or
     ///   already has a payment;
     /// - MUST return [`StepError::UserNotFound`] when the user does not exist;
-    /// - MUST return [`StepError::Unavailable`] when the store cannot be reached.
+    /// - MUST return [`StepError::Unavailable`] when the store cannot be reached, and when
+    ///   the commit failed with an unknown outcome (it may have happened);
+    /// - MAY return [`StepError::Aborted`] only when nothing was committed.
     async fn apply(&self, change: BalanceChange) -> Result<Applied, StepError>;
 
     /// Stores a business refusal under its key, in one transaction.

@@ -9,7 +9,8 @@
 //! 3. **lock** `balance:user:{id}`, before the first read of the user;
 //! 4. **read, decide, apply**: one atomic store call writes the balance (if the version is
 //!    still the one read), the ledger entry, the key's record and the order/payment; a
-//!    lost optimistic race is retried from a fresh read, a bounded number of times;
+//!    lost optimistic race is retried from a fresh read, a bounded number of times, and a
+//!    step the store aborted before its commit once;
 //! 5. **release** the lock after the commit, on every path; drop the claim.
 
 use std::sync::Arc;
@@ -30,6 +31,10 @@ use crate::telemetry as m;
 use crate::types::{
     Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, PaymentId, UserId,
 };
+
+/// How many times one balance change is run again after the store aborted its step
+/// before the commit (a killed or timed-out statement, a connection lost before COMMIT).
+const ABORTED_STEP_RETRIES: u32 = 1;
 
 /// What to do when the lock service cannot be reached (`LOCK_ON_REDIS_DOWN`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -394,6 +399,7 @@ impl BalanceService {
         // Bounded: under the lock a conflict means the lock was bypassed (lease expired,
         // Redis down); a few fresh reads settle it, and an endless loop would hold the
         // lock and the client forever.
+        let mut aborts_left = ABORTED_STEP_RETRIES;
         for attempt in 0..=self.settings.optimistic_retries {
             if attempt > 0 {
                 metrics::counter!(m::OPTIMISTIC_RETRIES_TOTAL).increment(1);
@@ -425,6 +431,18 @@ impl BalanceService {
                 Err(StepError::VersionConflict | StepError::OrderNotPending) => {
                     metrics::counter!(m::OPTIMISTIC_CONFLICTS_TOTAL).increment(1);
                     tracing::debug!(attempt, "optimistic conflict; retrying from a fresh read");
+                }
+                // Nothing was committed (the store says so only then), so a fresh read and
+                // a new attempt are exactly a first attempt; once, because a store that
+                // aborts twice in a row is better answered 503 than waited on.
+                Err(StepError::Aborted(cause)) => {
+                    if aborts_left == 0 {
+                        return Err(OperationError::Unavailable(cause));
+                    }
+                    aborts_left -= 1;
+                    metrics::counter!(m::STEP_ABORTED_RETRIES_TOTAL).increment(1);
+                    tracing::warn!(attempt, error = %format!("{cause:#}"),
+                        "the store aborted the step before it committed; retrying from a fresh read");
                 }
                 Err(StepError::KeyTaken) => {
                     // Another instance finished this key while we ran (the lock was bypassed):

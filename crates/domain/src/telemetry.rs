@@ -16,6 +16,8 @@ pub const LOCK_UNAVAILABLE_TOTAL: &str = "balance_lock_unavailable_total";
 pub const OPTIMISTIC_CONFLICTS_TOTAL: &str = "balance_optimistic_conflicts_total";
 /// Attempts re-run from a fresh read after a conflict.
 pub const OPTIMISTIC_RETRIES_TOTAL: &str = "balance_optimistic_retries_total";
+/// Balance changes run again after the store aborted their step before the commit.
+pub const STEP_ABORTED_RETRIES_TOTAL: &str = "balance_step_aborted_retries_total";
 /// Requests that ran out of optimistic retries.
 pub const OPTIMISTIC_EXHAUSTED_TOTAL: &str = "balance_optimistic_exhausted_total";
 /// Requests answered from a stored response.

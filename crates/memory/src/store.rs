@@ -58,6 +58,10 @@ struct State {
     last_user_id: i64,
     /// Each user's ledger in id order: ids grow globally, so appending keeps it sorted.
     ledgers: HashMap<UserId, Vec<LedgerEntry>>,
+    /// The expiry of the key's record written with each keyed entry, for the audit: the
+    /// record is replaced when its key is used again, and the retention may change
+    /// between runs of the service.
+    key_expiry: HashMap<EntryId, DateTime<Utc>>,
     last_entry_id: i64,
     orders: HashMap<OrderId, Order>,
     last_order_id: i64,
@@ -250,6 +254,7 @@ impl State {
             idempotency_key: Some(key.key.clone()),
             created_at: at,
         });
+        self.key_expiry.insert(entry_id, key.expires_at);
         self.last_entry_id = entry_id.get();
         if let (Some(order_id), Some(payment_id)) = (pays_order, payment_id) {
             if let Some(order) = self.orders.get_mut(&order_id) {

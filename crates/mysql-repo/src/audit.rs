@@ -32,6 +32,7 @@ use sqlx::{Connection as _, MySqlConnection};
 use crate::MySqlStore;
 use crate::convert::{from_db_time, to_db_time};
 use crate::error::repo;
+use crate::retry::tested_connection;
 
 /// Rows fetched per statement: the report lists no more than this per check anyway.
 const LISTED: i64 = AuditReport::LISTED_PER_CHECK as i64;
@@ -44,7 +45,9 @@ impl Auditor for MySqlStore {
         lease: Duration,
         now: DateTime<Utc>,
     ) -> Result<AuditReport, RepoError> {
-        let mut conn = self.pool.acquire().await.map_err(repo)?;
+        // Tested first: a periodic audit may be the first query in minutes, on an idle
+        // connection the database has dropped meanwhile; one ping per audit is nothing.
+        let mut conn = tested_connection(&self.pool).await.map_err(repo)?;
         // For the next transaction only: the snapshot below needs REPEATABLE READ whatever
         // the server's default is, and the pooled connection keeps its own level afterwards.
         sqlx::raw_sql("set transaction isolation level repeatable read")
@@ -195,8 +198,11 @@ async fn balance_matches_ledger(
 ///
 /// - for each completed record, the entries at its instant: one for a stored success
 ///   (2xx), none for a stored refusal (`RecordHasOneEffect`);
-/// - for each entry, the latest earlier entry of its key (by instant, then id), which must
-///   be at least the key's retention before it (`KeyAppliedOnce`);
+/// - for each entry, the earlier entries of its key (by instant, then id), whose records
+///   must all have expired by its instant (`KeyAppliedOnce`): each entry carries the
+///   expiry of the record written with it (`key_expires_at`), so the check holds whatever
+///   retention the service ran with; entries from before that column fall back to
+///   `key_ttl`;
 /// - each record that is not completed and older than the lock lease
 ///   (`NoRecordStuckInFlight`; the service stores only completed records, so this finds
 ///   nothing unless something else wrote the table).
@@ -209,7 +215,10 @@ async fn key_checks(
     lease: Duration,
     now: DateTime<Utc>,
 ) -> Result<(), RepoError> {
-    let ttl_micros = i64::try_from(key_ttl.as_micros()).unwrap_or(i64::MAX);
+    // Capped at a century, so adding it to an instant stays within `datetime`'s range.
+    let ttl_micros = i64::try_from(key_ttl.as_micros())
+        .unwrap_or(i64::MAX)
+        .min(100 * 366 * 86_400 * 1_000_000);
     let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
     let stuck_before = now
         .checked_sub_signed(lease)
@@ -223,11 +232,13 @@ async fn key_checks(
         String,
         i64,
         Option<NaiveDateTime>,
+        Option<NaiveDateTime>,
         i64,
         i64,
     );
     let rows: Vec<Row> = sqlx::query_as(
-        "select chk, user_id, k, at, status, record_status, effects, prev_at, id, found \
+        "select chk, user_id, k, at, status, record_status, effects, prev_at, live_until, \
+                id, found \
          from (select b.*, \
                       row_number() over (partition by chk order by user_id, k, at, id) as rn, \
                       count(*) over (partition by chk) as found \
@@ -235,7 +246,7 @@ async fn key_checks(
                                  when record_status = 'COMPLETED' then 'RECORD' \
                                  else 'STUCK' end as chk, \
                             user_id, k, at, cast(status as signed) as status, record_status, \
-                            cast(effects as signed) as effects, prev_at, \
+                            cast(effects as signed) as effects, prev_at, live_until, \
                             cast(id as signed) as id \
                      from (select user_id, k, at, status, record_status, is_entry, id, \
                                   sum(is_entry) over (partition by user_id, k, at) \
@@ -243,25 +254,33 @@ async fn key_checks(
                                   max(case is_entry when 1 then at end) \
                                       over (partition by user_id, k order by at, id \
                                       rows between unbounded preceding and 1 preceding) \
-                                      as prev_at \
+                                      as prev_at, \
+                                  max(case is_entry when 1 then \
+                                          coalesce(key_expires_at, \
+                                                   timestampadd(microsecond, ?, at)) end) \
+                                      over (partition by user_id, k order by at, id \
+                                      rows between unbounded preceding and 1 preceding) \
+                                      as live_until \
                            from (select user_id, idempotency_key as k, created_at as at, \
                                         response_status as status, status as record_status, \
-                                        0 as is_entry, 0 as id \
+                                        0 as is_entry, 0 as id, \
+                                        cast(null as datetime(3)) as key_expires_at \
                                  from idempotency_records \
                                  union all \
-                                 select user_id, idempotency_key, created_at, 0, '', 1, id \
+                                 select user_id, idempotency_key, created_at, 0, '', 1, id, \
+                                        key_expires_at \
                                  from ledger_entries where idempotency_key is not null) x \
                           ) w \
                      where (is_entry = 0 and record_status = 'COMPLETED' \
                             and ((status between 200 and 299 and effects <> 1) \
                                  or (status not between 200 and 299 and effects <> 0))) \
                         or (is_entry = 0 and record_status <> 'COMPLETED' and at < ?) \
-                        or (is_entry = 1 and prev_at is not null \
-                            and timestampdiff(microsecond, prev_at, at) < ?)) b) c \
+                        or (is_entry = 1 and live_until is not null \
+                            and at < live_until)) b) c \
          where rn <= ? order by chk, rn",
     )
-    .bind(to_db_time(stuck_before))
     .bind(ttl_micros)
+    .bind(to_db_time(stuck_before))
     .bind(LISTED)
     .fetch_all(&mut *conn)
     .await
@@ -269,7 +288,9 @@ async fn key_checks(
 
     let mut found = [0_u64; 3];
     let mut listed: [Vec<Breach>; 3] = Default::default();
-    for (chk, user, key, created, status, record_status, effects, prev_at, id, total) in rows {
+    for (chk, user, key, created, status, record_status, effects, prev_at, live_until, id, total) in
+        rows
+    {
         let subject = format!("user {user} key {key}");
         let (slot, breach) = match chk.as_str() {
             "RECORD" => {
@@ -286,7 +307,8 @@ async fn key_checks(
             }
             "KEY" => {
                 let prev_at = prev_at.unwrap_or(created);
-                let detail = key_applied_twice(id, created, prev_at, key_ttl);
+                let live_until = live_until.unwrap_or(created);
+                let detail = key_applied_twice(id, created, prev_at, live_until);
                 (1, breach(AuditCheck::KeyAppliedOnce, subject, detail))
             }
             _ => {
@@ -320,15 +342,15 @@ fn key_applied_twice(
     id: i64,
     created: NaiveDateTime,
     earlier: NaiveDateTime,
-    key_ttl: Duration,
+    live_until: NaiveDateTime,
 ) -> String {
     let apart = from_db_time(created) - from_db_time(earlier);
     format!(
-        "ledger entry {id} ({}) is {:.3} s after an earlier entry of this key ({}), within the key's retention of {} s",
+        "ledger entry {id} ({}) is {:.3} s after an earlier entry of this key ({}), while an earlier record of the key was live (until {})",
         at(created),
         apart.num_milliseconds() as f64 / 1000.0,
         at(earlier),
-        key_ttl.as_secs()
+        at(live_until)
     )
 }
 

@@ -23,13 +23,14 @@ impl IdempotencyRepo for MySqlStore {
         // The primary key (user_id, idempotency_key) scopes the key to its user, and the
         // ascii_bin collation makes the match byte for byte.
         let row: Option<(String, u16, Vec<u8>, NaiveDateTime, NaiveDateTime)> =
-            sqlx::query_as(sql::FIND_KEY)
-                .bind(user.get())
-                .bind(key.as_str())
-                .bind(to_db_time(now))
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(repo)?;
+            read_retrying!(&self.pool, |db| {
+                sqlx::query_as(sql::FIND_KEY)
+                    .bind(user.get())
+                    .bind(key.as_str())
+                    .bind(to_db_time(now))
+                    .fetch_optional(db)
+            })
+            .map_err(repo)?;
         Ok(row.map(
             |(fingerprint, status, body, created_at, expires_at)| CompletedRecord {
                 user_id: user,

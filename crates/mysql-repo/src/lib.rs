@@ -9,6 +9,10 @@
 //! All SQL is shared by both servers: no `RETURNING` (MySQL lacks it), ids come from
 //! `last_insert_id()`, and database conditions are told apart in one place (`error.rs`).
 
+// First: the read helper macro it defines is used by the modules below.
+#[macro_use]
+mod retry;
+
 mod audit;
 mod convert;
 mod error;
@@ -23,9 +27,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use domain::ports::RepoError;
-use sqlx::MySqlPool;
 use sqlx::migrate::Migrator;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::{AssertSqlSafe, MySqlPool};
 
 /// The schema, embedded at compile time from the workspace's `migrations/` directory.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
@@ -58,20 +62,100 @@ pub fn connect_with(options: MySqlConnectOptions, max_connections: u32) -> MySql
         // No ping before every acquire: it is one more round trip per query, and a balance
         // change acquires three times (replay check, read, transaction), two of them under
         // the user's lock (measured: +32% charges/s on the database alone). A connection
-        // that died meanwhile fails its query instead, which answers 503 (not stored) and
-        // is closed; the client's retry with the same key runs on a fresh one.
+        // that died meanwhile fails its query instead and is closed; a read, or a step's
+        // BEGIN, is then sent once more on a tested connection (see `retry`).
         .test_before_acquire(false)
         .connect_lazy_with(options.timezone(Some("+00:00".to_owned())))
 }
 
+/// How long `migrate` waits for another process's migration run to finish before it
+/// gives up: far longer than this schema's migrations take, short enough that a stuck
+/// holder fails the deployment instead of hanging it.
+pub const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(300);
+
 /// Applies every migration that has not been applied yet; a no-op when the schema is
-/// current. Safe to run from several processes at once (sqlx takes a database lock).
+/// current. Safe to run from several processes at once: each run holds a named lock of
+/// this database (`GET_LOCK`) for its whole length, so the others wait and then find the
+/// schema current.
+///
+/// sqlx's own lock (`GET_LOCK(name, -1)`) does not serialise runs on MariaDB, where a
+/// negative timeout returns NULL at once without taking the lock, so two fresh runs
+/// would both apply the first migration and one fails. The lock here has a positive
+/// timeout, which both MySQL 8 and MariaDB honour. A named lock belongs to its session,
+/// so the lock and the run share one session: a pool of exactly one connection, opened
+/// here and closed afterwards (the lock ends with the session, whatever happens). The
+/// run is on that pool rather than on a bare connection because sqlx's `run` on a
+/// connection makes a future the compiler cannot prove `Send`, and `migrate` is awaited
+/// in spawned tasks.
 ///
 /// # Errors
-/// When the database cannot be reached or a migration fails.
+/// When the database cannot be reached, the lock is not granted within
+/// [`MIGRATION_LOCK_WAIT`], the lock's session was lost before the run, or a migration
+/// fails.
 pub async fn migrate(pool: &MySqlPool) -> anyhow::Result<()> {
+    let options = pool.connect_options();
+    let session = MySqlPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        // The one connection must stay the same session from the lock to the release:
+        // never reaped, and not replaced behind our back by a test on acquire.
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .test_before_acquire(false)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_lazy_with((*options).clone());
+    let run = migrate_locked(&session).await;
+    session.close().await;
+    run
+}
+
+/// The lock's name: named locks are server-wide, so it is this database's; hashed,
+/// because a lock name is at most 64 characters and a database name may be that long.
+const MIGRATION_LOCK: &str = "concat('balance-migrate:', sha1(database()))";
+
+async fn migrate_locked(session: &MySqlPool) -> anyhow::Result<()> {
+    let granted: (Option<i64>,) = sqlx::query_as(AssertSqlSafe(format!(
+        "select get_lock({MIGRATION_LOCK}, ?)"
+    )))
+    .bind(MIGRATION_LOCK_WAIT.as_secs())
+    .fetch_one(session)
+    .await
+    .context("could not take the migration lock")?;
+    match granted.0 {
+        Some(1) => {}
+        Some(_) => anyhow::bail!(
+            "another process has been migrating this database for more than {} s",
+            MIGRATION_LOCK_WAIT.as_secs()
+        ),
+        None => anyhow::bail!("the server refused the migration lock (is a database selected?)"),
+    }
+    let run = run_holding_lock(session).await;
+    // Released at once, so a waiting process goes on without waiting for the close.
+    if let Err(e) = sqlx::query(AssertSqlSafe(format!(
+        "select release_lock({MIGRATION_LOCK})"
+    )))
+    .execute(session)
+    .await
+    {
+        tracing::debug!(error = %e, "releasing the migration lock failed; closing the session releases it");
+    }
+    run
+}
+
+async fn run_holding_lock(session: &MySqlPool) -> anyhow::Result<()> {
+    // Had the session died since the lock was taken, the pool would have opened another
+    // one, without the lock: run only on the session that holds it.
+    let (holds,): (Option<i64>,) = sqlx::query_as(AssertSqlSafe(format!(
+        "select is_used_lock({MIGRATION_LOCK}) = connection_id()"
+    )))
+    .fetch_one(session)
+    .await
+    .context("could not check the migration lock")?;
+    if holds != Some(1) {
+        anyhow::bail!("the connection holding the migration lock was lost; run migrate again");
+    }
     MIGRATOR
-        .run(pool)
+        .run(session)
         .await
         .context("could not apply the database migrations")
 }

@@ -40,13 +40,15 @@ impl OrderRepo for MySqlStore {
     }
 
     async fn get_order(&self, id: OrderId) -> Result<Option<Order>, RepoError> {
-        let row: Option<(i64, i64, i64, String, NaiveDateTime)> = sqlx::query_as(
-            "select id, user_id, amount, status, created_at from orders where id = ?",
-        )
-        .bind(id.get())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(repo)?;
+        let row: Option<(i64, i64, i64, String, NaiveDateTime)> =
+            read_retrying!(&self.pool, |db| {
+                sqlx::query_as(
+                    "select id, user_id, amount, status, created_at from orders where id = ?",
+                )
+                .bind(id.get())
+                .fetch_optional(db)
+            })
+            .map_err(repo)?;
         let Some((id, user, amount, status, created_at)) = row else {
             return Ok(None);
         };
@@ -62,14 +64,16 @@ impl OrderRepo for MySqlStore {
     }
 
     async fn get_payment(&self, id: PaymentId) -> Result<Option<Payment>, RepoError> {
-        let row: Option<(i64, i64, i64, i64, i64, NaiveDateTime)> = sqlx::query_as(
-            "select id, order_id, user_id, amount, balance_after, paid_at \
-             from payments where id = ?",
-        )
-        .bind(id.get())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(repo)?;
+        let row: Option<(i64, i64, i64, i64, i64, NaiveDateTime)> =
+            read_retrying!(&self.pool, |db| {
+                sqlx::query_as(
+                    "select id, order_id, user_id, amount, balance_after, paid_at \
+                     from payments where id = ?",
+                )
+                .bind(id.get())
+                .fetch_optional(db)
+            })
+            .map_err(repo)?;
         let Some((id, order, user, amount, balance_after, paid_at)) = row else {
             return Ok(None);
         };

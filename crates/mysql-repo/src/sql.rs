@@ -17,11 +17,12 @@ pub const UPDATE_BALANCE: &str = "update users set balance = ?, version = versio
 /// After [`UPDATE_BALANCE`] matched nothing: is the user there at all?
 pub const USER_EXISTS: &str = "select id from users where id = ?";
 
-/// The ledger entry of a change. Binds: user_id, kind, amount, balance_after,
-/// idempotency_key, created_at.
+/// The ledger entry of a change, with the expiry of the key's record written with it (for
+/// the audit). Binds: user_id, kind, amount, balance_after, idempotency_key, created_at,
+/// key_expires_at.
 pub const INSERT_LEDGER_ENTRY: &str = "insert into ledger_entries \
-     (user_id, kind, amount, balance_after, idempotency_key, created_at) \
-     values (?, ?, ?, ?, ?, ?)";
+     (user_id, kind, amount, balance_after, idempotency_key, created_at, key_expires_at) \
+     values (?, ?, ?, ?, ?, ?, ?)";
 
 /// The key's completed record, in the same transaction as the change. Binds: user_id,
 /// idempotency_key, fingerprint, response_status, response_body, created_at, expires_at.

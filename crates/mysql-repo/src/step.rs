@@ -14,47 +14,88 @@ use domain::ports::{
     Applied, Assigned, BalanceChange, BalanceStore, KeyRecord, RefusalRecord, StepError,
 };
 use domain::types::{OrderId, PaymentId, UserId};
-use sqlx::{MySql, MySqlConnection, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection as _, MySql, MySqlConnection, Transaction};
 
 use crate::MySqlStore;
 use crate::convert::{entry_id, payment_id, to_db_expiry, to_db_time, version_to_db};
-use crate::error::{Classified, classify, step};
+use crate::error::{self, Classified, classify, commit, step};
+use crate::retry::tested_connection;
 use crate::sql;
 
 #[async_trait]
 impl BalanceStore for MySqlStore {
     async fn apply(&self, change: BalanceChange) -> Result<Applied, StepError> {
-        let mut tx = self.pool.begin().await.map_err(step)?;
-        match apply_in(&mut tx, change).await {
-            Ok(applied) => {
-                // A commit that fails on the network may or may not have happened; the
-                // error is not stored, so a retry with the same key either replays the
-                // committed record or runs afresh.
-                tx.commit().await.map_err(step)?;
-                Ok(applied)
-            }
-            Err(e) => {
-                rollback(tx).await;
-                Err(e)
-            }
-        }
+        let mut conn = self.pool.acquire().await.map_err(step)?;
+        let lost = match conn.begin().await {
+            Ok(tx) => return apply_tx(tx, change).await,
+            Err(e) if error::connection_lost(&e) => e,
+            Err(e) => return Err(step(e)),
+        };
+        lost_at_begin(conn, &lost);
+        let mut conn = tested_connection(&self.pool).await.map_err(step)?;
+        let tx = conn.begin().await.map_err(step)?;
+        apply_tx(tx, change).await
     }
 
     async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError> {
-        let mut tx = self.pool.begin().await.map_err(step)?;
-        match refuse_in(&mut tx, &refusal).await {
-            Ok(()) => tx.commit().await.map_err(step),
-            Err(e) => {
-                rollback(tx).await;
-                Err(e)
-            }
+        let mut conn = self.pool.acquire().await.map_err(step)?;
+        let lost = match conn.begin().await {
+            Ok(tx) => return refuse_tx(tx, &refusal).await,
+            Err(e) if error::connection_lost(&e) => e,
+            Err(e) => return Err(step(e)),
+        };
+        lost_at_begin(conn, &lost);
+        let mut conn = tested_connection(&self.pool).await.map_err(step)?;
+        let tx = conn.begin().await.map_err(step)?;
+        refuse_tx(tx, &refusal).await
+    }
+}
+
+/// `BEGIN` is the first thing a step sends on a pooled connection, which may have died
+/// idle (the pool does not test it): nothing has happened yet, so the step begins once
+/// more on a tested connection. This one is closed (before the next is acquired, so a
+/// pool of one does not wait on itself) instead of going back to the pool.
+fn lost_at_begin(mut conn: PoolConnection<MySql>, e: &sqlx::Error) {
+    tracing::info!(error = %e, "a pooled connection was found dead at BEGIN; beginning again on a tested one");
+    conn.close_on_drop();
+}
+
+async fn apply_tx(
+    mut tx: Transaction<'_, MySql>,
+    change: BalanceChange,
+) -> Result<Applied, StepError> {
+    match apply_in(&mut tx, change).await {
+        Ok(applied) => {
+            // A commit that fails may or may not have happened (see `error::commit`): it is
+            // not retried here; the error is not stored, so the client's retry with the same
+            // key either replays the committed record or runs afresh.
+            tx.commit().await.map_err(commit)?;
+            Ok(applied)
+        }
+        Err(e) => {
+            rollback(tx).await;
+            Err(e)
+        }
+    }
+}
+
+async fn refuse_tx(
+    mut tx: Transaction<'_, MySql>,
+    refusal: &RefusalRecord,
+) -> Result<(), StepError> {
+    match refuse_in(&mut tx, refusal).await {
+        Ok(()) => tx.commit().await.map_err(commit),
+        Err(e) => {
+            rollback(tx).await;
+            Err(e)
         }
     }
 }
 
 /// Rolls back at once, so the transaction's row locks are released before the use case retries
 /// (dropping the transaction would defer the rollback to the connection's next use).
-pub(crate) async fn rollback(tx: Transaction<'static, MySql>) {
+pub(crate) async fn rollback(tx: Transaction<'_, MySql>) {
     if let Err(e) = tx.rollback().await {
         // The connection is broken; the server rolls back when the session ends.
         tracing::debug!(error = %e, "rollback of a failed transaction failed");
@@ -109,6 +150,7 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
         .bind(new_balance.get())
         .bind(key.key.as_str())
         .bind(at)
+        .bind(to_db_expiry(key.expires_at))
         .execute(&mut *conn)
         .await
         .map_err(step)?;

@@ -46,11 +46,12 @@ impl UserRepo for MySqlStore {
     }
 
     async fn get_user(&self, id: UserId) -> Result<Option<User>, RepoError> {
-        let row: Option<(i64, i64, NaiveDateTime)> = sqlx::query_as(sql::SELECT_USER)
-            .bind(id.get())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(repo)?;
+        let row: Option<(i64, i64, NaiveDateTime)> = read_retrying!(&self.pool, |db| {
+            sqlx::query_as(sql::SELECT_USER)
+                .bind(id.get())
+                .fetch_optional(db)
+        })
+        .map_err(repo)?;
         let Some((balance, version, created_at)) = row else {
             return Ok(None);
         };
@@ -77,7 +78,7 @@ impl UserRepo for MySqlStore {
         // One row more than asked tells whether an older page exists without a count.
         let fetch = i64::from(limit) + 1;
         let rows: Vec<EntryRow> = match before {
-            Some(before) => {
+            Some(before) => read_retrying!(&self.pool, |db| {
                 sqlx::query_as(
                     "select id, kind, amount, balance_after, idempotency_key, created_at \
                      from ledger_entries where user_id = ? and id < ? \
@@ -86,10 +87,9 @@ impl UserRepo for MySqlStore {
                 .bind(id.get())
                 .bind(before.get())
                 .bind(fetch)
-                .fetch_all(&self.pool)
-                .await
-            }
-            None => {
+                .fetch_all(db)
+            }),
+            None => read_retrying!(&self.pool, |db| {
                 sqlx::query_as(
                     "select id, kind, amount, balance_after, idempotency_key, created_at \
                      from ledger_entries where user_id = ? \
@@ -97,9 +97,8 @@ impl UserRepo for MySqlStore {
                 )
                 .bind(id.get())
                 .bind(fetch)
-                .fetch_all(&self.pool)
-                .await
-            }
+                .fetch_all(db)
+            }),
         }
         .map_err(repo)?;
 

@@ -192,7 +192,7 @@ async fn migrations_apply_cleanly_and_are_idempotent() {
         assert!(applied.iter().all(|(_, ok)| *ok));
         assert_eq!(
             applied.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4, 5]
+            vec![1, 2, 3, 4, 5, 6]
         );
 
         // A second run (another instance starting) changes nothing.

@@ -181,26 +181,39 @@ impl Audit {
         }
         keyed.sort_unstable();
 
-        // KeyAppliedOnce
+        // KeyAppliedOnce: no entry while an earlier record of its key was live. Each
+        // entry's record expiry is the one it was written with; `key_ttl` stands in only
+        // where none was kept.
         let ttl = chrono::Duration::from_std(self.key_ttl).unwrap_or(chrono::Duration::MAX);
-        for pair in keyed.windows(2) {
-            if let [(key, first_at, _), (other, second_at, second)] = pair
-                && key == other
-                && *second_at - *first_at < ttl
-            {
-                let apart = *second_at - *first_at;
-                self.report.add(breach(
-                    AuditCheck::KeyAppliedOnce,
-                    format!("user {} key {key}", user.id),
-                    // Worded as the MySQL audit words it.
-                    format!(
-                        "ledger entry {second} ({}) is {:.3} s after an earlier entry of this key ({}), within the key's retention of {} s",
-                        at(*second_at),
-                        apart.num_milliseconds() as f64 / 1000.0,
-                        at(*first_at),
-                        self.key_ttl.as_secs()
-                    ),
-                ));
+        let expiry = |at: DateTime<Utc>, id: &EntryId| {
+            state.key_expiry.get(id).copied().unwrap_or_else(|| {
+                at.checked_add_signed(ttl)
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC)
+            })
+        };
+        // (key, instant of the latest earlier entry, latest expiry of the earlier records)
+        let mut earlier: Option<(&IdempotencyKey, DateTime<Utc>, DateTime<Utc>)> = None;
+        for (key, entry_at, id) in &keyed {
+            match earlier {
+                Some((seen, prev_at, live_until)) if seen == *key => {
+                    if *entry_at < live_until {
+                        let apart = *entry_at - prev_at;
+                        self.report.add(breach(
+                            AuditCheck::KeyAppliedOnce,
+                            format!("user {} key {key}", user.id),
+                            // Worded as the MySQL audit words it.
+                            format!(
+                                "ledger entry {id} ({}) is {:.3} s after an earlier entry of this key ({}), while an earlier record of the key was live (until {})",
+                                at(*entry_at),
+                                apart.num_milliseconds() as f64 / 1000.0,
+                                at(prev_at),
+                                at(live_until)
+                            ),
+                        ));
+                    }
+                    earlier = Some((key, *entry_at, live_until.max(expiry(*entry_at, id))));
+                }
+                _ => earlier = Some((key, *entry_at, expiry(*entry_at, id))),
             }
         }
 

@@ -1,0 +1,378 @@
+//! What the adapter does when the database says "try again": a statement killed while it
+//! waits on a row lock, and every pooled connection killed at once. Each test makes its own
+//! database with `testkit::TestDatabase` and skips (saying so) without a server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use domain::idempotency::{Fingerprint, StoredResponse};
+use domain::model::EntryKind;
+use domain::outcome::Outcome;
+use domain::ports::{
+    Applied, Auditor, BalanceChange, BalanceStore, Clock, IdempotencyRepo, KeyRecord,
+    RefusalRecord, ResponseEncoder, StepError, SystemClock, UserRepo,
+};
+use domain::types::{Amount, Balance, IdempotencyKey, UserId};
+use domain::{BalanceCommand, BalanceService, OperationError, Ports, Settings};
+use mysql_repo::MySqlStore;
+use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
+use testkit::TestDatabase;
+
+/// How long a test waits for the database to reach a state before it fails.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Encodes every outcome as a 200 with its debug text: the tests look at the books, not
+/// at the bytes.
+struct DebugEncoder;
+
+impl ResponseEncoder for DebugEncoder {
+    fn encode(&self, outcome: &Outcome) -> StoredResponse {
+        StoredResponse {
+            status: 200,
+            body: format!("{outcome:?}").into_bytes(),
+        }
+    }
+}
+
+/// The MySQL step, counting the attempts the service makes.
+struct CountingStore {
+    inner: MySqlStore,
+    started: AtomicUsize,
+}
+
+#[async_trait]
+impl BalanceStore for CountingStore {
+    async fn apply(&self, change: BalanceChange) -> Result<Applied, StepError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        self.inner.apply(change).await
+    }
+
+    async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        self.inner.record_refusal(refusal).await
+    }
+}
+
+fn service(store: &MySqlStore) -> (BalanceService, Arc<CountingStore>) {
+    let steps = Arc::new(CountingStore {
+        inner: store.clone(),
+        started: AtomicUsize::new(0),
+    });
+    let ports = Ports {
+        users: Arc::new(store.clone()),
+        orders: Arc::new(store.clone()),
+        keys: Arc::new(store.clone()),
+        store: Arc::clone(&steps) as Arc<dyn BalanceStore>,
+        locks: Arc::new(memory::InProcessLockManager::new()),
+        encoder: Arc::new(DebugEncoder),
+        clock: Arc::new(SystemClock),
+    };
+    (BalanceService::new(ports, Settings::default()), steps)
+}
+
+async fn admin(db: &TestDatabase) -> MySqlConnection {
+    MySqlConnection::connect(&db.url).await.unwrap()
+}
+
+async fn user_with(store: &MySqlStore, balance: i64) -> UserId {
+    let limits = Settings::default().limits;
+    store
+        .seed_users(
+            1,
+            Balance::new(balance, &limits).unwrap(),
+            SystemClock.now(),
+        )
+        .await
+        .unwrap();
+    UserId::new(1).unwrap()
+}
+
+fn use_command(user: UserId, amount: i64, key: &str) -> BalanceCommand {
+    BalanceCommand::Use {
+        user,
+        amount: Amount::new(amount, &Settings::default().limits).unwrap(),
+        key: IdempotencyKey::parse(key).unwrap(),
+    }
+}
+
+/// The connection of this database whose balance update is running (waiting on the held
+/// row lock, in these tests), once there is one.
+async fn waiting_update(admin: &mut MySqlConnection, db: &str) -> u64 {
+    let started = Instant::now();
+    loop {
+        let waiting: Option<(u64,)> = sqlx::query_as(
+            "select cast(id as unsigned) from information_schema.processlist \
+             where db = ? and info like 'update users set balance%' limit 1",
+        )
+        .bind(db)
+        .fetch_optional(&mut *admin)
+        .await
+        .unwrap();
+        if let Some((id,)) = waiting {
+            return id;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "no write came to wait on the held row lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the service has started its `n`th atomic step.
+async fn steps_started(steps: &CountingStore, n: usize) {
+    let started = Instant::now();
+    while steps.started.load(Ordering::SeqCst) < n {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the service did not run step {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn kill_query(admin: &mut MySqlConnection, connection: u64) {
+    sqlx::query(AssertSqlSafe(format!("kill query {connection}")))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+}
+
+/// A connection holding the users row of `user` locked, in an open transaction.
+async fn hold_row_lock(db: &TestDatabase, user: UserId) -> MySqlConnection {
+    let mut holder = admin(db).await;
+    sqlx::raw_sql("begin").execute(&mut holder).await.unwrap();
+    sqlx::query("select id from users where id = ? for update")
+        .bind(user.get())
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    holder
+}
+
+async fn balance_and_entries(store: &MySqlStore, db: &TestDatabase, user: UserId) -> (i64, i64) {
+    let balance = store.get_user(user).await.unwrap().unwrap().balance.get();
+    let (entries,): (i64,) =
+        sqlx::query_as("select count(*) from ledger_entries where user_id = ?")
+            .bind(user.get())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    (balance, entries)
+}
+
+async fn assert_audit_clean(store: &MySqlStore) {
+    let settings = Settings::default();
+    let report = store
+        .audit(
+            settings.idempotency_ttl,
+            settings.lock_lease,
+            SystemClock.now(),
+        )
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[tokio::test]
+async fn a_write_killed_while_it_waits_on_a_row_lock_is_retried_from_a_fresh_read() {
+    let Some(db) = TestDatabase::create().await else {
+        return testkit::skip("a_write_killed_while_it_waits_on_a_row_lock_is_retried");
+    };
+    let store = db.store();
+    let user = user_with(&store, 1_000).await;
+    let (service, steps) = service(&store);
+    let mut admin = admin(&db).await;
+    let mut holder = hold_row_lock(&db, user).await;
+
+    let running = {
+        let service = service.clone();
+        tokio::spawn(async move { service.execute(use_command(user, 100, "kill-once")).await })
+    };
+    let connection = waiting_update(&mut admin, &db.name).await;
+    kill_query(&mut admin, connection).await;
+    // The retry, from a fresh read, waits on the same row lock.
+    steps_started(&steps, 2).await;
+    waiting_update(&mut admin, &db.name).await;
+    sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
+
+    let done = running.await.unwrap();
+    let execution = done.unwrap_or_else(|e| panic!("the killed write was not retried: {e:?}"));
+    assert!(!execution.replayed);
+    assert_eq!(balance_and_entries(&store, &db, user).await, (900, 2));
+    assert_audit_clean(&store).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_write_killed_twice_is_unavailable_and_writes_nothing() {
+    let Some(db) = TestDatabase::create().await else {
+        return testkit::skip("a_write_killed_twice_is_unavailable_and_writes_nothing");
+    };
+    let store = db.store();
+    let user = user_with(&store, 1_000).await;
+    let (service, steps) = service(&store);
+    let mut admin = admin(&db).await;
+    let mut holder = hold_row_lock(&db, user).await;
+
+    let running = {
+        let service = service.clone();
+        tokio::spawn(async move { service.execute(use_command(user, 100, "kill-twice")).await })
+    };
+    let connection = waiting_update(&mut admin, &db.name).await;
+    kill_query(&mut admin, connection).await;
+    steps_started(&steps, 2).await;
+    let connection = waiting_update(&mut admin, &db.name).await;
+    kill_query(&mut admin, connection).await;
+
+    let done = running.await.unwrap();
+    // 503 with Retry-After at the HTTP edge; never Unexpected (a 500).
+    assert!(
+        matches!(done, Err(OperationError::Unavailable(_))),
+        "{done:?}"
+    );
+    sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
+    assert_eq!(balance_and_entries(&store, &db, user).await, (1_000, 1));
+    let key = IdempotencyKey::parse("kill-twice").unwrap();
+    assert!(
+        store
+            .find(user, &key, SystemClock.now())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // The client's retry with the same key runs afresh, once; its repeat replays.
+    let retried = service
+        .execute(use_command(user, 100, "kill-twice"))
+        .await
+        .unwrap();
+    assert!(!retried.replayed);
+    let repeated = service
+        .execute(use_command(user, 100, "kill-twice"))
+        .await
+        .unwrap();
+    assert!(repeated.replayed);
+    assert_eq!(repeated.response, retried.response);
+    assert_eq!(balance_and_entries(&store, &db, user).await, (900, 2));
+    assert_audit_clean(&store).await;
+    db.cleanup().await;
+}
+
+/// Opens `n` connections in the pool (held at once, then returned idle) and kills every
+/// connection of the database but the admin's; returns when they are gone.
+async fn kill_the_pool(db: &TestDatabase, admin: &mut MySqlConnection, n: usize) {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut conn = db.pool().acquire().await.unwrap();
+        sqlx::query("select 1").execute(&mut *conn).await.unwrap();
+        held.push(conn);
+    }
+    drop(held);
+    // Back in the pool (its release pings each one first).
+    let started = Instant::now();
+    while db.pool().num_idle() < n {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the pool did not take its connections back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let victims: Vec<(u64,)> = sqlx::query_as(
+        "select cast(id as unsigned) from information_schema.processlist \
+         where db = ? and id <> connection_id()",
+    )
+    .bind(&db.name)
+    .fetch_all(&mut *admin)
+    .await
+    .unwrap();
+    assert!(victims.len() >= n, "{victims:?}");
+    for (id,) in &victims {
+        sqlx::query(AssertSqlSafe(format!("kill {id}")))
+            .execute(&mut *admin)
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    loop {
+        let (left,): (i64,) = sqlx::query_as(
+            "select count(*) from information_schema.processlist \
+             where db = ? and id <> connection_id()",
+        )
+        .bind(&db.name)
+        .fetch_one(&mut *admin)
+        .await
+        .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "killed connections linger");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn reads_after_every_pooled_connection_was_killed_succeed() {
+    let Some(db) = TestDatabase::create().await else {
+        return testkit::skip("reads_after_every_pooled_connection_was_killed_succeed");
+    };
+    let store = db.store();
+    let user = user_with(&store, 500).await;
+    let mut admin = admin(&db).await;
+    kill_the_pool(&db, &mut admin, 4).await;
+
+    // Each read would otherwise meet a dead connection: one failure per pooled connection.
+    for round in 0..6 {
+        let read = store.get_user(user).await;
+        assert!(
+            matches!(read, Ok(Some(ref u)) if u.balance.get() == 500),
+            "read {round}: {read:?}"
+        );
+    }
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_balance_step_after_every_pooled_connection_was_killed_succeeds() {
+    let Some(db) = TestDatabase::create().await else {
+        return testkit::skip("a_balance_step_after_every_pooled_connection_was_killed");
+    };
+    let store = db.store();
+    let user = user_with(&store, 500).await;
+    let version = store.get_user(user).await.unwrap().unwrap().version;
+    let mut admin = admin(&db).await;
+    kill_the_pool(&db, &mut admin, 4).await;
+
+    // The step straight away, without a read before it to clear the pool.
+    let now: DateTime<Utc> = SystemClock.now();
+    let amount = Amount::from_stored(50);
+    let change = BalanceChange {
+        user_id: user,
+        expected_version: version,
+        new_balance: Balance::from_stored(550),
+        kind: EntryKind::Charge,
+        amount,
+        at: now,
+        key: KeyRecord {
+            key: IdempotencyKey::parse("after-kill").unwrap(),
+            fingerprint: Fingerprint::charge(user, amount),
+            created_at: now,
+            expires_at: now + chrono::Duration::hours(1),
+        },
+        pays_order: None,
+        respond: Box::new(|_| StoredResponse {
+            status: 200,
+            body: b"charged".to_vec(),
+        }),
+    };
+    let applied = store.apply(change).await;
+    assert!(applied.is_ok(), "{applied:?}");
+    assert_eq!(balance_and_entries(&store, &db, user).await, (550, 2));
+    db.cleanup().await;
+}

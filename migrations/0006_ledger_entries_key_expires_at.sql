@@ -1,0 +1,11 @@
+-- When the idempotency record written with each ledger entry expires, kept with the entry
+-- because the record itself is replaced when its key is legitimately used again. The audit
+-- checks that a key was not applied while an earlier record of it was still live, and it
+-- needs each record's own expiry for that: the retention (IDEMPOTENCY_TTL_SECS) may have
+-- been different when the entry was written, and the auditing process's own setting says
+-- nothing about it.
+--
+-- Null for seeded opening balances (no key) and for entries written before this
+-- migration; the audit falls back to its retention setting for those. A nullable column
+-- without a default is added in place, without a table copy, on MySQL 8 and MariaDB 10.11.
+alter table ledger_entries add column key_expires_at datetime(3) null;
