@@ -114,3 +114,11 @@ pub fn problem_response(
             .build(),
     )
 }
+
+/// The document as served at `/api-docs/openapi.json`, pretty-printed.
+///
+/// # Errors
+/// When it cannot be serialised (it always can; the type allows it).
+pub fn document_json() -> Result<String, serde_json::Error> {
+    ApiDoc::openapi().to_pretty_json()
+}
