@@ -58,6 +58,31 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, in the order of their statuses.
+    pub const ALL: [Code; 21] = [
+        Code::ValidationError,
+        Code::IdempotencyKeyRequired,
+        Code::InvalidIdempotencyKey,
+        Code::Unauthorized,
+        Code::Forbidden,
+        Code::UserNotFound,
+        Code::OrderNotFound,
+        Code::PaymentNotFound,
+        Code::NotFound,
+        Code::MethodNotAllowed,
+        Code::RequestTimeout,
+        Code::IdempotencyKeyInUse,
+        Code::OrderAlreadyPaid,
+        Code::PayloadTooLarge,
+        Code::UnsupportedMediaType,
+        Code::IdempotencyKeyReused,
+        Code::InsufficientBalance,
+        Code::BalanceLimitExceeded,
+        Code::InternalError,
+        Code::LockTimeout,
+        Code::ServiceUnavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::ValidationError => "VALIDATION_ERROR",
@@ -138,6 +163,14 @@ impl Code {
         format!(
             "/problems/{}",
             self.as_str().to_ascii_lowercase().replace('_', "-")
+        )
+    }
+
+    /// Business refusals: stored with their key and replayed like a success.
+    pub fn is_stored(self) -> bool {
+        matches!(
+            self,
+            Code::OrderAlreadyPaid | Code::InsufficientBalance | Code::BalanceLimitExceeded
         )
     }
 
@@ -293,6 +326,39 @@ impl ResponseError for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ALL` lists each code once, in status order; the match below stops compiling when a
+    /// code is added, as a reminder to add it to `ALL`.
+    #[test]
+    fn all_lists_every_code_once() {
+        let exhaustive = |code: Code| match code {
+            Code::ValidationError
+            | Code::IdempotencyKeyRequired
+            | Code::InvalidIdempotencyKey
+            | Code::Unauthorized
+            | Code::Forbidden
+            | Code::UserNotFound
+            | Code::OrderNotFound
+            | Code::PaymentNotFound
+            | Code::NotFound
+            | Code::MethodNotAllowed
+            | Code::RequestTimeout
+            | Code::IdempotencyKeyInUse
+            | Code::OrderAlreadyPaid
+            | Code::PayloadTooLarge
+            | Code::UnsupportedMediaType
+            | Code::IdempotencyKeyReused
+            | Code::InsufficientBalance
+            | Code::BalanceLimitExceeded
+            | Code::InternalError
+            | Code::LockTimeout
+            | Code::ServiceUnavailable => code.as_str(),
+        };
+        let names: std::collections::BTreeSet<_> =
+            Code::ALL.iter().map(|c| exhaustive(*c)).collect();
+        assert_eq!(names.len(), Code::ALL.len());
+        assert!(Code::ALL.windows(2).all(|w| w[0].status() <= w[1].status()));
+    }
 
     #[test]
     fn a_read_that_cannot_run_is_told_to_retry_without_a_key() {

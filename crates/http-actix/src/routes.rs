@@ -15,7 +15,7 @@ use crate::dto::{
     AmountRequest, BalanceResponse, ChargeResponse, CreateUserRequest, HistoryItem,
     HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse, UseResponse,
 };
-use crate::problem::{ApiError, PROBLEM_JSON, Problem, read_error};
+use crate::problem::{ApiError, PROBLEM_JSON, read_error};
 
 pub const REPLAYED_HEADER: &str = "Idempotent-Replayed";
 
@@ -76,9 +76,6 @@ async fn execute(state: &AppState, command: BalanceCommand) -> ApiResult {
     request_body(content = Option<CreateUserRequest>, content_type = "application/json", description = "Empty, or `{}`; no initial balance can be set"),
     responses(
         (status = 201, description = "Created", body = BalanceResponse, headers(("Location" = String, description = "The new user's balance URL"))),
-        (status = 400, description = "Body is not an empty object", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN: a user token; creating users needs the API_TOKEN or an admin JWT", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -113,9 +110,7 @@ pub async fn create_user(
     get, path = "/api/users/{userId}/balance", tag = "balance",
     params(("userId" = i64, Path, minimum = 1)),
     responses(
-        (status = 200, body = BalanceResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The balance", body = BalanceResponse),
     ),
     security((), ("bearer" = []))
 )]
@@ -140,13 +135,6 @@ pub async fn get_balance(
     request_body(content = AmountRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "Charged, or the replay of a finished request", body = ChargeResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "IDEMPOTENCY_KEY_REUSED or BALANCE_LIMIT_EXCEEDED", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "LOCK_TIMEOUT or SERVICE_UNAVAILABLE", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -175,13 +163,6 @@ pub async fn charge(
     request_body(content = AmountRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "Used, or the replay of a finished request", body = UseResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "IDEMPOTENCY_KEY_REUSED or INSUFFICIENT_BALANCE", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "LOCK_TIMEOUT or SERVICE_UNAVAILABLE", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -209,9 +190,7 @@ pub async fn use_balance(
         ("before" = Option<i64>, Query, minimum = 1, description = "Only entries with a smaller id"),
     ),
     responses(
-        (status = 200, body = HistoryResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "One page of the ledger, newest first; `next` is the `before` of the following page, null on the last", body = HistoryResponse),
     ),
     security((), ("bearer" = []))
 )]
@@ -267,11 +246,7 @@ fn query_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
     post, path = "/api/orders", tag = "orders",
     request_body(content = OrderRequest, content_type = "application/json"),
     responses(
-        (status = 201, body = OrderResponse, headers(("Location" = String))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 201, description = "Created, PENDING", body = OrderResponse, headers(("Location" = String, description = "The new order's URL"))),
     ),
     security((), ("bearer" = []))
 )]
@@ -300,9 +275,7 @@ pub async fn create_order(
     get, path = "/api/orders/{orderId}", tag = "orders",
     params(("orderId" = i64, Path, minimum = 1)),
     responses(
-        (status = 200, body = OrderResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The order", body = OrderResponse),
     ),
     security((), ("bearer" = []))
 )]
@@ -322,13 +295,6 @@ pub async fn get_order(state: Data<AppState>, principal: Principal, req: HttpReq
     request_body(content = PaymentRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "Paid, or the replay of a finished request", body = PaymentResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE or ORDER_ALREADY_PAID", body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "IDEMPOTENCY_KEY_REUSED or INSUFFICIENT_BALANCE", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "LOCK_TIMEOUT or SERVICE_UNAVAILABLE", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -352,9 +318,7 @@ pub async fn pay(
     get, path = "/api/payments/{paymentId}", tag = "payments",
     params(("paymentId" = i64, Path, minimum = 1)),
     responses(
-        (status = 200, body = PaymentResponse),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The payment", body = PaymentResponse),
     ),
     security((), ("bearer" = []))
 )]
