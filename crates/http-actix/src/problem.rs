@@ -240,8 +240,9 @@ impl From<ValidationError> for ApiError {
     }
 }
 
-/// The answer to a failed read. Reads carry no idempotency key, so their 503 says only to
-/// retry; everything else is as for a balance change.
+/// The answer to a failed operation that carries no idempotency key (the reads, and the
+/// creation of a user or an order): its 503 says only to retry; everything else is as for
+/// a balance change.
 pub fn read_error(e: OperationError) -> ApiError {
     match e {
         OperationError::Unavailable(cause) => {
@@ -262,7 +263,9 @@ impl From<OperationError> for ApiError {
                 ApiError::new(Code::UserNotFound, "no user has this id")
             }
             OperationError::OrderNotFound => {
-                ApiError::new(Code::OrderNotFound, "no order of this user has this id")
+                // The same words for a lookup and a payment, and for another user's order
+                // as for none at all.
+                ApiError::new(Code::OrderNotFound, "no order has this id")
             }
             OperationError::PaymentNotFound => {
                 ApiError::new(Code::PaymentNotFound, "no payment has this id")

@@ -73,7 +73,7 @@ async fn execute(state: &AppState, command: BalanceCommand) -> ApiResult {
 /// Create a user with a zero balance.
 #[utoipa::path(
     post, path = "/api/users", tag = "users",
-    request_body(content = Option<CreateUserRequest>, content_type = "application/json", description = "Empty, or `{}`; no initial balance can be set"),
+    request_body(content = Option<CreateUserRequest>, content_type = "application/json", description = "No body at all (zero bytes), or `{}`; no initial balance can be set. A body of blanks is not JSON: 400"),
     responses(
         (status = 201, description = "Created", body = BalanceResponse, headers(("Location" = String, description = "The new user's balance URL"))),
     ),
@@ -97,7 +97,8 @@ pub async fn create_user(
             "the body of a new user must be empty or {{}}; unknown field {field:?}"
         )));
     }
-    let user = state.service.create_user().await?;
+    // No key: a 503 here says only to retry, as for a read.
+    let user = state.service.create_user().await.map_err(read_error)?;
     let mut response = json(StatusCode::CREATED, &BalanceResponse::from(&user))?;
     if let Ok(location) = HeaderValue::from_str(&format!("/api/users/{}/balance", user.id)) {
         response.headers_mut().insert(header::LOCATION, location);
@@ -262,7 +263,11 @@ pub async fn create_order(
     let user = body::user_id_field(&body)?;
     let amount = body::amount(&body, state.service.limits())?;
     principal.check_user(user)?;
-    let order = state.service.create_order(user, amount).await?;
+    let order = state
+        .service
+        .create_order(user, amount)
+        .await
+        .map_err(read_error)?;
     let mut response = json(StatusCode::CREATED, &OrderResponse::from(&order))?;
     if let Ok(location) = HeaderValue::from_str(&format!("/api/orders/{}", order.id)) {
         response.headers_mut().insert(header::LOCATION, location);

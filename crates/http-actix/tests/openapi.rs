@@ -76,7 +76,10 @@ fn every_api_operation_declares_its_problems() {
         }
         wanted.extend(codes.iter().map(|c| c.status().to_string()));
         for status in &wanted {
-            assert!(declared.contains_key(status), "{method} {path} lacks {status}");
+            assert!(
+                declared.contains_key(status),
+                "{method} {path} lacks {status}"
+            );
         }
         // Each problem response: examples named by code, each of its own code and status,
         // and every code of the table among them.
@@ -92,7 +95,11 @@ fn every_api_operation_declares_its_problems() {
             for (name, example) in examples {
                 let value = &example["value"];
                 assert_eq!(value["code"], name.as_str(), "{method} {path} {status}");
-                assert_eq!(value["status"].to_string(), *status, "{method} {path} {name}");
+                assert_eq!(
+                    value["status"].to_string(),
+                    *status,
+                    "{method} {path} {name}"
+                );
                 assert!(
                     response["description"].as_str().unwrap().contains(name),
                     "{method} {path} {status}: the description does not name {name}"
@@ -103,8 +110,8 @@ fn every_api_operation_declares_its_problems() {
         let table: BTreeSet<String> = codes.iter().map(|c| c.as_str().to_owned()).collect();
         assert_eq!(listed, table, "{method} {path}");
         // A read carries no key: its 503 does not tell the client to reuse one.
-        let unavailable = &declared["503"]["content"]["application/problem+json"]["examples"]
-            ["SERVICE_UNAVAILABLE"]["value"]["detail"];
+        let unavailable = &declared["503"]["content"]["application/problem+json"]["examples"]["SERVICE_UNAVAILABLE"]
+            ["value"]["detail"];
         let keyed = codes.contains(&Code::IdempotencyKeyRequired);
         assert_eq!(
             unavailable.as_str().unwrap().contains("idempotency key"),
@@ -150,7 +157,9 @@ fn keyed_operations_declare_replays_and_retryable_ones_retry_after() {
         if ["charge", "use_balance", "pay"].contains(&id) {
             for status in ["200", "422"] {
                 assert!(
-                    responses[status]["headers"].get("Idempotent-Replayed").is_some(),
+                    responses[status]["headers"]
+                        .get("Idempotent-Replayed")
+                        .is_some(),
                     "{method} {path} {status}"
                 );
             }
@@ -158,7 +167,11 @@ fn keyed_operations_declare_replays_and_retryable_ones_retry_after() {
         }
         if path.starts_with("/api/") {
             assert!(responses["503"]["headers"].get("Retry-After").is_some());
-            assert!(responses["401"]["headers"].get("WWW-Authenticate").is_some());
+            assert!(
+                responses["401"]["headers"]
+                    .get("WWW-Authenticate")
+                    .is_some()
+            );
         }
     }
 }
