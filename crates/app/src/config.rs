@@ -15,30 +15,40 @@ pub const MAX_EXACT_JSON_INTEGER: i64 = 9_007_199_254_740_991;
 /// The longest retention of a finished request: a year.
 pub const MAX_TTL_SECS: u64 = 365 * 86_400;
 
-/// `balance-service [serve|migrate|seed|audit|openapi]`. Without a subcommand it serves,
-/// with the flags of `serve`; each subcommand takes only the flags it uses.
+/// `balance-service [serve|migrate|seed|audit|openapi]`. `serve` (or nothing) serves, with
+/// every setting, its flags before or after the word; each other subcommand takes only the
+/// settings it uses.
 #[derive(Debug, Parser)]
 #[command(
     name = "balance-service",
     version,
     about = "Balance and payment service: charges, uses and payments guarded by a per-user lock, an optimistic version and idempotency keys.",
     long_about = None,
-    // A flag before a subcommand would be read for the bare binary's `serve` and silently
-    // ignored by the subcommand: refuse it instead (`balance-service migrate --flag` works).
+    // A flag before a subcommand would be read for `serve` and silently ignored by the
+    // subcommand: refuse it instead (`balance-service migrate --flag` works).
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    // A word rather than a subcommand, so that serve's flags may come before or after it,
+    // as they always could.
+    /// Serve the HTTP API, the default; the options below are serve's.
+    #[arg(value_enum, value_name = "serve", hide_possible_values = true)]
+    pub serve: Option<Serve>,
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// The configuration of `serve`, used when no subcommand is given.
+    /// The configuration of `serve`.
     #[command(flatten)]
     pub config: Config,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Serve {
+    /// Serve the HTTP API (the default).
+    Serve,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the HTTP API (the default).
-    Serve(Box<Config>),
     /// Apply the database migrations and exit.
     Migrate(MigrateArgs),
     /// Create users 1..N with balance B where they do not exist yet, and exit.
@@ -387,25 +397,32 @@ mod tests {
     }
 
     #[test]
-    fn serve_and_the_bare_binary_take_the_same_settings() {
-        let bare = envs(Cli::command().get_arguments());
-        assert!(bare.len() > 20, "{bare:?}");
-        assert!(bare.contains(&"LOCK_WAIT_MS".to_owned()));
-        assert_eq!(envs(subcommand("serve").get_arguments()), bare);
+    fn serve_takes_every_setting() {
+        let all = envs(Cli::command().get_arguments());
+        assert!(all.len() > 20, "{all:?}");
+        assert!(all.contains(&"LOCK_WAIT_MS".to_owned()));
+    }
+
+    #[test]
+    fn serve_flags_go_before_or_after_the_word() {
+        for args in [
+            &["balance-service", "serve", "--bind-addr", "127.0.0.1:1"][..],
+            &["balance-service", "--bind-addr", "127.0.0.1:1", "serve"],
+            &["balance-service", "--bind-addr", "127.0.0.1:1"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert!(cli.command.is_none(), "{args:?}");
+            assert_eq!(cli.config.bind_addr, "127.0.0.1:1".parse().unwrap());
+        }
+        let cli = Cli::try_parse_from(["balance-service", "migrate"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Migrate(_))));
     }
 
     #[test]
     fn a_flag_before_a_subcommand_is_refused_not_ignored() {
         let err = Cli::try_parse_from(["balance-service", "--bind-addr", "127.0.0.1:1", "migrate"])
             .unwrap_err();
-        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
-        let cli = Cli::try_parse_from(["balance-service", "serve", "--bind-addr", "127.0.0.1:1"])
-            .unwrap();
-        match cli.command {
-            Some(Command::Serve(config)) => {
-                assert_eq!(config.bind_addr, "127.0.0.1:1".parse().unwrap());
-            }
-            other => panic!("{other:?}"),
-        }
+        assert!(err.to_string().contains("migrate"), "{err}");
+        assert!(Cli::try_parse_from(["balance-service", "serve", "migrate"]).is_err());
     }
 }

@@ -15,7 +15,6 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (log, result) = match cli.command {
         None => (cli.config.log.clone(), serve(cli.config).await),
-        Some(Command::Serve(config)) => (config.log.clone(), serve(*config).await),
         Some(Command::Migrate(args)) => (args.log.clone(), migrate(&args).await),
         Some(Command::Seed(args)) => (args.log.clone(), seed(&args).await),
         Some(Command::Audit(args)) => return audit(&args).await,
