@@ -81,6 +81,7 @@ impl Modify for BearerAuth {
         components.responses.insert(
             "NotFound".to_owned(),
             problem_response_of(
+                "",
                 &[Code::NotFound],
                 false,
                 "- `NOT_FOUND`: no resource at this path",
@@ -89,6 +90,7 @@ impl Modify for BearerAuth {
         components.responses.insert(
             "MethodNotAllowed".to_owned(),
             problem_response_of(
+                "",
                 &[Code::MethodNotAllowed],
                 false,
                 "- `METHOD_NOT_ALLOWED`: the path exists, the method does not; `Allow` lists those it has",
@@ -103,6 +105,7 @@ impl Modify for BearerAuth {
                     operation.responses.responses.insert(
                         "401".to_owned(),
                         problem_response_of(
+                            "metrics",
                             &[Code::Unauthorized],
                             false,
                             "- `UNAUTHORIZED`: `METRICS_TOKEN` is set and the request's bearer token is missing or wrong",
@@ -150,7 +153,7 @@ fn add_problems(operation: &mut utoipa::openapi::path::Operation, id: &str, has_
             .responses
             .responses
             .entry(status.to_string())
-            .or_insert_with(|| problem_response_of(&of_status, keyed, &description));
+            .or_insert_with(|| problem_response_of(id, &of_status, keyed, &description));
     }
     if !keyed {
         return;
@@ -277,10 +280,18 @@ fn when(code: Code) -> &'static str {
     }
 }
 
-/// A `detail` the code is answered with, for its example.
-fn example_detail(code: Code, keyed: bool) -> &'static str {
+/// A `detail` the code is answered with by `operation_id`, for its example.
+fn example_detail(code: Code, operation_id: &str, keyed: bool) -> &'static str {
     match code {
-        Code::ValidationError => "amount must be greater than 0",
+        Code::ValidationError => match operation_id {
+            "charge" | "use_balance" => "amount must be greater than 0",
+            "create_order" => "userId is required",
+            "pay" => "orderId is required",
+            "get_balance" | "history" => "userId must be a positive integer",
+            "get_order" => "orderId must be a positive integer",
+            "get_payment" => "paymentId must be a positive integer",
+            _ => "the request body is malformed JSON",
+        },
         Code::IdempotencyKeyRequired => {
             "an idempotency key is required: send the Idempotency-Key header or the idempotencyKey field"
         }
@@ -322,13 +333,17 @@ fn example_detail(code: Code, keyed: bool) -> &'static str {
 /// A problem+json response with one named example per code (the Swagger UI offers them
 /// in a list), and `Retry-After` when its codes are retryable.
 fn problem_response_of(
+    operation_id: &str,
     codes: &[Code],
     keyed: bool,
     description: &str,
 ) -> RefOr<utoipa::openapi::Response> {
     let examples = codes.iter().map(|code| {
-        let value = serde_json::to_value(Problem::new(*code, example_detail(*code, keyed)))
-            .unwrap_or_default();
+        let value = serde_json::to_value(Problem::new(
+            *code,
+            example_detail(*code, operation_id, keyed),
+        ))
+        .unwrap_or_default();
         (
             code.as_str(),
             ExampleBuilder::new()
