@@ -41,7 +41,7 @@ use crate::routes::{self, REPLAYED_HEADER};
         BalanceResponse, ChargeResponse, UseResponse, PaymentResponse, OrderResponse,
         HistoryItem, HistoryResponse, Problem, LiveResponse, ReadyResponse, DependencyState,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&SecurityAndProblems),
     tags(
         (name = "users"), (name = "balance"), (name = "orders"), (name = "payments"), (name = "health"),
     )
@@ -52,9 +52,9 @@ pub struct ApiDoc;
 /// Declares the bearer schemes, and on every `/api` operation the problems it can answer
 /// (see [`problems`]), each response with an example of each of its codes: one table
 /// here rather than the same rows in every handler's annotation.
-struct BearerAuth;
+struct SecurityAndProblems;
 
-impl Modify for BearerAuth {
+impl Modify for SecurityAndProblems {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
