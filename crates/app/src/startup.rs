@@ -69,6 +69,12 @@ pub async fn lock_from_config(
             }),
         ));
     };
+    let servers = redis_lock::servers(url.expose_secret())?.join(",");
+    tracing::info!(
+        servers = %servers,
+        key_prefix = %config.redis_key_prefix,
+        "lock: Redis"
+    );
     let manager =
         redis_lock::RedisLockManager::connect(url.expose_secret(), &config.redis_key_prefix)
             .await?;
@@ -94,7 +100,7 @@ pub async fn wire_with_locks(
     lock_dependency: Arc<dyn Dependency>,
 ) -> anyhow::Result<Wiring> {
     let settings = config.settings()?;
-    let Some(url) = &config.database_url else {
+    let Some(url) = &config.db.database_url else {
         tracing::warn!(
             "DATABASE_URL is not set: using the IN-MEMORY store. NOTHING IS PERSISTED across restarts, \
              and only ONE instance is safe"
@@ -104,6 +110,15 @@ pub async fn wire_with_locks(
         wiring.dependencies.push(lock_dependency);
         return Ok(wiring);
     };
+    let target = mysql_repo::target(url.expose_secret())?;
+    tracing::info!(
+        host = %target.host,
+        port = target.port,
+        database = %target.database,
+        user = %target.user,
+        pool = config.db_pool_size(),
+        "store: MySQL"
+    );
     let pool = mysql_repo::connect(url.expose_secret(), config.db_pool_size()).await?;
     if config.migrate_on_start {
         mysql_repo::migrate(&pool)
@@ -242,7 +257,7 @@ impl Application {
         seed_users: Option<u32>,
         seed_balance: i64,
     ) -> anyhow::Result<Self> {
-        let in_memory = config.database_url.is_none();
+        let in_memory = config.db.database_url.is_none();
         let seed = seed_users.unwrap_or(if in_memory {
             DEFAULT_MEMORY_SEED_USERS
         } else {

@@ -171,3 +171,54 @@ fn describe() {
         "Locks handed from a releasing holder to a waiter of this instance without a Redis round trip"
     );
 }
+
+/// An error and its causes on one line, `outer: cause: root`, each said once: some errors
+/// (sqlx's among them) repeat their source's text in their own message, which `{:#}`
+/// would then print again for every level.
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::error_chain;
+
+    /// An error that repeats its source's text, as sqlx's do.
+    #[derive(Debug)]
+    struct Wrapping(std::io::Error);
+
+    impl std::fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "while executing migrations: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapping {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let root = std::io::Error::other("1049 (42000): Unknown database 'nosuchdb'");
+        let error = anyhow::Error::new(Wrapping(root)).context("migrate");
+        assert_eq!(
+            error_chain(&error),
+            "migrate: while executing migrations: 1049 (42000): Unknown database 'nosuchdb'"
+        );
+        let plain = anyhow::anyhow!("root").context("middle").context("outer");
+        assert_eq!(error_chain(&plain), "outer: middle: root");
+    }
+}

@@ -384,8 +384,8 @@ async fn reused_key_is_422_and_applies_nothing(backend: Backend) {
 
 async fn business_refusals_are_stored_and_replayed_byte_for_byte(backend: Backend) {
     let mut cfg = config();
-    cfg.max_balance = 100_000;
-    cfg.max_amount = 100_000;
+    cfg.limits.max_balance = 100_000;
+    cfg.limits.max_amount = 100_000;
     let Some(app) = TestApp::spawn_with_config(backend, cfg).await else {
         return;
     };

@@ -95,7 +95,7 @@ async fn witnessed_app(locks: Option<Arc<dyn LockManager>>) -> Option<(TestApp, 
     let db = testkit::TestDatabase::create().await?;
     let redis = testkit::TestRedis::create().await?;
     let mut cfg = config();
-    cfg.database_url = Some(db.url.clone().into());
+    cfg.db.database_url = Some(db.url.clone().into());
     cfg.redis_url = Some(redis.url.clone().into());
     cfg.redis_key_prefix = redis.prefix.clone();
     let redis_locks: Arc<dyn LockManager> = Arc::new(redis.lock_manager().await);
@@ -327,7 +327,7 @@ async fn app_on_own_redis(
 ) -> Option<TestApp> {
     let db = testkit::TestDatabase::create().await?;
     let mut cfg = config();
-    cfg.database_url = Some(db.url.clone().into());
+    cfg.db.database_url = Some(db.url.clone().into());
     cfg.redis_url = Some(redis.url().into());
     cfg.lock_on_redis_down = policy;
     let (locks, dependency) = startup::lock_from_config(&cfg).await.unwrap();

@@ -8,6 +8,7 @@ use actix_web::web::{BytesMut, Payload};
 use actix_web::{HttpMessage, HttpRequest};
 use domain::types::{Amount, IdempotencyKey, Limits, OrderId, UserId};
 use futures_util::StreamExt;
+use serde_json::error::Category;
 use serde_json::{Map, Value};
 
 use crate::middleware::HeadReceived;
@@ -42,7 +43,7 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Reads the body as a JSON object. `Ok(None)` for an empty body.
+/// Reads the body as a JSON object. `Ok(None)` when there is no body (zero bytes).
 ///
 /// Refuses with 413 past [`MAX_BODY_BYTES`] (by `Content-Length` before reading, and while
 /// reading for chunked bodies), 415 when a body or a `Content-Type` is there and is not
@@ -95,7 +96,9 @@ pub async fn read_json_object(
                 ),
             )
         })??;
-    if body.iter().all(u8::is_ascii_whitespace) {
+    // No body at all stands for `{}`; a body of blanks is not JSON, and is refused below
+    // like any other malformed body.
+    if body.is_empty() {
         return Ok(None);
     }
     if content_type.is_none() {
@@ -113,14 +116,16 @@ fn unsupported() -> ApiError {
 
 /// One JSON object; a repeated field name is refused rather than silently resolved.
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    let malformed = || ApiError::validation("the request body must be a JSON object");
+    let malformed = || ApiError::validation("the request body is malformed JSON");
     let text = std::str::from_utf8(bytes).map_err(|_| malformed())?;
-    let value: UniqueObject = serde_json::from_str(text).map_err(|e| {
-        if e.to_string().starts_with("duplicate field") {
+    let value: UniqueObject = serde_json::from_str(text).map_err(|e| match e.classify() {
+        // Not JSON at all: bad syntax, or cut off (blanks only, `{"amount":`).
+        Category::Syntax | Category::Eof | Category::Io => malformed(),
+        // JSON, but not one object with distinct field names.
+        Category::Data if e.to_string().starts_with("duplicate field") => {
             ApiError::validation("the request body repeats a field")
-        } else {
-            malformed()
         }
+        Category::Data => ApiError::validation("the request body must be a JSON object"),
     })?;
     Ok(value.0)
 }
@@ -261,6 +266,34 @@ mod tests {
         let err = parse_object(br#"{"amount":1,"amount":2}"#).unwrap_err();
         assert_eq!(err.code, Code::ValidationError);
         assert!(err.detail.contains("repeats"));
+    }
+
+    #[test]
+    fn malformed_json_is_called_so() {
+        for body in [
+            &b"{\"amount\":"[..],
+            b"{",
+            b"   ",
+            b"\n",
+            b"{not json",
+            b"\xff",
+            b"{\"a\":1}x",
+        ] {
+            let err = parse_object(body).unwrap_err();
+            assert_eq!(err.code, Code::ValidationError);
+            assert_eq!(
+                err.detail,
+                "the request body is malformed JSON",
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        for body in [&b"[1,2]"[..], b"1", b"\"x\"", b"null"] {
+            assert_eq!(
+                parse_object(body).unwrap_err().detail,
+                "the request body must be a JSON object"
+            );
+        }
     }
 
     #[test]

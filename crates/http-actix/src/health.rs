@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::auth::{bearer_token, same_secret};
-use crate::problem::{ApiError, Code, Problem};
+use crate::problem::{ApiError, Code};
 
 /// Something the service needs to do its work, as readiness sees it.
 #[async_trait]
@@ -91,14 +91,14 @@ fn json_response<T: Serialize>(status: StatusCode, body: &T) -> HttpResponse {
 }
 
 /// The process is up.
-#[utoipa::path(get, path = "/health/live", tag = "health", responses((status = 200, body = LiveResponse)))]
+#[utoipa::path(get, path = "/health/live", tag = "health", responses((status = 200, description = "The process is up", body = LiveResponse)))]
 pub async fn live() -> HttpResponse {
     json_response(StatusCode::OK, &LiveResponse { status: "UP" })
 }
 
 /// The service can take traffic: every required dependency answers.
 #[utoipa::path(get, path = "/health/ready", tag = "health", responses(
-    (status = 200, body = ReadyResponse),
+    (status = 200, description = "Every required dependency answers", body = ReadyResponse),
     (status = 503, description = "A required dependency is down", body = ReadyResponse),
 ))]
 pub async fn ready(state: Data<AppState>) -> HttpResponse {
@@ -146,7 +146,6 @@ pub async fn ready(state: Data<AppState>) -> HttpResponse {
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses(
         (status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
-        (status = 401, description = "`METRICS_TOKEN` is set and the request's bearer token is missing or wrong", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("metrics_bearer" = []))
 )]

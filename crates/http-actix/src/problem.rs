@@ -58,6 +58,31 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, in the order of their statuses.
+    pub const ALL: [Code; 21] = [
+        Code::ValidationError,
+        Code::IdempotencyKeyRequired,
+        Code::InvalidIdempotencyKey,
+        Code::Unauthorized,
+        Code::Forbidden,
+        Code::UserNotFound,
+        Code::OrderNotFound,
+        Code::PaymentNotFound,
+        Code::NotFound,
+        Code::MethodNotAllowed,
+        Code::RequestTimeout,
+        Code::IdempotencyKeyInUse,
+        Code::OrderAlreadyPaid,
+        Code::PayloadTooLarge,
+        Code::UnsupportedMediaType,
+        Code::IdempotencyKeyReused,
+        Code::InsufficientBalance,
+        Code::BalanceLimitExceeded,
+        Code::InternalError,
+        Code::LockTimeout,
+        Code::ServiceUnavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::ValidationError => "VALIDATION_ERROR",
@@ -141,6 +166,14 @@ impl Code {
         )
     }
 
+    /// Business refusals: stored with their key and replayed like a success.
+    pub fn is_stored(self) -> bool {
+        matches!(
+            self,
+            Code::OrderAlreadyPaid | Code::InsufficientBalance | Code::BalanceLimitExceeded
+        )
+    }
+
     /// Errors a client should retry after a pause, with the same idempotency key.
     pub fn is_retryable(self) -> bool {
         matches!(
@@ -207,8 +240,9 @@ impl From<ValidationError> for ApiError {
     }
 }
 
-/// The answer to a failed read. Reads carry no idempotency key, so their 503 says only to
-/// retry; everything else is as for a balance change.
+/// The answer to a failed operation that carries no idempotency key (the reads, and the
+/// creation of a user or an order): its 503 says only to retry; everything else is as for
+/// a balance change.
 pub fn read_error(e: OperationError) -> ApiError {
     match e {
         OperationError::Unavailable(cause) => {
@@ -229,7 +263,9 @@ impl From<OperationError> for ApiError {
                 ApiError::new(Code::UserNotFound, "no user has this id")
             }
             OperationError::OrderNotFound => {
-                ApiError::new(Code::OrderNotFound, "no order of this user has this id")
+                // The same words for a lookup and a payment, and for another user's order
+                // as for none at all.
+                ApiError::new(Code::OrderNotFound, "no order has this id")
             }
             OperationError::PaymentNotFound => {
                 ApiError::new(Code::PaymentNotFound, "no payment has this id")
@@ -293,6 +329,39 @@ impl ResponseError for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ALL` lists each code once, in status order; the match below stops compiling when a
+    /// code is added, as a reminder to add it to `ALL`.
+    #[test]
+    fn all_lists_every_code_once() {
+        let exhaustive = |code: Code| match code {
+            Code::ValidationError
+            | Code::IdempotencyKeyRequired
+            | Code::InvalidIdempotencyKey
+            | Code::Unauthorized
+            | Code::Forbidden
+            | Code::UserNotFound
+            | Code::OrderNotFound
+            | Code::PaymentNotFound
+            | Code::NotFound
+            | Code::MethodNotAllowed
+            | Code::RequestTimeout
+            | Code::IdempotencyKeyInUse
+            | Code::OrderAlreadyPaid
+            | Code::PayloadTooLarge
+            | Code::UnsupportedMediaType
+            | Code::IdempotencyKeyReused
+            | Code::InsufficientBalance
+            | Code::BalanceLimitExceeded
+            | Code::InternalError
+            | Code::LockTimeout
+            | Code::ServiceUnavailable => code.as_str(),
+        };
+        let names: std::collections::BTreeSet<_> =
+            Code::ALL.iter().map(|c| exhaustive(*c)).collect();
+        assert_eq!(names.len(), Code::ALL.len());
+        assert!(Code::ALL.windows(2).all(|w| w[0].status() <= w[1].status()));
+    }
 
     #[test]
     fn a_read_that_cannot_run_is_told_to_retry_without_a_key() {

@@ -54,6 +54,29 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<MySqlPoo
     Ok(connect_with(options, max_connections))
 }
 
+/// Where a MySQL URL points, for the start-up log: never its password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseTarget {
+    pub user: String,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+}
+
+/// Reads `url` as [`connect`] does, keeping only what may be logged.
+///
+/// # Errors
+/// When `url` is not a MySQL URL.
+pub fn target(url: &str) -> anyhow::Result<DatabaseTarget> {
+    let options = MySqlConnectOptions::from_str(url).context("invalid MySQL database URL")?;
+    Ok(DatabaseTarget {
+        user: options.get_username().to_owned(),
+        host: options.get_host().to_owned(),
+        port: options.get_port(),
+        database: options.get_database().unwrap_or_default().to_owned(),
+    })
+}
+
 /// As [`connect`], from options already built (a test harness picks its own database).
 pub fn connect_with(options: MySqlConnectOptions, max_connections: u32) -> MySqlPool {
     MySqlPoolOptions::new()

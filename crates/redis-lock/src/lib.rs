@@ -148,6 +148,21 @@ impl Drop for RedisLockManager {
     }
 }
 
+/// The `host:port` of every server a Redis URL names, for the start-up log: never its
+/// password.
+///
+/// # Errors
+/// When `url` is not a valid Redis URL.
+pub fn servers(url: &str) -> anyhow::Result<Vec<String>> {
+    let config = Config::from_url(url).context("invalid Redis URL")?;
+    Ok(config
+        .server
+        .hosts()
+        .iter()
+        .map(ToString::to_string)
+        .collect())
+}
+
 impl RedisLockManager {
     /// Connects with [`RedisLockConfig::default`]. See [`RedisLockManager::connect_with`].
     ///

@@ -58,7 +58,7 @@ pub struct TestApp {
 pub fn config() -> Config {
     let mut config = Config::defaults();
     config.bind_addr = "127.0.0.1:0".parse().unwrap();
-    config.database_url = None;
+    config.db.database_url = None;
     config.redis_url = None;
     config.api_token = None;
     config.http_workers = Some(2);
@@ -94,7 +94,7 @@ impl TestApp {
             Backend::Real => {
                 let db = testkit::TestDatabase::create().await?;
                 let redis = testkit::TestRedis::create().await?;
-                config.database_url = Some(db.url.clone().into());
+                config.db.database_url = Some(db.url.clone().into());
                 config.redis_url = Some(redis.url.clone().into());
                 config.redis_key_prefix = redis.prefix.clone();
                 config.migrate_on_start = false;
@@ -112,7 +112,7 @@ impl TestApp {
     pub async fn another_instance(&self) -> TestApp {
         let mut config = config();
         if let (Some(db), Some(redis)) = (&self.db, &self.redis) {
-            config.database_url = Some(db.url.clone().into());
+            config.db.database_url = Some(db.url.clone().into());
             config.redis_url = Some(redis.url.clone().into());
             config.redis_key_prefix = redis.prefix.clone();
             config.migrate_on_start = false;
