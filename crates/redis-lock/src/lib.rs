@@ -586,11 +586,12 @@ fn is_unavailable(error: &RedisError) -> bool {
         | ErrorKind::Url
         | ErrorKind::InvalidCommand
         | ErrorKind::InvalidArgument => false,
-        // A Redis error reply starts with its code: `ERR` and `WRONGTYPE` say the command
+        // A Redis error reply starts with its code: `ERR`, `WRONGTYPE` and `CROSSSLOT` (a
+        // cluster refusing a script whose keys are in different slots) say the command
         // itself was wrong, which waiting will not fix.
         ErrorKind::Unknown => !matches!(
             error.details().split_whitespace().next(),
-            Some("ERR" | "WRONGTYPE")
+            Some("ERR" | "WRONGTYPE" | "CROSSSLOT")
         ),
         _ => true,
     }
@@ -653,6 +654,8 @@ mod tests {
             ErrorKind::Protocol,
             ErrorKind::Parse,
             ErrorKind::Routing,
+            // CLUSTERDOWN, or MOVED and ASK past the redirection limit: a failover in progress.
+            ErrorKind::Cluster,
         ] {
             assert!(is_unavailable(&RedisError::new(kind, "x")));
         }
@@ -680,6 +683,10 @@ mod tests {
         assert!(!is_unavailable(&RedisError::new(
             ErrorKind::Unknown,
             "ERR unknown command"
+        )));
+        assert!(!is_unavailable(&RedisError::new(
+            ErrorKind::Unknown,
+            "CROSSSLOT Keys in request don't hash to the same slot"
         )));
         assert!(!is_unavailable(&RedisError::new(
             ErrorKind::InvalidArgument,

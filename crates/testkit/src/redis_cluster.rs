@@ -9,6 +9,7 @@ use std::io::ErrorKind;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 /// How long the cluster may take to come up, or to fail a primary over, before the test fails.
@@ -113,12 +114,32 @@ impl RedisCluster {
             String::from_utf8_lossy(&created.stdout),
             String::from_utf8_lossy(&created.stderr)
         );
-        cluster.wait_until("every node says the cluster is ok", |cluster| {
-            cluster.live_ports().iter().all(|&port| {
-                cluster_info(port).contains("cluster_state:ok")
-                    && cluster.nodes_seen_by(port).len() == NODES
-            })
-        });
+        cluster.wait_until(
+            "every node to say the cluster is ok, and every replica to be in sync",
+            |cluster| {
+                cluster.live_ports().iter().all(|&port| {
+                    let replication = cli(port, &["info", "replication"]);
+                    cluster_info(port).contains("cluster_state:ok")
+                        && cluster.nodes_seen_by(port).len() == NODES
+                        && (replication.contains("role:master")
+                            || replication.contains("master_link_status:up"))
+                })
+            },
+        );
+        Some(cluster)
+    }
+
+    /// One cluster shared by the tests of this process that run at the same time (the
+    /// contract suites, which do not kill nodes); it stops when the last of them drops it.
+    /// `None` as [`RedisCluster::start`].
+    pub fn shared() -> Option<Arc<RedisCluster>> {
+        static SHARED: Mutex<Weak<RedisCluster>> = Mutex::new(Weak::new());
+        let mut shared = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cluster) = shared.upgrade() {
+            return Some(cluster);
+        }
+        let cluster = Arc::new(RedisCluster::start()?);
+        *shared = Arc::downgrade(&cluster);
         Some(cluster)
     }
 
@@ -250,6 +271,14 @@ impl RedisCluster {
             .args(["--cluster-config-file", "nodes.conf"])
             .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
             .args(["--save", "", "--appendonly", "no"])
+            // No cap on a replica's backlog in its primary: a test that freezes a replica
+            // wants the writes held up, not the replica cut off and resynced.
+            .args(["--client-output-buffer-limit", "replica 0 0 0"])
+            // A replica's first sync starts at once (the default waits 5 s for others to join).
+            .args(["--repl-diskless-sync-delay", "0"])
+            // A replica that was cut off for a while may still take over: the fault tests
+            // want exactly the replica that missed some writes promoted.
+            .args(["--cluster-replica-validity-factor", "0"])
             .arg("--dir")
             .arg(&dir)
             .stdout(Stdio::null())
@@ -280,9 +309,11 @@ impl Drop for RedisCluster {
     }
 }
 
-/// Six ports whose cluster bus ports (port + 10000) are free too. Chosen at random in a
-/// range below the ephemeral one, so the bus port stays a valid port.
+/// Six ports whose cluster bus ports (port + 10000) are free too, chosen at random.
 fn free_ports() -> Vec<u16> {
+    // 10000..22000: the bus ports (20000..32000) stay below Linux's ephemeral range
+    // (32768..), where an outgoing connection could take one between this check and the
+    // node's start.
     let mut ports = Vec::new();
     let started = Instant::now();
     while ports.len() < NODES {
@@ -290,7 +321,7 @@ fn free_ports() -> Vec<u16> {
             started.elapsed() < BOUND,
             "found no free ports for the cluster"
         );
-        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+        let port = 10_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
         if ports.contains(&port) {
             continue;
         }
