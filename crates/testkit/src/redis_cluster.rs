@@ -227,6 +227,21 @@ impl RedisCluster {
         assert!(status.success(), "kill -{signal} {pid} failed");
     }
 
+    /// Freezes `replica` (`SIGSTOP`) and has `primary` drop its replication link, which
+    /// the frozen replica cannot open again: from then on, whatever `primary` acknowledges
+    /// does not reach `replica`, and is lost if `primary` is killed before `replica` is
+    /// thawed ([`RedisCluster::signal`] with `CONT`).
+    ///
+    /// # Panics
+    /// When the primary still has a replica connected afterwards.
+    pub fn hold_back_replication(&self, primary: u16, replica: u16) {
+        self.signal(replica, "STOP");
+        cli(primary, &["client", "kill", "type", "replica"]);
+        self.wait_until("the primary to drop its replica", |_| {
+            cli(primary, &["info", "replication"]).contains("connected_slaves:0")
+        });
+    }
+
     /// Waits until `slot` is served by a primary other than `old` and every running node
     /// says the cluster is `ok`: the failover after `old` was killed is over.
     ///
