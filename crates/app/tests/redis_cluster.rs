@@ -179,7 +179,11 @@ async fn killed_primary_under_load(policy: RedisDownPolicy) {
                     "200".to_owned()
                 } else {
                     let problem: serde_json::Value = response.json().await.unwrap_or_default();
-                    format!("{} {}", status.as_u16(), problem["code"].as_str().unwrap_or("?"))
+                    format!(
+                        "{} {}",
+                        status.as_u16(),
+                        problem["code"].as_str().unwrap_or("?")
+                    )
                 };
                 let mut seen = seen.lock().unwrap();
                 *seen.statuses.entry(answer).or_default() += 1;

@@ -14,7 +14,7 @@ use domain::ports::{LockError, LockKey, LockLease, LockManager, Release};
 use domain::types::UserId;
 use fred::prelude::{Builder, Client, ClientLike, Config, KeysInterface};
 use fred::util::redis_keyslot;
-use redis_lock::{KeyLayout, RedisLockManager};
+use redis_lock::{HandoffPolicy, KeyLayout, RedisLockConfig, RedisLockManager};
 use testkit::RedisCluster;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -154,6 +154,143 @@ async fn on_a_cluster_a_hundred_tasks_in_four_processes_never_overlap() {
     .await;
     let total: u64 = counters.iter().map(|c| c.load(Ordering::SeqCst)).sum();
     assert_eq!(total, 100);
+}
+
+/// The hand-off on a cluster: the key stays in Redis under the first holder's value while
+/// a local waiter takes it over, and the chain's last holder deletes it.
+#[tokio::test]
+async fn on_a_cluster_a_local_waiter_takes_the_key_over_without_a_new_set() {
+    let Some(cluster) = RedisCluster::shared() else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let config = RedisLockConfig {
+        handoff: HandoffPolicy {
+            max_age: Duration::from_secs(600),
+            ..RedisLockConfig::default().handoff
+        },
+        ..RedisLockConfig::default()
+    };
+    let locks = Arc::new(
+        RedisLockManager::connect_with(&cluster.url(), &prefix, config)
+            .await
+            .unwrap(),
+    );
+    let redis = inspector(&cluster.url()).await;
+    let key = user(5);
+    let lock_key = locks.redis_key(&key);
+
+    let first = locks.acquire(&key, WAIT, LEASE).await.unwrap();
+    let waiter = {
+        let (locks, key) = (Arc::clone(&locks), key.clone());
+        tokio::spawn(async move { locks.acquire(&key, WAIT, LEASE).await })
+    };
+    bounded("the waiter queueing", async {
+        while !locks.has_local_waiter(&key) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(locks.release(&first).await.unwrap(), Release::Released);
+    let second = bounded("the waiter", waiter).await.unwrap().unwrap();
+    assert_ne!(second.token, first.token);
+    let stored: Option<String> = redis.get(&lock_key).await.unwrap();
+    assert_eq!(
+        stored,
+        Some(first.token.clone()),
+        "handed over, not set again"
+    );
+    assert_eq!(locks.release(&second).await.unwrap(), Release::Released);
+    let stored: Option<String> = redis.get(&lock_key).await.unwrap();
+    assert_eq!(stored, None);
+}
+
+/// A release whose script finds another process's waiting marker (in the lock's slot)
+/// holds the local waiter back, so the other process gets the key first: with a courtesy
+/// of 60 s on this side, the other process can only win through it.
+#[tokio::test]
+async fn on_a_cluster_a_release_lets_a_waiting_process_go_before_the_local_waiter() {
+    let Some(cluster) = RedisCluster::shared() else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let redis = inspector(&cluster.url()).await;
+    let key = user(6);
+    let here = Arc::new(
+        RedisLockManager::connect_with(
+            &cluster.url(),
+            &prefix,
+            RedisLockConfig {
+                retry_max: Duration::from_secs(60),
+                handoff: HandoffPolicy {
+                    max_handoffs: 0,
+                    ..RedisLockConfig::default().handoff
+                },
+                ..RedisLockConfig::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let elsewhere = Arc::new(manager(&cluster.url(), &prefix).await);
+    let lock_key = here.redis_key(&key);
+
+    let first = here.acquire(&key, WAIT, LEASE).await.unwrap();
+    let remote = {
+        let (locks, key) = (Arc::clone(&elsewhere), key.clone());
+        tokio::spawn(async move { locks.acquire(&key, WAIT, LEASE).await })
+    };
+    let marker = KeyLayout::marker_key(&lock_key);
+    bounded("the other process's marker", async {
+        while redis
+            .get::<Option<String>, _>(&marker)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let local = {
+        let (locks, key) = (Arc::clone(&here), key.clone());
+        tokio::spawn(async move { locks.acquire(&key, Duration::from_secs(120), LEASE).await })
+    };
+    bounded("the local waiter queueing", async {
+        while !here.has_local_waiter(&key) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+
+    assert_eq!(here.release(&first).await.unwrap(), Release::Released);
+    let taken = bounded("the other process", remote).await.unwrap().unwrap();
+    assert!(!local.is_finished(), "the local waiter held back");
+    let stored: Option<String> = redis.get(&lock_key).await.unwrap();
+    assert_eq!(stored, Some(taken.token.clone()));
+    assert_eq!(elsewhere.release(&taken).await.unwrap(), Release::Released);
+    local.abort();
+}
+
+#[tokio::test]
+async fn an_unreachable_cluster_is_unavailable_quickly() {
+    // Nothing listens on ports 1 and 2: the manager starts anyway and answers Unavailable.
+    let locks = tokio::time::timeout(
+        Duration::from_secs(5),
+        RedisLockManager::connect("redis-cluster://127.0.0.1:1?node=127.0.0.1:2", "p:"),
+    )
+    .await
+    .expect("connect does not hang")
+    .expect("connect succeeds while the cluster is down");
+    let acquired =
+        tokio::time::timeout(Duration::from_secs(5), locks.acquire(&user(1), WAIT, LEASE))
+            .await
+            .expect("acquire fails fast instead of waiting 10 s");
+    assert!(
+        matches!(acquired, Err(LockError::Unavailable(_))),
+        "got {acquired:?}"
+    );
+    assert!(locks.ping().await.is_err());
 }
 
 #[tokio::test]
