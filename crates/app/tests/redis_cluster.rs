@@ -145,6 +145,7 @@ async fn killed_primary_under_load(policy: RedisDownPolicy) {
         RedisDownPolicy::Fail => "balance_lock_unavailable_total",
     };
     let policy_before = counter(first, policy_metric).await;
+    let exhausted_before = counter(first, "balance_optimistic_exhausted_total").await;
 
     // The load: half the requests on one hot user, the rest spread; charges and uses.
     let stop = Arc::new(AtomicBool::new(false));
@@ -285,8 +286,10 @@ async fn killed_primary_under_load(policy: RedisDownPolicy) {
         policy_applied >= 1,
         "the failover's outage went through the {policy:?} policy ({policy_metric})"
     );
+    let exhausted = counter(first, "balance_optimistic_exhausted_total").await - exhausted_before;
     eprintln!(
-        "{policy:?}: statuses {:?}, lease lost {lease_lost}, {policy_metric} {policy_applied}",
+        "{policy:?}: statuses {:?}, lease lost {lease_lost}, {policy_metric} {policy_applied}, \
+         optimistic retries exhausted {exhausted}",
         seen.statuses
     );
     let apps = Arc::into_inner(apps).unwrap();
