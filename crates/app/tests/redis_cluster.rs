@@ -110,10 +110,10 @@ struct Seen {
 
 async fn killed_primary_under_load(policy: RedisDownPolicy) {
     let _serial = SERIAL.lock().await;
-    let Some(mut cluster) = RedisCluster::start() else {
+    let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let Some(db) = TestDatabase::create().await else {
+    let Some(mut cluster) = RedisCluster::start() else {
         return;
     };
     let prefix = format!("t:{}:", uuid::Uuid::new_v4().simple());
