@@ -30,3 +30,8 @@ bench *ARGS:
 # `just chaos --list`, `just chaos --only mariadb-kill`, `just chaos --update-doc`).
 chaos *ARGS:
     python3 chaos/run.py {{ARGS}}
+
+# A 6-node Redis Cluster on loopback ports 7000-7005 (3 primaries, 3 replicas): `up` prints
+# its REDIS_URL, `down` stops it by its pids; `status`, `url` (REDIS_CLUSTER_PORT moves it).
+redis-cluster CMD:
+    bash scripts/redis-cluster.sh {{CMD}}

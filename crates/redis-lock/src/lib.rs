@@ -11,6 +11,9 @@
 //! - **Redis down**: every call answers [`LockError::Unavailable`] at once (no connection)
 //!   or within the command timeout, never after the whole wait; the connection keeps
 //!   reconnecting in the background, so the manager recovers by itself when Redis returns.
+//! - **Redis Cluster** (a `redis-cluster://` URL): both scripts touch a lock key and its
+//!   waiting marker, so on a cluster the lock key's name is a hash tag (`{prefix}{{key}}`)
+//!   and the two share a slot; see [`KeyLayout`].
 
 mod backoff;
 mod local;
@@ -109,10 +112,41 @@ impl Default for RedisLockConfig {
     }
 }
 
+/// How lock keys are named in Redis. Each script touches two keys, the lock key and its
+/// waiting marker (the lock key followed by `:waiting`), which a Redis Cluster only allows
+/// when both hash to one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLayout {
+    /// One Redis (or Sentinel): `{prefix}balance:user:42`, the names this service always
+    /// used, so instances of older and newer versions keep excluding each other during a
+    /// rolling upgrade.
+    Plain,
+    /// A Redis Cluster: `{prefix}{balance:user:42}`. The braces are a hash tag: only the
+    /// domain key is hashed, so the marker (`…}:waiting`) lands in the lock key's slot, and
+    /// different users still spread over the slots (and so over the primaries).
+    HashTagged,
+}
+
+impl KeyLayout {
+    /// The Redis key of the lock on `key`.
+    pub fn lock_key(self, prefix: &str, key: &LockKey) -> String {
+        match self {
+            Self::Plain => format!("{prefix}{}", key.as_str()),
+            Self::HashTagged => format!("{prefix}{{{}}}", key.as_str()),
+        }
+    }
+
+    /// The Redis key of the waiting marker of the lock stored at `lock_key`.
+    pub fn marker_key(lock_key: &str) -> String {
+        format!("{lock_key}:waiting")
+    }
+}
+
 /// A [`LockManager`] shared by every process that uses the same Redis and key prefix.
 pub struct RedisLockManager {
     pool: Pool,
     prefix: String,
+    layout: KeyLayout,
     acquire_script: Script,
     release_script: Script,
     /// This manager's name in waiting markers (see [`ACQUIRE`]).
@@ -134,6 +168,7 @@ impl fmt::Debug for RedisLockManager {
         // The pool's config holds the Redis password: leave it out.
         f.debug_struct("RedisLockManager")
             .field("prefix", &self.prefix)
+            .field("layout", &self.layout)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -172,15 +207,17 @@ impl RedisLockManager {
         Self::connect_with(url, key_prefix, RedisLockConfig::default()).await
     }
 
-    /// Connects to the Redis at `url` (`redis://[user:password@]host:port[/db]`); every lock
-    /// key is stored as `{key_prefix}{key}`. Waits up to `connect_timeout` for the first
+    /// Connects to the Redis at `url` (`redis://[user:password@]host:port[/db]`, or a cluster:
+    /// `redis-cluster://[user:password@]host:port?node=host:port&…`); every lock key is
+    /// stored under `key_prefix` as [`KeyLayout`] says. Waits up to `connect_timeout` for the first
     /// connection. If Redis cannot be reached yet this still succeeds, with a warning:
     /// the service can start while Redis is down (its calls answer `Unavailable` and the
     /// use case applies its policy), and the connection comes up once Redis does.
     /// Must be called inside a tokio runtime.
     ///
     /// # Errors
-    /// When `url` is not a valid Redis URL or the configuration is invalid.
+    /// When `url` is not a valid Redis URL or the configuration is invalid (on a cluster,
+    /// a key prefix with a brace, which would change the hash tag).
     pub async fn connect_with(
         url: &str,
         key_prefix: &str,
@@ -195,6 +232,17 @@ impl RedisLockManager {
             // Retry the first connection like any later one instead of failing start-up.
             fail_fast: false,
             ..Config::from_url(url).context("invalid Redis URL")?
+        };
+        let layout = if redis_config.server.is_clustered() {
+            // A brace in the prefix would start the hash tag there: every user's lock in
+            // one slot, or (with `{}`) no tag at all and the marker in another slot.
+            anyhow::ensure!(
+                !key_prefix.contains(['{', '}']),
+                "on a Redis Cluster the key prefix must not contain '{{' or '}}'"
+            );
+            KeyLayout::HashTagged
+        } else {
+            KeyLayout::Plain
         };
         let reconnect_max_ms =
             u32::try_from(config.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX);
@@ -249,6 +297,7 @@ impl RedisLockManager {
         let manager = Self {
             pool,
             prefix: key_prefix.to_owned(),
+            layout,
             acquire_script: Script::from_lua(ACQUIRE),
             release_script: Script::from_lua(RELEASE),
             id: uuid::Uuid::new_v4().simple().to_string(),
@@ -287,8 +336,14 @@ impl RedisLockManager {
         self.queues.is_awaited(&self.redis_key(key))
     }
 
-    fn redis_key(&self, key: &LockKey) -> String {
-        format!("{}{}", self.prefix, key.as_str())
+    /// The Redis key of the lock on `key`.
+    pub fn redis_key(&self, key: &LockKey) -> String {
+        self.layout.lock_key(&self.prefix, key)
+    }
+
+    /// How this manager names its keys (it follows the URL: a cluster or not).
+    pub fn layout(&self) -> KeyLayout {
+        self.layout
     }
 
     /// Polls the connection state rather than waiting for fred's connect event, which
@@ -321,10 +376,6 @@ impl RedisLockManager {
         }
     }
 
-    fn marker_key(redis_key: &str) -> String {
-        format!("{redis_key}:waiting")
-    }
-
     /// One `SET NX PX` (the [`ACQUIRE`] script).
     async fn try_set(
         &self,
@@ -338,7 +389,7 @@ impl RedisLockManager {
             .acquire_script
             .evalsha_with_reload(
                 client,
-                vec![key.to_owned(), Self::marker_key(key)],
+                vec![key.to_owned(), KeyLayout::marker_key(key)],
                 vec![
                     token.to_owned(),
                     lease_ms.to_string(),
@@ -478,7 +529,7 @@ impl RedisLockManager {
             .release_script
             .evalsha_with_reload(
                 client,
-                vec![key.to_owned(), Self::marker_key(key)],
+                vec![key.to_owned(), KeyLayout::marker_key(key)],
                 vec![token.to_owned(), self.id.clone()],
             )
             .await
@@ -550,11 +601,12 @@ fn is_unavailable(error: &RedisError) -> bool {
         | ErrorKind::Url
         | ErrorKind::InvalidCommand
         | ErrorKind::InvalidArgument => false,
-        // A Redis error reply starts with its code: `ERR` and `WRONGTYPE` say the command
+        // A Redis error reply starts with its code: `ERR`, `WRONGTYPE` and `CROSSSLOT` (a
+        // cluster refusing a script whose keys are in different slots) say the command
         // itself was wrong, which waiting will not fix.
         ErrorKind::Unknown => !matches!(
             error.details().split_whitespace().next(),
-            Some("ERR" | "WRONGTYPE")
+            Some("ERR" | "WRONGTYPE" | "CROSSSLOT")
         ),
         _ => true,
     }
@@ -603,6 +655,7 @@ impl Drop for UnconfirmedSet {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -616,6 +669,8 @@ mod tests {
             ErrorKind::Protocol,
             ErrorKind::Parse,
             ErrorKind::Routing,
+            // CLUSTERDOWN, or MOVED and ASK past the redirection limit: a failover in progress.
+            ErrorKind::Cluster,
         ] {
             assert!(is_unavailable(&RedisError::new(kind, "x")));
         }
@@ -645,10 +700,51 @@ mod tests {
             "ERR unknown command"
         )));
         assert!(!is_unavailable(&RedisError::new(
+            ErrorKind::Unknown,
+            "CROSSSLOT Keys in request don't hash to the same slot"
+        )));
+        assert!(!is_unavailable(&RedisError::new(
             ErrorKind::InvalidArgument,
             "x"
         )));
         assert!(!is_unavailable(&RedisError::new(ErrorKind::Url, "x")));
+    }
+
+    fn user(id: i64) -> LockKey {
+        LockKey::user_balance(domain::types::UserId::new(id).unwrap())
+    }
+
+    #[test]
+    fn the_plain_layout_keeps_the_names_of_older_versions() {
+        let lock = KeyLayout::Plain.lock_key("lock:", &user(42));
+        assert_eq!(lock, "lock:balance:user:42");
+        assert_eq!(KeyLayout::marker_key(&lock), "lock:balance:user:42:waiting");
+    }
+
+    #[test]
+    fn on_a_cluster_a_lock_and_its_marker_share_a_slot_and_users_spread() {
+        use fred::util::redis_keyslot;
+        let mut slots = std::collections::BTreeSet::new();
+        for id in 1..=100 {
+            let lock = KeyLayout::HashTagged.lock_key("lock:", &user(id));
+            assert_eq!(lock, format!("lock:{{balance:user:{id}}}"));
+            let marker = KeyLayout::marker_key(&lock);
+            let slot = redis_keyslot(lock.as_bytes());
+            assert_eq!(
+                slot,
+                redis_keyslot(marker.as_bytes()),
+                "{lock} and {marker}"
+            );
+            // Only the tag is hashed: the prefix does not move a user's slot.
+            let other_prefix = KeyLayout::HashTagged.lock_key("other:", &user(id));
+            assert_eq!(slot, redis_keyslot(other_prefix.as_bytes()));
+            slots.insert(slot);
+        }
+        assert!(
+            slots.len() > 90,
+            "users spread over the slots: {}",
+            slots.len()
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - [`TestDatabase`]: a fresh, migrated MySQL database per test, dropped afterwards;
 //! - [`TestRedis`]: a Redis URL and a key prefix of the test's own;
 //! - [`RedisServer`]: a redis-server of the test's own, to kill and restart;
+//! - [`RedisCluster`]: a 3-primary, 3-replica Redis Cluster of the test's own, to fail over;
 //! - [`skip`]: how a test that cannot run says so (and fails under CI);
 //! - [`contract`]: the port contract suites, written once and run against every adapter.
 //!
@@ -13,10 +14,12 @@
 //! saying so on stderr (`SKIPPED …`), and under `CI=true` it fails instead.
 
 pub mod contract;
+mod redis_cluster;
 mod redis_server;
 mod servers;
 mod skip;
 
+pub use redis_cluster::{ClusterNode, RedisCluster};
 pub use redis_server::RedisServer;
 pub use servers::{TestDatabase, TestRedis};
 pub use skip::{SKIP_LOG_VAR, SKIP_MARK, is_ci, skip, skip_line};

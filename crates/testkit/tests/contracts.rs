@@ -1,8 +1,9 @@
 //! The port contract suites of `testkit::contract`, run against every adapter: the
 //! in-memory store and lock manager (always), MySQL and Redis (when `TEST_DATABASE_URL` /
-//! `TEST_REDIS_URL` are set, or Docker can start them; skipped otherwise). Each MySQL test
-//! has a database of its own and each Redis test a key prefix of its own, so they all run
-//! in parallel.
+//! `TEST_REDIS_URL` are set, or Docker can start them; skipped otherwise), and the Redis
+//! lock on a Redis Cluster of this process's own (`redis-server` on the `PATH`; skipped
+//! otherwise). Each MySQL test has a database of its own and each Redis test a key prefix
+//! of its own, so they all run in parallel.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use domain::ports::LockManager;
 use memory::{InProcessLockManager, MemoryStore};
 use testkit::contract::{self, Stores};
-use testkit::{TestDatabase, TestRedis};
+use testkit::{RedisCluster, TestDatabase, TestRedis};
 
 fn memory() -> Stores {
     Stores::new(MemoryStore::new())
@@ -29,6 +30,17 @@ async fn redis_locks(redis: &TestRedis) -> (Arc<dyn LockManager>, Arc<dyn LockMa
         Arc::new(redis.lock_manager().await),
         Arc::new(redis.lock_manager().await),
     )
+}
+
+/// Two Redis lock managers on one cluster and a fresh prefix: two instances sharing it.
+async fn cluster_locks(cluster: &RedisCluster) -> (Arc<dyn LockManager>, Arc<dyn LockManager>) {
+    let prefix = format!("t:{}:", uuid::Uuid::new_v4().simple());
+    let manager = || async {
+        redis_lock::RedisLockManager::connect(&cluster.url(), &prefix)
+            .await
+            .expect("a lock manager on the cluster")
+    };
+    (Arc::new(manager().await), Arc::new(manager().await))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -368,5 +380,52 @@ async fn redis_lock_serializes_concurrent_increments() {
         return;
     };
     let (first, second) = redis_locks(&redis).await;
+    contract::lock_serializes_concurrent_increments(first, second).await;
+}
+
+// The same five on a Redis Cluster (one per process, shared by these tests).
+
+#[tokio::test]
+async fn redis_cluster_lock_is_exclusive() {
+    let Some(cluster) = RedisCluster::shared() else {
+        return;
+    };
+    let (first, second) = cluster_locks(&cluster).await;
+    contract::lock_is_exclusive(first, second).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_lock_waiter_acquires_soon_after_release() {
+    let Some(cluster) = RedisCluster::shared() else {
+        return;
+    };
+    let (first, second) = cluster_locks(&cluster).await;
+    contract::lock_waiter_acquires_soon_after_release(first, second).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_lock_lease_expiry_frees_the_key_but_not_for_the_old_holder() {
+    let Some(cluster) = RedisCluster::shared() else {
+        return;
+    };
+    let (first, second) = cluster_locks(&cluster).await;
+    contract::lock_lease_expiry_frees_the_key_but_not_for_the_old_holder(first, second).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_lock_release_is_owner_only() {
+    let Some(cluster) = RedisCluster::shared() else {
+        return;
+    };
+    let (first, second) = cluster_locks(&cluster).await;
+    contract::lock_release_is_owner_only(first, second).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_lock_serializes_concurrent_increments() {
+    let Some(cluster) = RedisCluster::shared() else {
+        return;
+    };
+    let (first, second) = cluster_locks(&cluster).await;
     contract::lock_serializes_concurrent_increments(first, second).await;
 }
