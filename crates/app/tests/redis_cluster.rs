@@ -51,7 +51,7 @@ async fn instance(
     policy: RedisDownPolicy,
 ) -> TestApp {
     let mut config = common::config();
-    config.database_url = Some(db.url.clone().into());
+    config.db.database_url = Some(db.url.clone().into());
     config.redis_url = Some(cluster.url().into());
     config.redis_key_prefix = prefix.to_owned();
     config.migrate_on_start = false;
