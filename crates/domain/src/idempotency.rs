@@ -75,25 +75,28 @@ impl RecordOutcome {
     }
 }
 
-/// What a record written before records kept their operation and outcome says about
-/// them: the operation from the fingerprint's prefix, the outcome from the status class
-/// (every success of those versions was 2xx and applied, every stored refusal 4xx).
-/// Migration 0007 backfills old rows with exactly this rule, and readers apply it to a
-/// row an older instance writes during a rolling upgrade (both columns null); nothing
-/// else infers either. `None` for a fingerprint no version ever wrote.
-pub fn legacy_facts(fingerprint: &str, status: u16) -> Option<(OperationKind, RecordOutcome)> {
-    let operation = match fingerprint.split_once(':').map(|(prefix, _)| prefix) {
-        Some("charge") => OperationKind::Charge,
-        Some("use") => OperationKind::Use,
-        Some("payment") => OperationKind::Payment,
-        _ => return None,
-    };
-    let outcome = if (200..300).contains(&status) {
+/// The rule for records written before records kept their operation and outcome: the
+/// operation is the fingerprint's prefix, the outcome the status class (every success of
+/// those versions was a 2xx that applied its effect, every stored refusal was not a 2xx).
+/// Migration 0007 backfilled old rows with exactly this rule, and readers apply it to a
+/// row an older instance writes during a rolling upgrade (both columns null); nothing else
+/// infers either. [`legacy_operation`] is `None` for a fingerprint no version ever wrote.
+pub fn legacy_operation(fingerprint: &str) -> Option<OperationKind> {
+    match fingerprint.split_once(':').map(|(prefix, _)| prefix) {
+        Some("charge") => Some(OperationKind::Charge),
+        Some("use") => Some(OperationKind::Use),
+        Some("payment") => Some(OperationKind::Payment),
+        _ => None,
+    }
+}
+
+/// The outcome of a record written before records kept it; see [`legacy_operation`].
+pub fn legacy_outcome(status: u16) -> RecordOutcome {
+    if (200..300).contains(&status) {
         RecordOutcome::Applied
     } else {
         RecordOutcome::Refused
-    };
-    Some((operation, outcome))
+    }
 }
 
 /// The durable record of a finished request.

@@ -4,7 +4,8 @@
 //! - [`TestRedis`]: a Redis URL and a key prefix of the test's own;
 //! - [`RedisServer`]: a redis-server of the test's own, to kill and restart;
 //! - [`skip`]: how a test that cannot run says so (and fails under CI);
-//! - [`contract`]: the port contract suites, written once and run against every adapter.
+//! - [`contract`]: the port contract suites, written once and run against every adapter;
+//! - [`steps`]: hand-built atomic steps for the adapter-specific suites.
 //!
 //! Where the servers come from, for every suite alike: `TEST_DATABASE_URL` /
 //! `TEST_REDIS_URL` when set (CI points them at the local MariaDB and Redis); otherwise,
@@ -16,6 +17,7 @@ pub mod contract;
 mod redis_server;
 mod servers;
 mod skip;
+pub mod steps;
 
 pub use redis_server::RedisServer;
 pub use servers::{TestDatabase, TestRedis};
