@@ -24,6 +24,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use domain::idempotency::{CompletedRecord, RecordOutcome, StoredResponse};
 use domain::model::{EntryKind, Order, OrderStatus, User};
+use domain::operations::Effect;
 use domain::outcome::{BalanceReceipt, Outcome, PaymentReceipt, Refusal};
 use domain::ports::{
     Applied, Assigned, BalanceChange, BalanceStore, Clock, IdempotencyRepo, KeyRecord, LockError,
@@ -34,9 +35,8 @@ use domain::ports::{
 use domain::types::{
     Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, PaymentId, UserId,
 };
-use domain::operations::Effect;
 use domain::{
-    BalanceService, Charge, Execution, LockUnavailablePolicy, OperationError, Operation, Pay,
+    BalanceService, Charge, Execution, LockUnavailablePolicy, Operation, OperationError, Pay,
     Ports, Settings, UseBalance,
 };
 
@@ -856,7 +856,10 @@ async fn an_unreachable_lock_service_with_degrade_goes_on_without_the_lock() {
     m.store
         .expect_apply()
         .times(1)
-        .withf(|c| c.expected_version == 4 && c.effect.movement().balance_after == Balance::from_stored(7_500))
+        .withf(|c| {
+            c.expected_version == 4
+                && c.effect.movement().balance_after == Balance::from_stored(7_500)
+        })
         .returning(|c| commit(c, 31, None));
     let service = m.service(Settings {
         on_lock_unavailable: LockUnavailablePolicy::Degrade,
@@ -936,7 +939,10 @@ async fn a_version_conflict_is_retried_from_a_fresh_read() {
         .expect_apply()
         .times(1)
         .in_sequence(&mut seq)
-        .withf(|c| c.expected_version == 4 && c.effect.movement().balance_after == Balance::from_stored(12_500))
+        .withf(|c| {
+            c.expected_version == 4
+                && c.effect.movement().balance_after == Balance::from_stored(12_500)
+        })
         .returning(|_| Err(StepError::VersionConflict));
     // Somebody else wrote first: the retry must decide on what they left.
     m.users
@@ -948,7 +954,10 @@ async fn a_version_conflict_is_retried_from_a_fresh_read() {
         .expect_apply()
         .times(1)
         .in_sequence(&mut seq)
-        .withf(|c| c.expected_version == 5 && c.effect.movement().balance_after == Balance::from_stored(22_500))
+        .withf(|c| {
+            c.expected_version == 5
+                && c.effect.movement().balance_after == Balance::from_stored(22_500)
+        })
         .returning(|c| commit(c, 31, None));
 
     let got = m.service(settings()).execute(charge(2_500)).await;
@@ -1022,7 +1031,10 @@ async fn a_refusal_decided_on_a_stale_read_is_decided_again() {
         .expect_apply()
         .times(1)
         .in_sequence(&mut seq)
-        .withf(|c| c.expected_version == 5 && c.effect.movement().balance_after == Balance::from_stored(15_000))
+        .withf(|c| {
+            c.expected_version == 5
+                && c.effect.movement().balance_after == Balance::from_stored(15_000)
+        })
         .returning(|c| commit(c, 31, None));
 
     let got = m.service(settings()).execute(command).await;
@@ -1268,12 +1280,7 @@ async fn a_key_taken_at_commit_whose_record_cannot_be_read_is_key_in_use() {
 
 /// Runs `command` against a user with `balance` at version 6 (and `order`, for a payment)
 /// and checks that exactly `refusal` is stored and answered, and nothing applied.
-async fn assert_refused(
-    command: Command,
-    balance: i64,
-    found: Option<Order>,
-    refusal: Refusal,
-) {
+async fn assert_refused(command: Command, balance: i64, found: Option<Order>, refusal: Refusal) {
     let expected = RefusalRecord {
         user_id: user_id(),
         expected_version: 6,

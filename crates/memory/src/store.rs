@@ -10,8 +10,8 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::idempotency::{CompletedRecord, RecordOutcome, StoredResponse};
-use domain::operations::{Effect, Movement};
 use domain::model::{EntryKind, HistoryPage, LedgerEntry, Order, OrderStatus, Payment, User};
+use domain::operations::{Effect, Movement};
 use domain::ports::{
     Applied, Assigned, BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo,
     RefusalRecord, RepoError, StepError, UserRepo,

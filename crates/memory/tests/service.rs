@@ -15,9 +15,7 @@ use domain::idempotency::{Fingerprint, StoredResponse};
 use domain::outcome::{Outcome, Refusal};
 use domain::ports::{Auditor, Clock, ResponseEncoder};
 use domain::types::{Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, UserId};
-use domain::{
-    BalanceService, Charge, Operation, OperationError, Pay, Ports, Settings, UseBalance,
-};
+use domain::{BalanceService, Charge, Operation, OperationError, Pay, Ports, Settings, UseBalance};
 use memory::{InProcessLockManager, MemoryStore};
 use proptest::prelude::*;
 

@@ -217,13 +217,11 @@ async fn balance_matches_ledger(
 ) -> Result<(), RepoError> {
     const CHECK: AuditCheck = AuditCheck::BalanceMatchesLedger;
     type Row = (i64, i64, i64, i64, Option<i64>, Option<i64>, i64);
-    let rows: Vec<Row> = sqlx::query_as(
-        BALANCES.as_str(),
-    )
-    .bind(LISTED)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(repo)?;
+    let rows: Vec<Row> = sqlx::query_as(BALANCES.as_str())
+        .bind(LISTED)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(repo)?;
     let found = total(&rows, |r| r.6);
     let listed = rows.into_iter().map(
         |(user, balance, sum, entries, newest_id, newest_after, _)| {
@@ -240,13 +238,11 @@ async fn balance_matches_ledger(
 
     // The users the ledger names come from the (user_id, id) index alone (a loose index
     // scan); only those without a users row are summed.
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
-        ORPHAN_LEDGERS.as_str(),
-    )
-    .bind(LISTED)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(repo)?;
+    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(ORPHAN_LEDGERS.as_str())
+        .bind(LISTED)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(repo)?;
     let found = total(&rows, |r| r.3);
     let listed = rows.into_iter().map(|(user, entries, sum, _)| {
         breach(
@@ -304,15 +300,13 @@ async fn key_checks(
         i64,
         i64,
     );
-    let rows: Vec<Row> = sqlx::query_as(
-        KEY_CHECKS.as_str(),
-    )
-    .bind(ttl_micros)
-    .bind(to_db_time(stuck_before))
-    .bind(LISTED)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(repo)?;
+    let rows: Vec<Row> = sqlx::query_as(KEY_CHECKS.as_str())
+        .bind(ttl_micros)
+        .bind(to_db_time(stuck_before))
+        .bind(LISTED)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(repo)?;
 
     let mut found = [0_u64; 3];
     let mut listed: [Vec<Breach>; 3] = Default::default();

@@ -4,8 +4,8 @@
 use anyhow::anyhow;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SubsecRound, Utc};
 use domain::idempotency::{RecordOutcome, StoredResponse, legacy_operation, legacy_outcome};
-use domain::operations::OperationKind;
 use domain::model::EntryKind;
+use domain::operations::OperationKind;
 use domain::types::{EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
 
 /// A `datetime(3)` value: UTC, truncated to milliseconds. The domain truncates already;
@@ -120,7 +120,10 @@ pub(crate) fn signed_amount_sql(prefix: &str) -> String {
     let mut sql = format!("case {prefix}kind");
     for kind in EntryKind::ALL {
         let sign = if kind.sign() > 0 { "" } else { "-" };
-        sql.push_str(&format!(" when '{}' then {sign}{prefix}amount", kind.as_str()));
+        sql.push_str(&format!(
+            " when '{}' then {sign}{prefix}amount",
+            kind.as_str()
+        ));
     }
     sql.push_str(" end");
     sql

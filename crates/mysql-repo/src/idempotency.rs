@@ -31,21 +31,24 @@ impl IdempotencyRepo for MySqlStore {
             NaiveDateTime,
             NaiveDateTime,
         );
-        let row: Option<Row> =
-            read_retrying!(&self.pool, |db| {
-                sqlx::query_as(sql::FIND_KEY)
-                    .bind(user.get())
-                    .bind(key.as_str())
-                    .bind(to_db_time(now))
-                    .fetch_optional(db)
-            })
-            .map_err(repo)?;
+        let row: Option<Row> = read_retrying!(&self.pool, |db| {
+            sqlx::query_as(sql::FIND_KEY)
+                .bind(user.get())
+                .bind(key.as_str())
+                .bind(to_db_time(now))
+                .fetch_optional(db)
+        })
+        .map_err(repo)?;
         let Some((fingerprint, operation, outcome, status, body, created_at, expires_at)) = row
         else {
             return Ok(None);
         };
-        let (operation, outcome) =
-            record_facts(operation.as_deref(), outcome.as_deref(), &fingerprint, status)?;
+        let (operation, outcome) = record_facts(
+            operation.as_deref(),
+            outcome.as_deref(),
+            &fingerprint,
+            status,
+        )?;
         Ok(Some(CompletedRecord {
             user_id: user,
             key: key.clone(),

@@ -14,8 +14,8 @@ use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use domain::idempotency::{Fingerprint, StoredResponse, legacy_operation};
-use domain::operations::{OperationKind, charge, pay, use_balance};
 use domain::model::EntryKind;
+use domain::operations::{OperationKind, charge, pay, use_balance};
 use domain::ports::{
     AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, KeyRecord, OrderRepo,
     RefusalRecord, RepoError, UserRepo,

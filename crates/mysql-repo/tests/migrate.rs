@@ -93,9 +93,9 @@ async fn insert_old_record(db: &TestDatabase, key: &str, fingerprint: &str, stat
 /// reads the same way through `find`, and so do the backfilled ones.
 #[tokio::test]
 async fn migration_0007_backfills_old_records_and_null_rows_read_by_the_same_rule() {
-    use domain::ports::IdempotencyRepo as _;
     use domain::idempotency::RecordOutcome;
     use domain::operations::OperationKind;
+    use domain::ports::IdempotencyRepo as _;
 
     let Some(db) = TestDatabase::create().await else {
         return testkit::skip("migration_0007_backfills_old_records");
@@ -142,7 +142,11 @@ async fn migration_0007_backfills_old_records_and_null_rows_read_by_the_same_rul
             "{key}"
         );
         let record = store
-            .find(user, &domain::types::IdempotencyKey::parse(key).unwrap(), now)
+            .find(
+                user,
+                &domain::types::IdempotencyKey::parse(key).unwrap(),
+                now,
+            )
             .await
             .unwrap()
             .unwrap();
@@ -156,7 +160,11 @@ async fn migration_0007_backfills_old_records_and_null_rows_read_by_the_same_rul
     // Written by an instance of the previous version mid-upgrade: both columns null.
     insert_old_record(&db, "late", "payment:user=1:order=8", 409).await;
     let late = store
-        .find(user, &domain::types::IdempotencyKey::parse("late").unwrap(), now)
+        .find(
+            user,
+            &domain::types::IdempotencyKey::parse("late").unwrap(),
+            now,
+        )
         .await
         .unwrap()
         .unwrap();

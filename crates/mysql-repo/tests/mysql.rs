@@ -10,8 +10,8 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use domain::idempotency::{Fingerprint, StoredResponse, legacy_operation};
-use domain::operations::{OperationKind, charge, pay, use_balance};
 use domain::model::{EntryKind, OrderStatus};
+use domain::operations::{OperationKind, charge, pay, use_balance};
 use domain::ports::{
     Assigned, BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord,
     RepoError, StepError, UserRepo,

@@ -2,7 +2,9 @@
 
 use crate::idempotency::Fingerprint;
 use crate::model::EntryKind;
-use crate::operations::{AppliedEffect, Decline, Effect, Movement, Operation, OperationKind, State};
+use crate::operations::{
+    AppliedEffect, Decline, Effect, Movement, Operation, OperationKind, State,
+};
 use crate::outcome::{BalanceReceipt, Outcome, Refusal};
 use crate::types::{Amount, IdempotencyKey, Limits, UserId};
 

@@ -170,7 +170,11 @@ mod tests {
             panic!("a payment answers Paid");
         };
         assert_eq!(
-            (receipt.payment_id.get(), receipt.order_id.get(), receipt.balance.get()),
+            (
+                receipt.payment_id.get(),
+                receipt.order_id.get(),
+                receipt.balance.get()
+            ),
             (3, 5, 600)
         );
     }

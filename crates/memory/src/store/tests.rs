@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Duration, Utc};
 use domain::idempotency::{Fingerprint, StoredResponse};
-use domain::operations::{Effect, Movement, OperationKind};
 use domain::model::{EntryKind, OrderStatus};
+use domain::operations::{Effect, Movement, OperationKind};
 use domain::ports::{
     BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord, StepError,
     UserRepo,

@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 
 use domain::idempotency::{CompletedRecord, Fingerprint, RecordOutcome, StoredResponse};
-use domain::operations::OperationKind;
 use domain::model::{EntryKind, LedgerEntry, OrderStatus, Payment, User};
+use domain::operations::OperationKind;
 use domain::ports::{Applied, Assigned, KeyRecord, RefusalRecord, StepError};
 use domain::types::OrderId;
 use tokio::sync::Barrier;

@@ -4,9 +4,9 @@
 //! `BalanceStore` (a charge or a refusal).
 
 use chrono::{DateTime, TimeZone, Utc};
-use domain::operations::OperationKind;
-use domain::idempotency::{RecordOutcome, CompletedRecord, Fingerprint, StoredResponse};
+use domain::idempotency::{CompletedRecord, Fingerprint, RecordOutcome, StoredResponse};
 use domain::model::EntryKind;
+use domain::operations::OperationKind;
 use domain::ports::{KeyRecord, RefusalRecord};
 use domain::types::UserId;
 

@@ -8,8 +8,8 @@ use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
 use domain::idempotency::{Fingerprint, RecordOutcome, StoredResponse};
-use domain::operations::{Effect, Movement, OperationKind, charge, pay, use_balance};
 use domain::model::{EntryKind, LedgerEntry, OrderStatus};
+use domain::operations::{Effect, Movement, OperationKind, charge, pay, use_balance};
 use domain::ports::{
     AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, KeyRecord, OrderRepo,
     RefusalRecord, UserRepo,
@@ -100,7 +100,10 @@ fn change(
     let value = Amount::from_stored(amount);
     let (operation, fingerprint) = match kind {
         EntryKind::Charge => (OperationKind::Charge, charge::fingerprint(user(who), value)),
-        _ => (OperationKind::Use, use_balance::fingerprint(user(who), value)),
+        _ => (
+            OperationKind::Use,
+            use_balance::fingerprint(user(who), value),
+        ),
     };
     BalanceChange {
         user_id: user(who),
@@ -566,8 +569,7 @@ async fn audits_during_concurrent_writes_see_no_false_breach() {
                                 .await
                                 .unwrap();
                             balance -= 2;
-                            let pay = pay_change(who, n, order.id, 2, balance, &key, now);
-                            pay
+                            pay_change(who, n, order.id, 2, balance, &key, now)
                         }
                     };
                     store.apply(step).await.unwrap();
