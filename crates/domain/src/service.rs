@@ -1,13 +1,16 @@
 //! The use cases: every endpoint's behaviour, over the ports.
 //!
-//! A balance change (charge, use, payment) runs in this order:
+//! A balance change (any [`Operation`]: charge, use, payment) runs in this order, written
+//! once here for every operation:
 //!
 //! 1. **replay check**: a live completed record for (user, key) answers its stored
 //!    response (or `KEY_REUSED` for another fingerprint) without a lock or a user read;
 //! 2. **claim**: the key is marked in flight in this instance, so a concurrent duplicate
 //!    is answered `KEY_IN_USE` at once;
 //! 3. **lock** `balance:user:{id}`, before the first read of the user;
-//! 4. **read, decide, apply**: one atomic store call writes the balance (if the version is
+//! 4. **read, decide, apply**: the user and what the operation's `reads()` names are read,
+//!    the operation's pure `decide` says what to write, and one atomic store call writes
+//!    the balance (if the version is
 //!    still the one read), the ledger entry, the key's record and the order/payment; a
 //!    lost optimistic race is retried from a fresh read, a bounded number of times, and a
 //!    step the store aborted before its commit once;
