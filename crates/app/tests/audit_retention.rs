@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use domain::ports::{Clock, UserRepo};
 use domain::types::{Amount, Balance, IdempotencyKey, UserId};
-use domain::{BalanceCommand, BalanceService, Ports, Settings};
+use domain::{BalanceService, Charge, Ports, Settings};
 use http_actix::JsonEncoder;
 use serde_json::Value;
 use testkit::TestDatabase;
@@ -58,11 +58,11 @@ async fn the_audit_cli_with_the_default_retention_accepts_keys_reused_after_a_sh
     let user = UserId::new(1).unwrap();
     for _ in 0..3 {
         let done = service
-            .execute(BalanceCommand::Charge {
+            .execute(Arc::new(Charge {
                 user,
                 amount: Amount::from_stored(10),
                 key: IdempotencyKey::parse("reused-after-expiry").unwrap(),
-            })
+            }))
             .await
             .unwrap();
         assert!(!done.replayed);

@@ -470,6 +470,8 @@ async fn write(
         .bind(user)
         .bind(key)
         .bind(format!("charge:user={user}:amount={amount}"))
+        .bind("CHARGE")
+        .bind("APPLIED")
         .bind(200_u16)
         .bind(response_body(user, new_balance, amount, now).into_bytes())
         .bind(at)

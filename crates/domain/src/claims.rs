@@ -98,7 +98,7 @@ mod tests {
     fn fp(amount: i64) -> Fingerprint {
         let user = UserId::new(1).unwrap();
         let amount = Amount::new(amount, &Limits::default()).unwrap();
-        Fingerprint::charge(user, amount)
+        crate::operations::charge::fingerprint(user, amount)
     }
 
     #[test]

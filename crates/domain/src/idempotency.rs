@@ -18,12 +18,14 @@
 //! - `release` (a failure that is not stored: lock timeout, 5xx, unknown user) frees the
 //!   key so that a retry runs afresh.
 //!
-//! The in-flight state lives in the instance that runs the request ([`crate::claims`]);
-//! the completed state is durable and written in the same atomic step as the effect.
+//! The in-flight state lives in the instance that runs the request ([`crate::claims`]:
+//! claiming is [`KeyState::claim`], releasing is dropping the claim); the completed state
+//! is durable and written in the same atomic step as the effect (`complete` is that step).
 
 use chrono::{DateTime, Utc};
 
-use crate::types::{Amount, IdempotencyKey, OrderId, UserId};
+use crate::operations::OperationKind;
+use crate::types::{IdempotencyKey, UserId};
 
 /// What a request is, for idempotency: the operation, the user and its parameters. The
 /// same key with another fingerprint is refused (`IDEMPOTENCY_KEY_REUSED`).
@@ -31,19 +33,8 @@ use crate::types::{Amount, IdempotencyKey, OrderId, UserId};
 pub struct Fingerprint(String);
 
 impl Fingerprint {
-    pub fn charge(user: UserId, amount: Amount) -> Self {
-        Self(format!("charge:user={user}:amount={amount}"))
-    }
-
-    pub fn use_balance(user: UserId, amount: Amount) -> Self {
-        Self(format!("use:user={user}:amount={amount}"))
-    }
-
-    pub fn payment(user: UserId, order: OrderId) -> Self {
-        Self(format!("payment:user={user}:order={order}"))
-    }
-
-    /// Rebuilds a fingerprint read back from storage.
+    /// A fingerprint as stored. Each operation builds its own (`operations::*::fingerprint`);
+    /// this also rebuilds one read back from storage.
     pub fn from_stored(raw: impl Into<String>) -> Self {
         Self(raw.into())
     }
@@ -60,12 +51,64 @@ pub struct StoredResponse {
     pub body: Vec<u8>,
 }
 
+/// What a finished request did: it applied its effect, or it was refused (and changed
+/// nothing). Stored with the record, so nothing infers it from the HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordOutcome {
+    Applied,
+    Refused,
+}
+
+impl RecordOutcome {
+    /// The name used in storage (`APPLIED`, `REFUSED`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordOutcome::Applied => "APPLIED",
+            RecordOutcome::Refused => "REFUSED",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        [RecordOutcome::Applied, RecordOutcome::Refused]
+            .into_iter()
+            .find(|outcome| outcome.as_str() == raw)
+    }
+}
+
+/// The rule for records written before records kept their operation and outcome: the
+/// operation is the fingerprint's prefix, the outcome the status class (every success of
+/// those versions was a 2xx that applied its effect, every stored refusal was not a 2xx).
+/// Migration 0007 backfilled old rows with exactly this rule, and readers apply it to a
+/// row an older instance writes during a rolling upgrade (both columns null); nothing else
+/// infers either. [`legacy_operation`] is `None` for a fingerprint no version ever wrote.
+pub fn legacy_operation(fingerprint: &str) -> Option<OperationKind> {
+    match fingerprint.split_once(':').map(|(prefix, _)| prefix) {
+        Some("charge") => Some(OperationKind::Charge),
+        Some("use") => Some(OperationKind::Use),
+        Some("payment") => Some(OperationKind::Payment),
+        _ => None,
+    }
+}
+
+/// The outcome of a record written before records kept it; see [`legacy_operation`].
+pub fn legacy_outcome(status: u16) -> RecordOutcome {
+    if (200..300).contains(&status) {
+        RecordOutcome::Applied
+    } else {
+        RecordOutcome::Refused
+    }
+}
+
 /// The durable record of a finished request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompletedRecord {
     pub user_id: UserId,
     pub key: IdempotencyKey,
     pub fingerprint: Fingerprint,
+    /// Which operation the request was.
+    pub operation: OperationKind,
+    /// Whether it applied its effect or was refused.
+    pub outcome: RecordOutcome,
     pub response: StoredResponse,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
@@ -98,24 +141,7 @@ pub enum Admission {
     Reused,
 }
 
-/// A transition the state machine does not allow.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TransitionError {
-    #[error("only an in-flight key can be completed or released")]
-    NotInFlight,
-    #[error("the key is held by a request with another fingerprint")]
-    NotTheHolder,
-}
-
 impl KeyState {
-    /// The state as seen at `now`: a completed record past its expiry is free again.
-    pub fn at(self, now: DateTime<Utc>) -> KeyState {
-        match self {
-            KeyState::Completed(record) if record.is_expired(now) => KeyState::Free,
-            other => other,
-        }
-    }
-
     /// What a request with `fingerprint` gets at `now`.
     pub fn admit(&self, fingerprint: &Fingerprint, now: DateTime<Utc>) -> Admission {
         match self {
@@ -142,31 +168,6 @@ impl KeyState {
         match self.admit(&fingerprint, now) {
             Admission::Run => Ok(KeyState::InFlight { fingerprint }),
             refused => Err(refused),
-        }
-    }
-
-    /// Finishes an in-flight key with the response to store.
-    ///
-    /// # Errors
-    /// [`TransitionError`] when the key is not in flight, or held for another fingerprint.
-    pub fn complete(self, record: CompletedRecord) -> Result<KeyState, TransitionError> {
-        match self {
-            KeyState::InFlight { fingerprint } if fingerprint == record.fingerprint => {
-                Ok(KeyState::Completed(record))
-            }
-            KeyState::InFlight { .. } => Err(TransitionError::NotTheHolder),
-            _ => Err(TransitionError::NotInFlight),
-        }
-    }
-
-    /// Frees an in-flight key after a failure that is not stored.
-    ///
-    /// # Errors
-    /// [`TransitionError::NotInFlight`] when the key is not in flight.
-    pub fn release(self) -> Result<KeyState, TransitionError> {
-        match self {
-            KeyState::InFlight { .. } => Ok(KeyState::Free),
-            _ => Err(TransitionError::NotInFlight),
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod claims;
 pub mod error;
 pub mod idempotency;
 pub mod model;
+pub mod operations;
 pub mod outcome;
 pub mod ports;
 pub mod service;
@@ -13,6 +14,5 @@ pub mod time;
 pub mod types;
 
 pub use error::OperationError;
-pub use service::{
-    BalanceCommand, BalanceService, Execution, LockUnavailablePolicy, Ports, Settings,
-};
+pub use operations::{Charge, Operation, OperationKind, Pay, UseBalance};
+pub use service::{BalanceService, Execution, LockUnavailablePolicy, Ports, Settings};

@@ -23,6 +23,8 @@ pub enum EntryKind {
 }
 
 impl EntryKind {
+    pub const ALL: [EntryKind; 3] = [EntryKind::Charge, EntryKind::Use, EntryKind::Payment];
+
     /// The name used in the API and in storage.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -34,15 +36,11 @@ impl EntryKind {
 
     /// Parses a stored name.
     pub fn parse(raw: &str) -> Option<Self> {
-        match raw {
-            "CHARGE" => Some(EntryKind::Charge),
-            "USE" => Some(EntryKind::Use),
-            "PAYMENT" => Some(EntryKind::Payment),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|kind| kind.as_str() == raw)
     }
 
-    /// +1 for money in, -1 for money out.
+    /// +1 for money in, -1 for money out: the one place the direction of an entry is
+    /// written (the balance arithmetic, the audits and the audit SQL all use it).
     pub fn sign(self) -> i64 {
         match self {
             EntryKind::Charge => 1,

@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::idempotency::{CompletedRecord, Fingerprint, StoredResponse};
-use crate::model::{EntryKind, HistoryPage, LedgerEntry, Order, Payment, User};
+use crate::model::{HistoryPage, Order, Payment, User};
+use crate::operations::{Effect, OperationKind};
 use crate::outcome::Outcome;
 use crate::types::{Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
 
@@ -201,31 +202,33 @@ pub struct Assigned {
     pub payment_id: Option<PaymentId>,
 }
 
-/// Builds the response to store once the store has assigned its ids.
+/// Builds the response to store once the store has assigned its ids. The use case builds
+/// it (from the operation's outcome and the [`ResponseEncoder`]); the store only calls it,
+/// inside its transaction, so the stored bytes can name ids that commit with them and the
+/// store never learns what a response looks like.
 pub type Responder = Box<dyn FnOnce(&Assigned) -> StoredResponse + Send>;
 
-/// The key's completed record as the atomic step writes it.
+/// The key's completed record as the atomic step writes it. Its outcome is the step's:
+/// [`BalanceStore::apply`] stores it APPLIED, [`BalanceStore::record_refusal`] REFUSED.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
     pub key: IdempotencyKey,
     pub fingerprint: Fingerprint,
+    pub operation: OperationKind,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
 }
 
 /// One balance change, applied all together or not at all: the users row (only if its
-/// version is still `expected_version`), its ledger entry, the key's completed record and,
-/// for a payment, the order's PAID status and the payment row.
+/// version is still `expected_version`), the ledger entry of `effect`, whatever else the
+/// effect writes (for a payment, the order's PAID status and the payment row) and the
+/// key's completed record with the bytes `respond` builds from the assigned ids.
 pub struct BalanceChange {
     pub user_id: UserId,
     pub expected_version: u64,
-    pub new_balance: Balance,
-    pub kind: EntryKind,
-    pub amount: Amount,
+    pub effect: Effect,
     pub at: DateTime<Utc>,
     pub key: KeyRecord,
-    /// Set for a payment: this order becomes PAID and gets its payment row.
-    pub pays_order: Option<OrderId>,
     pub respond: Responder,
 }
 
@@ -234,12 +237,9 @@ impl std::fmt::Debug for BalanceChange {
         f.debug_struct("BalanceChange")
             .field("user_id", &self.user_id)
             .field("expected_version", &self.expected_version)
-            .field("new_balance", &self.new_balance)
-            .field("kind", &self.kind)
-            .field("amount", &self.amount)
+            .field("effect", &self.effect)
             .field("at", &self.at)
             .field("key", &self.key)
-            .field("pays_order", &self.pays_order)
             .finish_non_exhaustive()
     }
 }
@@ -298,15 +298,17 @@ pub trait BalanceStore: Send + Sync {
     /// - MUST return [`StepError::VersionConflict`] when the users row's version is not
     ///   `change.expected_version`;
     /// - MUST return [`StepError::KeyTaken`] when a live record for (user, key) exists;
-    /// - MUST return [`StepError::OrderNotPending`] when `pays_order` is not PENDING or
-    ///   already has a payment;
+    /// - MUST return [`StepError::OrderNotPending`] when the order of an
+    ///   [`Effect::Pay`] is not this user's, not PENDING or already has a payment;
+    /// - MUST pass the ids it assigned to `change.respond` (for [`Effect::Pay`], the
+    ///   payment's id) and store its bytes as the record, marked APPLIED;
     /// - MUST return [`StepError::UserNotFound`] when the user does not exist;
     /// - MUST return [`StepError::Unavailable`] when the store cannot be reached, and when
     ///   the commit failed with an unknown outcome (it may have happened);
     /// - MAY return [`StepError::Aborted`] only when nothing was committed.
     async fn apply(&self, change: BalanceChange) -> Result<Applied, StepError>;
 
-    /// Stores a business refusal under its key, in one transaction.
+    /// Stores a business refusal under its key, marked REFUSED, in one transaction.
     ///
     /// # Errors
     /// As [`BalanceStore::apply`], for the version, the key and the user.
@@ -337,31 +339,6 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
         crate::time::truncate_to_millis(Utc::now())
-    }
-}
-
-/// A ledger entry as the atomic step knows it before ids are assigned; used by adapters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewEntry {
-    pub user_id: UserId,
-    pub kind: EntryKind,
-    pub amount: Amount,
-    pub balance_after: Balance,
-    pub idempotency_key: Option<IdempotencyKey>,
-    pub created_at: DateTime<Utc>,
-}
-
-impl NewEntry {
-    pub fn with_id(self, id: EntryId) -> LedgerEntry {
-        LedgerEntry {
-            id,
-            user_id: self.user_id,
-            kind: self.kind,
-            amount: self.amount,
-            balance_after: self.balance_after,
-            idempotency_key: self.idempotency_key,
-            created_at: self.created_at,
-        }
     }
 }
 

@@ -1,13 +1,16 @@
 //! The use cases: every endpoint's behaviour, over the ports.
 //!
-//! A balance change (charge, use, payment) runs in this order:
+//! A balance change (any [`Operation`]: charge, use, payment) runs in this order, written
+//! once here for every operation:
 //!
 //! 1. **replay check**: a live completed record for (user, key) answers its stored
 //!    response (or `KEY_REUSED` for another fingerprint) without a lock or a user read;
 //! 2. **claim**: the key is marked in flight in this instance, so a concurrent duplicate
 //!    is answered `KEY_IN_USE` at once;
 //! 3. **lock** `balance:user:{id}`, before the first read of the user;
-//! 4. **read, decide, apply**: one atomic store call writes the balance (if the version is
+//! 4. **read, decide, apply**: the user and what the operation's `reads()` names are read,
+//!    the operation's pure `decide` says what to write, and one atomic store call writes
+//!    the balance (if the version is
 //!    still the one read), the ledger entry, the key's record and the order/payment; a
 //!    lost optimistic race is retried from a fresh read, a bounded number of times, and a
 //!    step the store aborted before its commit once;
@@ -21,16 +24,15 @@ use chrono::{DateTime, Utc};
 use crate::claims::ClaimRegistry;
 use crate::error::OperationError;
 use crate::idempotency::{Admission, Fingerprint, KeyState, StoredResponse};
-use crate::model::{EntryKind, HistoryPage, Order, OrderStatus, Payment, User};
-use crate::outcome::{BalanceReceipt, Outcome, PaymentReceipt, Refusal};
+use crate::model::{HistoryPage, Order, Payment, User};
+use crate::operations::{AppliedEffect, Decline, Operation, OperationKind, State};
+use crate::outcome::Outcome;
 use crate::ports::{
     BalanceChange, BalanceStore, Clock, IdempotencyRepo, KeyRecord, LockError, LockKey, LockLease,
     LockManager, OrderRepo, RefusalRecord, Release, ResponseEncoder, StepError, UserRepo,
 };
 use crate::telemetry as m;
-use crate::types::{
-    Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, PaymentId, UserId,
-};
+use crate::types::{Amount, Balance, EntryId, Limits, OrderId, PageLimit, PaymentId, UserId};
 
 /// How many times one balance change is run again after the store aborted its step
 /// before the commit (a killed or timed-out statement, a connection lost before COMMIT).
@@ -88,57 +90,6 @@ impl std::fmt::Debug for Ports {
     }
 }
 
-/// A balance-changing request, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BalanceCommand {
-    Charge {
-        user: UserId,
-        amount: Amount,
-        key: IdempotencyKey,
-    },
-    Use {
-        user: UserId,
-        amount: Amount,
-        key: IdempotencyKey,
-    },
-    Pay {
-        user: UserId,
-        order: OrderId,
-        key: IdempotencyKey,
-    },
-}
-
-impl BalanceCommand {
-    pub fn user(&self) -> UserId {
-        match self {
-            Self::Charge { user, .. } | Self::Use { user, .. } | Self::Pay { user, .. } => *user,
-        }
-    }
-
-    pub fn key(&self) -> &IdempotencyKey {
-        match self {
-            Self::Charge { key, .. } | Self::Use { key, .. } | Self::Pay { key, .. } => key,
-        }
-    }
-
-    pub fn fingerprint(&self) -> Fingerprint {
-        match self {
-            Self::Charge { user, amount, .. } => Fingerprint::charge(*user, *amount),
-            Self::Use { user, amount, .. } => Fingerprint::use_balance(*user, *amount),
-            Self::Pay { user, order, .. } => Fingerprint::payment(*user, *order),
-        }
-    }
-
-    /// The operation's name, for metrics and logs.
-    pub fn operation(&self) -> &'static str {
-        match self {
-            Self::Charge { .. } => "charge",
-            Self::Use { .. } => "use",
-            Self::Pay { .. } => "payment",
-        }
-    }
-}
-
 /// The answer to a balance-changing request: the stored status and bytes, and whether
 /// they were replayed from an earlier request with the same key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +106,7 @@ pub struct BalanceService {
     claims: ClaimRegistry,
 }
 
-/// What one attempt decided, from one read of the user (and order).
+/// What one attempt decided, from one read of the user (and what the operation reads).
 enum Plan {
     Apply(BalanceChange),
     Refuse(RefusalRecord),
@@ -275,30 +226,31 @@ impl BalanceService {
     // Balance changes
     // -----------------------------------------------------------------------------------
 
-    /// Runs a charge, a use or a payment with its idempotency key.
+    /// Runs a balance-changing operation (charge, use, payment) with its idempotency key:
+    /// the one path every operation takes.
     ///
     /// # Errors
     /// Only the failures that are not stored: `UserNotFound`, `OrderNotFound`, `KeyInUse`,
     /// `KeyReused`, `LockTimeout`, `Unavailable` and `Unexpected`. Business refusals are
     /// `Ok` with their stored problem response.
-    pub async fn execute(&self, command: BalanceCommand) -> Result<Execution, OperationError> {
-        let user = command.user();
-        let fingerprint = command.fingerprint();
+    pub async fn execute(&self, op: Arc<dyn Operation>) -> Result<Execution, OperationError> {
+        let user = op.user();
+        let fingerprint = op.fingerprint();
 
         // 1. A finished request with this key answers from its record, with no lock.
-        if let Some(execution) = self.replay_if_completed(&command, &fingerprint).await? {
+        if let Some(execution) = self.replay_if_completed(op.as_ref(), &fingerprint).await? {
             return Ok(execution);
         }
 
         // 2. Claim the key in this instance; dropped (released) on every path below.
-        let _claim = match self.claims.claim(user, command.key(), &fingerprint) {
+        let _claim = match self.claims.claim(user, op.key(), &fingerprint) {
             Ok(claim) => claim,
-            Err(refusal) => return Err(self.refused_admission(&command, refusal)),
+            Err(refusal) => return Err(self.refused_admission(op.kind(), refusal)),
         };
 
         // 3. The user's lock, held across the read, the decision and the commit.
         let lock = self.lock_user(user).await?;
-        let result = self.apply_with_retries(&command, &fingerprint).await;
+        let result = self.apply_with_retries(&op, &fingerprint).await;
         // 5. Released after the commit, on success and on failure alike.
         if let Some(lock) = lock {
             lock.release().await;
@@ -308,42 +260,37 @@ impl BalanceService {
 
     async fn replay_if_completed(
         &self,
-        command: &BalanceCommand,
+        op: &dyn Operation,
         fingerprint: &Fingerprint,
     ) -> Result<Option<Execution>, OperationError> {
         let now = self.ports.clock.now();
-        let state = match self
-            .ports
-            .keys
-            .find(command.user(), command.key(), now)
-            .await?
-        {
+        let state = match self.ports.keys.find(op.user(), op.key(), now).await? {
             Some(record) => KeyState::Completed(record),
             None => KeyState::Free,
         };
         match state.admit(fingerprint, now) {
             Admission::Run => Ok(None),
             Admission::Replay(response) => {
-                metrics::counter!(m::IDEMPOTENT_REPLAYS_TOTAL, "operation" => command.operation())
+                metrics::counter!(m::IDEMPOTENT_REPLAYS_TOTAL, "operation" => op.kind().label())
                     .increment(1);
                 Ok(Some(Execution {
                     response,
                     replayed: true,
                 }))
             }
-            other => Err(self.refused_admission(command, other)),
+            other => Err(self.refused_admission(op.kind(), other)),
         }
     }
 
-    fn refused_admission(&self, command: &BalanceCommand, admission: Admission) -> OperationError {
+    fn refused_admission(&self, kind: OperationKind, admission: Admission) -> OperationError {
         match admission {
             Admission::Reused => {
-                metrics::counter!(m::IDEMPOTENCY_REUSED_TOTAL, "operation" => command.operation())
+                metrics::counter!(m::IDEMPOTENCY_REUSED_TOTAL, "operation" => kind.label())
                     .increment(1);
                 OperationError::KeyReused
             }
             _ => {
-                metrics::counter!(m::IDEMPOTENCY_IN_USE_TOTAL, "operation" => command.operation())
+                metrics::counter!(m::IDEMPOTENCY_IN_USE_TOTAL, "operation" => kind.label())
                     .increment(1);
                 OperationError::KeyInUse
             }
@@ -393,9 +340,10 @@ impl BalanceService {
 
     async fn apply_with_retries(
         &self,
-        command: &BalanceCommand,
+        op: &Arc<dyn Operation>,
         fingerprint: &Fingerprint,
     ) -> Result<Execution, OperationError> {
+        let label = op.kind().label();
         // Bounded: under the lock a conflict means the lock was bypassed (lease expired,
         // Redis down); a few fresh reads settle it, and an endless loop would hold the
         // lock and the client forever.
@@ -405,17 +353,17 @@ impl BalanceService {
                 metrics::counter!(m::OPTIMISTIC_RETRIES_TOTAL).increment(1);
             }
             let now = self.ports.clock.now();
-            let plan = self.plan(command, fingerprint, now).await?;
+            let plan = self.plan(op, fingerprint, now).await?;
             let result = match plan {
                 Plan::Apply(change) => self.ports.store.apply(change).await.map(|applied| {
-                    metrics::counter!(m::OPERATIONS_APPLIED_TOTAL, "operation" => command.operation())
+                    metrics::counter!(m::OPERATIONS_APPLIED_TOTAL, "operation" => label)
                         .increment(1);
                     applied.response
                 }),
                 Plan::Refuse(refusal) => {
                     let response = refusal.response.clone();
                     self.ports.store.record_refusal(refusal).await.map(|()| {
-                        metrics::counter!(m::OPERATIONS_REFUSED_TOTAL, "operation" => command.operation())
+                        metrics::counter!(m::OPERATIONS_REFUSED_TOTAL, "operation" => label)
                             .increment(1);
                         response
                     })
@@ -447,7 +395,7 @@ impl BalanceService {
                 Err(StepError::KeyTaken) => {
                     // Another instance finished this key while we ran (the lock was bypassed):
                     // answer what it stored.
-                    return match self.replay_if_completed(command, fingerprint).await? {
+                    return match self.replay_if_completed(op.as_ref(), fingerprint).await? {
                         Some(execution) => Ok(execution),
                         None => Err(OperationError::KeyInUse),
                     };
@@ -462,114 +410,65 @@ impl BalanceService {
         )))
     }
 
-    /// Reads the current state and decides what to write.
+    /// Reads the current state (the user, then what the operation reads) and lets the
+    /// operation decide what to write.
     async fn plan(
         &self,
-        command: &BalanceCommand,
+        op: &Arc<dyn Operation>,
         fingerprint: &Fingerprint,
         now: DateTime<Utc>,
     ) -> Result<Plan, OperationError> {
         let user = self
             .ports
             .users
-            .get_user(command.user())
+            .get_user(op.user())
             .await?
             .ok_or(OperationError::UserNotFound)?;
+        let order = match op.reads().order {
+            Some(id) => self.ports.orders.get_order(id).await?,
+            None => None,
+        };
+        let state = State { user, order };
         let ttl = chrono::Duration::from_std(self.settings.idempotency_ttl)
             .unwrap_or(chrono::Duration::MAX);
         let key = KeyRecord {
-            key: command.key().clone(),
+            key: op.key().clone(),
             fingerprint: fingerprint.clone(),
+            operation: op.kind(),
             created_at: now,
             expires_at: now
                 .checked_add_signed(ttl)
                 .unwrap_or(DateTime::<Utc>::MAX_UTC),
         };
-        let limits = &self.settings.limits;
-        let decision = match command {
-            BalanceCommand::Charge { amount, .. } => match user.balance.credit(*amount, limits) {
-                Some(after) => Ok((EntryKind::Charge, *amount, after, None)),
-                None => Err(Refusal::BalanceLimitExceeded {
-                    balance: user.balance,
-                    requested: *amount,
-                    max_balance: limits.max_balance,
-                }),
-            },
-            BalanceCommand::Use { amount, .. } => match user.balance.debit(*amount) {
-                Some(after) => Ok((EntryKind::Use, *amount, after, None)),
-                None => Err(Refusal::InsufficientBalance {
-                    balance: user.balance,
-                    requested: *amount,
-                }),
-            },
-            BalanceCommand::Pay { order, .. } => {
-                let order = self
-                    .ports
-                    .orders
-                    .get_order(*order)
-                    .await?
-                    // Another user's order is "not found": its existence is not leaked.
-                    .filter(|o| o.user_id == user.id)
-                    .ok_or(OperationError::OrderNotFound)?;
-                if order.status == OrderStatus::Paid {
-                    Err(Refusal::OrderAlreadyPaid { order_id: order.id })
-                } else {
-                    match user.balance.debit(order.amount) {
-                        Some(after) => {
-                            Ok((EntryKind::Payment, order.amount, after, Some(order.id)))
-                        }
-                        None => Err(Refusal::InsufficientBalance {
-                            balance: user.balance,
-                            requested: order.amount,
-                        }),
-                    }
-                }
-            }
-        };
-        Ok(match decision {
-            Ok((kind, amount, new_balance, pays_order)) => {
+        let user_id = state.user.id;
+        let expected_version = state.user.version;
+        Ok(match op.decide(&state, &self.settings.limits) {
+            Ok(effect) => {
                 let encoder = Arc::clone(&self.ports.encoder);
-                let user_id = user.id;
+                let op = Arc::clone(op);
                 Plan::Apply(BalanceChange {
                     user_id,
-                    expected_version: user.version,
-                    new_balance,
-                    kind,
-                    amount,
+                    expected_version,
+                    effect,
                     at: now,
                     key,
-                    pays_order,
                     respond: Box::new(move |assigned| {
-                        let receipt = BalanceReceipt {
-                            user_id,
-                            balance: new_balance,
-                            amount,
+                        encoder.encode(&op.outcome(&AppliedEffect {
+                            user: user_id,
+                            effect,
                             at: now,
-                        };
-                        let outcome = match (kind, pays_order, assigned.payment_id) {
-                            (EntryKind::Payment, Some(order_id), Some(payment_id)) => {
-                                Outcome::Paid(PaymentReceipt {
-                                    payment_id,
-                                    order_id,
-                                    user_id,
-                                    amount,
-                                    balance: new_balance,
-                                    paid_at: now,
-                                })
-                            }
-                            (EntryKind::Use | EntryKind::Payment, ..) => Outcome::Used(receipt),
-                            (EntryKind::Charge, ..) => Outcome::Charged(receipt),
-                        };
-                        encoder.encode(&outcome)
+                            assigned: assigned.clone(),
+                        }))
                     }),
                 })
             }
-            Err(refusal) => Plan::Refuse(RefusalRecord {
-                user_id: user.id,
-                expected_version: user.version,
+            Err(Decline::Refused(refusal)) => Plan::Refuse(RefusalRecord {
+                user_id,
+                expected_version,
                 key,
                 response: self.ports.encoder.encode(&Outcome::Refused(refusal)),
             }),
+            Err(Decline::OrderNotFound) => return Err(OperationError::OrderNotFound),
         })
     }
 }

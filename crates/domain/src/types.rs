@@ -5,6 +5,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::EntryKind;
+
 /// Why a raw value was refused. The message is safe to show to a client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -206,6 +208,16 @@ impl Balance {
             .checked_sub(amount.0)
             .filter(|b| *b >= 0)
             .map(Balance)
+    }
+
+    /// The balance after a ledger entry of `kind` and `amount`, in the direction
+    /// [`EntryKind::sign`] gives it; `None` when it would leave 0..=`MAX_BALANCE`.
+    pub fn moved(self, kind: EntryKind, amount: Amount, limits: &Limits) -> Option<Balance> {
+        if kind.sign() > 0 {
+            self.credit(amount, limits)
+        } else {
+            self.debit(amount)
+        }
     }
 }
 

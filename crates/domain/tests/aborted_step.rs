@@ -15,7 +15,7 @@ use domain::ports::{
     MockOrderRepo, MockUserRepo, Release, ResponseEncoder, StepError,
 };
 use domain::types::{Amount, Balance, EntryId, IdempotencyKey, UserId};
-use domain::{BalanceCommand, BalanceService, OperationError, Ports, Settings};
+use domain::{BalanceService, Charge, Operation, OperationError, Ports, Settings};
 
 fn now() -> DateTime<Utc> {
     DateTime::from_timestamp_millis(1_795_356_000_123).unwrap()
@@ -103,12 +103,12 @@ fn service(
     (service, attempts)
 }
 
-fn charge() -> BalanceCommand {
-    BalanceCommand::Charge {
+fn charge() -> Arc<dyn Operation> {
+    Arc::new(Charge {
         user: user_id(),
         amount: Amount::new(100, &Settings::default().limits).unwrap(),
         key: IdempotencyKey::parse("k-aborted").unwrap(),
-    }
+    })
 }
 
 fn aborted() -> StepError {

@@ -22,8 +22,9 @@ use mockall::Sequence;
 use mockall::predicate::eq;
 use tokio::sync::{Notify, Semaphore};
 
-use domain::idempotency::{CompletedRecord, StoredResponse};
+use domain::idempotency::{CompletedRecord, RecordOutcome, StoredResponse};
 use domain::model::{EntryKind, Order, OrderStatus, User};
+use domain::operations::Effect;
 use domain::outcome::{BalanceReceipt, Outcome, PaymentReceipt, Refusal};
 use domain::ports::{
     Applied, Assigned, BalanceChange, BalanceStore, Clock, IdempotencyRepo, KeyRecord, LockError,
@@ -35,8 +36,8 @@ use domain::types::{
     Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, PaymentId, UserId,
 };
 use domain::{
-    BalanceCommand, BalanceService, Execution, LockUnavailablePolicy, OperationError, Ports,
-    Settings,
+    BalanceService, Charge, Execution, LockUnavailablePolicy, Operation, OperationError, Pay,
+    Ports, Settings, UseBalance,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -112,32 +113,43 @@ fn order(id: i64, owner: UserId, value: i64, status: OrderStatus) -> Order {
     }
 }
 
-fn charge(value: i64) -> BalanceCommand {
-    BalanceCommand::Charge {
+/// A validated operation, as the HTTP adapter hands it to the use case.
+type Command = Arc<dyn Operation>;
+
+fn charge(value: i64) -> Command {
+    Arc::new(Charge {
         user: user_id(),
         amount: amount(value),
         key: key(),
-    }
+    })
 }
 
-fn use_balance(value: i64) -> BalanceCommand {
-    BalanceCommand::Use {
+fn use_balance(value: i64) -> Command {
+    Arc::new(UseBalance {
         user: user_id(),
         amount: amount(value),
         key: key(),
-    }
+    })
 }
 
-fn pay(order: i64) -> BalanceCommand {
-    BalanceCommand::Pay {
+fn pay(order: i64) -> Command {
+    Arc::new(Pay {
         user: user_id(),
         order: order_id(order),
         key: key(),
+    })
+}
+
+/// The order an effect pays, if it pays one.
+fn pays_order(effect: &Effect) -> Option<OrderId> {
+    match effect {
+        Effect::Pay { order, .. } => Some(*order),
+        Effect::Charge(_) | Effect::Use(_) => None,
     }
 }
 
 /// One command of each kind, for the paths that do not depend on the operation.
-fn every_kind() -> [BalanceCommand; 3] {
+fn every_kind() -> [Command; 3] {
     [charge(2_500), use_balance(2_500), pay(11)]
 }
 
@@ -149,10 +161,11 @@ fn lease() -> LockLease {
 }
 
 /// The completed record the atomic step must write with `command`'s effect.
-fn key_record(command: &BalanceCommand) -> KeyRecord {
+fn key_record(command: &Command) -> KeyRecord {
     KeyRecord {
         key: command.key().clone(),
         fingerprint: command.fingerprint(),
+        operation: command.kind(),
         created_at: now(),
         expires_at: now() + chrono::Duration::seconds(TTL_SECS),
     }
@@ -172,11 +185,18 @@ fn receipt(balance: i64, value: i64) -> BalanceReceipt {
 }
 
 /// A live record of an earlier request under the test key.
-fn completed(fingerprint_of: &BalanceCommand, response: StoredResponse) -> CompletedRecord {
+fn completed(fingerprint_of: &Command, response: StoredResponse) -> CompletedRecord {
+    let outcome = if (200..300).contains(&response.status) {
+        RecordOutcome::Applied
+    } else {
+        RecordOutcome::Refused
+    };
     CompletedRecord {
         user_id: user_id(),
         key: key(),
         fingerprint: fingerprint_of.fingerprint(),
+        operation: fingerprint_of.kind(),
+        outcome,
         response,
         created_at: now() - chrono::Duration::minutes(1),
         expires_at: now() + chrono::Duration::minutes(59),
@@ -437,12 +457,12 @@ async fn a_charge_takes_the_user_lock_then_reads_applies_and_releases_in_that_or
         .withf(move |c| {
             c.user_id == user_id()
                 && c.expected_version == 4
-                && c.new_balance == Balance::from_stored(12_500)
-                && c.kind == EntryKind::Charge
-                && c.amount == amount(2_500)
+                && c.effect.movement().balance_after == Balance::from_stored(12_500)
+                && c.effect.entry_kind() == EntryKind::Charge
+                && c.effect.movement().amount == amount(2_500)
                 && c.at == now()
                 && c.key == expected_key
-                && c.pays_order.is_none()
+                && pays_order(&c.effect).is_none()
         })
         .returning(|c| commit(c, 31, None));
     m.locks
@@ -473,11 +493,11 @@ async fn a_charge_takes_the_user_lock_then_reads_applies_and_releases_in_that_or
 #[tokio::test]
 async fn the_lock_is_named_after_the_user_even_when_the_key_looks_like_a_lock_name() {
     let sneaky = IdempotencyKey::parse("balance:user:99").unwrap();
-    let command = BalanceCommand::Use {
+    let command = Arc::new(UseBalance {
         user: user_id(),
         amount: amount(100),
         key: sneaky.clone(),
-    };
+    });
     let mut m = Mocks::default();
     m.keys
         .expect_find()
@@ -525,11 +545,11 @@ async fn a_use_debits_the_balance_read_under_the_lock() {
         .times(1)
         .withf(move |c| {
             c.expected_version == 4
-                && c.new_balance == Balance::from_stored(7_500)
-                && c.kind == EntryKind::Use
-                && c.amount == amount(2_500)
+                && c.effect.movement().balance_after == Balance::from_stored(7_500)
+                && c.effect.entry_kind() == EntryKind::Use
+                && c.effect.movement().amount == amount(2_500)
                 && c.key == expected_key
-                && c.pays_order.is_none()
+                && pays_order(&c.effect).is_none()
         })
         .returning(|c| commit(c, 32, None));
 
@@ -551,7 +571,7 @@ async fn using_the_whole_balance_and_charging_up_to_the_maximum_are_applied() {
     m.store
         .expect_apply()
         .times(1)
-        .withf(|c| c.new_balance == Balance::ZERO)
+        .withf(|c| c.effect.movement().balance_after == Balance::ZERO)
         .returning(|c| commit(c, 1, None));
     let got = m.service(settings()).execute(use_balance(2_500)).await;
     assert_eq!(got.expect("applies").response.status, 200);
@@ -563,7 +583,7 @@ async fn using_the_whole_balance_and_charging_up_to_the_maximum_are_applied() {
     m.store
         .expect_apply()
         .times(1)
-        .withf(|c| c.new_balance == Balance::from_stored(MAX_BALANCE))
+        .withf(|c| c.effect.movement().balance_after == Balance::from_stored(MAX_BALANCE))
         .returning(|c| commit(c, 1, None));
     let got = m.service(settings()).execute(charge(MAX_AMOUNT)).await;
     assert_eq!(got.expect("applies").response.status, 200);
@@ -583,10 +603,10 @@ async fn a_payment_debits_the_orders_amount_and_marks_the_order_paid() {
         .times(1)
         .withf(move |c| {
             c.expected_version == 9
-                && c.new_balance == Balance::from_stored(35_000)
-                && c.kind == EntryKind::Payment
-                && c.amount == amount(15_000)
-                && c.pays_order == Some(order_id(11))
+                && c.effect.movement().balance_after == Balance::from_stored(35_000)
+                && c.effect.entry_kind() == EntryKind::Payment
+                && c.effect.movement().amount == amount(15_000)
+                && pays_order(&c.effect) == Some(order_id(11))
                 && c.key == expected_key
         })
         .returning(|c| commit(c, 33, Some(41)));
@@ -836,7 +856,10 @@ async fn an_unreachable_lock_service_with_degrade_goes_on_without_the_lock() {
     m.store
         .expect_apply()
         .times(1)
-        .withf(|c| c.expected_version == 4 && c.new_balance == Balance::from_stored(7_500))
+        .withf(|c| {
+            c.expected_version == 4
+                && c.effect.movement().balance_after == Balance::from_stored(7_500)
+        })
         .returning(|c| commit(c, 31, None));
     let service = m.service(Settings {
         on_lock_unavailable: LockUnavailablePolicy::Degrade,
@@ -916,7 +939,10 @@ async fn a_version_conflict_is_retried_from_a_fresh_read() {
         .expect_apply()
         .times(1)
         .in_sequence(&mut seq)
-        .withf(|c| c.expected_version == 4 && c.new_balance == Balance::from_stored(12_500))
+        .withf(|c| {
+            c.expected_version == 4
+                && c.effect.movement().balance_after == Balance::from_stored(12_500)
+        })
         .returning(|_| Err(StepError::VersionConflict));
     // Somebody else wrote first: the retry must decide on what they left.
     m.users
@@ -928,7 +954,10 @@ async fn a_version_conflict_is_retried_from_a_fresh_read() {
         .expect_apply()
         .times(1)
         .in_sequence(&mut seq)
-        .withf(|c| c.expected_version == 5 && c.new_balance == Balance::from_stored(22_500))
+        .withf(|c| {
+            c.expected_version == 5
+                && c.effect.movement().balance_after == Balance::from_stored(22_500)
+        })
         .returning(|c| commit(c, 31, None));
 
     let got = m.service(settings()).execute(charge(2_500)).await;
@@ -1002,7 +1031,10 @@ async fn a_refusal_decided_on_a_stale_read_is_decided_again() {
         .expect_apply()
         .times(1)
         .in_sequence(&mut seq)
-        .withf(|c| c.expected_version == 5 && c.new_balance == Balance::from_stored(15_000))
+        .withf(|c| {
+            c.expected_version == 5
+                && c.effect.movement().balance_after == Balance::from_stored(15_000)
+        })
         .returning(|c| commit(c, 31, None));
 
     let got = m.service(settings()).execute(command).await;
@@ -1248,12 +1280,7 @@ async fn a_key_taken_at_commit_whose_record_cannot_be_read_is_key_in_use() {
 
 /// Runs `command` against a user with `balance` at version 6 (and `order`, for a payment)
 /// and checks that exactly `refusal` is stored and answered, and nothing applied.
-async fn assert_refused(
-    command: BalanceCommand,
-    balance: i64,
-    found: Option<Order>,
-    refusal: Refusal,
-) {
+async fn assert_refused(command: Command, balance: i64, found: Option<Order>, refusal: Refusal) {
     let expected = RefusalRecord {
         user_id: user_id(),
         expected_version: 6,
@@ -1552,7 +1579,7 @@ async fn within<F: Future>(step: &str, future: F) -> F::Output {
 async fn start_held(
     service: &BalanceService,
     gate: &GateLock,
-    command: BalanceCommand,
+    command: Command,
 ) -> tokio::task::JoinHandle<Result<Execution, OperationError>> {
     let running = service.clone();
     let handle = tokio::spawn(async move { running.execute(command).await });
@@ -1646,11 +1673,11 @@ async fn the_same_key_for_another_user_is_another_key_and_is_not_held_off() {
     let second = start_held(
         &service,
         &gate,
-        BalanceCommand::Charge {
+        Arc::new(Charge {
             user: other_user_id(),
             amount: amount(2_500),
             key: key(),
-        },
+        }),
     )
     .await;
 

@@ -1,11 +1,13 @@
 //! The handlers: parse, call the use case, answer. Every path's OpenAPI entry is here.
 
+use std::sync::Arc;
+
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::web::{Data, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use domain::types::{EntryId, OrderId, PageLimit, PaymentId, UserId};
-use domain::{BalanceCommand, Execution, OperationError};
+use domain::{Charge, Execution, Operation, OperationError, Pay, UseBalance};
 use tracing::Instrument;
 
 use crate::AppState;
@@ -60,7 +62,7 @@ fn stored(execution: Execution) -> HttpResponse {
 
 /// Runs a balance change on its own task: a client that disconnects must not cancel it
 /// half-way (between commit and lock release, say).
-async fn execute(state: &AppState, command: BalanceCommand) -> ApiResult {
+async fn execute(state: &AppState, command: Arc<dyn Operation>) -> ApiResult {
     let service = state.service.clone();
     // The task keeps the request's span, so its log lines carry the request id too.
     let span = tracing::Span::current();
@@ -151,7 +153,7 @@ pub async fn charge(
     let body = body.unwrap_or_default();
     let amount = body::amount(&body, state.service.limits())?;
     principal.check_user(user)?;
-    execute(&state, BalanceCommand::Charge { user, amount, key }).await
+    execute(&state, Arc::new(Charge { user, amount, key })).await
 }
 
 /// Use (deduct) money from a user's balance, once per idempotency key.
@@ -179,7 +181,7 @@ pub async fn use_balance(
     let body = body.unwrap_or_default();
     let amount = body::amount(&body, state.service.limits())?;
     principal.check_user(user)?;
-    execute(&state, BalanceCommand::Use { user, amount, key }).await
+    execute(&state, Arc::new(UseBalance { user, amount, key })).await
 }
 
 /// A user's ledger, newest first, in pages.
@@ -315,7 +317,7 @@ pub async fn pay(
     let order = body::order_id_field(&body)?;
     let user = body::user_id_field(&body)?;
     principal.check_user(user)?;
-    execute(&state, BalanceCommand::Pay { user, order, key }).await
+    execute(&state, Arc::new(Pay { user, order, key })).await
 }
 
 /// A payment.

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use domain::idempotency::{CompletedRecord, StoredResponse};
+use domain::idempotency::{CompletedRecord, RecordOutcome, StoredResponse};
 use domain::model::{EntryKind, HistoryPage, LedgerEntry, Order, OrderStatus, Payment, User};
+use domain::operations::{Effect, Movement};
 use domain::ports::{
     Applied, Assigned, BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo,
     RefusalRecord, RepoError, StepError, UserRepo,
@@ -212,14 +213,20 @@ impl State {
         let BalanceChange {
             user_id,
             expected_version,
-            new_balance,
-            kind,
-            amount,
+            effect,
             at,
             key,
-            pays_order,
             respond,
         } = change;
+        // The one place this store looks at what an effect writes besides the balance.
+        let pays_order = match effect {
+            Effect::Charge(_) | Effect::Use(_) => None,
+            Effect::Pay { order, .. } => Some(order),
+        };
+        let Movement {
+            amount,
+            balance_after: new_balance,
+        } = effect.movement();
 
         // Every check and every id first: after the first write nothing may fail.
         self.check_step(user_id, expected_version, &key, at)?;
@@ -248,7 +255,7 @@ impl State {
         self.ledgers.entry(user_id).or_default().push(LedgerEntry {
             id: entry_id,
             user_id,
-            kind,
+            kind: effect.entry_kind(),
             amount,
             balance_after: new_balance,
             idempotency_key: Some(key.key.clone()),
@@ -274,7 +281,7 @@ impl State {
             self.payment_of_order.insert(order_id, payment_id);
             self.last_payment_id = payment_id.get();
         }
-        self.put_record(user_id, key, response.clone());
+        self.put_record(user_id, key, RecordOutcome::Applied, response.clone());
         Ok(Applied { assigned, response })
     }
 
@@ -302,19 +309,27 @@ impl State {
         } = refusal;
         // The refusal carries no instant of its own; the key's creation is "now".
         self.check_step(user_id, expected_version, &key, key.created_at)?;
-        self.put_record(user_id, key, response);
+        self.put_record(user_id, key, RecordOutcome::Refused, response);
         Ok(())
     }
 
     /// Stores the completed record of (user, key), replacing an expired one. The caller
     /// has checked that no live record exists.
-    fn put_record(&mut self, user: UserId, key: KeyRecord, response: StoredResponse) {
+    fn put_record(
+        &mut self,
+        user: UserId,
+        key: KeyRecord,
+        outcome: RecordOutcome,
+        response: StoredResponse,
+    ) {
         let name = key.key.as_str().to_owned();
         self.expiries.insert((key.expires_at, user, name.clone()));
         let record = CompletedRecord {
             user_id: user,
             key: key.key,
             fingerprint: key.fingerprint,
+            operation: key.operation,
+            outcome,
             response,
             created_at: key.created_at,
             expires_at: key.expires_at,

@@ -12,7 +12,7 @@ use domain::idempotency::StoredResponse;
 use domain::outcome::Outcome;
 use domain::ports::{AuditCheck, Auditor, Clock, ResponseEncoder, UserRepo};
 use domain::types::{Amount, Balance, IdempotencyKey, UserId};
-use domain::{BalanceCommand, BalanceService, Ports, Settings};
+use domain::{BalanceService, Charge, Operation, Ports, Settings};
 use memory::MemoryStore;
 
 /// The service's retention in this test: much shorter than the auditor's default.
@@ -44,12 +44,12 @@ impl ResponseEncoder for DebugEncoder {
     }
 }
 
-fn charge(user: UserId, key: &str) -> BalanceCommand {
-    BalanceCommand::Charge {
+fn charge(user: UserId, key: &str) -> Arc<dyn Operation> {
+    Arc::new(Charge {
         user,
         amount: Amount::new(10, &Settings::default().limits).unwrap(),
         key: IdempotencyKey::parse(key).unwrap(),
-    }
+    })
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use domain::idempotency::{Fingerprint, StoredResponse};
 use domain::outcome::{Outcome, Refusal};
 use domain::ports::{Auditor, Clock, ResponseEncoder};
 use domain::types::{Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, UserId};
-use domain::{BalanceCommand, BalanceService, OperationError, Ports, Settings};
+use domain::{BalanceService, Charge, Operation, OperationError, Pay, Ports, Settings, UseBalance};
 use memory::{InProcessLockManager, MemoryStore};
 use proptest::prelude::*;
 
@@ -183,6 +183,48 @@ struct ModelOrder {
     paid: bool,
 }
 
+/// A request of the model: what the test generates and matches on, run as its operation.
+#[derive(Debug, Clone)]
+enum BalanceCommand {
+    Charge {
+        user: UserId,
+        amount: Amount,
+        key: IdempotencyKey,
+    },
+    Use {
+        user: UserId,
+        amount: Amount,
+        key: IdempotencyKey,
+    },
+    Pay {
+        user: UserId,
+        order: OrderId,
+        key: IdempotencyKey,
+    },
+}
+
+impl BalanceCommand {
+    fn operation(&self) -> Arc<dyn Operation> {
+        match self.clone() {
+            Self::Charge { user, amount, key } => Arc::new(Charge { user, amount, key }),
+            Self::Use { user, amount, key } => Arc::new(UseBalance { user, amount, key }),
+            Self::Pay { user, order, key } => Arc::new(Pay { user, order, key }),
+        }
+    }
+
+    fn user(&self) -> UserId {
+        self.operation().user()
+    }
+
+    fn key(&self) -> IdempotencyKey {
+        self.operation().key().clone()
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        self.operation().fingerprint()
+    }
+}
+
 /// The state the contract talks about, kept the simplest way possible.
 #[derive(Debug, Default)]
 struct Model {
@@ -315,7 +357,7 @@ async fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
         let Some(command) = command(op) else { continue };
         let now = clock.now();
         let expected = model.expect(&command, now);
-        let actual = service.execute(command.clone()).await;
+        let actual = service.execute(command.operation()).await;
         match (&expected, actual) {
             (Expected::Runs(status), Ok(execution)) => {
                 prop_assert!(!execution.replayed, "{:?} ran afresh", op);
@@ -417,7 +459,7 @@ async fn concurrent_requests_lose_no_update_and_apply_each_key_once() {
                         key: key(&raw),
                     }
                 };
-                (command.clone(), service.execute(command).await)
+                (command.clone(), service.execute(command.operation()).await)
             })
         })
         .collect();

@@ -21,16 +21,18 @@
 //! `payments` and one sort of the keyed rows; about 20 s for a million ledger entries and
 //! a million records on a small, busy MariaDB (128 MB buffer pool, two shared cores).
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
+use domain::idempotency::RecordOutcome;
 use domain::ports::{AuditCheck, AuditReport, Auditor, Breach, RepoError};
 use domain::time::format_rfc3339_millis;
 use sqlx::{Connection as _, MySqlConnection};
 
 use crate::MySqlStore;
-use crate::convert::{from_db_time, to_db_time};
+use crate::convert::{OUTCOME_SQL, from_db_time, signed_amount_sql, to_db_time};
 use crate::error::repo;
 use crate::retry::tested_connection;
 
@@ -66,6 +68,93 @@ impl Auditor for MySqlStore {
         audited
     }
 }
+
+/// Each user whose balance disagrees with its ledger's signed sum or its newest entry.
+static BALANCES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "select id, balance, total, entries, newest_id, newest_after, count(*) over () \
+         from (select u.id, u.balance, \
+                      cast(coalesce(l.total, 0) as signed) as total, \
+                      cast(coalesce(l.entries, 0) as signed) as entries, \
+                      l.newest_id, n.balance_after as newest_after \
+               from users u \
+               left join (select user_id, \
+                                 sum({signed}) as total, \
+                                 count(*) as entries, max(id) as newest_id \
+                          from ledger_entries group by user_id) l on l.user_id = u.id \
+               left join ledger_entries n on n.id = l.newest_id \
+               where coalesce(l.total, 0) <> u.balance or n.balance_after <> u.balance) b \
+         order by id limit ?",
+        signed = signed_amount_sql("")
+    )
+});
+
+/// Users the ledger names that do not exist, with their ledgers' signed sums.
+static ORPHAN_LEDGERS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "select o.user_id, \
+                (select count(*) from ledger_entries e where e.user_id = o.user_id), \
+                (select cast(coalesce(sum({signed}), 0) as signed) \
+                 from ledger_entries e where e.user_id = o.user_id), \
+                count(*) over () \
+         from (select l.user_id \
+               from (select distinct user_id from ledger_entries) l \
+               left join users u on u.id = l.user_id \
+               where u.id is null) o \
+         order by o.user_id limit ?",
+        signed = signed_amount_sql("e.")
+    )
+});
+
+/// The three checks about keys, in one statement (see [`key_checks`]).
+static KEY_CHECKS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "select chk, user_id, k, at, status, outcome, record_status, effects, prev_at, \
+                live_until, id, found \
+         from (select b.*, \
+                      row_number() over (partition by chk order by user_id, k, at, id) as rn, \
+                      count(*) over (partition by chk) as found \
+               from (select case when is_entry = 1 then 'KEY' \
+                                 when record_status = 'COMPLETED' then 'RECORD' \
+                                 else 'STUCK' end as chk, \
+                            user_id, k, at, cast(status as signed) as status, outcome, \
+                            record_status, \
+                            cast(effects as signed) as effects, prev_at, live_until, \
+                            cast(id as signed) as id \
+                     from (select user_id, k, at, status, outcome, record_status, is_entry, id, \
+                                  sum(is_entry) over (partition by user_id, k, at) \
+                                      as effects, \
+                                  max(case is_entry when 1 then at end) \
+                                      over (partition by user_id, k order by at, id \
+                                      rows between unbounded preceding and 1 preceding) \
+                                      as prev_at, \
+                                  max(case is_entry when 1 then \
+                                          coalesce(key_expires_at, \
+                                                   timestampadd(microsecond, ?, at)) end) \
+                                      over (partition by user_id, k order by at, id \
+                                      rows between unbounded preceding and 1 preceding) \
+                                      as live_until \
+                           from (select user_id, idempotency_key as k, created_at as at, \
+                                        response_status as status, {outcome} as outcome, \
+                                        status as record_status, \
+                                        0 as is_entry, 0 as id, \
+                                        cast(null as datetime(3)) as key_expires_at \
+                                 from idempotency_records \
+                                 union all \
+                                 select user_id, idempotency_key, created_at, 0, '', '', 1, id, \
+                                        key_expires_at \
+                                 from ledger_entries where idempotency_key is not null) x \
+                          ) w \
+                     where (is_entry = 0 and record_status = 'COMPLETED' \
+                            and ((outcome = 'APPLIED' and effects <> 1) \
+                                 or (outcome <> 'APPLIED' and effects <> 0))) \
+                        or (is_entry = 0 and record_status <> 'COMPLETED' and at < ?) \
+                        or (is_entry = 1 and live_until is not null \
+                            and at < live_until)) b) c \
+         where rn <= ? order by chk, rn",
+        outcome = OUTCOME_SQL
+    )
+});
 
 async fn audit_in(
     conn: &mut MySqlConnection,
@@ -128,26 +217,11 @@ async fn balance_matches_ledger(
 ) -> Result<(), RepoError> {
     const CHECK: AuditCheck = AuditCheck::BalanceMatchesLedger;
     type Row = (i64, i64, i64, i64, Option<i64>, Option<i64>, i64);
-    let rows: Vec<Row> = sqlx::query_as(
-        "select id, balance, total, entries, newest_id, newest_after, count(*) over () \
-         from (select u.id, u.balance, \
-                      cast(coalesce(l.total, 0) as signed) as total, \
-                      cast(coalesce(l.entries, 0) as signed) as entries, \
-                      l.newest_id, n.balance_after as newest_after \
-               from users u \
-               left join (select user_id, \
-                                 sum(case kind when 'CHARGE' then amount else -amount end) \
-                                     as total, \
-                                 count(*) as entries, max(id) as newest_id \
-                          from ledger_entries group by user_id) l on l.user_id = u.id \
-               left join ledger_entries n on n.id = l.newest_id \
-               where coalesce(l.total, 0) <> u.balance or n.balance_after <> u.balance) b \
-         order by id limit ?",
-    )
-    .bind(LISTED)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(repo)?;
+    let rows: Vec<Row> = sqlx::query_as(BALANCES.as_str())
+        .bind(LISTED)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(repo)?;
     let found = total(&rows, |r| r.6);
     let listed = rows.into_iter().map(
         |(user, balance, sum, entries, newest_id, newest_after, _)| {
@@ -164,23 +238,11 @@ async fn balance_matches_ledger(
 
     // The users the ledger names come from the (user_id, id) index alone (a loose index
     // scan); only those without a users row are summed.
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
-        "select o.user_id, \
-                (select count(*) from ledger_entries e where e.user_id = o.user_id), \
-                (select cast(coalesce(sum(case e.kind when 'CHARGE' then e.amount \
-                                                 else -e.amount end), 0) as signed) \
-                 from ledger_entries e where e.user_id = o.user_id), \
-                count(*) over () \
-         from (select l.user_id \
-               from (select distinct user_id from ledger_entries) l \
-               left join users u on u.id = l.user_id \
-               where u.id is null) o \
-         order by o.user_id limit ?",
-    )
-    .bind(LISTED)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(repo)?;
+    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(ORPHAN_LEDGERS.as_str())
+        .bind(LISTED)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(repo)?;
     let found = total(&rows, |r| r.3);
     let listed = rows.into_iter().map(|(user, entries, sum, _)| {
         breach(
@@ -196,8 +258,9 @@ async fn balance_matches_ledger(
 /// The three checks about idempotency keys, in one statement: the records and the keyed
 /// ledger entries, partitioned by (user, key) and sorted by instant once, give
 ///
-/// - for each completed record, the entries at its instant: one for a stored success
-///   (2xx), none for a stored refusal (`RecordHasOneEffect`);
+/// - for each completed record, the entries at its instant: one for a record whose outcome
+///   is APPLIED, none for a REFUSED one (`RecordHasOneEffect`; a record from an older
+///   instance without an outcome reads by `convert::record_facts`' rule);
 /// - for each entry, the earlier entries of its key (by instant, then id), whose records
 ///   must all have expired by its instant (`KeyAppliedOnce`): each entry carries the
 ///   expiry of the record written with it (`key_expires_at`), so the check holds whatever
@@ -230,71 +293,43 @@ async fn key_checks(
         NaiveDateTime,
         i64,
         String,
+        String,
         i64,
         Option<NaiveDateTime>,
         Option<NaiveDateTime>,
         i64,
         i64,
     );
-    let rows: Vec<Row> = sqlx::query_as(
-        "select chk, user_id, k, at, status, record_status, effects, prev_at, live_until, \
-                id, found \
-         from (select b.*, \
-                      row_number() over (partition by chk order by user_id, k, at, id) as rn, \
-                      count(*) over (partition by chk) as found \
-               from (select case when is_entry = 1 then 'KEY' \
-                                 when record_status = 'COMPLETED' then 'RECORD' \
-                                 else 'STUCK' end as chk, \
-                            user_id, k, at, cast(status as signed) as status, record_status, \
-                            cast(effects as signed) as effects, prev_at, live_until, \
-                            cast(id as signed) as id \
-                     from (select user_id, k, at, status, record_status, is_entry, id, \
-                                  sum(is_entry) over (partition by user_id, k, at) \
-                                      as effects, \
-                                  max(case is_entry when 1 then at end) \
-                                      over (partition by user_id, k order by at, id \
-                                      rows between unbounded preceding and 1 preceding) \
-                                      as prev_at, \
-                                  max(case is_entry when 1 then \
-                                          coalesce(key_expires_at, \
-                                                   timestampadd(microsecond, ?, at)) end) \
-                                      over (partition by user_id, k order by at, id \
-                                      rows between unbounded preceding and 1 preceding) \
-                                      as live_until \
-                           from (select user_id, idempotency_key as k, created_at as at, \
-                                        response_status as status, status as record_status, \
-                                        0 as is_entry, 0 as id, \
-                                        cast(null as datetime(3)) as key_expires_at \
-                                 from idempotency_records \
-                                 union all \
-                                 select user_id, idempotency_key, created_at, 0, '', 1, id, \
-                                        key_expires_at \
-                                 from ledger_entries where idempotency_key is not null) x \
-                          ) w \
-                     where (is_entry = 0 and record_status = 'COMPLETED' \
-                            and ((status between 200 and 299 and effects <> 1) \
-                                 or (status not between 200 and 299 and effects <> 0))) \
-                        or (is_entry = 0 and record_status <> 'COMPLETED' and at < ?) \
-                        or (is_entry = 1 and live_until is not null \
-                            and at < live_until)) b) c \
-         where rn <= ? order by chk, rn",
-    )
-    .bind(ttl_micros)
-    .bind(to_db_time(stuck_before))
-    .bind(LISTED)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(repo)?;
+    let rows: Vec<Row> = sqlx::query_as(KEY_CHECKS.as_str())
+        .bind(ttl_micros)
+        .bind(to_db_time(stuck_before))
+        .bind(LISTED)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(repo)?;
 
     let mut found = [0_u64; 3];
     let mut listed: [Vec<Breach>; 3] = Default::default();
-    for (chk, user, key, created, status, record_status, effects, prev_at, live_until, id, total) in
-        rows
+    for (
+        chk,
+        user,
+        key,
+        created,
+        status,
+        outcome,
+        record_status,
+        effects,
+        prev_at,
+        live_until,
+        id,
+        total,
+    ) in rows
     {
         let subject = format!("user {user} key {key}");
         let (slot, breach) = match chk.as_str() {
             "RECORD" => {
-                let (what, expected) = if (200..300).contains(&status) {
+                // What the record says happened, never what its HTTP status suggests.
+                let (what, expected) = if outcome == RecordOutcome::Applied.as_str() {
                     ("stored success", "exactly 1")
                 } else {
                     ("stored refusal", "none")

@@ -3,8 +3,9 @@
 
 use anyhow::anyhow;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SubsecRound, Utc};
-use domain::idempotency::StoredResponse;
+use domain::idempotency::{RecordOutcome, StoredResponse, legacy_operation, legacy_outcome};
 use domain::model::EntryKind;
+use domain::operations::OperationKind;
 use domain::types::{EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
 
 /// A `datetime(3)` value: UTC, truncated to milliseconds. The domain truncates already;
@@ -80,4 +81,88 @@ pub(crate) fn idempotency_key(raw: &str) -> anyhow::Result<IdempotencyKey> {
 /// The response columns of an idempotency record.
 pub(crate) fn stored_response(status: u16, body: Vec<u8>) -> StoredResponse {
     StoredResponse { status, body }
+}
+
+/// A record's operation and outcome from their columns. A null column is a row written
+/// before migration 0007 added it, by an instance of the previous version during a rolling
+/// upgrade: it reads by the rule the migration backfilled with (`domain::idempotency::
+/// legacy_operation` / `legacy_outcome`). Every reader of records goes through here (the
+/// audit's SQL uses [`OUTCOME_SQL`], the same rule).
+pub(crate) fn record_facts(
+    operation: Option<&str>,
+    outcome: Option<&str>,
+    fingerprint: &str,
+    status: u16,
+) -> anyhow::Result<(OperationKind, RecordOutcome)> {
+    let operation = match operation {
+        Some(raw) => OperationKind::parse(raw)
+            .ok_or_else(|| anyhow!("stored record operation {raw:?} is unknown"))?,
+        None => legacy_operation(fingerprint)
+            .ok_or_else(|| anyhow!("stored record has no operation and an unknown fingerprint"))?,
+    };
+    let outcome = match outcome {
+        Some(raw) => RecordOutcome::parse(raw)
+            .ok_or_else(|| anyhow!("stored record outcome {raw:?} is unknown"))?,
+        None => legacy_outcome(status),
+    };
+    Ok((operation, outcome))
+}
+
+/// A record's outcome in SQL, over `idempotency_records` columns, with [`record_facts`]'s
+/// rule for a null `outcome` (a test checks the two agree).
+pub(crate) const OUTCOME_SQL: &str = "coalesce(outcome, case when response_status between 200 and 299 \
+     then 'APPLIED' else 'REFUSED' end)";
+
+/// `amount` signed by `kind`, in SQL (`case kind when 'CHARGE' then amount ... end`), built
+/// from [`EntryKind::ALL`] and [`EntryKind::sign`] so the audit's arithmetic cannot drift
+/// from the domain's. `prefix` qualifies the columns (`"e."`, or `""`).
+pub(crate) fn signed_amount_sql(prefix: &str) -> String {
+    let mut sql = format!("case {prefix}kind");
+    for kind in EntryKind::ALL {
+        let sign = if kind.sign() > 0 { "" } else { "-" };
+        sql.push_str(&format!(
+            " when '{}' then {sign}{prefix}amount",
+            kind.as_str()
+        ));
+    }
+    sql.push_str(" end");
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_sql_signs_every_kind_as_the_domain_does() {
+        let sql = signed_amount_sql("e.");
+        for kind in EntryKind::ALL {
+            let sign = if kind.sign() > 0 { "" } else { "-" };
+            let arm = format!("when '{}' then {sign}e.amount", kind.as_str());
+            assert!(sql.contains(&arm), "{kind:?} in {sql}");
+        }
+        assert_eq!(sql.matches(" when ").count(), EntryKind::ALL.len());
+    }
+
+    #[test]
+    fn a_record_without_its_columns_reads_by_the_backfill_rule() {
+        let read = |op, outcome, fingerprint, status| {
+            record_facts(op, outcome, fingerprint, status).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            read(None, None, "use:user=1:amount=5", 422),
+            Ok((OperationKind::Use, RecordOutcome::Refused))
+        );
+        assert_eq!(
+            read(None, None, "payment:user=1:order=2", 200),
+            Ok((OperationKind::Payment, RecordOutcome::Applied))
+        );
+        // The columns win over the fingerprint and the status.
+        assert_eq!(
+            read(Some("CHARGE"), Some("REFUSED"), "use:user=1:amount=5", 200),
+            Ok((OperationKind::Charge, RecordOutcome::Refused))
+        );
+        assert!(read(Some("NOPE"), None, "use:user=1:amount=5", 200).is_err());
+        assert!(read(None, None, "coupon:user=1", 200).is_err());
+    }
 }

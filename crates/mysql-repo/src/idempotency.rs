@@ -8,7 +8,7 @@ use domain::ports::{IdempotencyRepo, RepoError};
 use domain::types::{IdempotencyKey, UserId};
 
 use crate::MySqlStore;
-use crate::convert::{from_db_time, stored_response, to_db_time};
+use crate::convert::{from_db_time, record_facts, stored_response, to_db_time};
 use crate::error::repo;
 use crate::sql;
 
@@ -22,25 +22,43 @@ impl IdempotencyRepo for MySqlStore {
     ) -> Result<Option<CompletedRecord>, RepoError> {
         // The primary key (user_id, idempotency_key) scopes the key to its user, and the
         // ascii_bin collation makes the match byte for byte.
-        let row: Option<(String, u16, Vec<u8>, NaiveDateTime, NaiveDateTime)> =
-            read_retrying!(&self.pool, |db| {
-                sqlx::query_as(sql::FIND_KEY)
-                    .bind(user.get())
-                    .bind(key.as_str())
-                    .bind(to_db_time(now))
-                    .fetch_optional(db)
-            })
-            .map_err(repo)?;
-        Ok(row.map(
-            |(fingerprint, status, body, created_at, expires_at)| CompletedRecord {
-                user_id: user,
-                key: key.clone(),
-                fingerprint: Fingerprint::from_stored(fingerprint),
-                response: stored_response(status, body),
-                created_at: from_db_time(created_at),
-                expires_at: from_db_time(expires_at),
-            },
-        ))
+        type Row = (
+            String,
+            Option<String>,
+            Option<String>,
+            u16,
+            Vec<u8>,
+            NaiveDateTime,
+            NaiveDateTime,
+        );
+        let row: Option<Row> = read_retrying!(&self.pool, |db| {
+            sqlx::query_as(sql::FIND_KEY)
+                .bind(user.get())
+                .bind(key.as_str())
+                .bind(to_db_time(now))
+                .fetch_optional(db)
+        })
+        .map_err(repo)?;
+        let Some((fingerprint, operation, outcome, status, body, created_at, expires_at)) = row
+        else {
+            return Ok(None);
+        };
+        let (operation, outcome) = record_facts(
+            operation.as_deref(),
+            outcome.as_deref(),
+            &fingerprint,
+            status,
+        )?;
+        Ok(Some(CompletedRecord {
+            user_id: user,
+            key: key.clone(),
+            fingerprint: Fingerprint::from_stored(fingerprint),
+            operation,
+            outcome,
+            response: stored_response(status, body),
+            created_at: from_db_time(created_at),
+            expires_at: from_db_time(expires_at),
+        }))
     }
 
     async fn purge_expired(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {

@@ -25,15 +25,18 @@ pub const INSERT_LEDGER_ENTRY: &str = "insert into ledger_entries \
      values (?, ?, ?, ?, ?, ?, ?)";
 
 /// The key's completed record, in the same transaction as the change. Binds: user_id,
-/// idempotency_key, fingerprint, response_status, response_body, created_at, expires_at.
+/// idempotency_key, fingerprint, operation, outcome, response_status, response_body,
+/// created_at, expires_at. (`status` is still written for instances of the version before
+/// migration 0007, which filter on it during a rolling upgrade.)
 pub const INSERT_KEY_RECORD: &str = "insert into idempotency_records \
-     (user_id, idempotency_key, fingerprint, status, response_status, response_body, \
-      created_at, expires_at) \
-     values (?, ?, ?, 'COMPLETED', ?, ?, ?, ?)";
+     (user_id, idempotency_key, fingerprint, operation, outcome, status, response_status, \
+      response_body, created_at, expires_at) \
+     values (?, ?, ?, ?, ?, 'COMPLETED', ?, ?, ?, ?)";
 
 /// A live completed record of a key (`IdempotencyRepo::find`), read before the lock.
 /// Binds: user_id, idempotency_key, now.
-pub const FIND_KEY: &str = "select fingerprint, response_status, response_body, created_at, expires_at \
+pub const FIND_KEY: &str = "select fingerprint, operation, outcome, response_status, response_body, \
+     created_at, expires_at \
      from idempotency_records \
      where user_id = ? and idempotency_key = ? and status = 'COMPLETED' \
      and expires_at > ?";

@@ -9,7 +9,8 @@
 
 use async_trait::async_trait;
 use chrono::NaiveDateTime;
-use domain::idempotency::StoredResponse;
+use domain::idempotency::{RecordOutcome, StoredResponse};
+use domain::operations::{Effect, Movement};
 use domain::ports::{
     Applied, Assigned, BalanceChange, BalanceStore, KeyRecord, RefusalRecord, StepError,
 };
@@ -106,14 +107,21 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
     let BalanceChange {
         user_id,
         expected_version,
-        new_balance,
-        kind,
-        amount,
+        effect,
         at,
         key,
-        pays_order,
         respond,
     } = change;
+    // The one place this adapter looks at what an effect writes besides the balance and
+    // its ledger entry.
+    let pays_order = match effect {
+        Effect::Charge(_) | Effect::Use(_) => None,
+        Effect::Pay { order, .. } => Some(order),
+    };
+    let Movement {
+        amount,
+        balance_after: new_balance,
+    } = effect.movement();
     let at = to_db_time(at);
 
     // The optimistic guard: only the version that was read may be replaced. The row lock
@@ -145,7 +153,7 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
 
     let entry = sqlx::query(sql::INSERT_LEDGER_ENTRY)
         .bind(user_id.get())
-        .bind(kind.as_str())
+        .bind(effect.entry_kind().as_str())
         .bind(amount.get())
         .bind(new_balance.get())
         .bind(key.key.as_str())
@@ -160,7 +168,7 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
         payment_id,
     };
     let response = respond(&assigned);
-    put_record(conn, user_id, &key, &response).await?;
+    put_record(conn, user_id, &key, RecordOutcome::Applied, &response).await?;
     Ok(Applied { assigned, response })
 }
 
@@ -180,7 +188,14 @@ async fn refuse_in(conn: &mut MySqlConnection, refusal: &RefusalRecord) -> Resul
         }
         Some(_) => {}
     }
-    put_record(conn, refusal.user_id, &refusal.key, &refusal.response).await
+    put_record(
+        conn,
+        refusal.user_id,
+        &refusal.key,
+        RecordOutcome::Refused,
+        &refusal.response,
+    )
+    .await
 }
 
 /// After a guarded update matched nothing: the user is gone or its version moved on.
@@ -259,9 +274,10 @@ async fn put_record(
     conn: &mut MySqlConnection,
     user: UserId,
     key: &KeyRecord,
+    outcome: RecordOutcome,
     response: &StoredResponse,
 ) -> Result<(), StepError> {
-    match insert_record(conn, user, key, response).await {
+    match insert_record(conn, user, key, outcome, response).await {
         Err(Classified::Duplicate(_)) => {}
         other => return other.map_err(Classified::into_step),
     }
@@ -279,7 +295,7 @@ async fn put_record(
     if purged.rows_affected() == 0 {
         return Err(StepError::KeyTaken);
     }
-    match insert_record(conn, user, key, response).await {
+    match insert_record(conn, user, key, outcome, response).await {
         Ok(()) => Ok(()),
         Err(Classified::Duplicate(_)) => Err(StepError::KeyTaken),
         Err(other) => Err(other.into_step()),
@@ -290,12 +306,15 @@ async fn insert_record(
     conn: &mut MySqlConnection,
     user: UserId,
     key: &KeyRecord,
+    outcome: RecordOutcome,
     response: &StoredResponse,
 ) -> Result<(), Classified> {
     sqlx::query(sql::INSERT_KEY_RECORD)
         .bind(user.get())
         .bind(key.key.as_str())
         .bind(key.fingerprint.as_str())
+        .bind(key.operation.as_str())
+        .bind(outcome.as_str())
         .bind(response.status)
         .bind(response.body.as_slice())
         .bind(to_db_time(key.created_at))

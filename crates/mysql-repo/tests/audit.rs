@@ -13,8 +13,9 @@ use std::str::FromStr;
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use domain::idempotency::{Fingerprint, StoredResponse};
+use domain::idempotency::{Fingerprint, StoredResponse, legacy_operation};
 use domain::model::EntryKind;
+use domain::operations::{OperationKind, charge, pay, use_balance};
 use domain::ports::{
     AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, KeyRecord, OrderRepo,
     RefusalRecord, RepoError, UserRepo,
@@ -23,7 +24,7 @@ use domain::types::{Amount, Balance, IdempotencyKey, OrderId, UserId};
 use mysql_repo::MySqlStore;
 use sqlx::MySqlPool;
 use sqlx::mysql::MySqlConnectOptions;
-use testkit::TestDatabase;
+use testkit::{TestDatabase, steps};
 
 /// The idempotency retention the books are written and audited with.
 const TTL_SECS: i64 = 60;
@@ -88,6 +89,7 @@ fn user(id: i64) -> UserId {
 fn record(raw: &str, fingerprint: Fingerprint, now: DateTime<Utc>) -> KeyRecord {
     KeyRecord {
         key: IdempotencyKey::parse(raw).unwrap(),
+        operation: legacy_operation(fingerprint.as_str()).unwrap_or(OperationKind::Charge),
         fingerprint,
         created_at: now,
         expires_at: now + Duration::seconds(TTL_SECS),
@@ -106,18 +108,18 @@ fn change(
 ) -> BalanceChange {
     let value = Amount::from_stored(amount);
     let fingerprint = match kind {
-        EntryKind::Charge => Fingerprint::charge(user(who), value),
-        _ => Fingerprint::use_balance(user(who), value),
+        EntryKind::Charge => charge::fingerprint(user(who), value),
+        _ => use_balance::fingerprint(user(who), value),
     };
+    let (effect, operation) = steps::effect(kind, value, Balance::from_stored(new_balance), None);
+    let mut key = record(key, fingerprint, now);
+    key.operation = operation;
     BalanceChange {
         user_id: user(who),
         expected_version: version,
-        new_balance: Balance::from_stored(new_balance),
-        kind,
-        amount: value,
+        effect,
         at: now,
-        key: record(key, fingerprint, now),
-        pays_order: None,
+        key,
         respond: Box::new(|_| StoredResponse {
             status: 200,
             body: b"{}".to_vec(),
@@ -135,17 +137,16 @@ fn payment(
     key: &str,
     now: DateTime<Utc>,
 ) -> BalanceChange {
-    let mut step = change(
-        who,
-        version,
+    let mut step = change(who, version, EntryKind::Use, amount, new_balance, key, now);
+    let (effect, operation) = steps::effect(
         EntryKind::Payment,
-        amount,
-        new_balance,
-        key,
-        now,
+        Amount::from_stored(amount),
+        Balance::from_stored(new_balance),
+        Some(order),
     );
-    step.key.fingerprint = Fingerprint::payment(user(who), order);
-    step.pays_order = Some(order);
+    step.effect = effect;
+    step.key.operation = operation;
+    step.key.fingerprint = pay::fingerprint(user(who), order);
     step
 }
 
@@ -184,7 +185,7 @@ async fn write_books(db: &Db) -> Books {
             expected_version: 2,
             key: record(
                 "r-1",
-                Fingerprint::use_balance(user(1), Amount::from_stored(999_999)),
+                use_balance::fingerprint(user(1), Amount::from_stored(999_999)),
                 at(3),
             ),
             response: StoredResponse {
@@ -469,8 +470,59 @@ async fn a_refusal_turned_success_without_an_effect_is_found() {
     corrupted_finds(
         |db, _| async move {
             db.exec(
+                "update idempotency_records set outcome = 'APPLIED' \
+                 where user_id = 1 and idempotency_key = 'r-1'",
+            )
+            .await;
+            db
+        },
+        &[(AuditCheck::RecordHasOneEffect, "user 1 key r-1")],
+    )
+    .await;
+}
+
+/// What a record did is its `outcome` column: a refusal answered with a 2xx status (or a
+/// success with any other) is no breach as long as its effects match what it says.
+#[tokio::test]
+async fn the_audit_goes_by_the_recorded_outcome_not_the_status() {
+    corrupted_finds(
+        |db, _| async move {
+            db.exec(
                 "update idempotency_records set response_status = 200 \
                  where user_id = 1 and idempotency_key = 'r-1'",
+            )
+            .await;
+            db.exec(
+                "update idempotency_records set response_status = 409 \
+                 where user_id = 1 and idempotency_key = 'c-1'",
+            )
+            .await;
+            db
+        },
+        &[],
+    )
+    .await;
+}
+
+/// A record an instance of the previous version wrote during a rolling upgrade has no
+/// operation and no outcome: the audit reads it by the backfill's rule (the status class),
+/// so such books audit clean, and such a refusal turned 2xx is still found.
+#[tokio::test]
+async fn records_without_an_outcome_read_by_the_backfill_rule() {
+    corrupted_finds(
+        |db, _| async move {
+            db.exec("update idempotency_records set operation = null, outcome = null")
+                .await;
+            db
+        },
+        &[],
+    )
+    .await;
+    corrupted_finds(
+        |db, _| async move {
+            db.exec(
+                "update idempotency_records set operation = null, outcome = null, \
+                 response_status = 200 where user_id = 1 and idempotency_key = 'r-1'",
             )
             .await;
             db

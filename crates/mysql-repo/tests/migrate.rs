@@ -71,3 +71,106 @@ async fn concurrent_migrations_of_a_fresh_database_all_succeed() {
     assert_schema_complete(&db).await;
     db.cleanup().await;
 }
+
+/// A record row as instances before migration 0007 inserted it (no operation, no outcome).
+async fn insert_old_record(db: &TestDatabase, key: &str, fingerprint: &str, status: u16) {
+    sqlx::query(
+        "insert into idempotency_records \
+         (user_id, idempotency_key, fingerprint, status, response_status, response_body, \
+          created_at, expires_at) \
+         values (1, ?, ?, 'COMPLETED', ?, 'old', '2026-11-01 00:00:00.000', '9999-01-01 00:00:00.000')",
+    )
+    .bind(key)
+    .bind(fingerprint)
+    .bind(status)
+    .execute(db.pool())
+    .await
+    .unwrap();
+}
+
+/// Migration 0007 backfills each old record's operation from its fingerprint's prefix and
+/// its outcome from its status class; a row an older instance inserts after it (both null)
+/// reads the same way through `find`, and so do the backfilled ones.
+#[tokio::test]
+async fn migration_0007_backfills_old_records_and_null_rows_read_by_the_same_rule() {
+    use domain::idempotency::RecordOutcome;
+    use domain::operations::OperationKind;
+    use domain::ports::IdempotencyRepo as _;
+
+    let Some(db) = TestDatabase::create().await else {
+        return testkit::skip("migration_0007_backfills_old_records");
+    };
+    make_fresh(&db).await;
+    let (before, from) = mysql_repo::MIGRATOR.migrations.split_at(6);
+    assert_eq!(from.first().map(|m| m.version), Some(7));
+    for migration in before {
+        sqlx::raw_sql(migration.sql.clone())
+            .execute(db.pool())
+            .await
+            .unwrap();
+    }
+    let old = [
+        ("c", "charge:user=1:amount=5", 200, "CHARGE", "APPLIED"),
+        ("cr", "charge:user=1:amount=6", 422, "CHARGE", "REFUSED"),
+        ("u", "use:user=1:amount=7", 200, "USE", "APPLIED"),
+        ("ur", "use:user=1:amount=9", 422, "USE", "REFUSED"),
+        ("p", "payment:user=1:order=3", 200, "PAYMENT", "APPLIED"),
+        ("pr", "payment:user=1:order=4", 409, "PAYMENT", "REFUSED"),
+    ];
+    for (key, fingerprint, status, ..) in old {
+        insert_old_record(&db, key, fingerprint, status).await;
+    }
+    sqlx::raw_sql(from[0].sql.clone())
+        .execute(db.pool())
+        .await
+        .unwrap();
+
+    let store = db.store();
+    let user = domain::types::UserId::new(1).unwrap();
+    let now = chrono::Utc::now();
+    for (key, _, _, operation, outcome) in old {
+        let (stored_op, stored_outcome): (Option<String>, Option<String>) = sqlx::query_as(
+            "select operation, outcome from idempotency_records where idempotency_key = ?",
+        )
+        .bind(key)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            (stored_op.as_deref(), stored_outcome.as_deref()),
+            (Some(operation), Some(outcome)),
+            "{key}"
+        );
+        let record = store
+            .find(
+                user,
+                &domain::types::IdempotencyKey::parse(key).unwrap(),
+                now,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (record.operation.as_str(), record.outcome.as_str()),
+            (operation, outcome),
+            "{key}"
+        );
+    }
+
+    // Written by an instance of the previous version mid-upgrade: both columns null.
+    insert_old_record(&db, "late", "payment:user=1:order=8", 409).await;
+    let late = store
+        .find(
+            user,
+            &domain::types::IdempotencyKey::parse("late").unwrap(),
+            now,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (late.operation, late.outcome),
+        (OperationKind::Payment, RecordOutcome::Refused)
+    );
+    db.cleanup().await;
+}

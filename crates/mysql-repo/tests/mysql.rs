@@ -9,8 +9,9 @@ use std::future::Future;
 use std::str::FromStr;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use domain::idempotency::{Fingerprint, StoredResponse};
+use domain::idempotency::{Fingerprint, StoredResponse, legacy_operation};
 use domain::model::{EntryKind, OrderStatus};
+use domain::operations::{OperationKind, charge, pay, use_balance};
 use domain::ports::{
     Assigned, BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord,
     RepoError, StepError, UserRepo,
@@ -19,7 +20,7 @@ use domain::types::{Amount, Balance, EntryId, IdempotencyKey, OrderId, UserId};
 use mysql_repo::{MIGRATOR, MySqlStore};
 use sqlx::MySqlPool;
 use sqlx::mysql::MySqlConnectOptions;
-use testkit::TestDatabase;
+use testkit::{TestDatabase, steps};
 
 /// A fresh, migrated database for one test.
 struct Db {
@@ -91,6 +92,7 @@ fn key(raw: &str) -> IdempotencyKey {
 fn record(raw: &str, fingerprint: Fingerprint, now: DateTime<Utc>, ttl_secs: i64) -> KeyRecord {
     KeyRecord {
         key: key(raw),
+        operation: legacy_operation(fingerprint.as_str()).unwrap_or(OperationKind::Charge),
         fingerprint,
         created_at: now,
         expires_at: now + Duration::seconds(ttl_secs),
@@ -139,21 +141,26 @@ impl Change {
 
     fn build(self) -> BalanceChange {
         let fingerprint = match (self.kind, self.order) {
-            (EntryKind::Payment, Some(order)) => Fingerprint::payment(self.user, order),
+            (EntryKind::Payment, Some(order)) => pay::fingerprint(self.user, order),
             (EntryKind::Charge, _) => {
-                Fingerprint::charge(self.user, Amount::from_stored(self.amount))
+                charge::fingerprint(self.user, Amount::from_stored(self.amount))
             }
-            _ => Fingerprint::use_balance(self.user, Amount::from_stored(self.amount)),
+            _ => use_balance::fingerprint(self.user, Amount::from_stored(self.amount)),
         };
+        let (effect, operation) = steps::effect(
+            self.kind,
+            Amount::from_stored(self.amount),
+            Balance::from_stored(self.new_balance),
+            self.order,
+        );
+        let mut key = record(self.key, fingerprint, self.now, self.ttl_secs);
+        key.operation = operation;
         BalanceChange {
             user_id: self.user,
             expected_version: self.version,
-            new_balance: Balance::from_stored(self.new_balance),
-            kind: self.kind,
-            amount: Amount::from_stored(self.amount),
+            effect,
             at: self.now,
-            key: record(self.key, fingerprint, self.now, self.ttl_secs),
-            pays_order: self.order,
+            key,
             respond: Box::new(respond_with_ids),
         }
     }
@@ -192,7 +199,7 @@ async fn migrations_apply_cleanly_and_are_idempotent() {
         assert!(applied.iter().all(|(_, ok)| *ok));
         assert_eq!(
             applied.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4, 5, 6]
+            vec![1, 2, 3, 4, 5, 6, 7]
         );
 
         // A second run (another instance starting) changes nothing.
@@ -337,7 +344,7 @@ async fn apply_commits_balance_ledger_and_record_together() {
         assert_eq!(found.response, applied.response);
         assert_eq!(
             found.fingerprint,
-            Fingerprint::charge(user, Amount::from_stored(10_000))
+            charge::fingerprint(user, Amount::from_stored(10_000))
         );
         assert_eq!(found.created_at, at(0));
         assert_eq!(found.expires_at, at(86_400));
@@ -494,7 +501,7 @@ async fn an_expired_key_is_replaced() {
         assert_eq!(found.created_at, at(5));
         assert_eq!(
             found.fingerprint,
-            Fingerprint::charge(user, Amount::from_stored(2_000))
+            charge::fingerprint(user, Amount::from_stored(2_000))
         );
         assert_eq!(db.record_count(user).await, 1);
         assert_eq!(db.ledger_count(user).await, 2);
@@ -672,7 +679,7 @@ async fn a_refusal_is_stored_only_on_the_version_it_was_decided_on() {
             expected_version: version,
             key: record(
                 raw,
-                Fingerprint::use_balance(user, Amount::from_stored(5_000)),
+                use_balance::fingerprint(user, Amount::from_stored(5_000)),
                 at(1),
                 60,
             ),
@@ -800,7 +807,7 @@ async fn purge_deletes_expired_records_in_bounded_batches() {
                     expected_version: 0,
                     key: record(
                         &format!("k-{i}"),
-                        Fingerprint::charge(user, Amount::from_stored(1)),
+                        charge::fingerprint(user, Amount::from_stored(1)),
                         at(0),
                         ttl,
                     ),

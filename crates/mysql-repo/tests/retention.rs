@@ -11,7 +11,7 @@ use domain::idempotency::StoredResponse;
 use domain::outcome::Outcome;
 use domain::ports::{AuditCheck, Auditor, Clock, ResponseEncoder, UserRepo};
 use domain::types::{Amount, Balance, IdempotencyKey, UserId};
-use domain::{BalanceCommand, BalanceService, Ports, Settings};
+use domain::{BalanceService, Charge, Operation, Ports, Settings};
 use mysql_repo::MySqlStore;
 use testkit::TestDatabase;
 
@@ -44,12 +44,12 @@ impl ResponseEncoder for DebugEncoder {
     }
 }
 
-fn charge(user: UserId, key: &str) -> BalanceCommand {
-    BalanceCommand::Charge {
+fn charge(user: UserId, key: &str) -> Arc<dyn Operation> {
+    Arc::new(Charge {
         user,
         amount: Amount::new(10, &Settings::default().limits).unwrap(),
         key: IdempotencyKey::parse(key).unwrap(),
-    }
+    })
 }
 
 #[tokio::test]

@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use domain::idempotency::{Fingerprint, StoredResponse};
-use domain::model::EntryKind;
+use domain::idempotency::StoredResponse;
+use domain::operations::{Effect, Movement, OperationKind, charge};
 use domain::outcome::Outcome;
 use domain::ports::{
     Applied, Auditor, BalanceChange, BalanceStore, Clock, IdempotencyRepo, KeyRecord,
     RefusalRecord, ResponseEncoder, StepError, SystemClock, UserRepo,
 };
 use domain::types::{Amount, Balance, IdempotencyKey, UserId};
-use domain::{BalanceCommand, BalanceService, OperationError, Ports, Settings};
+use domain::{BalanceService, Operation, OperationError, Ports, Settings, UseBalance};
 use mysql_repo::MySqlStore;
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
 use testkit::TestDatabase;
@@ -92,12 +92,12 @@ async fn user_with(store: &MySqlStore, balance: i64) -> UserId {
     UserId::new(1).unwrap()
 }
 
-fn use_command(user: UserId, amount: i64, key: &str) -> BalanceCommand {
-    BalanceCommand::Use {
+fn use_command(user: UserId, amount: i64, key: &str) -> Arc<dyn Operation> {
+    Arc::new(UseBalance {
         user,
         amount: Amount::new(amount, &Settings::default().limits).unwrap(),
         key: IdempotencyKey::parse(key).unwrap(),
-    }
+    })
 }
 
 /// The connection of this database whose balance update is running (waiting on the held
@@ -355,17 +355,18 @@ async fn a_balance_step_after_every_pooled_connection_was_killed_succeeds() {
     let change = BalanceChange {
         user_id: user,
         expected_version: version,
-        new_balance: Balance::from_stored(550),
-        kind: EntryKind::Charge,
-        amount,
+        effect: Effect::Charge(Movement {
+            amount,
+            balance_after: Balance::from_stored(550),
+        }),
         at: now,
         key: KeyRecord {
             key: IdempotencyKey::parse("after-kill").unwrap(),
-            fingerprint: Fingerprint::charge(user, amount),
+            fingerprint: charge::fingerprint(user, amount),
+            operation: OperationKind::Charge,
             created_at: now,
             expires_at: now + chrono::Duration::hours(1),
         },
-        pays_order: None,
         respond: Box::new(|_| StoredResponse {
             status: 200,
             body: b"charged".to_vec(),

@@ -21,6 +21,7 @@
 //!   [`balance_store_unpayable_order_writes_nothing`],
 //!   [`balance_store_replaces_an_expired_record`],
 //!   [`balance_store_records_refusals_under_the_guards`],
+//!   [`balance_store_records_say_what_happened`],
 //!   [`balance_store_concurrent_applies_on_one_version_let_exactly_one_win`],
 //!   [`balance_store_concurrent_applies_of_different_users_all_succeed`];
 //! - [`LockManager`](domain::ports::LockManager): [`lock_is_exclusive`],
@@ -53,9 +54,9 @@ pub use balance_store::{
     balance_store_concurrent_applies_of_different_users_all_succeed,
     balance_store_concurrent_applies_on_one_version_let_exactly_one_win,
     balance_store_live_key_writes_nothing, balance_store_payment_pays_the_order_once,
-    balance_store_records_refusals_under_the_guards, balance_store_replaces_an_expired_record,
-    balance_store_stale_version_writes_nothing, balance_store_unknown_user_writes_nothing,
-    balance_store_unpayable_order_writes_nothing,
+    balance_store_records_refusals_under_the_guards, balance_store_records_say_what_happened,
+    balance_store_replaces_an_expired_record, balance_store_stale_version_writes_nothing,
+    balance_store_unknown_user_writes_nothing, balance_store_unpayable_order_writes_nothing,
 };
 pub use idempotency_repo::{
     idempotency_repo_finds_only_live_records_of_their_user,

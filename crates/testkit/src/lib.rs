@@ -5,7 +5,8 @@
 //! - [`RedisServer`]: a redis-server of the test's own, to kill and restart;
 //! - [`RedisCluster`]: a 3-primary, 3-replica Redis Cluster of the test's own, to fail over;
 //! - [`skip`]: how a test that cannot run says so (and fails under CI);
-//! - [`contract`]: the port contract suites, written once and run against every adapter.
+//! - [`contract`]: the port contract suites, written once and run against every adapter;
+//! - [`steps`]: hand-built atomic steps for the adapter-specific suites.
 //!
 //! Where the servers come from, for every suite alike: `TEST_DATABASE_URL` /
 //! `TEST_REDIS_URL` when set (CI points them at the local MariaDB and Redis); otherwise,
@@ -18,6 +19,7 @@ mod redis_cluster;
 mod redis_server;
 mod servers;
 mod skip;
+pub mod steps;
 
 pub use redis_cluster::{ClusterNode, RedisCluster};
 pub use redis_server::RedisServer;

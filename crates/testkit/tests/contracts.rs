@@ -270,6 +270,20 @@ async fn mysql_balance_store_records_refusals_under_the_guards() {
     db.cleanup().await;
 }
 
+#[tokio::test]
+async fn memory_balance_store_records_say_what_happened() {
+    contract::balance_store_records_say_what_happened(&memory()).await;
+}
+
+#[tokio::test]
+async fn mysql_balance_store_records_say_what_happened() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    contract::balance_store_records_say_what_happened(&Stores::new(db.store())).await;
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_balance_store_concurrent_applies_on_one_version_let_exactly_one_win() {
     contract::balance_store_concurrent_applies_on_one_version_let_exactly_one_win(&memory()).await;

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use domain::idempotency::RecordOutcome;
 use domain::model::{EntryKind, OrderStatus, User};
 use domain::ports::{AuditCheck, AuditReport, Auditor, Breach, RepoError};
 use domain::time::format_rfc3339_millis;
@@ -228,7 +229,8 @@ impl Audit {
                 let effects = keyed.partition_point(|(key, t, _)| (*key, *t) <= this)
                     - keyed.partition_point(|(key, t, _)| (*key, *t) < this);
                 let status = record.response.status;
-                let success = (200..300).contains(&status);
+                // What the record says happened, never what its HTTP status suggests.
+                let success = record.outcome == RecordOutcome::Applied;
                 let ok = if success { effects == 1 } else { effects == 0 };
                 (!ok).then_some((record, status, success, effects))
             })

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use chrono::{DateTime, Duration, Utc};
 use domain::idempotency::{Fingerprint, StoredResponse};
 use domain::model::{EntryKind, OrderStatus};
+use domain::operations::{Effect, Movement, OperationKind};
 use domain::ports::{
     BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord, StepError,
     UserRepo,
@@ -28,6 +29,20 @@ fn user(id: i64) -> UserId {
     UserId::new(id).unwrap()
 }
 
+/// The effect of a hand-built step: `kind` of `amount`, leaving `new_balance`, paying `order`.
+fn effect(kind: EntryKind, amount: Amount, new_balance: Balance, order: Option<OrderId>) -> Effect {
+    let movement = Movement {
+        amount,
+        balance_after: new_balance,
+    };
+    match (kind, order) {
+        (EntryKind::Charge, None) => Effect::Charge(movement),
+        (EntryKind::Use, None) => Effect::Use(movement),
+        (EntryKind::Payment, Some(order)) => Effect::Pay { order, movement },
+        other => panic!("no effect is {other:?}"),
+    }
+}
+
 fn key(raw: &str) -> IdempotencyKey {
     IdempotencyKey::parse(raw).unwrap()
 }
@@ -45,6 +60,7 @@ fn key_record(raw: &str, at: DateTime<Utc>, ttl: Duration) -> KeyRecord {
     KeyRecord {
         key: key(raw),
         fingerprint: Fingerprint::from_stored(format!("test:{raw}")),
+        operation: OperationKind::Charge,
         created_at: at,
         expires_at: at + ttl,
     }
@@ -114,12 +130,14 @@ impl Change {
         BalanceChange {
             user_id: user(self.user),
             expected_version: self.version,
-            new_balance: balance(self.new_balance),
-            kind: self.kind,
-            amount: amount(self.amount),
+            effect: effect(
+                self.kind,
+                amount(self.amount),
+                balance(self.new_balance),
+                self.pays_order.map(|id| OrderId::new(id).unwrap()),
+            ),
             at: self.at,
             key: key_record(self.key, self.at, self.ttl),
-            pays_order: self.pays_order.map(|id| OrderId::new(id).unwrap()),
             respond,
         }
     }
@@ -705,6 +723,7 @@ async fn play(store: &MemoryStore, op: &Op, now: DateTime<Utc>) -> Option<Result
     let record = KeyRecord {
         key: key(&format!("k{key_no}")),
         fingerprint: Fingerprint::from_stored("prop"),
+        operation: OperationKind::Charge,
         created_at: now,
         expires_at: now + secs(60),
     };
@@ -723,12 +742,14 @@ async fn play(store: &MemoryStore, op: &Op, now: DateTime<Utc>) -> Option<Result
     let change = BalanceChange {
         user_id: current.id,
         expected_version: current.version,
-        new_balance: balance(next),
-        kind,
-        amount: amount(wanted),
+        effect: effect(
+            kind,
+            amount(wanted),
+            balance(next),
+            pays_order.map(|id| OrderId::new(id).unwrap()),
+        ),
         at: now,
         key: record,
-        pays_order: pays_order.map(|id| OrderId::new(id).unwrap()),
         respond: Box::new(naming_ids),
     };
     Some(store.apply(change).await.map(|_| ()))

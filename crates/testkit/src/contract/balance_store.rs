@@ -4,9 +4,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use domain::idempotency::{CompletedRecord, Fingerprint, StoredResponse};
+use domain::idempotency::{CompletedRecord, Fingerprint, RecordOutcome, StoredResponse};
 use domain::model::{EntryKind, LedgerEntry, OrderStatus, Payment, User};
-use domain::ports::{Applied, Assigned, RefusalRecord, StepError};
+use domain::operations::OperationKind;
+use domain::ports::{Applied, Assigned, KeyRecord, RefusalRecord, StepError};
 use domain::types::OrderId;
 use tokio::sync::Barrier;
 
@@ -82,6 +83,8 @@ pub async fn balance_store_apply_writes_everything_together(stores: &Stores) {
             user_id: user.id,
             key: key("c1"),
             fingerprint: Fingerprint::from_stored(format!("CHARGE:user={}:amount=1000", user.id)),
+            operation: OperationKind::Charge,
+            outcome: RecordOutcome::Applied,
             response: applied.response.clone(),
             created_at: at(1_000),
             expires_at: at(1_000 + DAY_MS),
@@ -477,6 +480,8 @@ pub async fn balance_store_replaces_an_expired_record(stores: &Stores) {
             user_id: user.id,
             key: key("k"),
             fingerprint: Fingerprint::from_stored("second"),
+            operation: OperationKind::Charge,
+            outcome: RecordOutcome::Applied,
             response: applied.response,
             created_at: at(10_000),
             expires_at: at(20_000),
@@ -548,7 +553,10 @@ pub async fn balance_store_records_refusals_under_the_guards(stores: &Stores) {
     let refusal = |raw: &str, version: u64, body: &[u8]| RefusalRecord {
         user_id: user.id,
         expected_version: version,
-        key: key_record(raw, "use:too-much", at(5_000), 60_000),
+        key: KeyRecord {
+            operation: OperationKind::Use,
+            ..key_record(raw, "use:too-much", at(5_000), 60_000)
+        },
         response: StoredResponse {
             status: 422,
             body: body.to_vec(),
@@ -583,6 +591,8 @@ pub async fn balance_store_records_refusals_under_the_guards(stores: &Stores) {
             user_id: user.id,
             key: key("r1"),
             fingerprint: Fingerprint::from_stored("use:too-much"),
+            operation: OperationKind::Use,
+            outcome: RecordOutcome::Refused,
             response: StoredResponse {
                 status: 422,
                 body: body.to_vec(),
@@ -766,4 +776,71 @@ pub async fn balance_store_concurrent_applies_of_different_users_all_succeed(sto
         let status = order_status(stores, order.id).await;
         assert_eq!(status, Some(OrderStatus::Paid), "user {id}'s order");
     }
+}
+
+/// The record says what happened, whatever its bytes: [`BalanceStore::apply`] stores its
+/// record APPLIED and [`BalanceStore::record_refusal`] REFUSED, each with the operation its
+/// key record names, and `find` gives both back (a stored success whose status is not 2xx
+/// and a refusal answered 200 included: nothing is read from the status).
+///
+/// [`BalanceStore::apply`]: domain::ports::BalanceStore::apply
+/// [`BalanceStore::record_refusal`]: domain::ports::BalanceStore::record_refusal
+pub async fn balance_store_records_say_what_happened(stores: &Stores) {
+    let user = funded_user(stores, 1_000, at(0)).await;
+    let found = |raw: &'static str| {
+        let stores = stores.clone();
+        async move {
+            let record = stores
+                .idempotency
+                .find(user_id(user.id.get()), &key(raw), at(1_000))
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("the record of {raw}"));
+            (record.operation, record.outcome, record.response.status)
+        }
+    };
+    assert_eq!(
+        found("fund").await,
+        (OperationKind::Charge, RecordOutcome::Applied, 200)
+    );
+
+    // A payment answered with a status that is not 2xx is still APPLIED.
+    let order = stores
+        .orders
+        .create_order(user.id, amount(300), at(100))
+        .await
+        .unwrap();
+    let mut pay = payment_step(&user, &order, "p", at(200));
+    pay.respond = Box::new(|_| StoredResponse {
+        status: 409,
+        body: b"odd".to_vec(),
+    });
+    stores.balances.apply(pay).await.unwrap();
+    assert_eq!(
+        found("p").await,
+        (OperationKind::Payment, RecordOutcome::Applied, 409)
+    );
+
+    // A refusal answered 200 is still REFUSED.
+    let after = current(stores.users.as_ref(), user.id).await;
+    stores
+        .balances
+        .record_refusal(RefusalRecord {
+            user_id: after.id,
+            expected_version: after.version,
+            key: KeyRecord {
+                operation: OperationKind::Use,
+                ..key_record("r", "use:refused", at(300), DAY_MS)
+            },
+            response: StoredResponse {
+                status: 200,
+                body: b"{}".to_vec(),
+            },
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        found("r").await,
+        (OperationKind::Use, RecordOutcome::Refused, 200)
+    );
 }

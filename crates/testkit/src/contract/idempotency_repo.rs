@@ -4,8 +4,9 @@
 //! `BalanceStore` (a charge or a refusal).
 
 use chrono::{DateTime, TimeZone, Utc};
-use domain::idempotency::{CompletedRecord, Fingerprint, StoredResponse};
+use domain::idempotency::{CompletedRecord, Fingerprint, RecordOutcome, StoredResponse};
 use domain::model::EntryKind;
+use domain::operations::OperationKind;
 use domain::ports::{KeyRecord, RefusalRecord};
 use domain::types::UserId;
 
@@ -43,6 +44,8 @@ pub async fn idempotency_repo_finds_only_live_records_of_their_user(stores: &Sto
         user_id: alice.id,
         key: key("k"),
         fingerprint: Fingerprint::from_stored("charge:alice"),
+        operation: OperationKind::Charge,
+        outcome: RecordOutcome::Applied,
         response: applied.response.clone(),
         created_at: at(0),
         expires_at: at(10_000),

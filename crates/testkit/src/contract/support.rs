@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use domain::idempotency::{CompletedRecord, Fingerprint, StoredResponse};
 use domain::model::{EntryKind, LedgerEntry, Order, Payment, User};
+use domain::operations::{Effect, Movement, OperationKind};
 use domain::ports::{Applied, Assigned, BalanceChange, KeyRecord, UserRepo};
 use domain::types::{Amount, Balance, IdempotencyKey, Limits, OrderId, PaymentId, UserId};
 
@@ -47,7 +48,8 @@ pub(crate) fn balance(raw: i64) -> Balance {
     Balance::new(raw, &Limits::default()).expect("a valid balance")
 }
 
-/// The key's record as a step writes it: created at `created`, live for `ttl_ms`.
+/// The key's record as a step writes it: created at `created`, live for `ttl_ms`, of a
+/// charge unless the test says otherwise.
 pub(crate) fn key_record(
     raw: &str,
     fingerprint: &str,
@@ -57,6 +59,7 @@ pub(crate) fn key_record(
     KeyRecord {
         key: key(raw),
         fingerprint: Fingerprint::from_stored(fingerprint),
+        operation: OperationKind::Charge,
         created_at: created,
         expires_at: created + chrono::Duration::milliseconds(ttl_ms),
     }
@@ -86,21 +89,29 @@ pub(crate) fn step(
     raw_key: &str,
     when: DateTime<Utc>,
 ) -> BalanceChange {
-    let new_balance = user.balance.get() + kind.sign() * amount_raw;
+    let movement = Movement {
+        amount: amount(amount_raw),
+        balance_after: balance(user.balance.get() + kind.sign() * amount_raw),
+    };
+    let (effect, operation) = match kind {
+        EntryKind::Charge => (Effect::Charge(movement), OperationKind::Charge),
+        EntryKind::Use => (Effect::Use(movement), OperationKind::Use),
+        // Paying needs an order: `payment_step` names it.
+        EntryKind::Payment => panic!("a payment step is built by payment_step"),
+    };
+    let mut key = key_record(
+        raw_key,
+        &format!("{}:user={}:amount={amount_raw}", kind.as_str(), user.id),
+        when,
+        DAY_MS,
+    );
+    key.operation = operation;
     BalanceChange {
         user_id: user.id,
         expected_version: user.version,
-        new_balance: balance(new_balance),
-        kind,
-        amount: amount(amount_raw),
+        effect,
         at: when,
-        key: key_record(
-            raw_key,
-            &format!("{}:user={}:amount={amount_raw}", kind.as_str(), user.id),
-            when,
-            DAY_MS,
-        ),
-        pays_order: None,
+        key,
         respond: Box::new(naming_ids),
     }
 }
@@ -112,8 +123,12 @@ pub(crate) fn payment_step(
     raw_key: &str,
     when: DateTime<Utc>,
 ) -> BalanceChange {
-    let mut change = step(user, EntryKind::Payment, order.amount.get(), raw_key, when);
-    change.pays_order = Some(order.id);
+    let mut change = step(user, EntryKind::Use, order.amount.get(), raw_key, when);
+    change.effect = Effect::Pay {
+        order: order.id,
+        movement: change.effect.movement(),
+    };
+    change.key.operation = OperationKind::Payment;
     change.key.fingerprint =
         Fingerprint::from_stored(format!("payment:user={}:order={}", user.id, order.id));
     change

@@ -7,8 +7,9 @@ use std::collections::BTreeSet;
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
-use domain::idempotency::{Fingerprint, StoredResponse};
+use domain::idempotency::{Fingerprint, RecordOutcome, StoredResponse};
 use domain::model::{EntryKind, LedgerEntry, OrderStatus};
+use domain::operations::{Effect, Movement, OperationKind, charge, pay, use_balance};
 use domain::ports::{
     AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, KeyRecord, OrderRepo,
     RefusalRecord, UserRepo,
@@ -28,6 +29,20 @@ fn at(secs: i64) -> DateTime<Utc> {
     t0() + Duration::seconds(secs)
 }
 
+/// The effect of a hand-built step: `kind` of `amount`, leaving `new_balance`, paying `order`.
+fn effect(kind: EntryKind, amount: Amount, new_balance: Balance, order: Option<OrderId>) -> Effect {
+    let movement = Movement {
+        amount,
+        balance_after: new_balance,
+    };
+    match (kind, order) {
+        (EntryKind::Charge, None) => Effect::Charge(movement),
+        (EntryKind::Use, None) => Effect::Use(movement),
+        (EntryKind::Payment, Some(order)) => Effect::Pay { order, movement },
+        other => panic!("no effect is {other:?}"),
+    }
+}
+
 fn ttl() -> StdDuration {
     StdDuration::from_secs(TTL_SECS.unsigned_abs())
 }
@@ -36,13 +51,41 @@ fn user(id: i64) -> UserId {
     UserId::new(id).unwrap()
 }
 
-fn record(raw: &str, fingerprint: Fingerprint, now: DateTime<Utc>) -> KeyRecord {
+fn record(
+    raw: &str,
+    operation: OperationKind,
+    fingerprint: Fingerprint,
+    now: DateTime<Utc>,
+) -> KeyRecord {
     KeyRecord {
         key: IdempotencyKey::parse(raw).unwrap(),
         fingerprint,
+        operation,
         created_at: now,
         expires_at: now + Duration::seconds(TTL_SECS),
     }
+}
+
+/// A payment of `order` by `who` (its owner), as the use case would build it.
+fn pay_change(
+    who: i64,
+    version: u64,
+    order: OrderId,
+    amount: i64,
+    new_balance: i64,
+    key: &str,
+    now: DateTime<Utc>,
+) -> BalanceChange {
+    let mut change = change(who, version, EntryKind::Use, amount, new_balance, key, now);
+    change.effect = effect(
+        EntryKind::Payment,
+        Amount::from_stored(amount),
+        Balance::from_stored(new_balance),
+        Some(order),
+    );
+    change.key.operation = OperationKind::Payment;
+    change.key.fingerprint = pay::fingerprint(user(who), order);
+    change
 }
 
 fn change(
@@ -55,19 +98,19 @@ fn change(
     now: DateTime<Utc>,
 ) -> BalanceChange {
     let value = Amount::from_stored(amount);
-    let fingerprint = match kind {
-        EntryKind::Charge => Fingerprint::charge(user(who), value),
-        _ => Fingerprint::use_balance(user(who), value),
+    let (operation, fingerprint) = match kind {
+        EntryKind::Charge => (OperationKind::Charge, charge::fingerprint(user(who), value)),
+        _ => (
+            OperationKind::Use,
+            use_balance::fingerprint(user(who), value),
+        ),
     };
     BalanceChange {
         user_id: user(who),
         expected_version: version,
-        new_balance: Balance::from_stored(new_balance),
-        kind,
-        amount: value,
+        effect: effect(kind, value, Balance::from_stored(new_balance), None),
         at: now,
-        key: record(key, fingerprint, now),
-        pays_order: None,
+        key: record(key, operation, fingerprint, now),
         respond: Box::new(|_| StoredResponse {
             status: 200,
             body: b"{}".to_vec(),
@@ -103,7 +146,8 @@ async fn books() -> MemoryStore {
             expected_version: 2,
             key: record(
                 "r-1",
-                Fingerprint::use_balance(user(1), Amount::from_stored(999_999)),
+                OperationKind::Use,
+                use_balance::fingerprint(user(1), Amount::from_stored(999_999)),
                 at(3),
             ),
             response: StoredResponse {
@@ -121,9 +165,7 @@ async fn books() -> MemoryStore {
         .create_order(user(2), Amount::from_stored(300), at(1))
         .await
         .unwrap();
-    let mut pay = change(2, 0, EntryKind::Payment, 300, 99_700, "p-1", at(4));
-    pay.key.fingerprint = Fingerprint::payment(user(2), order.id);
-    pay.pays_order = Some(order.id);
+    let pay = pay_change(2, 0, order.id, 300, 99_700, "p-1", at(4));
     let paid = store.apply(pay).await.unwrap();
     store
         .apply(change(3, 0, EntryKind::Charge, 10, 100_010, "k", at(5)))
@@ -244,9 +286,7 @@ async fn two_payments_of_one_amount_in_one_millisecond_audit_clean() {
             .await
             .unwrap();
         balance -= 40;
-        let mut pay = change(1, version, EntryKind::Payment, 40, balance, key, at(8));
-        pay.key.fingerprint = Fingerprint::payment(user(1), order.id);
-        pay.pays_order = Some(order.id);
+        let pay = pay_change(1, version, order.id, 40, balance, key, at(8));
         store.apply(pay).await.unwrap();
     }
     let report = audit(&store).await;
@@ -359,9 +399,24 @@ async fn a_refusal_turned_success_without_an_effect_is_found() {
     corrupted_finds(
         |state| {
             let records = state.keys.get_mut(&user(1)).unwrap();
-            records.get_mut("r-1").unwrap().response.status = 200;
+            records.get_mut("r-1").unwrap().outcome = RecordOutcome::Applied;
         },
         &[(AuditCheck::RecordHasOneEffect, "user 1 key r-1")],
+    )
+    .await;
+}
+
+/// What a record did is its `outcome`: a refusal answered with a 2xx status (or a success
+/// with any other) is no breach as long as its effects match what it says.
+#[tokio::test]
+async fn the_audit_goes_by_the_recorded_outcome_not_the_status() {
+    corrupted_finds(
+        |state| {
+            let records = state.keys.get_mut(&user(1)).unwrap();
+            records.get_mut("r-1").unwrap().response.status = 200;
+            records.get_mut("c-1").unwrap().response.status = 409;
+        },
+        &[],
     )
     .await;
 }
@@ -514,10 +569,7 @@ async fn audits_during_concurrent_writes_see_no_false_breach() {
                                 .await
                                 .unwrap();
                             balance -= 2;
-                            let mut pay = change(who, n, EntryKind::Payment, 2, balance, &key, now);
-                            pay.key.fingerprint = Fingerprint::payment(user(who), order.id);
-                            pay.pays_order = Some(order.id);
-                            pay
+                            pay_change(who, n, order.id, 2, balance, &key, now)
                         }
                     };
                     store.apply(step).await.unwrap();

@@ -1,0 +1,233 @@
+//! The balance-changing operations, one module each.
+//!
+//! An operation is a validated command (user, key, parameters) with four pure parts: its
+//! [`Fingerprint`], what it needs read under the lock ([`Reads`]), its decision
+//! ([`Operation::decide`]: an [`Effect`] to write, or why not) and the [`Outcome`] its
+//! success answers. Everything else (replay check, claim, lock, bounded retries, the one
+//! atomic step, the stored record, metrics) is the generic path in [`crate::service`],
+//! written once for every operation.
+//!
+//! Adding an operation: a module here (command, fingerprint, `decide`, `outcome`), an
+//! [`OperationKind`] and, when it writes something new, an [`Effect`] variant with its
+//! branch in each store adapter.
+
+use chrono::{DateTime, Utc};
+
+use crate::idempotency::Fingerprint;
+use crate::model::{EntryKind, Order, User};
+use crate::outcome::{Outcome, Refusal};
+use crate::ports::Assigned;
+use crate::types::{Amount, Balance, IdempotencyKey, Limits, OrderId, UserId};
+
+pub mod charge;
+pub mod pay;
+pub mod use_balance;
+
+pub use charge::Charge;
+pub use pay::Pay;
+pub use use_balance::UseBalance;
+
+/// Which operation a request (and its stored record) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OperationKind {
+    Charge,
+    Use,
+    Payment,
+}
+
+impl OperationKind {
+    pub const ALL: [OperationKind; 3] = [
+        OperationKind::Charge,
+        OperationKind::Use,
+        OperationKind::Payment,
+    ];
+
+    /// The name used in storage and in the API (`CHARGE`, `USE`, `PAYMENT`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::Charge => "CHARGE",
+            OperationKind::Use => "USE",
+            OperationKind::Payment => "PAYMENT",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == raw)
+    }
+
+    /// The `operation` label of the metrics (kept as it was before operations had a type).
+    pub fn label(self) -> &'static str {
+        match self {
+            OperationKind::Charge => "charge",
+            OperationKind::Use => "use",
+            OperationKind::Payment => "payment",
+        }
+    }
+}
+
+/// What the generic path reads under the lock besides the user, fresh on every attempt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// The order the operation is about.
+    pub order: Option<OrderId>,
+}
+
+/// What an operation decides on: the user and whatever its [`Reads`] asked for, all read
+/// under the user's lock in one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    pub user: User,
+    /// Set when [`Reads::order`] was, and the order exists (of any user: the operation
+    /// decides what another user's order means).
+    pub order: Option<Order>,
+}
+
+/// A change of the balance: the amount moved (always positive) and the balance after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Movement {
+    pub amount: Amount,
+    pub balance_after: Balance,
+}
+
+impl Movement {
+    /// `amount` moved in the direction of `kind` from `balance`, or `None` when the
+    /// balance would leave its bounds (below 0, above `MAX_BALANCE`).
+    pub fn of(kind: EntryKind, balance: Balance, amount: Amount, limits: &Limits) -> Option<Self> {
+        balance
+            .moved(kind, amount, limits)
+            .map(|balance_after| Movement {
+                amount,
+                balance_after,
+            })
+    }
+}
+
+/// What the atomic step writes. Each store adapter matches on it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Money in: the balance and a CHARGE ledger entry.
+    Charge(Movement),
+    /// Money out: the balance and a USE ledger entry.
+    Use(Movement),
+    /// Money out for an order: the balance, a PAYMENT ledger entry, the order PAID and its
+    /// payment row.
+    Pay { order: OrderId, movement: Movement },
+}
+
+impl Effect {
+    /// The kind of the ledger entry the effect writes (and so the sign of its amount).
+    pub fn entry_kind(&self) -> EntryKind {
+        match self {
+            Effect::Charge(_) => EntryKind::Charge,
+            Effect::Use(_) => EntryKind::Use,
+            Effect::Pay { .. } => EntryKind::Payment,
+        }
+    }
+
+    /// The balance change every effect makes.
+    pub fn movement(&self) -> Movement {
+        match self {
+            Effect::Charge(movement) | Effect::Use(movement) | Effect::Pay { movement, .. } => {
+                *movement
+            }
+        }
+    }
+}
+
+/// Why an operation does not run. A refusal is stored under the key and replayed; the
+/// others are not stored (a retry runs afresh).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decline {
+    /// A business refusal, decided on this state; stored.
+    Refused(Refusal),
+    /// The order read for the operation is missing, or another user's (404, not stored: its
+    /// existence is not leaked).
+    OrderNotFound,
+}
+
+impl From<Refusal> for Decline {
+    fn from(refusal: Refusal) -> Self {
+        Decline::Refused(refusal)
+    }
+}
+
+/// An effect as the store committed it, with the ids it assigned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedEffect {
+    pub user: UserId,
+    pub effect: Effect,
+    pub at: DateTime<Utc>,
+    pub assigned: Assigned,
+}
+
+/// One balance-changing operation, validated. Object-safe: the generic path takes any.
+pub trait Operation: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> OperationKind;
+
+    /// The user whose balance (and lock, and key space) this is.
+    fn user(&self) -> UserId;
+
+    fn key(&self) -> &IdempotencyKey;
+
+    /// What the request is, for idempotency; the stored strings never change.
+    fn fingerprint(&self) -> Fingerprint;
+
+    /// What the generic path reads under the lock besides the user.
+    fn reads(&self) -> Reads {
+        Reads::default()
+    }
+
+    /// Pure: what to write on `state`, or why not.
+    ///
+    /// # Errors
+    /// A [`Decline`]: a stored refusal, or a missing resource that is not stored.
+    fn decide(&self, state: &State, limits: &Limits) -> Result<Effect, Decline>;
+
+    /// The success to encode once the store assigned its ids.
+    fn outcome(&self, applied: &AppliedEffect) -> Outcome;
+}
+
+/// Fixtures of the operations' unit tests.
+#[cfg(test)]
+mod test_support {
+    use chrono::{DateTime, Utc};
+
+    use super::{AppliedEffect, Effect, State};
+    use crate::model::User;
+    use crate::ports::Assigned;
+    use crate::types::{Balance, EntryId, Limits, UserId};
+
+    pub(crate) fn limits() -> Limits {
+        Limits::new(1_000_000, 5_000_000).unwrap()
+    }
+
+    pub(crate) fn t() -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_795_356_000_123).unwrap()
+    }
+
+    /// User 1 with `balance`, at version 3, nothing else read.
+    pub(crate) fn state(balance: i64) -> State {
+        State {
+            user: User {
+                id: UserId::new(1).unwrap(),
+                balance: Balance::new(balance, &limits()).unwrap(),
+                version: 3,
+                created_at: t(),
+            },
+            order: None,
+        }
+    }
+
+    pub(crate) fn applied(effect: Effect) -> AppliedEffect {
+        AppliedEffect {
+            user: UserId::new(1).unwrap(),
+            effect,
+            at: t(),
+            assigned: Assigned {
+                entry_id: EntryId::new(9).unwrap(),
+                payment_id: None,
+            },
+        }
+    }
+}

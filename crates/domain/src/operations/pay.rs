@@ -1,0 +1,181 @@
+//! Paying an order from the balance: the order's amount out, the order PAID, a payment row.
+
+use crate::idempotency::Fingerprint;
+use crate::model::{EntryKind, OrderStatus};
+use crate::operations::{
+    AppliedEffect, Decline, Effect, Movement, Operation, OperationKind, Reads, State,
+};
+use crate::outcome::{BalanceReceipt, Outcome, PaymentReceipt, Refusal};
+use crate::types::{IdempotencyKey, Limits, OrderId, UserId};
+
+/// `POST /api/payments`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pay {
+    pub user: UserId,
+    pub order: OrderId,
+    pub key: IdempotencyKey,
+}
+
+/// The stored fingerprint of a payment; records written by every earlier version match it.
+pub fn fingerprint(user: UserId, order: OrderId) -> Fingerprint {
+    Fingerprint::from_stored(format!("payment:user={user}:order={order}"))
+}
+
+impl Operation for Pay {
+    fn kind(&self) -> OperationKind {
+        OperationKind::Payment
+    }
+
+    fn user(&self) -> UserId {
+        self.user
+    }
+
+    fn key(&self) -> &IdempotencyKey {
+        &self.key
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        fingerprint(self.user, self.order)
+    }
+
+    fn reads(&self) -> Reads {
+        Reads {
+            order: Some(self.order),
+        }
+    }
+
+    fn decide(&self, state: &State, limits: &Limits) -> Result<Effect, Decline> {
+        let order = state
+            .order
+            .as_ref()
+            // Another user's order is "not found": its existence is not leaked.
+            .filter(|order| order.id == self.order && order.user_id == state.user.id)
+            .ok_or(Decline::OrderNotFound)?;
+        if order.status == OrderStatus::Paid {
+            return Err(Refusal::OrderAlreadyPaid { order_id: order.id }.into());
+        }
+        let balance = state.user.balance;
+        Movement::of(EntryKind::Payment, balance, order.amount, limits)
+            .map(|movement| Effect::Pay {
+                order: order.id,
+                movement,
+            })
+            .ok_or(Decline::Refused(Refusal::InsufficientBalance {
+                balance,
+                requested: order.amount,
+            }))
+    }
+
+    fn outcome(&self, applied: &AppliedEffect) -> Outcome {
+        let movement = applied.effect.movement();
+        match (applied.effect, applied.assigned.payment_id) {
+            (Effect::Pay { order, .. }, Some(payment_id)) => Outcome::Paid(PaymentReceipt {
+                payment_id,
+                order_id: order,
+                user_id: applied.user,
+                amount: movement.amount,
+                balance: movement.balance_after,
+                paid_at: applied.at,
+            }),
+            // A store that applied a payment without assigning a payment id broke its port's
+            // contract; the answer still tells the truth about the balance (as before).
+            _ => Outcome::Used(BalanceReceipt {
+                user_id: applied.user,
+                balance: movement.balance_after,
+                amount: movement.amount,
+                at: applied.at,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Order;
+    use crate::operations::test_support::{applied, limits, state, t};
+    use crate::types::{Amount, PaymentId};
+
+    fn pay(order: i64) -> Pay {
+        Pay {
+            user: UserId::new(1).unwrap(),
+            order: OrderId::new(order).unwrap(),
+            key: IdempotencyKey::parse("k").unwrap(),
+        }
+    }
+
+    fn with_order(balance: i64, owner: i64, amount: i64, status: OrderStatus) -> State {
+        let mut state = state(balance);
+        state.order = Some(Order {
+            id: OrderId::new(5).unwrap(),
+            user_id: UserId::new(owner).unwrap(),
+            amount: Amount::new(amount, &limits()).unwrap(),
+            status,
+            created_at: t(),
+        });
+        state
+    }
+
+    #[test]
+    fn it_asks_for_its_order_and_pays_it_from_the_balance() {
+        assert_eq!(pay(5).reads().order, OrderId::new(5).ok());
+        let effect = pay(5).decide(&with_order(1_000, 1, 400, OrderStatus::Pending), &limits());
+        assert_eq!(
+            effect.map(|e| (e.entry_kind(), e.movement().balance_after.get())),
+            Ok((EntryKind::Payment, 600))
+        );
+    }
+
+    #[test]
+    fn a_missing_or_foreign_order_is_not_found_and_not_stored() {
+        let limits = limits();
+        assert_eq!(
+            pay(5).decide(&state(1_000), &limits),
+            Err(Decline::OrderNotFound)
+        );
+        assert_eq!(
+            pay(5).decide(&with_order(1_000, 2, 400, OrderStatus::Pending), &limits),
+            Err(Decline::OrderNotFound)
+        );
+    }
+
+    #[test]
+    fn a_paid_order_and_a_short_balance_are_refused() {
+        let limits = limits();
+        assert_eq!(
+            pay(5).decide(&with_order(1_000, 1, 400, OrderStatus::Paid), &limits),
+            Err(Decline::Refused(Refusal::OrderAlreadyPaid {
+                order_id: OrderId::new(5).unwrap()
+            }))
+        );
+        assert_eq!(
+            pay(5).decide(&with_order(399, 1, 400, OrderStatus::Pending), &limits),
+            Err(Decline::Refused(Refusal::InsufficientBalance {
+                balance: state(399).user.balance,
+                requested: Amount::new(400, &limits).unwrap(),
+            }))
+        );
+    }
+
+    #[test]
+    fn its_fingerprint_and_outcome_are_the_stored_ones() {
+        let op = pay(5);
+        assert_eq!(op.fingerprint().as_str(), "payment:user=1:order=5");
+        let effect = op
+            .decide(&with_order(1_000, 1, 400, OrderStatus::Pending), &limits())
+            .unwrap();
+        let mut done = applied(effect);
+        done.assigned.payment_id = PaymentId::new(3).ok();
+        let Outcome::Paid(receipt) = op.outcome(&done) else {
+            panic!("a payment answers Paid");
+        };
+        assert_eq!(
+            (
+                receipt.payment_id.get(),
+                receipt.order_id.get(),
+                receipt.balance.get()
+            ),
+            (3, 5, 600)
+        );
+    }
+}
