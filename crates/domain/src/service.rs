@@ -347,11 +347,13 @@ impl BalanceService {
         // Bounded: under the lock a conflict means the lock was bypassed (lease expired,
         // Redis down); a few fresh reads settle it, and an endless loop would hold the
         // lock and the client forever.
+        // Two budgets: a conflict and an abort are different causes, and an abort must get
+        // its re-run even with OPTIMISTIC_RETRIES=0 or on the last conflict retry.
+        let mut conflicts_left = self.settings.optimistic_retries;
         let mut aborts_left = ABORTED_STEP_RETRIES;
-        for attempt in 0..=self.settings.optimistic_retries {
-            if attempt > 0 {
-                metrics::counter!(m::OPTIMISTIC_RETRIES_TOTAL).increment(1);
-            }
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
             let now = self.ports.clock.now();
             let plan = self.plan(op, fingerprint, now).await?;
             let result = match plan {
@@ -378,6 +380,14 @@ impl BalanceService {
                 }
                 Err(StepError::VersionConflict | StepError::OrderNotPending) => {
                     metrics::counter!(m::OPTIMISTIC_CONFLICTS_TOTAL).increment(1);
+                    if conflicts_left == 0 {
+                        metrics::counter!(m::OPTIMISTIC_EXHAUSTED_TOTAL).increment(1);
+                        return Err(OperationError::Unavailable(anyhow::anyhow!(
+                            "optimistic retries exhausted after {attempt} attempts"
+                        )));
+                    }
+                    conflicts_left -= 1;
+                    metrics::counter!(m::OPTIMISTIC_RETRIES_TOTAL).increment(1);
                     tracing::debug!(attempt, "optimistic conflict; retrying from a fresh read");
                 }
                 // Nothing was committed (the store says so only then), so a fresh read and
@@ -403,11 +413,6 @@ impl BalanceService {
                 Err(other) => return Err(other.into()),
             }
         }
-        metrics::counter!(m::OPTIMISTIC_EXHAUSTED_TOTAL).increment(1);
-        Err(OperationError::Unavailable(anyhow::anyhow!(
-            "optimistic retries exhausted after {} attempts",
-            self.settings.optimistic_retries + 1
-        )))
     }
 
     /// Reads the current state (the user, then what the operation reads) and lets the

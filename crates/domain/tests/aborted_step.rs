@@ -50,6 +50,14 @@ fn service(
     answers: Vec<Option<fn() -> StepError>>,
     reads: &Arc<AtomicUsize>,
 ) -> (BalanceService, Arc<AtomicUsize>) {
+    service_with(answers, reads, Settings::default())
+}
+
+fn service_with(
+    answers: Vec<Option<fn() -> StepError>>,
+    reads: &Arc<AtomicUsize>,
+    settings: Settings,
+) -> (BalanceService, Arc<AtomicUsize>) {
     let mut users = MockUserRepo::new();
     let counted = Arc::clone(reads);
     users.expect_get_user().returning(move |id| {
@@ -98,7 +106,7 @@ fn service(
             encoder: Arc::new(TestEncoder),
             clock: Arc::new(FixedClock),
         },
-        Settings::default(),
+        settings,
     );
     (service, attempts)
 }
@@ -132,6 +140,38 @@ async fn an_aborted_step_is_run_again_from_a_fresh_read() {
         2,
         "the retry reads the user afresh"
     );
+}
+
+/// The abort's re-run has a budget of its own: it is not spent by conflicts, nor missing
+/// when no conflict retries are configured.
+#[tokio::test]
+async fn an_aborted_step_is_run_again_even_without_optimistic_retries() {
+    let reads = Arc::new(AtomicUsize::new(0));
+    let settings = Settings {
+        optimistic_retries: 0,
+        ..Settings::default()
+    };
+    let (service, attempts) = service_with(vec![Some(aborted), None], &reads, settings);
+    let done = service.execute(charge()).await.unwrap();
+    assert_eq!(done.response.status, 200);
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_abort_after_the_last_conflict_retry_is_still_run_again() {
+    let reads = Arc::new(AtomicUsize::new(0));
+    let settings = Settings {
+        optimistic_retries: 1,
+        ..Settings::default()
+    };
+    let (service, attempts) = service_with(
+        vec![Some(|| StepError::VersionConflict), Some(aborted), None],
+        &reads,
+        settings,
+    );
+    let done = service.execute(charge()).await.unwrap();
+    assert_eq!(done.response.status, 200);
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
