@@ -177,7 +177,13 @@ async fn run_holding_lock(session: &MySqlPool) -> anyhow::Result<()> {
     if holds != Some(1) {
         anyhow::bail!("the connection holding the migration lock was lost; run migrate again");
     }
-    MIGRATOR
+    // A database a newer version migrated further (a rollback, or an older pod restarting
+    // during a rolling upgrade) has migrations this binary does not know: they are additive by
+    // rule (new files only), so this binary can still serve on it, and refusing to start would
+    // turn every rollback into an outage.
+    let mut migrator = sqlx::migrate!("../../migrations");
+    migrator.set_ignore_missing(true);
+    migrator
         .run(session)
         .await
         .context("could not apply the database migrations")
