@@ -10,27 +10,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source="${1:?usage: .ci/openapi.sh URL|FILE|BINARY}"
 
-requirements="$here/openapi-requirements.txt"
-python="${OPENAPI_PYTHON:-python3}"
-py_version="$("$python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
-key="$( { cat "$requirements"; echo "$py_version"; } | sha256sum | cut -c1-12)"
-venv="${XDG_CACHE_HOME:-$HOME/.cache}/balance-service-ci/openapi-$key"
-if [ ! -f "$venv/.complete" ]; then
-  echo "== installing the pinned openapi-spec-validator into $venv (Python $py_version)"
-  rm -rf "$venv"
-  mkdir -p "$(dirname "$venv")"
-  if ! "$python" -m venv "$venv" 2>/dev/null; then
-    # Debian's python3 ships venv separately.
-    rm -rf "$venv"
-    apt-get install -y -qq python3-venv >/dev/null
-    "$python" -m venv "$venv"
-  fi
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-    -r "$requirements"
-  "$venv/bin/python" -m pip check --disable-pip-version-check
-  # Written last: a venv without it (an install that broke off) is made again.
-  touch "$venv/.complete"
-fi
+# shellcheck source=venv.sh
+. "$here/venv.sh"
+pinned_venv openapi "$here/openapi-requirements.txt" "${OPENAPI_PYTHON:-python3}"
 
 document="$(mktemp --suffix=.json)"
 trap 'rm -f "$document"' EXIT

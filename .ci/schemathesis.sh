@@ -34,28 +34,9 @@ if [ ! -x "$bin" ]; then
   exit 1
 fi
 
-# The venv: one per requirements file and Python version, made whole or not at all.
-requirements="$here/schemathesis-requirements.txt"
-python="${SCHEMATHESIS_PYTHON:-python3}"
-py_version="$("$python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
-key="$( { cat "$requirements"; echo "$py_version"; } | sha256sum | cut -c1-12)"
-venv="${XDG_CACHE_HOME:-$HOME/.cache}/balance-service-ci/schemathesis-$key"
-if [ ! -f "$venv/.complete" ]; then
-  echo "== installing the pinned schemathesis into $venv (Python $py_version)"
-  rm -rf "$venv"
-  mkdir -p "$(dirname "$venv")"
-  if ! "$python" -m venv "$venv" 2>/dev/null; then
-    # Debian's python3 ships venv separately.
-    rm -rf "$venv"
-    apt-get install -y -qq python3-venv >/dev/null
-    "$python" -m venv "$venv"
-  fi
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-    -r "$requirements"
-  "$venv/bin/python" -m pip check --disable-pip-version-check
-  # Written last: a venv without it (an install that broke off) is made again.
-  touch "$venv/.complete"
-fi
+# shellcheck source=venv.sh
+. "$here/venv.sh"
+pinned_venv schemathesis "$here/schemathesis-requirements.txt" "${SCHEMATHESIS_PYTHON:-python3}"
 st=("$venv/bin/python" -m schemathesis.cli)
 echo "== $("${st[@]}" --version 2>&1 | head -1) on Python $py_version"
 
