@@ -30,3 +30,13 @@ bench *ARGS:
 # `just chaos --list`, `just chaos --only mariadb-kill`, `just chaos --update-doc`).
 chaos *ARGS:
     python3 chaos/run.py {{ARGS}}
+
+# A 3-node MariaDB Galera cluster on loopback (needs root): `just galera up` prints the
+# TEST_GALERA_URLS line for the opt-in Galera tests; `just galera status`, `just galera down`.
+galera *ARGS:
+    python3 chaos/galera.py {{ARGS}}
+
+# The opt-in Galera tests (HTTP conformance and multi-primary conflicts) against the cluster
+# of `just galera up`.
+test-galera *ARGS:
+    TEST_GALERA_URLS="$(python3 chaos/galera.py urls)" cargo test -p app -- --ignored galera {{ARGS}}

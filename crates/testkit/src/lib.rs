@@ -18,5 +18,5 @@ mod servers;
 mod skip;
 
 pub use redis_server::RedisServer;
-pub use servers::{TestDatabase, TestRedis};
+pub use servers::{TestDatabase, TestRedis, galera_urls};
 pub use skip::{SKIP_LOG_VAR, SKIP_MARK, is_ci, skip, skip_line};
