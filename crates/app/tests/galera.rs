@@ -89,7 +89,8 @@ async fn run_op(app: &TestApp, user: i64, amount: i64) -> Outcome {
         let body: Value = res.json().await.unwrap_or(Value::Null);
         let code = body["code"].as_str().map(str::to_owned);
         let again = status.is_server_error()
-            || (status == StatusCode::CONFLICT && code.as_deref() == Some("IDEMPOTENCY_KEY_IN_USE"));
+            || (status == StatusCode::CONFLICT
+                && code.as_deref() == Some("IDEMPOTENCY_KEY_IN_USE"));
         if !again {
             return Outcome {
                 user,
@@ -133,6 +134,20 @@ async fn causal(url: &str) -> MySqlConnection {
         .await
         .unwrap();
     conn
+}
+
+/// Waits (bounded) until the node of `server` has the database `name`: DDL reaches every
+/// node in the same order, but each node applies it on its own.
+async fn wait_for_database(server: &str, name: &str) {
+    let mut conn = causal(&format!("{server}/")).await;
+    let (n,): (i64,) =
+        sqlx::query_as("select count(*) from information_schema.schemata where schema_name = ?")
+            .bind(name)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(n, 1, "database {name} on {server}");
+    let _ = conn.close().await;
 }
 
 /// A sum of one metric over the instances.
@@ -242,7 +257,11 @@ async fn hot_users_through_every_node(policy: RedisDownPolicy, redis_up: bool) {
     let mut retried: BTreeMap<String, usize> = BTreeMap::new();
     for (status, code, _) in outcomes.iter().flat_map(|o| &o.retried) {
         *retried
-            .entry(format!("{} {}", status.as_u16(), code.as_deref().unwrap_or("-")))
+            .entry(format!(
+                "{} {}",
+                status.as_u16(),
+                code.as_deref().unwrap_or("-")
+            ))
             .or_default() += 1;
     }
     let conflicts = wsrep_counter(&db, "wsrep_local_cert_failures").await
@@ -260,7 +279,10 @@ async fn hot_users_through_every_node(policy: RedisDownPolicy, redis_up: bool) {
     if !redis_up {
         // Without the lock the only guard is the database: the cluster must have seen
         // conflicting commits on different nodes, and the service retried them.
-        assert!(conflicts > 0, "no Galera conflict happened: the test proved nothing");
+        assert!(
+            conflicts > 0,
+            "no Galera conflict happened: the test proved nothing"
+        );
         assert!(optimistic > 0.0, "the service saw no conflict to retry");
     }
 
@@ -292,7 +314,12 @@ async fn hot_users_through_every_node(policy: RedisDownPolicy, redis_up: bool) {
                 node + 1
             );
         }
-        assert_eq!(seen, acked, "node {}: the ledger is not the acknowledged operations", node + 1);
+        assert_eq!(
+            seen,
+            acked,
+            "node {}: the ledger is not the acknowledged operations",
+            node + 1
+        );
         let _ = conn.close().await;
     }
     for app in apps.iter() {
@@ -314,4 +341,52 @@ async fn galera_hot_users_on_every_node_with_the_redis_lock() {
 #[ignore = "needs a Galera cluster: python3 chaos/galera.py up, then TEST_GALERA_URLS=$(python3 chaos/galera.py urls) cargo test -p app --test galera -- --ignored"]
 async fn galera_hot_users_on_every_node_with_redis_down_degrade() {
     hot_users_through_every_node(RedisDownPolicy::Degrade, false).await;
+}
+
+/// Deploying on Galera: the schema is migrated once, through one node (`balance-service
+/// migrate`), and then every instance starts with MIGRATE_ON_START through its own node at
+/// the same time: those runs find the schema current and write nothing, so they neither
+/// fail nor disturb each other. (Concurrent runs that do apply migrations through different
+/// nodes are not safe: `GET_LOCK` is node-local on Galera; see docs/operations.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a Galera cluster: python3 chaos/galera.py up, then TEST_GALERA_URLS=$(python3 chaos/galera.py urls) cargo test -p app --test galera -- --ignored"]
+async fn galera_migrate_once_then_every_node_starts_with_migrate_on_start() {
+    let _serial = SERIAL.lock().await;
+    // Created and migrated through node 1, present on every node.
+    let Some(db) = testkit::TestDatabase::create_on_galera(0).await else {
+        return;
+    };
+    let mut runs = Vec::new();
+    for url in db.nodes.clone() {
+        runs.push(tokio::spawn(async move {
+            let pool = mysql_repo::connect(&url, 2).await.unwrap();
+            let run = mysql_repo::migrate(&pool)
+                .await
+                .map_err(|e| format!("{e:#}"));
+            pool.close().await;
+            run
+        }));
+    }
+    let mut results = Vec::new();
+    for run in runs {
+        results.push(run.await.unwrap());
+    }
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    // Every migration applied once, and marked done, as every node sees it.
+    for url in &db.nodes {
+        let mut conn = causal(url).await;
+        let (done, failed): (i64, i64) = sqlx::query_as(
+            "select cast(sum(success) as signed), cast(sum(not success) as signed) from _sqlx_migrations",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(
+            (done, failed),
+            (mysql_repo::MIGRATOR.iter().count() as i64, 0),
+            "{url}"
+        );
+        let _ = conn.close().await;
+    }
+    db.cleanup().await;
 }

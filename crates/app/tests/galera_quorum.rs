@@ -104,7 +104,11 @@ where
     panic!("gave up waiting: {what}");
 }
 
-async fn instance_on(db: &testkit::TestDatabase, redis: &testkit::TestRedis, node: usize) -> TestApp {
+async fn instance_on(
+    db: &testkit::TestDatabase,
+    redis: &testkit::TestRedis,
+    node: usize,
+) -> TestApp {
     let mut cfg = config();
     cfg.database_url = Some(db.nodes[node].clone().into());
     cfg.redis_url = Some(redis.url.clone().into());
@@ -133,7 +137,10 @@ async fn galera_a_node_without_quorum_is_unready_and_answers_503() {
     let cut = instance_on(&db, &redis, last).await;
     let user = kept.user_with(100).await;
     wait_until("the user reached the last node", || async {
-        cut.get(&format!("/api/users/{user}/balance")).await.status() == StatusCode::OK
+        cut.get(&format!("/api/users/{user}/balance"))
+            .await
+            .status()
+            == StatusCode::OK
     })
     .await;
     let server = server_of(&db.nodes[last]);
@@ -146,14 +153,26 @@ async fn galera_a_node_without_quorum_is_unready_and_answers_503() {
 
     // The instance on the node without quorum: unready, and 503 with Retry-After.
     let ready = cut.get("/health/ready").await;
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE, "readiness on a node without quorum");
+    assert_eq!(
+        ready.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "readiness on a node without quorum"
+    );
     let key = new_key();
     let (status, code, headers, body) = problem(cut.charge(user, 7, &key).await).await;
-    assert_eq!((status, code.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"), "{body}");
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"),
+        "{body}"
+    );
     assert!(headers.get("retry-after").is_some());
     let text = body.to_string();
-    assert!(!text.contains("WSREP") && !text.contains("1047"), "no internals: {text}");
-    let (status, _, headers, _) = problem(cut.get(&format!("/api/users/{user}/balance")).await).await;
+    assert!(
+        !text.contains("WSREP") && !text.contains("1047"),
+        "no internals: {text}"
+    );
+    let (status, _, headers, _) =
+        problem(cut.get(&format!("/api/users/{user}/balance")).await).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(headers.get("retry-after").is_some());
 
