@@ -55,10 +55,10 @@ async def readiness(sc: Scenario) -> list[str]:
     return down
 
 
-def sql_audit(sc: Scenario) -> list[str]:
-    """The audit's five checks, in SQL: used when the binary has no `audit`, and always as
-    a second opinion."""
-    q = lambda s: sc.suite.db.sql(s, sc.dbname)  # noqa: E731
+def sql_audit(sc: Scenario, db: Any) -> list[str]:
+    """The audit's five checks, in SQL on `db`: used when the binary has no `audit`, and
+    always as a second opinion."""
+    q = lambda s: db.sql(s, sc.dbname)  # noqa: E731
     breaches: list[str] = []
     for r in q("select u.id, u.balance, coalesce(l.total, 0), n.balance_after from users u "
                "left join (select user_id, sum(case kind when 'CHARGE' then amount else -amount end) total, "
@@ -96,115 +96,134 @@ def sql_audit(sc: Scenario) -> list[str]:
     return breaches
 
 
-def binary_audit(sc: Scenario) -> tuple[bool | None, str]:
+def binary_audit(sc: Scenario, env: dict[str, str], label: str = "") -> tuple[bool | None, str]:
     """`balance-service audit` when the binary has it: (clean?, output); (None, why) if not."""
     if not sc.suite.has_audit:
         return None, "the binary has no `audit` subcommand"
-    r = sh([str(BIN), "audit"], env=clean_env(sc.env), check=False, timeout=300)
+    r = sh([str(BIN), "audit"], env=clean_env(env), check=False, timeout=300)
     out = (r.stdout + r.stderr).strip()
-    (sc.dir / "audit.txt").write_text(out + f"\n(exit {r.returncode})\n")
+    name = f"audit-{label.rstrip(': ')}.txt" if label else "audit.txt"
+    (sc.dir / name).write_text(out + f"\n(exit {r.returncode})\n")
     if r.returncode == 0:
         return True, "exit 0"
     return False, f"exit {r.returncode}: {out[-1500:]}"
 
 
+def settle(node: Any) -> None:
+    """Waits until a Galera node has applied every write the cluster committed (a read
+    with `wsrep_sync_wait`), so its books are read whole."""
+    node.sql("set session wsrep_sync_wait = 1; select count(*) from users", timeout=120)
+
+
 def check_scenario(sc: Scenario) -> list[tuple[str, bool, str]]:
-    db = sc.suite.db
     checks: list[tuple[str, bool, str]] = []
 
     def add(name: str, problems: list[str], ok_detail: str = "") -> None:
         detail = "; ".join(problems[:8]) + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
         checks.append((name, not problems, detail or ok_detail))
 
-    # The books.
-    ok, out = binary_audit(sc)
-    if ok is not None:
-        checks.append(("balance-service audit clean", ok, out))
-    breaches = sql_audit(sc)
-    add("audit checks in SQL clean", breaches, "5 checks, 0 breaches")
+    def books(label: str, db: Any, env: dict[str, str], first: bool) -> tuple[int, int, int, list[str], int]:
+        """The checks of the books on one database; the answers-only checks once (`first`)."""
+        ok, out = binary_audit(sc, env, label)
+        if ok is not None:
+            checks.append((label + "balance-service audit clean", ok, out))
+        breaches = sql_audit(sc, db)
+        add(label + "audit checks in SQL clean", breaches, "5 checks, 0 breaches")
 
-    ledger: dict[tuple[int, str], list[tuple[str, int, int]]] = collections.defaultdict(list)
-    for user, key, kind, amount, eid in db.sql(
-            "select user_id, idempotency_key, kind, amount, id from ledger_entries where idempotency_key is not null",
-            sc.dbname):
-        ledger[(int(user), key)].append((kind, int(amount), int(eid)))
-    sc.ledger = ledger
-    sc.order_status = {int(o): (st, int(a), k if k != "NULL" else None) for o, st, a, k in db.sql(
-        "select o.id, o.status, o.amount, p.idempotency_key from orders o left join payments p on p.order_id = o.id",
-        sc.dbname)}
-    balances = {int(u): int(b) for u, b in db.sql("select id, balance from users", sc.dbname)}
+        ledger: dict[tuple[int, str], list[tuple[str, int, int]]] = collections.defaultdict(list)
+        for user, key, kind, amount, eid in db.sql(
+                "select user_id, idempotency_key, kind, amount, id from ledger_entries where idempotency_key is not null",
+                sc.dbname):
+            ledger[(int(user), key)].append((kind, int(amount), int(eid)))
+        sc.ledger = ledger
+        sc.order_status = {int(o): (st, int(a), k if k != "NULL" else None) for o, st, a, k in db.sql(
+            "select o.id, o.status, o.amount, p.idempotency_key from orders o left join payments p on p.order_id = o.id",
+            sc.dbname)}
+        balances = {int(u): int(b) for u, b in db.sql("select id, balance from users", sc.dbname)}
 
-    add("no key applied twice", [f"user {u} key {k}: {len(v)} entries" for (u, k), v in ledger.items() if len(v) > 1])
+        add(label + "no key applied twice", [f"user {u} key {k}: {len(v)} entries" for (u, k), v in ledger.items() if len(v) > 1])
 
-    by_key: dict[tuple[int, str], list[Op]] = collections.defaultdict(list)
-    for op in sc.ops:
-        by_key[(op.user, op.key)].append(op)
+        by_key: dict[tuple[int, str], list[Op]] = collections.defaultdict(list)
+        for op in sc.ops:
+            by_key[(op.user, op.key)].append(op)
 
-    phantom = [f"user {u} key {k}" for (u, k) in ledger if (u, k) not in by_key]
-    missing, wrong, unacked, refused_applied, mismatch, fresh2, body_diff, bad_body = [], [], [], [], [], [], [], []
-    expected = dict(sc.initial)
-    acked = applied = refusals = 0
-    for (user, key), senders in by_key.items():
-        entries = ledger.get((user, key), [])
-        oks = [s for s in senders if s.final and s.final["status"] == 200]
-        stored = [s for s in senders if s.final and s.final["code"] in STORED_REFUSALS]
-        answered = [s for s in senders if s.final]
-        if len(answered) < len(senders):
-            unacked.append(f"user {user} key {key} ({len(entries)} ledger entries)")
-        if len({s.fingerprint() for s in oks}) > 1:
-            mismatch.append(f"user {user} key {key}: 200s for different requests")
-        # Every answer of this key that is not about the key itself must be byte-identical.
-        answers = {t["body"] for s in senders for t in s.tries
-                   if t["status"] == 200 or (t["code"] in STORED_REFUSALS)}
-        if len(answers) > 1:
-            body_diff.append(f"user {user} key {key}: {len(answers)} different bodies")
-        fresh = [t for s in senders for t in s.tries if t["status"] == 200 and not t["replayed"]]
-        if len(fresh) > 1:
-            fresh2.append(f"user {user} key {key}: {len(fresh)} non-replayed 200s")
-        if oks:
-            acked += 1
-            op = oks[0]
-            kind = {"charge": "CHARGE", "use": "USE", "payment": "PAYMENT"}[op.kind]
-            if len(entries) != 1:
-                missing.append(f"user {user} key {key}: acknowledged, {len(entries)} ledger entries")
-            elif entries[0][:2] != (kind, op.amount):
-                wrong.append(f"user {user} key {key}: sent {kind} {op.amount}, ledger {entries[0][:2]}")
-            expected[user] = expected.get(user, 0) + op.effect()
-            if op.kind == "payment":
-                st = sc.order_status.get(op.order)
-                if not st or st[0] != "PAID" or st[2] != key:
-                    wrong.append(f"order {op.order} paid by {key} is {st}")
-            try:
-                b = json.loads(op.final["body"])
-                want = {"charge": {"userId": user, "chargedAmount": op.amount},
-                        "use": {"userId": user, "usedAmount": op.amount},
-                        "payment": {"userId": user, "orderId": op.order, "amount": op.amount,
-                                    "status": "COMPLETED"}}[op.kind]
-                if any(b.get(k) != v for k, v in want.items()) or not isinstance(b.get("balance"), int):
-                    bad_body.append(f"{key}: {op.final['body'][:200]}")
-            except ValueError:
-                bad_body.append(f"{key}: not JSON: {op.final['body'][:200]}")
-        elif stored:
-            refusals += 1
-            if entries:
-                refused_applied.append(f"user {user} key {key}: refused {stored[0].final['code']} but "
-                                       f"{len(entries)} ledger entries")
-        elif entries:
-            # Never acknowledged but applied: allowed (its answer was lost), and counted.
-            op = senders[0]
-            expected[user] = expected.get(user, 0) + op.effect()
-        applied += len(entries)
+        phantom = [f"user {u} key {k}" for (u, k) in ledger if (u, k) not in by_key]
+        missing, wrong, unacked, refused_applied, mismatch, fresh2, body_diff, bad_body = [], [], [], [], [], [], [], []
+        expected = dict(sc.initial)
+        acked = applied = refusals = 0
+        for (user, key), senders in by_key.items():
+            entries = ledger.get((user, key), [])
+            oks = [s for s in senders if s.final and s.final["status"] == 200]
+            stored = [s for s in senders if s.final and s.final["code"] in STORED_REFUSALS]
+            answered = [s for s in senders if s.final]
+            if len(answered) < len(senders):
+                unacked.append(f"user {user} key {key} ({len(entries)} ledger entries)")
+            if len({s.fingerprint() for s in oks}) > 1:
+                mismatch.append(f"user {user} key {key}: 200s for different requests")
+            # Every answer of this key that is not about the key itself must be byte-identical.
+            answers = {t["body"] for s in senders for t in s.tries
+                       if t["status"] == 200 or (t["code"] in STORED_REFUSALS)}
+            if len(answers) > 1:
+                body_diff.append(f"user {user} key {key}: {len(answers)} different bodies")
+            fresh = [t for s in senders for t in s.tries if t["status"] == 200 and not t["replayed"]]
+            if len(fresh) > 1:
+                fresh2.append(f"user {user} key {key}: {len(fresh)} non-replayed 200s")
+            if oks:
+                acked += 1
+                op = oks[0]
+                kind = {"charge": "CHARGE", "use": "USE", "payment": "PAYMENT"}[op.kind]
+                if len(entries) != 1:
+                    missing.append(f"user {user} key {key}: acknowledged, {len(entries)} ledger entries")
+                elif entries[0][:2] != (kind, op.amount):
+                    wrong.append(f"user {user} key {key}: sent {kind} {op.amount}, ledger {entries[0][:2]}")
+                expected[user] = expected.get(user, 0) + op.effect()
+                if op.kind == "payment":
+                    st = sc.order_status.get(op.order)
+                    if not st or st[0] != "PAID" or st[2] != key:
+                        wrong.append(f"order {op.order} paid by {key} is {st}")
+                try:
+                    b = json.loads(op.final["body"])
+                    want = {"charge": {"userId": user, "chargedAmount": op.amount},
+                            "use": {"userId": user, "usedAmount": op.amount},
+                            "payment": {"userId": user, "orderId": op.order, "amount": op.amount,
+                                        "status": "COMPLETED"}}[op.kind]
+                    if any(b.get(k) != v for k, v in want.items()) or not isinstance(b.get("balance"), int):
+                        bad_body.append(f"{key}: {op.final['body'][:200]}")
+                except ValueError:
+                    bad_body.append(f"{key}: not JSON: {op.final['body'][:200]}")
+            elif stored:
+                refusals += 1
+                if entries:
+                    refused_applied.append(f"user {user} key {key}: refused {stored[0].final['code']} but "
+                                           f"{len(entries)} ledger entries")
+            elif entries:
+                # Never acknowledged but applied: allowed (its answer was lost), and counted.
+                op = senders[0]
+                expected[user] = expected.get(user, 0) + op.effect()
+            applied += len(entries)
 
-    add("every acknowledged operation in the ledger exactly once, as sent", missing + wrong + mismatch,
-        f"{acked} acknowledged keys, {applied} ledger entries with a client key")
-    add("stored refusals have no ledger entry", refused_applied, f"{refusals} stored refusals")
-    add("no ledger entry with a key no client sent", phantom)
-    add("every operation got a final answer", unacked, f"{len(by_key)} keys, all answered")
-    add("balance of every user = opening balance + acknowledged effects",
-        [f"user {u}: balance {balances.get(u)} expected {e}" for u, e in expected.items() if balances.get(u) != e],
-        f"{len(balances)} users")
-    add("all answers of one key byte-identical; at most one non-replayed 200", body_diff + fresh2)
-    add("200 bodies match their requests", bad_body)
+        add(label + "every acknowledged operation in the ledger exactly once, as sent", missing + wrong + mismatch,
+            f"{acked} acknowledged keys, {applied} ledger entries with a client key")
+        add(label + "stored refusals have no ledger entry", refused_applied, f"{refusals} stored refusals")
+        add(label + "no ledger entry with a key no client sent", phantom)
+        if first:
+            add("every operation got a final answer", unacked, f"{len(by_key)} keys, all answered")
+        add(label + "balance of every user = opening balance + acknowledged effects",
+            [f"user {u}: balance {balances.get(u)} expected {e}" for u, e in expected.items() if balances.get(u) != e],
+            f"{len(balances)} users")
+        if first:
+            add("all answers of one key byte-identical; at most one non-replayed 200", body_diff + fresh2)
+            add("200 bodies match their requests", bad_body)
+
+        return acked, refusals, applied, unacked, len(by_key)
+
+    # The books: on the database, or on every Galera node (each settled first).
+    results = []
+    for n, (label, db, env) in enumerate(sc.books()):
+        if sc.spec.galera:
+            settle(db)
+        results.append(books(label, db, env, n == 0))
+    acked, refusals, applied, unacked, keys = results[0]
 
     # What the clients saw.
     leaks, bad5xx, unexpected4xx = [], [], []
@@ -244,7 +263,7 @@ def check_scenario(sc: Scenario) -> list[tuple[str, bool, str]]:
     add("every instance ready (/health/ready 200) after the fault", sc.not_ready)
 
     sc.counts = {
-        "operations": len(sc.ops), "keys": len(by_key), "requests": len(all_tries(sc)),
+        "operations": len(sc.ops), "keys": keys, "requests": len(all_tries(sc)),
         "retries": len(all_tries(sc)) - len(sc.ops), "acknowledged": acked, "refused": refusals,
         "applied": applied, "unanswered": len(unacked),
         "5xx": sum(1 for t in all_tries(sc) if (t["status"] or 0) >= 500),

@@ -23,6 +23,8 @@ from lib.common import (BIN, DOC, DOC_END, DOC_START, HOST_IP, NETNS, NS_IP, PRO
 from lib.driver import Scenario, Spec
 from lib.servers import MariaDB, Netns
 
+from galera import GaleraCluster, port_free
+
 
 COMMON = "audit clean, no key applied twice, every acknowledged operation in the ledger once, balances = acknowledged effects, every operation answered, no internals in error bodies"
 
@@ -37,6 +39,7 @@ class Suite:
         self.netns = Netns()
         self.netns_error: str | None = None
         self.db: MariaDB
+        self.galera: GaleraCluster | None = None
         self.has_audit = False
 
     def prepare(self) -> None:
@@ -54,6 +57,11 @@ class Suite:
         log(f"installing and starting a private MariaDB on 127.0.0.1:{self.db.port} ({self.db.datadir})")
         self.db.install()
         self.db.start()
+        if any(s.galera for s in self.specs):
+            base = free_galera_base()
+            self.galera = GaleraCluster(self.workdir / "galera", base, spawn=PROCS.spawn, log=log)
+            log(f"starting a 3-node Galera cluster on 127.0.0.1:{base}-{base + 2} ({self.galera.dir})")
+            self.galera.up()
         helptext = sh([str(BIN), "--help"]).stdout
         self.has_audit = bool(re.search(r"^\s+audit\s", helptext, re.M))
         log(f"balance-service audit: {'present, used' if self.has_audit else 'absent, SQL checks only'}")
@@ -99,6 +107,8 @@ class Suite:
             if self.db.proc is not None and self.db.proc.poll() is not None:
                 log("mariadbd is down after the scenario; restarting it for the next one")
                 self.db.start()
+            if self.galera is not None:
+                self.heal_galera()
         result["duration"] = round(time.monotonic() - started, 1)
         (sc.dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
         self.print_result(result)
@@ -125,11 +135,33 @@ class Suite:
         for name, ok, detail in r["checks"]:
             log(f"   {'ok  ' if ok else 'FAIL'} {name}: {detail}")
 
+    def heal_galera(self) -> None:
+        """Every node running, not stopped, and Synced in a cluster of three, for the next
+        scenario."""
+        assert self.galera is not None
+        for node in self.galera.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                os.kill(node.proc.pid, signal.SIGCONT)
+            else:
+                log(f"galera {node.name} is down after the scenario; restarting it")
+                node.start()
+        for node in self.galera.nodes:
+            node.wait_synced(180, size=len(self.galera.nodes))
+
     def cleanup(self) -> None:
         PROCS.kill_all()
         self.netns.teardown()
         if not self.args.keep:
             shutil.rmtree(self.workdir / "mariadb" / "data", ignore_errors=True)
+            shutil.rmtree(self.workdir / "galera", ignore_errors=True)
+
+
+def free_galera_base() -> int:
+    """SQL ports for a cluster of the suite's own, clear of `just galera up`'s default."""
+    for base in range(33306, 60000, 2000):
+        if all(port_free(p) for p in list(range(base, base + 3)) + list(range(base + 1010, base + 1040))):
+            return base
+    raise RuntimeError("no free ports for a Galera cluster")
 
 
 def ensure_tools(need_netns: bool) -> None:
