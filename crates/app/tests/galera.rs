@@ -320,6 +320,23 @@ async fn hot_users_through_every_node(policy: RedisDownPolicy, redis_up: bool) {
             "node {}: the ledger is not the acknowledged operations",
             node + 1
         );
+        // Ids come from each node's own sequence (auto_increment_increment = nodes), yet a
+        // user's entries in id order are its history in commit order: each balance_after
+        // is the one before plus the entry's effect.
+        for user in expected.keys() {
+            let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+                "select kind, amount, balance_after from ledger_entries where user_id = ? order by id",
+            )
+            .bind(user)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            let mut running = 0;
+            for (kind, amount, after) in rows {
+                running += if kind == "CHARGE" { amount } else { -amount };
+                assert_eq!(after, running, "node {}: user {user}'s entries out of order", node + 1);
+            }
+        }
         let _ = conn.close().await;
     }
     for app in apps.iter() {
