@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -141,10 +142,40 @@ wsrep_slave_threads=2
         sh(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
             "--auth-root-authentication-method=normal", "--skip-test-db", "--skip-name-resolve"], timeout=180)
 
-    def start(self, new_cluster: bool = False) -> None:
+    def start(self, new_cluster: bool = False, position: str | None = None) -> None:
         args = ["mariadbd", f"--defaults-file={self.cnf}"] + (["--wsrep-new-cluster"] if new_cluster else [])
+        if position:
+            args.append(f"--wsrep-start-position={position}")
         self.proc = self.cluster.spawn(args, self.base / "mariadbd.out")
         self.pid = self.proc.pid
+
+    def recover_position(self) -> str | None:
+        """The last committed `uuid:seqno` of a node that was killed (its grastate.dat says
+        seqno -1), read from InnoDB by `mariadbd --wsrep-recover`; None when the saved
+        state already has it."""
+        try:
+            state = (self.datadir / "grastate.dat").read_text()
+        except OSError:
+            return None
+        if "seqno:   -1" not in state and "seqno: -1" not in state:
+            return None
+        log = self.base / "wsrep-recover.log"
+        log.unlink(missing_ok=True)
+        sh(["mariadbd", f"--defaults-file={self.cnf}", "--wsrep-recover", f"--log-error={log}"],
+           check=False, timeout=180)
+        found = None
+        for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+            if "WSREP: Recovered position:" in line:
+                found = line.rsplit("Recovered position:", 1)[1].strip()
+        return found
+
+    def restart(self) -> str | None:
+        """Starts a stopped or killed node again so that it rejoins the running cluster.
+        Without its recovered position a killed node would ask for a full state transfer
+        (SST) instead of the missing writes (IST); returns the position it started from."""
+        position = self.recover_position()
+        self.start(position=position)
+        return position
 
     def alive(self) -> bool:
         if self.pid is None:
@@ -187,6 +218,26 @@ wsrep_slave_threads=2
             time.sleep(0.3)
         raise RuntimeError(f"{self.name} not Synced after {timeout:.0f}s; see {self.errlog}")
 
+    def wait_rejoined(self, peer: "Node", timeout: float = 180) -> None:
+        """Waits until this node is Synced in the same view as `peer` (same
+        `wsrep_cluster_conf_id`, full size). Right after SIGCONT a stopped node still
+        reports the view it had before it stopped, so Synced alone proves nothing."""
+        end = time.monotonic() + timeout
+        size = str(len(self.cluster.nodes))
+        while time.monotonic() < end:
+            mine, theirs = self.conf(), peer.conf()
+            if mine and mine == theirs and self.synced() and peer.status().get("wsrep_cluster_size") == size:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.name} did not rejoin {peer.name}'s view within {timeout:.0f}s; see {self.errlog}")
+
+    def conf(self) -> str | None:
+        try:
+            rows = self.sql("show global status like 'wsrep_cluster_conf_id'", timeout=5)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return None
+        return rows[0][1] if rows else None
+
     def signal(self, sig: int) -> None:
         if self.pid is None:
             raise RuntimeError(f"{self.name} was not started")
@@ -201,16 +252,20 @@ wsrep_slave_threads=2
         return None
 
     def joined_by(self) -> str:
-        """How the node's last start got its state: 'IST', 'SST' or '?' (from its error log)."""
+        """How the node's last start got its state: 'IST (n writesets)', 'SST' or '?' (from
+        its error log)."""
         try:
             text = self.errlog.read_text(errors="replace")
         except OSError:
             return "?"
         tail = text[text.rfind("Starting MariaDB"):] if "Starting MariaDB" in text else text
-        if "IST received" in tail or "Receiving IST" in tail:
-            return "IST"
-        if "SST received" in tail or "SST succeeded" in tail or "Running: 'wsrep_sst_rsync" in tail:
+        # The rsync script says which it did; with IST the server still logs an "SST" of the
+        # position it already had, so "SST received" alone means nothing.
+        if "rsync SST completed on joiner" in tail:
             return "SST"
+        if "rsync IST completed on joiner" in tail:
+            m = re.search(r"Receiving IST: (\d+) writesets", tail)
+            return f"IST ({m.group(1)} writesets)" if m else "IST"
         return "?"
 
 

@@ -109,10 +109,10 @@ def binary_audit(sc: Scenario, env: dict[str, str], label: str = "") -> tuple[bo
     return False, f"exit {r.returncode}: {out[-1500:]}"
 
 
-def settle(node: Any) -> None:
+def settle(node: Any, dbname: str) -> None:
     """Waits until a Galera node has applied every write the cluster committed (a read
     with `wsrep_sync_wait`), so its books are read whole."""
-    node.sql("set session wsrep_sync_wait = 1; select count(*) from users", timeout=120)
+    node.sql("set session wsrep_sync_wait = 1; select count(*) from users", dbname, timeout=120)
 
 
 def check_scenario(sc: Scenario) -> list[tuple[str, bool, str]]:
@@ -221,7 +221,7 @@ def check_scenario(sc: Scenario) -> list[tuple[str, bool, str]]:
     results = []
     for n, (label, db, env) in enumerate(sc.books()):
         if sc.spec.galera:
-            settle(db)
+            settle(db, sc.dbname)
         results.append(books(label, db, env, n == 0))
     acked, refusals, applied, unacked, keys = results[0]
 

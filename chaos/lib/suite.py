@@ -108,7 +108,12 @@ class Suite:
                 log("mariadbd is down after the scenario; restarting it for the next one")
                 self.db.start()
             if self.galera is not None:
-                self.heal_galera()
+                try:
+                    self.heal_galera()
+                except Exception as e:  # the next scenario would fail on it: say so here
+                    result["passed"] = False
+                    result["error"] = (result["error"] or "") + f" galera cluster not healed: {e}"
+                    log(f"galera cluster not healed: {e}")
         result["duration"] = round(time.monotonic() - started, 1)
         (sc.dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
         self.print_result(result)
@@ -144,7 +149,7 @@ class Suite:
                 os.kill(node.proc.pid, signal.SIGCONT)
             else:
                 log(f"galera {node.name} is down after the scenario; restarting it")
-                node.start()
+                node.restart()
         for node in self.galera.nodes:
             node.wait_synced(180, size=len(self.galera.nodes))
 

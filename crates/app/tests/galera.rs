@@ -136,20 +136,6 @@ async fn causal(url: &str) -> MySqlConnection {
     conn
 }
 
-/// Waits (bounded) until the node of `server` has the database `name`: DDL reaches every
-/// node in the same order, but each node applies it on its own.
-async fn wait_for_database(server: &str, name: &str) {
-    let mut conn = causal(&format!("{server}/")).await;
-    let (n,): (i64,) =
-        sqlx::query_as("select count(*) from information_schema.schemata where schema_name = ?")
-            .bind(name)
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-    assert_eq!(n, 1, "database {name} on {server}");
-    let _ = conn.close().await;
-}
-
 /// A sum of one metric over the instances.
 async fn metric(apps: &[TestApp], name: &str) -> f64 {
     let mut total = 0.0;
@@ -334,7 +320,12 @@ async fn hot_users_through_every_node(policy: RedisDownPolicy, redis_up: bool) {
             let mut running = 0;
             for (kind, amount, after) in rows {
                 running += if kind == "CHARGE" { amount } else { -amount };
-                assert_eq!(after, running, "node {}: user {user}'s entries out of order", node + 1);
+                assert_eq!(
+                    after,
+                    running,
+                    "node {}: user {user}'s entries out of order",
+                    node + 1
+                );
             }
         }
         let _ = conn.close().await;
