@@ -40,3 +40,8 @@ galera *ARGS:
 # of `just galera up`.
 test-galera *ARGS:
     TEST_GALERA_URLS="$(python3 chaos/galera.py urls)" cargo test -p app -- --ignored galera {{ARGS}}
+
+# One Galera node alone vs the 3-node cluster with one instance per node, spread and hot user
+# (needs root, wrk and a release build; `--rounds`, `--secs`).
+bench-galera *ARGS:
+    python3 bench/galera.py {{ARGS}}

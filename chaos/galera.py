@@ -243,6 +243,15 @@ wsrep_slave_threads=2
             raise RuntimeError(f"{self.name} was not started")
         os.kill(self.pid, sig)
 
+    def leave(self, timeout: float = 120) -> None:
+        """A clean shutdown (SIGTERM): the node leaves the cluster, which keeps its quorum
+        with the members that remain."""
+        self.signal(signal.SIGTERM)
+        if self.proc is not None:
+            self.proc.wait(timeout=timeout)
+        else:
+            wait_gone(self.pid, timeout)
+
     def kill9(self) -> int | None:
         """SIGKILL; the exit status when we are its parent."""
         self.signal(signal.SIGKILL)
@@ -312,7 +321,8 @@ class GaleraCluster:
     def urls(self, db: str = "test") -> list[str]:
         return [n.url(db) for n in self.nodes]
 
-    def up(self) -> None:
+    def up(self, count: int = NODES) -> None:
+        """Bootstraps node 1 and joins nodes 2..`count` one at a time (all by default)."""
         busy = [p for n in self.nodes for p in n.ports() if not port_free(p)]
         if busy:
             raise RuntimeError(f"ports already in use: {busy} (another cluster? `galera.py status`, or --base-port)")
@@ -337,14 +347,14 @@ class GaleraCluster:
         first.sql("create user if not exists 'root'@'127.0.0.1'; "
                   "grant all on *.* to 'root'@'127.0.0.1' with grant option; "
                   "create database if not exists test")
-        for node in self.nodes[1:]:
+        for node in self.nodes[1:count]:
             self.log(f"starting {node.name} on 127.0.0.1:{node.port}; it joins by SST")
             node.start()
             self.save()
             node.wait_synced(180)
-        for node in self.nodes:
-            node.wait_synced(60, size=NODES)
-        self.log(f"cluster of {NODES} Synced in {time.monotonic() - started:.0f} s")
+        for node in self.nodes[:count]:
+            node.wait_synced(60, size=count)
+        self.log(f"cluster of {count} Synced in {time.monotonic() - started:.0f} s")
         self.save()
 
     def save(self) -> None:
