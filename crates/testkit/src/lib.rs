@@ -1,6 +1,8 @@
 //! Dev-only test support.
 //!
-//! - [`TestDatabase`]: a fresh, migrated MySQL database per test, dropped afterwards;
+//! - [`TestDatabase`]: a fresh, migrated MySQL database per test, dropped afterwards (or,
+//!   with [`TestDatabase::create_on_galera`], one on the Galera cluster of
+//!   `TEST_GALERA_URLS`, present on every node: [`galera_urls`]);
 //! - [`TestRedis`]: a Redis URL and a key prefix of the test's own;
 //! - [`RedisServer`]: a redis-server of the test's own, to kill and restart;
 //! - [`skip`]: how a test that cannot run says so (and fails under CI);
