@@ -159,21 +159,35 @@ wsrep_slave_threads=2
             return None
         if "seqno:   -1" not in state and "seqno: -1" not in state:
             return None
-        log = self.base / "wsrep-recover.log"
-        log.unlink(missing_ok=True)
-        sh(["mariadbd", f"--defaults-file={self.cnf}", "--wsrep-recover", f"--log-error={log}"],
-           check=False, timeout=180)
-        found = None
-        for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
-            if "WSREP: Recovered position:" in line:
-                found = line.rsplit("Recovered position:", 1)[1].strip()
-        return found
+        for attempt in range(1, 4):
+            log = self.base / f"wsrep-recover-{attempt}.log"
+            log.unlink(missing_ok=True)
+            r = sh(["mariadbd", f"--defaults-file={self.cnf}", "--wsrep-recover", f"--log-error={log}"],
+                   check=False, timeout=180)
+            text = log.read_text(errors="replace") if log.exists() else ""
+            found = [line.rsplit("Recovered position:", 1)[1].strip() for line in text.splitlines()
+                     if "WSREP: Recovered position:" in line]
+            # A position of seqno -1 is no position: the node would still ask for an SST.
+            if found and not found[-1].endswith(":-1"):
+                return found[-1]
+            self.cluster.log(f"{self.name}: --wsrep-recover (try {attempt}, exit {r.returncode}) found no position; "
+                             f"see {log}")
+            time.sleep(1)
+        return None
 
     def restart(self) -> str | None:
         """Starts a stopped or killed node again so that it rejoins the running cluster.
         Without its recovered position a killed node would ask for a full state transfer
         (SST) instead of the missing writes (IST); returns the position it started from."""
         position = self.recover_position()
+        if position is None and (self.datadir / "grastate.dat").exists():
+            # No position: the node needs a full SST, which the rsync daemon (`nobody`)
+            # cannot write over the files a root mariadbd left. Start it empty, as a
+            # first join.
+            self.cluster.log(f"{self.name}: no recovered position; emptying its datadir for a full SST")
+            shutil.rmtree(self.datadir)
+            self.datadir.mkdir()
+            os.chmod(self.datadir, 0o777)
         self.start(position=position)
         return position
 
@@ -260,14 +274,26 @@ wsrep_slave_threads=2
         wait_gone(self.pid, 30)
         return None
 
-    def joined_by(self) -> str:
-        """How the node's last start got its state: 'IST (n writesets)', 'SST' or '?' (from
-        its error log)."""
+    def log_size(self) -> int:
         try:
-            text = self.errlog.read_text(errors="replace")
+            return self.errlog.stat().st_size
+        except OSError:
+            return 0
+
+    def joined_by(self, since: int | None = None) -> str:
+        """How the node's last start (or, with `since`, its last rejoin after that offset of
+        its error log) got its state: 'IST (n writesets)', 'SST' or '?'."""
+        try:
+            text = self.errlog.read_bytes().decode(errors="replace")
         except OSError:
             return "?"
-        tail = text[text.rfind("Starting MariaDB"):] if "Starting MariaDB" in text else text
+        if since is not None:
+            tail = text[since:]
+            m = re.findall(r"Receiving IST: (\d+) writesets", tail)
+            if m:
+                return f"IST ({m[-1]} writesets)"
+        else:
+            tail = text[text.rfind("Starting MariaDB"):] if "Starting MariaDB" in text else text
         # The rsync script says which it did; with IST the server still logs an "SST" of the
         # position it already had, so "SST received" alone means nothing.
         if "rsync SST completed on joiner" in tail:

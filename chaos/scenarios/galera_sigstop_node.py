@@ -18,6 +18,7 @@ async def fault_stop_node(sc: Scenario) -> None:
     assert sc.suite.galera is not None
     node = sc.suite.galera.nodes[2]
     await sc.at(STOP_AT)
+    offset = node.log_size()
     node.signal(signal.SIGSTOP)
     sc.event(f"stop start: SIGSTOP mariadbd of galera {node.name} (instance C's node)")
     await sc.at(CONT_AT)
@@ -25,7 +26,7 @@ async def fault_stop_node(sc: Scenario) -> None:
     sc.event(f"stop end: SIGCONT galera {node.name}")
     started = time.monotonic()
     await asyncio.to_thread(node.wait_rejoined, sc.suite.galera.nodes[0])
-    sc.joined_by = node.joined_by()
+    sc.joined_by = node.joined_by(since=offset)
     sc.event(f"rejoin: galera {node.name} Synced in node1's view of 3 {time.monotonic() - started:.1f} s after SIGCONT "
              f"(state transfer: {sc.joined_by})")
 
