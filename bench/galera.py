@@ -2,7 +2,7 @@
 """One Galera node alone against the 3-node cluster with one instance per node, side by side
 in one run: `just bench-galera` (or `python3 bench/galera.py`).
 
-Starts a cluster of its own (chaos/galera.py, ports from 43306 up, datadirs under a temp
+Starts a cluster of its own (chaos/galera.py, ports from 27306 up, datadirs under a temp
 folder), a database migrated and seeded through node 1 (users 1..100 with 100000), and one
 `balance-service` per node on the machine's Redis (a key prefix of its own). Then, for each
 round, the same wrk load (bench/wrk/charge.lua, 32 connections in all, spread over 100
@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "chaos"))
 
-from galera import GaleraCluster, port_free  # noqa: E402
+from galera import GaleraCluster, free_base  # noqa: E402
 
 BIN = ROOT / "target" / "release" / "balance-service"
 WRK_SCRIPT = ROOT / "bench" / "wrk" / "charge.lua"
@@ -60,13 +60,6 @@ def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) ->
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_base() -> int:
-    for base in range(43306, 60000, 2000):
-        if all(port_free(p) for p in list(range(base, base + 3)) + list(range(base + 1010, base + 1040))):
-            return base
-    raise RuntimeError("no free ports for a Galera cluster")
 
 
 def free_port() -> int:
@@ -143,7 +136,7 @@ def main() -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="bench-galera-"))
     os.chmod(work, 0o755)
-    cluster = GaleraCluster(work / "galera", free_base(), spawn=lambda a, l: spawn(a, l), log=log)
+    cluster = GaleraCluster(work / "galera", free_base(27306), spawn=lambda a, l: spawn(a, l), log=log)
     stamp = uuid.uuid4().hex[:8]
     results: dict[str, dict[str, list[dict]]] = {"single": {"spread": [], "hot": []},
                                                  "cluster": {"spread": [], "hot": []}}

@@ -56,6 +56,16 @@ def port_free(port: int) -> bool:
     return True
 
 
+def free_base(start: int) -> int:
+    """The first base port from `start` (steps of 2000, below the ephemeral range where
+    client connections would take ports at random) whose cluster ports are all free."""
+    for base in range(start, 31400, 2000):
+        probe = GaleraCluster(Path("/nonexistent"), base)
+        if all(port_free(p) for n in probe.nodes for p in n.ports()):
+            return base
+    raise RuntimeError(f"no free ports for a Galera cluster from {start}")
+
+
 def detached_spawn(args: list[str], log_path: Path) -> subprocess.Popen:
     """A server that outlives this script (the CLI's `up`): its own session, no pipes."""
     with open(log_path, "ab") as out:
