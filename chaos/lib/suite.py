@@ -164,3 +164,84 @@ class Suite:
 def free_galera_base() -> int:
     """Ports for a cluster of the suite's own, clear of `just galera up`'s default (23306)."""
     return free_base(25306)
+
+
+def ensure_tools(need_netns: bool) -> None:
+    tools = {"mariadbd": "mariadb-server", "mariadb-install-db": "mariadb-server", "mariadb": "mariadb-client",
+             "redis-server": "redis-server", "ip": "iproute2"}
+    if need_netns:
+        tools["iptables"] = "iptables"
+    missing = sorted({pkg for tool, pkg in tools.items() if not shutil.which(tool)})
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SystemExit(f"missing tools; install the Debian packages {' '.join(missing)}")
+    log(f"installing {' '.join(missing)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
+
+
+def build() -> None:
+    if not shutil.which("cargo"):
+        raise SystemExit("cargo is needed to build the service (https://rustup.rs)")
+    log("cargo build --release -p app")
+    r = subprocess.run(["cargo", "build", "--release", "-p", "app"], cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit("the build failed")
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = "| scenario | result | time | requests | retries | acknowledged | applied | 5xx | answers lost |\n"
+    head += "|---|---|---|---|---|---|---|---|---|\n"
+    rows = []
+    for r in results:
+        c = r.get("counts") or {}
+        rows.append(f"| {r['name']} | {'PASS' if r['passed'] else 'FAIL'} | {r.get('duration', '')} s | "
+                    f"{c.get('requests', '')} | {c.get('retries', '')} | {c.get('acknowledged', '')} | "
+                    f"{c.get('applied', '')} | {c.get('5xx', '')} | {c.get('unanswered', '')} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def git_state() -> tuple[str, bool]:
+    """The commit checked out, and whether tracked files differ from it."""
+    commit = sh(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT).stdout.strip() or "?"
+    dirty = sh(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=ROOT).stdout.strip()
+    return commit, bool(dirty)
+
+
+def update_doc(results: list[dict[str, Any]], total: float, commit: str, dirty: bool) -> None:
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [DOC_START, "",
+           f"Last run: {when}, commit `{commit}`{' (with uncommitted changes in the tree)' if dirty else ''}, "
+           f"`just chaos`, {total:.0f} s in all, "
+           f"{sum(r['passed'] for r in results)} of {len(results)} scenarios passed. "
+           "Requests counts every try; retries are tries after an operation's first; acknowledged counts "
+           "keys answered 200; applied counts ledger entries carrying a client's key.", "",
+           "| scenario | injected | checked (besides the common checks) | result | requests | retries "
+           "| acknowledged | applied |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c = r.get("counts") or {}
+        checked = r["checked"].split("; ", 1)[1] if "; " in r["checked"] else r["checked"]
+        out.append(f"| `{r['name']}` | {r['injected']} | {checked} | **{'PASS' if r['passed'] else 'FAIL'}** "
+                   f"({r.get('duration', '?')} s) | {c.get('requests', '')} | {c.get('retries', '')} | "
+                   f"{c.get('acknowledged', '')} | {c.get('applied', '')} |")
+    out += ["", "Every check of every scenario, as the last run reported it:", ""]
+    for r in results:
+        c = r.get("counts") or {}
+        out.append(f"**`{r['name']}`** — {'PASS' if r['passed'] else 'FAIL'}: "
+                   + ", ".join(f"{k} {v}" for k, v in c.items()) + ".")
+        out.append("")
+        if r["error"]:
+            out.append(f"- error: {r['error']}")
+        for name, ok, detail in r["checks"]:
+            out.append(f"- {'✔' if ok else '✘'} {name}: {detail}")
+        if r.get("events"):
+            out.append("- timeline: " + "; ".join(f"{t} s {e}" for t, e in r["events"]))
+        out.append("")
+    out.append(DOC_END)
+    text = DOC.read_text()
+    start, end = text.index(DOC_START), text.index(DOC_END) + len(DOC_END)
+    DOC.write_text(text[:start] + "\n".join(out) + text[end:])
+    log(f"updated {DOC.relative_to(ROOT)}")
