@@ -159,6 +159,15 @@ wsrep_slave_threads=2
         self.proc = self.cluster.spawn(args, self.base / "mariadbd.out")
         self.pid = self.proc.pid
 
+    def crashed(self) -> bool:
+        """Whether the node stopped without saving its position (killed while running:
+        grastate.dat says seqno -1); a clean shutdown saves it."""
+        try:
+            state = (self.datadir / "grastate.dat").read_text()
+        except OSError:
+            return False
+        return re.search(r"^seqno:\s+-1\s*$", state, re.M) is not None
+
     def recover_position(self) -> str | None:
         """The last committed `uuid:seqno` of a node that was killed (its grastate.dat says
         seqno -1), read from InnoDB by `mariadbd --wsrep-recover`; None when the saved
@@ -189,8 +198,9 @@ wsrep_slave_threads=2
         """Starts a stopped or killed node again so that it rejoins the running cluster.
         Without its recovered position a killed node would ask for a full state transfer
         (SST) instead of the missing writes (IST); returns the position it started from."""
-        position = self.recover_position()
-        if position is None and (self.datadir / "grastate.dat").exists():
+        crashed = self.crashed()
+        position = self.recover_position() if crashed else None
+        if crashed and position is None:
             # No position: the node needs a full SST, which the rsync daemon (`nobody`)
             # cannot write over the files a root mariadbd left. Start it empty, as a
             # first join.
