@@ -35,3 +35,18 @@ chaos *ARGS:
 # its REDIS_URL, `down` stops it by its pids; `status`, `url` (REDIS_CLUSTER_PORT moves it).
 redis-cluster CMD:
     bash scripts/redis-cluster.sh {{CMD}}
+
+# A 3-node MariaDB Galera cluster on loopback (needs root): `just galera up` prints the
+# TEST_GALERA_URLS line for the opt-in Galera tests; `just galera status`, `just galera down`.
+galera *ARGS:
+    python3 chaos/galera.py {{ARGS}}
+
+# The opt-in Galera tests (HTTP conformance and multi-primary conflicts) against the cluster
+# of `just galera up`.
+test-galera *ARGS:
+    TEST_GALERA_URLS="$(python3 chaos/galera.py urls)" cargo test -p app -- --ignored galera {{ARGS}}
+
+# One Galera node alone vs the 3-node cluster with one instance per node, spread and hot user
+# (needs root, wrk and a release build; `--rounds`, `--secs`).
+bench-galera *ARGS:
+    python3 bench/galera.py {{ARGS}}

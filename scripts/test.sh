@@ -48,7 +48,7 @@ if [ "$skipped" -gt 0 ]; then
   echo "  or start Docker, and have redis-server on the PATH (README, \"Test it\"); each test's SKIPPED line is above"
 fi
 if [ "$ignored" -gt 0 ]; then
-  echo "ignored: $ignored (#[ignore]), counted as skipped"
+  echo "ignored: $ignored opt-in tests (#[ignore]: they need a Galera cluster, see docs/scaling.md; just galera up, just test-galera), counted as skipped"
 fi
 echo "tests: $((passed - skipped)) passed, $failed failed, $((skipped + ignored)) skipped"
 exit "$rc"

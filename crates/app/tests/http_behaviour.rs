@@ -504,7 +504,7 @@ async fn health_metrics_and_docs_are_served(backend: Backend) {
     assert_eq!(ready["dependencies"]["database"]["status"], "UP");
     let (db_kind, lock_kind) = match backend {
         Backend::Memory => ("memory", "in-process"),
-        Backend::Real => ("mysql", "redis"),
+        Backend::Real | Backend::Galera => ("mysql", "redis"),
     };
     assert_eq!(ready["dependencies"]["database"]["kind"], db_kind);
     assert_eq!(ready["dependencies"]["lock"]["kind"], lock_kind);

@@ -6,7 +6,7 @@
 //! | [`Classified::LockConflict`] | 1205, 1213 (also Galera's certification failure) | 503 | version conflict: fresh read, retried | rolled back: retried the same way |
 //! | [`Classified::Aborted`] | 1317, 1969, 3024 | retried once | [`StepError::Aborted`]: retried once from a fresh read | outcome unknown: 503 |
 //! | [`Classified::ConnectionLost`] | 2006, 2013, 1927, 1053, 4031, `Io`, `Protocol` | retried once on a tested connection | [`StepError::Aborted`] | outcome unknown: 503 |
-//! | [`Classified::Unavailable`] | 1040, 1047, pool timeout/closed, TLS | 503 | 503 | 503 |
+//! | [`Classified::Unavailable`] | 1040, 1047, 1180, pool timeout/closed, TLS | 503 | 503 | 503 |
 //!
 //! docs/operations.md ("Database errors: retried or 503") explains why each is exact.
 
@@ -29,6 +29,10 @@ const ER_QUERY_TIMEOUT: u16 = 3024;
 const ER_CON_COUNT_ERROR: u16 = 1040;
 /// Galera: "WSREP has not yet prepared node for application use" (the node is not synced).
 const ER_UNKNOWN_COM_ERROR: u16 = 1047;
+/// "Error during COMMIT": on Galera, a node that lost the primary component while the
+/// transaction ran ("not connected to Primary Component"); the transaction was not
+/// replicated, and whether it committed is, in general, not known.
+const ER_ERROR_DURING_COMMIT: u16 = 1180;
 /// The server is shutting down; it closes the connection after this.
 const ER_SERVER_SHUTDOWN: u16 = 1053;
 /// MariaDB: the connection was killed (`KILL`); it is closed after this.
@@ -86,7 +90,7 @@ fn class_of_number(number: u16) -> Class {
         | ER_CLIENT_INTERACTION_TIMEOUT
         | CR_SERVER_GONE_ERROR
         | CR_SERVER_LOST => Class::ConnectionLost,
-        ER_CON_COUNT_ERROR | ER_UNKNOWN_COM_ERROR => Class::Unavailable,
+        ER_CON_COUNT_ERROR | ER_UNKNOWN_COM_ERROR | ER_ERROR_DURING_COMMIT => Class::Unavailable,
         _ => Class::Unexpected,
     }
 }
@@ -225,6 +229,14 @@ mod tests {
     fn a_full_server_or_a_galera_node_not_ready_is_unavailable() {
         assert_eq!(class_of_number(1040), Class::Unavailable);
         assert_eq!(class_of_number(1047), Class::Unavailable);
+    }
+
+    #[test]
+    fn a_galera_node_that_lost_the_primary_component_mid_transaction_is_unavailable() {
+        // Seen in the fault suite (galera-sigstop-node): 1180 "Error while appending
+        // streaming replication fragment (provider status: Not connected to Primary
+        // Component)" on the node that had been stopped, once it ran again.
+        assert_eq!(class_of_number(1180), Class::Unavailable);
     }
 
     #[test]

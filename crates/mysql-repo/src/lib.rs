@@ -205,13 +205,16 @@ impl MySqlStore {
         &self.pool
     }
 
-    /// Readiness: one round trip (`select 1`) on a pooled connection.
+    /// Readiness: one round trip on a pooled connection that reads a table
+    /// (`select 1 from users limit 1`). A bare `select 1` is not enough: a Galera node that
+    /// lost quorum still answers it, yet refuses every statement on a table (1047).
     ///
     /// # Errors
     /// [`RepoError::Unavailable`] when no connection can be had within
-    /// [`ACQUIRE_TIMEOUT`] or the round trip fails on the network.
+    /// [`ACQUIRE_TIMEOUT`], the round trip fails on the network, or the server is not
+    /// ready to serve tables (a Galera node not synced or without quorum).
     pub async fn ping(&self) -> Result<(), RepoError> {
-        sqlx::query("select 1")
+        sqlx::query("select 1 from users limit 1")
             .execute(&self.pool)
             .await
             .map(|_| ())

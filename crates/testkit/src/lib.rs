@@ -1,6 +1,8 @@
 //! Dev-only test support.
 //!
-//! - [`TestDatabase`]: a fresh, migrated MySQL database per test, dropped afterwards;
+//! - [`TestDatabase`]: a fresh, migrated MySQL database per test, dropped afterwards (or,
+//!   with [`TestDatabase::create_on_galera`], one on the Galera cluster of
+//!   `TEST_GALERA_URLS`, present on every node: [`galera_urls`]);
 //! - [`TestRedis`]: a Redis URL and a key prefix of the test's own;
 //! - [`RedisServer`]: a redis-server of the test's own, to kill and restart;
 //! - [`RedisCluster`]: a 3-primary, 3-replica Redis Cluster of the test's own, to fail over;
@@ -23,5 +25,5 @@ pub mod steps;
 
 pub use redis_cluster::{ClusterNode, RedisCluster};
 pub use redis_server::RedisServer;
-pub use servers::{TestDatabase, TestRedis};
+pub use servers::{TestDatabase, TestRedis, galera_urls};
 pub use skip::{SKIP_LOG_VAR, SKIP_MARK, is_ci, skip, skip_line};

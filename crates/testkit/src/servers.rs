@@ -14,6 +14,9 @@ pub struct TestDatabase {
     pub url: String,
     /// The database's name (`t_<uuid>`).
     pub name: String,
+    /// On a Galera cluster, the URL of this database on every node (the node of `url`
+    /// among them); empty on a single server.
+    pub nodes: Vec<String>,
     server_url: String,
     pool: MySqlPool,
     _server: Option<Arc<containers::Server>>,
@@ -122,9 +125,73 @@ impl TestDatabase {
         Some(TestDatabase {
             url: db_url,
             name,
+            nodes: Vec::new(),
             server_url: format!("{server_url}/{query}"),
             pool,
             _server: servers,
+            dropped: false,
+        })
+    }
+
+    /// A new database on the Galera cluster of `TEST_GALERA_URLS` (one URL per node),
+    /// created and migrated through the first node, present on every node before this
+    /// returns; `url` and [`TestDatabase::pool`] are on node `node % nodes` (so tests can
+    /// spread over the nodes), [`TestDatabase::nodes`] has every node. `None` when no
+    /// cluster is configured (after [`crate::skip`], which fails the test under CI).
+    ///
+    /// # Panics
+    /// When a cluster is configured but the database cannot be created on it.
+    pub async fn create_on_galera(node: usize) -> Option<TestDatabase> {
+        let Some(urls) = galera_urls() else {
+            crate::skip(NO_GALERA);
+            return None;
+        };
+        let servers: Vec<(String, String)> = urls.iter().map(|u| split_database(u)).collect();
+        let (first, query) = &servers[0];
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = MySqlConnection::connect(&format!("{first}/{query}"))
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach Galera node 1 at {first}: {e}"));
+        sqlx::query(AssertSqlSafe(format!(
+            "create database `{name}` character set utf8mb4"
+        )))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot create the test database: {e}"));
+        let _ = admin.close().await;
+        let on_first = mysql_repo::connect(&format!("{first}/{name}{query}"), 2)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {name} on node 1: {e}"));
+        mysql_repo::migrate(&on_first)
+            .await
+            .unwrap_or_else(|e| panic!("cannot migrate {name} on Galera: {e:#}"));
+        let (want,): (i64,) = sqlx::query_as(
+            "select count(*) from information_schema.tables where table_schema = database()",
+        )
+        .fetch_one(&on_first)
+        .await
+        .unwrap_or_else(|e| panic!("cannot count the tables of {name}: {e}"));
+        on_first.close().await;
+        let nodes: Vec<String> = servers
+            .iter()
+            .map(|(server, query)| format!("{server}/{name}{query}"))
+            .collect();
+        // DDL replicates in total order but each node applies it on its own: wait until
+        // every node has the whole schema, so no test meets a missing table.
+        for url in &nodes {
+            wait_for_tables(url, want).await;
+        }
+        let chosen = node % nodes.len();
+        let pool = mysql_repo::connect(&nodes[chosen], 8)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {name} on node {}: {e}", chosen + 1));
+        Some(TestDatabase {
+            url: nodes[chosen].clone(),
+            name,
+            nodes,
+            server_url: format!("{first}/{query}"),
+            pool,
+            _server: None,
             dropped: false,
         })
     }
@@ -164,6 +231,41 @@ impl TestDatabase {
             }
         }
     }
+}
+
+/// The skip reason of a Galera suite without a cluster.
+const NO_GALERA: &str = "no Galera cluster (python3 chaos/galera.py up, then set \
+     TEST_GALERA_URLS=mysql://root@127.0.0.1:23306/test,mysql://root@127.0.0.1:23307/test,\
+     mysql://root@127.0.0.1:23308/test)";
+
+/// The node URLs of `TEST_GALERA_URLS` (comma-separated), when set.
+pub fn galera_urls() -> Option<Vec<String>> {
+    let urls: Vec<String> = from_env("TEST_GALERA_URLS")?
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    (!urls.is_empty()).then_some(urls)
+}
+
+/// Waits (bounded) until the database of `url` has `want` tables.
+async fn wait_for_tables(url: &str, want: i64) {
+    for _ in 0..600 {
+        if let Ok(mut conn) = MySqlConnection::connect(url).await {
+            let have: Result<(i64,), _> = sqlx::query_as(
+                "select count(*) from information_schema.tables where table_schema = database()",
+            )
+            .fetch_one(&mut conn)
+            .await;
+            let _ = conn.close().await;
+            if matches!(have, Ok((n,)) if n == want) {
+                return;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the test database never reached {url} with its {want} tables");
 }
 
 async fn drop_database(server_url: &str, name: &str) {

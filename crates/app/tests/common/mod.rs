@@ -11,15 +11,22 @@ use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 
 /// Which adapters a test runs on. `Real` is MySQL + Redis from testkit (a fresh database
-/// and key prefix per test); it is skipped when there are no servers.
+/// and key prefix per test); it is skipped when there are no servers. `Galera` is the same
+/// adapters on the Galera cluster of `TEST_GALERA_URLS`, each test's first instance on the
+/// next node and each further instance on the node after it (opt-in: `#[ignore]`d).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Memory,
     Real,
+    Galera,
 }
 
-/// Runs each listed `async fn name(backend: Backend)` as two tests: `memory::name` and
-/// `real::name`. The same test code covers both adapters.
+/// The node the next Galera test starts on: consecutive tests spread over the nodes.
+static NEXT_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs each listed `async fn name(backend: Backend)` as three tests: `memory::name`,
+/// `real::name` and `galera::name` (ignored unless asked for: see the `#[ignore]` reason). The
+/// same test code covers every adapter.
 #[allow(unused_macros)]
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -39,6 +46,15 @@ macro_rules! on_both_backends {
                 }
             )*
         }
+        mod galera {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "needs a Galera cluster: python3 chaos/galera.py up, then TEST_GALERA_URLS=$(python3 chaos/galera.py urls) cargo test -p app -- --ignored galera"]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Galera).await
+                }
+            )*
+        }
     };
 }
 
@@ -50,6 +66,8 @@ pub struct TestApp {
     pub auditor: Arc<dyn Auditor>,
     pub db: Option<testkit::TestDatabase>,
     pub redis: Option<testkit::TestRedis>,
+    /// On Galera, the index of the node this instance talks to.
+    pub node: usize,
     handle: ServerHandle,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -91,8 +109,13 @@ impl TestApp {
                 let wiring = startup::in_memory(config.settings().unwrap(), Arc::clone(&locks));
                 Some(Self::start_with(config, wiring, locks, None, None).await)
             }
-            Backend::Real => {
-                let db = testkit::TestDatabase::create().await?;
+            Backend::Real | Backend::Galera => {
+                let db = if backend == Backend::Galera {
+                    let node = NEXT_NODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    testkit::TestDatabase::create_on_galera(node).await?
+                } else {
+                    testkit::TestDatabase::create().await?
+                };
                 let redis = testkit::TestRedis::create().await?;
                 config.db.database_url = Some(db.url.clone().into());
                 config.redis_url = Some(redis.url.clone().into());
@@ -108,11 +131,23 @@ impl TestApp {
         }
     }
 
-    /// One more instance on the same database and Redis prefix (several instances).
+    /// One more instance on the same database and Redis prefix (several instances); on
+    /// Galera, on the node after this instance's.
     pub async fn another_instance(&self) -> TestApp {
+        self.instance_on(self.node + 1).await
+    }
+
+    /// One more instance on the same database and Redis prefix; on Galera, on node
+    /// `node % nodes` (elsewhere `node` is ignored).
+    pub async fn instance_on(&self, node: usize) -> TestApp {
         let mut config = config();
         if let (Some(db), Some(redis)) = (&self.db, &self.redis) {
-            config.db.database_url = Some(db.url.clone().into());
+            let url = if db.nodes.is_empty() {
+                db.url.clone()
+            } else {
+                db.nodes[node % db.nodes.len()].clone()
+            };
+            config.db.database_url = Some(url.into());
             config.redis_url = Some(redis.url.clone().into());
             config.redis_key_prefix = redis.prefix.clone();
             config.migrate_on_start = false;
@@ -121,7 +156,9 @@ impl TestApp {
         let wiring = startup::wire_with_locks(&config, Arc::clone(&locks), dependency)
             .await
             .unwrap();
-        Self::start_with(config, wiring, locks, None, None).await
+        let mut app = Self::start_with(config, wiring, locks, None, None).await;
+        app.node = node;
+        app
     }
 
     pub async fn start_with(
@@ -146,6 +183,10 @@ impl TestApp {
             locks,
             service,
             auditor,
+            node: db
+                .as_ref()
+                .and_then(|db| db.nodes.iter().position(|u| *u == db.url))
+                .unwrap_or(0),
             db,
             redis,
             handle,

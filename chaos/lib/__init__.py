@@ -1,0 +1,1 @@
+"""The fault suite's library: servers, HTTP, the load driver, the checks, the suite."""
