@@ -36,6 +36,9 @@ class Suite:
         self.workers = args.workers
         self.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="chaos-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # mkdtemp makes it 0700; the Galera scenarios' rsync SST runs as `nobody` and must
+        # traverse it to reach the datadirs below.
+        os.chmod(self.workdir, 0o755)
         self.netns = Netns()
         self.netns_error: str | None = None
         self.db: MariaDB
