@@ -77,6 +77,23 @@ fn from_env(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|url| !url.is_empty())
 }
 
+/// Creates database `name` on the server at `server_url` (`query`: its URL's options).
+///
+/// # Panics
+/// When the server cannot be reached or refuses: a broken environment fails the test.
+async fn create_database(server_url: &str, query: &str, name: &str, what: &str) {
+    let mut admin = MySqlConnection::connect(&format!("{server_url}/{query}"))
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach {what} at {server_url}: {e}"));
+    sqlx::query(AssertSqlSafe(format!(
+        "create database `{name}` character set utf8mb4"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap_or_else(|e| panic!("cannot create the test database: {e}"));
+    let _ = admin.close().await;
+}
+
 impl TestDatabase {
     /// A new database on the test server, with every migration applied; `None` when there
     /// is no server to use (after [`crate::skip`], which fails the test under CI).
@@ -105,16 +122,7 @@ impl TestDatabase {
         };
         let (server_url, query) = split_database(&url);
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = MySqlConnection::connect(&format!("{server_url}/{query}"))
-            .await
-            .unwrap_or_else(|e| panic!("cannot reach the test MySQL at {server_url}: {e}"));
-        sqlx::query(AssertSqlSafe(format!(
-            "create database `{name}` character set utf8mb4"
-        )))
-        .execute(&mut admin)
-        .await
-        .unwrap_or_else(|e| panic!("cannot create the test database: {e}"));
-        let _ = admin.close().await;
+        create_database(&server_url, &query, &name, "the test MySQL").await;
         let db_url = format!("{server_url}/{name}{query}");
         let pool = mysql_repo::connect(&db_url, max_connections)
             .await
@@ -149,16 +157,7 @@ impl TestDatabase {
         let servers: Vec<(String, String)> = urls.iter().map(|u| split_database(u)).collect();
         let (first, query) = &servers[0];
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = MySqlConnection::connect(&format!("{first}/{query}"))
-            .await
-            .unwrap_or_else(|e| panic!("cannot reach Galera node 1 at {first}: {e}"));
-        sqlx::query(AssertSqlSafe(format!(
-            "create database `{name}` character set utf8mb4"
-        )))
-        .execute(&mut admin)
-        .await
-        .unwrap_or_else(|e| panic!("cannot create the test database: {e}"));
-        let _ = admin.close().await;
+        create_database(first, query, &name, "Galera node 1").await;
         let on_first = mysql_repo::connect(&format!("{first}/{name}{query}"), 2)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to {name} on node 1: {e}"));
