@@ -264,12 +264,19 @@ async fn a_payment_sent_three_times_charges_once(backend: Backend) {
     assert_eq!(app.balance(user).await, 85_000);
 
     let payment_id = body["paymentId"].as_i64().unwrap();
-    let fetched: Value = app
+    let mut fetched: Value = app
         .get(&format!("/api/payments/{payment_id}"))
         .await
         .json()
         .await
         .unwrap();
+    assert_eq!(
+        fetched
+            .as_object_mut()
+            .and_then(|o| o.remove("refundedTotal")),
+        Some(json!(0)),
+        "GET /api/payments/{{id}} adds the refunded total"
+    );
     assert_eq!(
         fetched, body,
         "GET /api/payments/{{id}} has the payment's shape"

@@ -65,6 +65,14 @@ impl ClaimRegistry {
         })
     }
 
+    /// Whether a request with `(user, key)` is running in this instance right now.
+    pub fn is_in_flight(&self, user: UserId, key: &IdempotencyKey) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&(user, key.clone()))
+    }
+
     /// How many keys are in flight (for tests and diagnostics).
     pub fn in_flight(&self) -> usize {
         self.inner

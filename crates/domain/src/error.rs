@@ -11,6 +11,13 @@ pub enum OperationError {
     OrderNotFound,
     #[error("payment not found")]
     PaymentNotFound,
+    /// No finished request with this key is recorded for the user (never sent, still
+    /// running on another instance, or expired).
+    #[error("request not found")]
+    RequestNotFound,
+    /// Cancelling an order that was paid (or refunded).
+    #[error("the order is already paid")]
+    OrderAlreadyPaid,
     /// A request with this key is still in flight.
     #[error("a request with this idempotency key is still being processed")]
     KeyInUse,

@@ -86,6 +86,7 @@ pub fn legacy_operation(fingerprint: &str) -> Option<OperationKind> {
         Some("charge") => Some(OperationKind::Charge),
         Some("use") => Some(OperationKind::Use),
         Some("payment") => Some(OperationKind::Payment),
+        // Refunds came after records kept their operation: no refund record is legacy.
         _ => None,
     }
 }

@@ -2,7 +2,9 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::types::{Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
+use crate::types::{
+    Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, RefundReason, UserId,
+};
 
 /// A user's account. `version` grows by one with every balance write; a write names the
 /// version it read, so a write based on a stale read is refused (the optimistic guard).
@@ -20,10 +22,17 @@ pub enum EntryKind {
     Charge,
     Use,
     Payment,
+    /// Money back from a payment.
+    Refund,
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 3] = [EntryKind::Charge, EntryKind::Use, EntryKind::Payment];
+    pub const ALL: [EntryKind; 4] = [
+        EntryKind::Charge,
+        EntryKind::Use,
+        EntryKind::Payment,
+        EntryKind::Refund,
+    ];
 
     /// The name used in the API and in storage.
     pub fn as_str(self) -> &'static str {
@@ -31,6 +40,7 @@ impl EntryKind {
             EntryKind::Charge => "CHARGE",
             EntryKind::Use => "USE",
             EntryKind::Payment => "PAYMENT",
+            EntryKind::Refund => "REFUND",
         }
     }
 
@@ -43,7 +53,7 @@ impl EntryKind {
     /// written (the balance arithmetic, the audits and the audit SQL all use it).
     pub fn sign(self) -> i64 {
         match self {
-            EntryKind::Charge => 1,
+            EntryKind::Charge | EntryKind::Refund => 1,
             EntryKind::Use | EntryKind::Payment => -1,
         }
     }
@@ -70,26 +80,35 @@ pub struct HistoryPage {
     pub next: Option<EntryId>,
 }
 
+/// Where an order is: created `PENDING`; then `PAID` by its payment, or `CANCELLED` (only a
+/// pending order can be); a paid order becomes `REFUNDED` once its payment is refunded in full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrderStatus {
     Pending,
     Paid,
+    Cancelled,
+    Refunded,
 }
 
 impl OrderStatus {
+    pub const ALL: [OrderStatus; 4] = [
+        OrderStatus::Pending,
+        OrderStatus::Paid,
+        OrderStatus::Cancelled,
+        OrderStatus::Refunded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             OrderStatus::Pending => "PENDING",
             OrderStatus::Paid => "PAID",
+            OrderStatus::Cancelled => "CANCELLED",
+            OrderStatus::Refunded => "REFUNDED",
         }
     }
 
     pub fn parse(raw: &str) -> Option<Self> {
-        match raw {
-            "PENDING" => Some(OrderStatus::Pending),
-            "PAID" => Some(OrderStatus::Paid),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|status| status.as_str() == raw)
     }
 }
 
@@ -112,4 +131,68 @@ pub struct Payment {
     /// The user's balance right after this payment.
     pub balance_after: Balance,
     pub paid_at: DateTime<Utc>,
+    /// How much of `amount` its refunds gave back: 0..=`amount`.
+    pub refunded_total: i64,
+}
+
+impl Payment {
+    /// What is left to refund.
+    pub fn refundable(&self) -> i64 {
+        self.amount.get().saturating_sub(self.refunded_total)
+    }
+
+    /// The status its refunded total gives it (the status is never stored apart from it).
+    pub fn status(&self) -> PaymentStatus {
+        PaymentStatus::of(self.amount, self.refunded_total)
+    }
+}
+
+/// Where a payment is: `COMPLETED`, then `PARTIALLY_REFUNDED`, then `REFUNDED` once the
+/// whole amount is back. It follows from the payment's amount and refunded total alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentStatus {
+    Completed,
+    PartiallyRefunded,
+    Refunded,
+}
+
+impl PaymentStatus {
+    /// The status of a payment of `amount` of which `refunded_total` was given back.
+    pub fn of(amount: Amount, refunded_total: i64) -> Self {
+        if refunded_total <= 0 {
+            PaymentStatus::Completed
+        } else if refunded_total >= amount.get() {
+            PaymentStatus::Refunded
+        } else {
+            PaymentStatus::PartiallyRefunded
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentStatus::Completed => "COMPLETED",
+            PaymentStatus::PartiallyRefunded => "PARTIALLY_REFUNDED",
+            PaymentStatus::Refunded => "REFUNDED",
+        }
+    }
+}
+
+/// One refund of a payment, written in the same transaction as its REFUND ledger entry
+/// and the payment's new refunded total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refund {
+    pub id: RefundId,
+    pub payment_id: PaymentId,
+    pub order_id: OrderId,
+    /// The payment's user, whose balance the refund credits.
+    pub user_id: UserId,
+    pub amount: Amount,
+    /// The user's balance right after this refund.
+    pub balance_after: Balance,
+    /// The payment's refunded total right after this refund.
+    pub refunded_total: i64,
+    /// The payment's status right after this refund.
+    pub payment_status: PaymentStatus,
+    pub reason: Option<RefundReason>,
+    pub created_at: DateTime<Utc>,
 }

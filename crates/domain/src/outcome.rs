@@ -2,7 +2,8 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::types::{Amount, Balance, OrderId, PaymentId, UserId};
+use crate::model::PaymentStatus;
+use crate::types::{Amount, Balance, OrderId, PaymentId, RefundId, RefundReason, UserId};
 
 /// The result of a charge or a use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,24 @@ pub struct PaymentReceipt {
     pub paid_at: DateTime<Utc>,
 }
 
+/// The result of a refund.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundReceipt {
+    pub refund_id: RefundId,
+    pub payment_id: PaymentId,
+    pub order_id: OrderId,
+    pub user_id: UserId,
+    pub amount: Amount,
+    /// The user's balance right after the refund.
+    pub balance: Balance,
+    /// The payment's refunded total right after the refund.
+    pub refunded_total: i64,
+    /// The payment's status right after the refund.
+    pub payment_status: PaymentStatus,
+    pub reason: Option<RefundReason>,
+    pub created_at: DateTime<Utc>,
+}
+
 /// A business refusal: the request was valid and ran, and the answer is no. Stored under
 /// its key like a success, so a retry gets the same answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +55,17 @@ pub enum Refusal {
         requested: Amount,
         max_balance: i64,
     },
-    /// Paying an order that is PAID already, with a new key.
+    /// Paying an order that is PAID already (or refunded), with a new key.
     OrderAlreadyPaid { order_id: OrderId },
+    /// Paying an order that was cancelled.
+    OrderCancelled { order_id: OrderId },
+    /// A refund above what is left of the payment (`requested` `None`: the rest, and
+    /// nothing is left).
+    RefundExceedsPayment {
+        payment_id: PaymentId,
+        requested: Option<Amount>,
+        refundable: i64,
+    },
 }
 
 /// Every outcome that is stored under an idempotency key.
@@ -46,5 +74,6 @@ pub enum Outcome {
     Charged(BalanceReceipt),
     Used(BalanceReceipt),
     Paid(PaymentReceipt),
+    Refunded(RefundReceipt),
     Refused(Refusal),
 }

@@ -8,10 +8,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::idempotency::{CompletedRecord, Fingerprint, StoredResponse};
-use crate::model::{HistoryPage, Order, Payment, User};
+use crate::model::{HistoryPage, Order, Payment, Refund, User};
 use crate::operations::{Effect, OperationKind};
 use crate::outcome::Outcome;
-use crate::types::{Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
+use crate::types::{
+    Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserId,
+};
 
 /// A failure of a repository that the use case cannot act on: the database is down, a
 /// query failed, stored data is corrupt. Answered as a 5xx and never stored.
@@ -128,6 +130,15 @@ pub trait UserRepo: Send + Sync {
         limit: u32,
     ) -> Result<HistoryPage, RepoError>;
 
+    /// The `balance_after` of the user's newest ledger entry created at or before `at`
+    /// (newest by creation time, then by id), or `None` when it has none that old. One
+    /// index seek, however long the ledger.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn balance_at(&self, id: UserId, at: DateTime<Utc>)
+    -> Result<Option<Balance>, RepoError>;
+
     /// Creates users 1..=`count` that do not exist yet, each with `balance` and one opening
     /// CHARGE ledger entry (so the ledger still sums to the balance). Existing users are
     /// left as they are. Returns how many were created.
@@ -161,9 +172,26 @@ pub trait OrderRepo: Send + Sync {
     /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
     async fn get_order(&self, id: OrderId) -> Result<Option<Order>, RepoError>;
 
+    /// The payment, with the refunded total committed so far.
+    ///
     /// # Errors
     /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
     async fn get_payment(&self, id: PaymentId) -> Result<Option<Payment>, RepoError>;
+
+    /// The payment's refunds, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn refunds(&self, payment: PaymentId, limit: u32) -> Result<Vec<Refund>, RepoError>;
+
+    /// Cancels the order if it is PENDING (a guarded write: `… and status = 'PENDING'`, so
+    /// a payment that commits first wins and the cancel sees it). Returns the order as it
+    /// is after the call: CANCELLED when it was pending or cancelled already, otherwise as
+    /// it was (PAID, REFUNDED); `None` when there is no such order.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn cancel_order(&self, id: OrderId) -> Result<Option<Order>, RepoError>;
 }
 
 /// The durable, completed half of the idempotency state machine.
@@ -199,7 +227,10 @@ pub trait IdempotencyRepo: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assigned {
     pub entry_id: EntryId,
+    /// For [`Effect::Pay`], the new payment's id.
     pub payment_id: Option<PaymentId>,
+    /// For [`Effect::Refund`], the new refund's id.
+    pub refund_id: Option<RefundId>,
 }
 
 /// Builds the response to store once the store has assigned its ids. The use case builds
@@ -265,6 +296,10 @@ pub enum StepError {
     /// The order to pay is no longer PENDING (or already has a payment).
     #[error("the order is no longer pending")]
     OrderNotPending,
+    /// The payment to refund is not this user's, or its refunded total is no longer the
+    /// one the refund was decided on (or the refund would take it past the payment).
+    #[error("the payment's refunded total changed")]
+    PaymentChanged,
     /// The user does not exist.
     #[error("no such user")]
     UserNotFound,
@@ -300,8 +335,12 @@ pub trait BalanceStore: Send + Sync {
     /// - MUST return [`StepError::KeyTaken`] when a live record for (user, key) exists;
     /// - MUST return [`StepError::OrderNotPending`] when the order of an
     ///   [`Effect::Pay`] is not this user's, not PENDING or already has a payment;
+    /// - MUST return [`StepError::PaymentChanged`] when the payment of an
+    ///   [`Effect::Refund`] is not this user's, its refunded total is not the effect's
+    ///   `refunded_before`, or the new total would pass the payment's amount;
     /// - MUST pass the ids it assigned to `change.respond` (for [`Effect::Pay`], the
-    ///   payment's id) and store its bytes as the record, marked APPLIED;
+    ///   payment's id; for [`Effect::Refund`], the refund's) and store its bytes as the
+    ///   record, marked APPLIED;
     /// - MUST return [`StepError::UserNotFound`] when the user does not exist;
     /// - MUST return [`StepError::Unavailable`] when the store cannot be reached, and when
     ///   the commit failed with an unknown outcome (it may have happened);
@@ -358,7 +397,7 @@ pub struct Breach {
 /// The invariants the audit checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AuditCheck {
-    /// A user's balance equals the signed sum of its ledger (CHARGE +, USE/PAYMENT −),
+    /// A user's balance equals the signed sum of its ledger (CHARGE/REFUND +, USE/PAYMENT −),
     /// and the newest entry's `balance_after` equals the balance.
     BalanceMatchesLedger,
     /// A stored success has exactly one ledger entry (same user, key and instant); a
@@ -369,18 +408,23 @@ pub enum AuditCheck {
     KeyAppliedOnce,
     /// No idempotency record is stuck in flight past the lock lease.
     NoRecordStuckInFlight,
-    /// Every PAID order has exactly one payment (with its PAYMENT ledger entry), and
-    /// every payment's order is PAID.
+    /// Every PAID or REFUNDED order has exactly one payment (with its PAYMENT ledger
+    /// entry), every payment's order is PAID or REFUNDED, and the order is REFUNDED
+    /// exactly when its payment is refunded in full; a PENDING or CANCELLED order has none.
     PaidOrderHasOnePayment,
+    /// A payment's refunds add up to its refunded total, which is at most its amount, and
+    /// each refund has its REFUND ledger entry (same user, key, amount and instant).
+    RefundsMatchPayment,
 }
 
 impl AuditCheck {
-    pub const ALL: [AuditCheck; 5] = [
+    pub const ALL: [AuditCheck; 6] = [
         AuditCheck::BalanceMatchesLedger,
         AuditCheck::RecordHasOneEffect,
         AuditCheck::KeyAppliedOnce,
         AuditCheck::NoRecordStuckInFlight,
         AuditCheck::PaidOrderHasOnePayment,
+        AuditCheck::RefundsMatchPayment,
     ];
 
     pub fn name(self) -> &'static str {
@@ -390,6 +434,7 @@ impl AuditCheck {
             AuditCheck::KeyAppliedOnce => "key_applied_once",
             AuditCheck::NoRecordStuckInFlight => "no_record_stuck_in_flight",
             AuditCheck::PaidOrderHasOnePayment => "paid_order_has_one_payment",
+            AuditCheck::RefundsMatchPayment => "refunds_match_payment",
         }
     }
 }
@@ -407,6 +452,7 @@ pub struct AuditReport {
     pub records: u64,
     pub orders: u64,
     pub payments: u64,
+    pub refunds: u64,
     /// The breaches listed, at most [`AuditReport::LISTED_PER_CHECK`] per check.
     pub breaches: Vec<Breach>,
     /// How many breaches each check found, listed or not. Only checks that found some

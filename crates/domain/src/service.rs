@@ -23,8 +23,8 @@ use chrono::{DateTime, Utc};
 
 use crate::claims::ClaimRegistry;
 use crate::error::OperationError;
-use crate::idempotency::{Admission, Fingerprint, KeyState, StoredResponse};
-use crate::model::{HistoryPage, Order, Payment, User};
+use crate::idempotency::{Admission, CompletedRecord, Fingerprint, KeyState, StoredResponse};
+use crate::model::{HistoryPage, Order, OrderStatus, Payment, Refund, User};
 use crate::operations::{AppliedEffect, Decline, Operation, OperationKind, State};
 use crate::outcome::Outcome;
 use crate::ports::{
@@ -32,7 +32,13 @@ use crate::ports::{
     LockManager, OrderRepo, RefusalRecord, Release, ResponseEncoder, StepError, UserRepo,
 };
 use crate::telemetry as m;
-use crate::types::{Amount, Balance, EntryId, Limits, OrderId, PageLimit, PaymentId, UserId};
+use crate::types::{
+    Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, PaymentId, UserId,
+};
+
+/// The most refunds of one payment a listing returns (a payment of at most `MAX_AMOUNT`
+/// won could in principle be refunded one won at a time).
+pub const MAX_LISTED_REFUNDS: u32 = 1_000;
 
 /// How many times one balance change is run again after the store aborted its step
 /// before the commit (a killed or timed-out statement, a connection lost before COMMIT).
@@ -90,12 +96,14 @@ impl std::fmt::Debug for Ports {
     }
 }
 
-/// The answer to a balance-changing request: the stored status and bytes, and whether
-/// they were replayed from an earlier request with the same key.
+/// The answer to a balance-changing request: the stored status and bytes, whether they
+/// were replayed from an earlier request with the same key, and when the key's record
+/// expires (after which the key may run afresh).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Execution {
     pub response: StoredResponse,
     pub replayed: bool,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// The use cases of the service.
@@ -154,6 +162,50 @@ impl BalanceService {
             .ok_or(OperationError::UserNotFound)
     }
 
+    /// The balance after the user's last ledger entry at or before `at` (0 before the
+    /// first); a time not in the past answers the current balance.
+    ///
+    /// # Errors
+    /// `UserNotFound`, or a store failure.
+    pub async fn balance_at(
+        &self,
+        user: UserId,
+        at: DateTime<Utc>,
+    ) -> Result<Balance, OperationError> {
+        let current = self.balance(user).await?;
+        if at >= self.ports.clock.now() {
+            return Ok(current.balance);
+        }
+        Ok(self
+            .ports
+            .users
+            .balance_at(user, at)
+            .await?
+            .unwrap_or(Balance::ZERO))
+    }
+
+    /// What became of the request with `key`: its completed record.
+    ///
+    /// # Errors
+    /// `UserNotFound`; `KeyInUse` while it runs in this instance; `RequestNotFound` when no
+    /// live record exists (never sent, expired, or still running elsewhere: re-sending it
+    /// with the same key is always safe); or a store failure.
+    pub async fn request(
+        &self,
+        user: UserId,
+        key: &IdempotencyKey,
+    ) -> Result<CompletedRecord, OperationError> {
+        self.balance(user).await?;
+        if self.claims.is_in_flight(user, key) {
+            return Err(OperationError::KeyInUse);
+        }
+        self.ports
+            .keys
+            .find(user, key, self.ports.clock.now())
+            .await?
+            .ok_or(OperationError::RequestNotFound)
+    }
+
     /// # Errors
     /// `UserNotFound`, or a store failure.
     pub async fn history(
@@ -197,6 +249,41 @@ impl BalanceService {
             .get_payment(id)
             .await?
             .ok_or(OperationError::PaymentNotFound)
+    }
+
+    /// The payment's refunds, oldest first (at most [`MAX_LISTED_REFUNDS`]).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn refunds(&self, payment: PaymentId) -> Result<Vec<Refund>, OperationError> {
+        Ok(self
+            .ports
+            .orders
+            .refunds(payment, MAX_LISTED_REFUNDS)
+            .await?)
+    }
+
+    /// Cancels a PENDING order; cancelling a cancelled order answers it as it is. No lock
+    /// and no key: the write is guarded by the order's status (a payment that commits
+    /// first wins), and doing it twice is doing it once.
+    ///
+    /// # Errors
+    /// `OrderNotFound`; `OrderAlreadyPaid` for a paid or refunded order; a store failure.
+    pub async fn cancel_order(&self, id: OrderId) -> Result<Order, OperationError> {
+        let order = self
+            .ports
+            .orders
+            .cancel_order(id)
+            .await?
+            .ok_or(OperationError::OrderNotFound)?;
+        match order.status {
+            OrderStatus::Cancelled => Ok(order),
+            OrderStatus::Paid | OrderStatus::Refunded => Err(OperationError::OrderAlreadyPaid),
+            // A store that left a pending order pending broke its port's contract.
+            OrderStatus::Pending => Err(OperationError::Unexpected(anyhow::anyhow!(
+                "order {id} is still pending after its cancellation"
+            ))),
+        }
     }
 
     /// Creates users 1..=`count` with `balance` where they do not exist yet.
@@ -264,9 +351,12 @@ impl BalanceService {
         fingerprint: &Fingerprint,
     ) -> Result<Option<Execution>, OperationError> {
         let now = self.ports.clock.now();
-        let state = match self.ports.keys.find(op.user(), op.key(), now).await? {
-            Some(record) => KeyState::Completed(record),
-            None => KeyState::Free,
+        let (state, expires_at) = match self.ports.keys.find(op.user(), op.key(), now).await? {
+            Some(record) => {
+                let expires_at = record.expires_at;
+                (KeyState::Completed(record), expires_at)
+            }
+            None => (KeyState::Free, now),
         };
         match state.admit(fingerprint, now) {
             Admission::Run => Ok(None),
@@ -276,6 +366,7 @@ impl BalanceService {
                 Ok(Some(Execution {
                     response,
                     replayed: true,
+                    expires_at,
                 }))
             }
             other => Err(self.refused_admission(op.kind(), other)),
@@ -356,6 +447,10 @@ impl BalanceService {
             attempt += 1;
             let now = self.ports.clock.now();
             let plan = self.plan(op, fingerprint, now).await?;
+            let expires_at = match &plan {
+                Plan::Apply(change) => change.key.expires_at,
+                Plan::Refuse(refusal) => refusal.key.expires_at,
+            };
             let result = match plan {
                 Plan::Apply(change) => self.ports.store.apply(change).await.map(|applied| {
                     metrics::counter!(m::OPERATIONS_APPLIED_TOTAL, "operation" => label)
@@ -376,9 +471,14 @@ impl BalanceService {
                     return Ok(Execution {
                         response,
                         replayed: false,
+                        expires_at,
                     });
                 }
-                Err(StepError::VersionConflict | StepError::OrderNotPending) => {
+                Err(
+                    StepError::VersionConflict
+                    | StepError::OrderNotPending
+                    | StepError::PaymentChanged,
+                ) => {
                     metrics::counter!(m::OPTIMISTIC_CONFLICTS_TOTAL).increment(1);
                     if conflicts_left == 0 {
                         metrics::counter!(m::OPTIMISTIC_EXHAUSTED_TOTAL).increment(1);
@@ -429,11 +529,20 @@ impl BalanceService {
             .get_user(op.user())
             .await?
             .ok_or(OperationError::UserNotFound)?;
-        let order = match op.reads().order {
+        let reads = op.reads();
+        let order = match reads.order {
             Some(id) => self.ports.orders.get_order(id).await?,
             None => None,
         };
-        let state = State { user, order };
+        let payment = match reads.payment {
+            Some(id) => self.ports.orders.get_payment(id).await?,
+            None => None,
+        };
+        let state = State {
+            user,
+            order,
+            payment,
+        };
         let ttl = chrono::Duration::from_std(self.settings.idempotency_ttl)
             .unwrap_or(chrono::Duration::MAX);
         let key = KeyRecord {
@@ -451,6 +560,7 @@ impl BalanceService {
             Ok(effect) => {
                 let encoder = Arc::clone(&self.ports.encoder);
                 let op = Arc::clone(op);
+                let answered = effect.clone();
                 Plan::Apply(BalanceChange {
                     user_id,
                     expected_version,
@@ -460,7 +570,7 @@ impl BalanceService {
                     respond: Box::new(move |assigned| {
                         encoder.encode(&op.outcome(&AppliedEffect {
                             user: user_id,
-                            effect,
+                            effect: answered,
                             at: now,
                             assigned: assigned.clone(),
                         }))
@@ -474,6 +584,7 @@ impl BalanceService {
                 response: self.ports.encoder.encode(&Outcome::Refused(refusal)),
             }),
             Err(Decline::OrderNotFound) => return Err(OperationError::OrderNotFound),
+            Err(Decline::PaymentNotFound) => return Err(OperationError::PaymentNotFound),
         })
     }
 }

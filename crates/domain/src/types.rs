@@ -85,6 +85,11 @@ positive_id!(
     "paymentId"
 );
 positive_id!(
+    /// A refund's id.
+    RefundId,
+    "refundId"
+);
+positive_id!(
     /// A ledger entry's id; history pages are keyed by it.
     EntryId,
     "before"
@@ -263,6 +268,41 @@ impl fmt::Display for IdempotencyKey {
     }
 }
 
+/// Why a refund was made, as the client wrote it: at most 255 characters, none of them a
+/// control character (it is stored and shown to people).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct RefundReason(String);
+
+impl RefundReason {
+    pub const MAX_CHARS: usize = 255;
+
+    /// # Errors
+    /// A [`ValidationError`] for a reason over 255 characters or with a control character.
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        if raw.chars().count() > Self::MAX_CHARS {
+            return Err(ValidationError::new(
+                "reason must be at most 255 characters long",
+            ));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(ValidationError::new(
+                "reason must not contain control characters",
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// Rebuilds a reason read back from storage, where it was validated on the way in.
+    pub fn from_stored(raw: String) -> Self {
+        Self(raw)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The number of history entries on one page: 1..=500, 50 when not given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageLimit(u32);
@@ -306,6 +346,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refund_reason_is_short_text_without_control_characters() {
+        assert!(RefundReason::parse("").is_ok());
+        assert!(
+            RefundReason::parse(&"é".repeat(255)).is_ok(),
+            "characters, not bytes"
+        );
+        assert!(RefundReason::parse(&"a".repeat(256)).is_err());
+        for raw in ["a\nb", "\u{0}", "tab\t", "\u{7f}", "\u{85}"] {
+            assert!(RefundReason::parse(raw).is_err(), "{raw:?}");
+        }
+    }
+
+    #[test]
     fn numbers_have_one_canonical_form() {
         assert_eq!(UserId::parse("7").map(UserId::get), Ok(7));
         for raw in [
@@ -321,6 +374,7 @@ mod tests {
             assert!(UserId::parse(raw).is_err(), "{raw:?}");
         }
         assert_eq!(PageLimit::parse("50").map(PageLimit::get), Ok(50));
+        assert_eq!(RefundId::parse("4").map(RefundId::get), Ok(4));
         for raw in ["050", "0", "501", "5a", ""] {
             assert!(PageLimit::parse(raw).is_err(), "{raw:?}");
         }

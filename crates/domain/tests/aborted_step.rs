@@ -90,6 +90,7 @@ fn service_with(
                 let assigned = Assigned {
                     entry_id: EntryId::new(1).unwrap(),
                     payment_id: None,
+                    refund_id: None,
                 };
                 let response = (change.respond)(&assigned);
                 Ok(Applied { assigned, response })

@@ -144,7 +144,7 @@ fn pay(order: i64) -> Command {
 fn pays_order(effect: &Effect) -> Option<OrderId> {
     match effect {
         Effect::Pay { order, .. } => Some(*order),
-        Effect::Charge(_) | Effect::Use(_) => None,
+        Effect::Charge(_) | Effect::Use(_) | Effect::Refund(_) => None,
     }
 }
 
@@ -216,6 +216,7 @@ fn commit(change: BalanceChange, entry: i64, payment: Option<i64>) -> Result<App
     let assigned = Assigned {
         entry_id: EntryId::new(entry).unwrap(),
         payment_id: payment.map(|p| PaymentId::new(p).unwrap()),
+        refund_id: None,
     };
     let response = (change.respond)(&assigned);
     Ok(Applied { assigned, response })
@@ -232,8 +233,10 @@ struct TestEncoder;
 impl ResponseEncoder for TestEncoder {
     fn encode(&self, outcome: &Outcome) -> StoredResponse {
         let status = match outcome {
-            Outcome::Charged(_) | Outcome::Used(_) | Outcome::Paid(_) => 200,
-            Outcome::Refused(Refusal::OrderAlreadyPaid { .. }) => 409,
+            Outcome::Charged(_) | Outcome::Used(_) | Outcome::Paid(_) | Outcome::Refunded(_) => 200,
+            Outcome::Refused(Refusal::OrderAlreadyPaid { .. } | Refusal::OrderCancelled { .. }) => {
+                409
+            }
             Outcome::Refused(_) => 422,
         };
         StoredResponse {
@@ -481,6 +484,7 @@ async fn a_charge_takes_the_user_lock_then_reads_applies_and_releases_in_that_or
         Execution {
             response: encode(Outcome::Charged(receipt(12_500, 2_500))),
             replayed: false,
+            expires_at: now() + chrono::Duration::seconds(TTL_SECS),
         }
     );
     assert_eq!(
@@ -560,6 +564,7 @@ async fn a_use_debits_the_balance_read_under_the_lock() {
         Execution {
             response: encode(Outcome::Used(receipt(7_500, 2_500))),
             replayed: false,
+            expires_at: now() + chrono::Duration::seconds(TTL_SECS),
         }
     );
 }
@@ -626,6 +631,7 @@ async fn a_payment_debits_the_orders_amount_and_marks_the_order_paid() {
                 paid_at: now(),
             })),
             replayed: false,
+            expires_at: now() + chrono::Duration::seconds(TTL_SECS),
         }
     );
 }
@@ -754,6 +760,7 @@ async fn a_lost_lease_or_a_failed_release_does_not_change_the_committed_answer()
             Execution {
                 response: encode(Outcome::Charged(receipt(12_500, 2_500))),
                 replayed: false,
+                expires_at: now() + chrono::Duration::seconds(TTL_SECS),
             }
         );
     }
@@ -840,6 +847,7 @@ async fn a_retry_after_a_lock_timeout_runs_afresh() {
         Execution {
             response: encode(Outcome::Charged(receipt(12_500, 2_500))),
             replayed: false,
+            expires_at: now() + chrono::Duration::seconds(TTL_SECS),
         }
     );
 }
@@ -873,6 +881,7 @@ async fn an_unreachable_lock_service_with_degrade_goes_on_without_the_lock() {
         Execution {
             response: encode(Outcome::Used(receipt(7_500, 2_500))),
             replayed: false,
+            expires_at: now() + chrono::Duration::seconds(TTL_SECS),
         }
     );
     assert_eq!(service.in_flight(), 0);
@@ -967,6 +976,7 @@ async fn a_version_conflict_is_retried_from_a_fresh_read() {
         Execution {
             response: encode(Outcome::Charged(receipt(22_500, 2_500))),
             replayed: false,
+            expires_at: now() + chrono::Duration::seconds(TTL_SECS),
         }
     );
 }
@@ -1098,6 +1108,7 @@ async fn an_order_paid_meanwhile_is_read_again_and_refused_as_already_paid() {
         Execution {
             response: expected.response,
             replayed: false,
+            expires_at: now() + chrono::Duration::seconds(TTL_SECS),
         }
     );
 }
@@ -1128,6 +1139,7 @@ async fn a_replay_answers_the_stored_bytes_without_a_lock_a_read_or_a_write() {
                 Execution {
                     response: stored_bytes(),
                     replayed: true,
+                    expires_at: now() + chrono::Duration::minutes(59),
                 },
                 "{command:?}"
             );
@@ -1184,6 +1196,7 @@ async fn an_expired_record_handed_back_by_the_repository_is_not_replayed() {
         Execution {
             response: encode(Outcome::Charged(receipt(12_500, 2_500))),
             replayed: false,
+            expires_at: now() + chrono::Duration::seconds(TTL_SECS),
         }
     );
 }
@@ -1258,6 +1271,7 @@ async fn a_key_taken_at_commit_is_found_again_and_replayed() {
         Execution {
             response: stored_bytes(),
             replayed: true,
+            expires_at: now() + chrono::Duration::minutes(59),
         }
     );
 }
@@ -1307,6 +1321,7 @@ async fn assert_refused(command: Command, balance: i64, found: Option<Order>, re
         Execution {
             response: expected.response,
             replayed: false,
+            expires_at: now() + chrono::Duration::seconds(TTL_SECS),
         },
         "{command:?}"
     );
@@ -1626,6 +1641,7 @@ async fn a_duplicate_while_the_first_is_in_flight_is_key_in_use_and_never_reache
         Execution {
             response: encode(Outcome::Charged(receipt(12_500, 2_500))),
             replayed: false,
+            expires_at: now() + chrono::Duration::seconds(TTL_SECS),
         }
     );
     assert_eq!(service.in_flight(), 0);

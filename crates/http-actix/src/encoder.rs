@@ -7,7 +7,7 @@ use domain::ports::ResponseEncoder;
 use domain::time::format_rfc3339_millis;
 use serde::Serialize;
 
-use crate::dto::{ChargeResponse, PaymentResponse, UseResponse};
+use crate::dto::{ChargeResponse, PaymentResponse, RefundResponse, UseResponse};
 use crate::problem::{Code, Problem};
 
 /// The JSON encoder of the API.
@@ -52,6 +52,20 @@ impl ResponseEncoder for JsonEncoder {
                 balance: p.balance.get(),
                 status: "COMPLETED".to_owned(),
                 paid_at: format_rfc3339_millis(p.paid_at),
+                // The v1 answer, as it always was: a new payment has nothing refunded.
+                refunded_total: None,
+            }),
+            Outcome::Refunded(r) => ok(&RefundResponse {
+                refund_id: r.refund_id.get(),
+                payment_id: r.payment_id.get(),
+                order_id: r.order_id.get(),
+                user_id: r.user_id.get(),
+                amount: r.amount.get(),
+                balance: r.balance.get(),
+                refunded_total: r.refunded_total,
+                payment_status: r.payment_status.as_str().to_owned(),
+                reason: r.reason.as_ref().map(|reason| reason.as_str().to_owned()),
+                created_at: format_rfc3339_millis(r.created_at),
             }),
             Outcome::Refused(Refusal::InsufficientBalance { balance, requested }) => refusal_bytes(
                 Code::InsufficientBalance,
@@ -70,6 +84,23 @@ impl ResponseEncoder for JsonEncoder {
             Outcome::Refused(Refusal::OrderAlreadyPaid { order_id }) => refusal_bytes(
                 Code::OrderAlreadyPaid,
                 format!("order {order_id} is already paid"),
+            ),
+            Outcome::Refused(Refusal::OrderCancelled { order_id }) => refusal_bytes(
+                Code::OrderCancelled,
+                format!("order {order_id} is cancelled"),
+            ),
+            Outcome::Refused(Refusal::RefundExceedsPayment {
+                payment_id,
+                requested,
+                refundable,
+            }) => refusal_bytes(
+                Code::RefundExceedsPayment,
+                match requested {
+                    Some(requested) => format!(
+                        "refunding {requested} exceeds the {refundable} left to refund of payment {payment_id}"
+                    ),
+                    None => format!("payment {payment_id} has nothing left to refund"),
+                },
             ),
         }
     }

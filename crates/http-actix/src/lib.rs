@@ -132,8 +132,23 @@ pub fn build_app(
                     web::post().to(routes::create_order),
                 ))
                 .service(readable("/orders/{orderId}", routes::get_order))
+                .service(resource(
+                    "/orders/{orderId}/cancel",
+                    "POST",
+                    web::post().to(routes::cancel_order),
+                ))
                 .service(resource("/payments", "POST", web::post().to(routes::pay)))
                 .service(readable("/payments/{paymentId}", routes::get_payment))
+                .service(
+                    web::resource("/payments/{paymentId}/refunds")
+                        .route(get().to(routes::list_refunds))
+                        .route(web::post().to(routes::refund))
+                        .default_service(only("GET, HEAD, POST")),
+                )
+                .service(readable(
+                    "/users/{userId}/requests/{idempotencyKey}",
+                    routes::get_request,
+                ))
                 .default_service(web::to(not_found)),
         )
         .service(readable("/health/live", health::live))

@@ -8,8 +8,9 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::dto::{
-    AmountRequest, BalanceResponse, ChargeResponse, CreateUserRequest, HistoryItem,
-    HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse, UseResponse,
+    AmountRequest, BalanceAtResponse, BalanceResponse, ChargeResponse, CreateUserRequest,
+    HistoryItem, HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse,
+    RefundRequest, RefundResponse, RefundsResponse, RequestResponse, UseResponse,
 };
 use crate::health::{self, DependencyState, LiveResponse, ReadyResponse};
 use crate::problem::{Code, PROBLEM_JSON, Problem};
@@ -32,6 +33,10 @@ use crate::routes::{self, REPLAYED_HEADER};
         routes::get_order,
         routes::pay,
         routes::get_payment,
+        routes::cancel_order,
+        routes::refund,
+        routes::list_refunds,
+        routes::get_request,
         health::live,
         health::ready,
         health::metrics,
@@ -39,7 +44,8 @@ use crate::routes::{self, REPLAYED_HEADER};
     components(schemas(
         AmountRequest, OrderRequest, PaymentRequest, CreateUserRequest,
         BalanceResponse, ChargeResponse, UseResponse, PaymentResponse, OrderResponse,
-        HistoryItem, HistoryResponse, Problem, LiveResponse, ReadyResponse, DependencyState,
+        HistoryItem, HistoryResponse, RefundRequest, RefundResponse, RefundsResponse,
+        BalanceAtResponse, RequestResponse, Problem, LiveResponse, ReadyResponse, DependencyState,
     )),
     modifiers(&SecurityAndProblems),
     tags(
@@ -206,7 +212,24 @@ pub fn problems(operation_id: &str, has_body: bool) -> Option<Vec<Code>> {
         "create_user" => (false, &[Code::Forbidden]),
         "get_balance" | "history" | "create_order" => (false, &[Code::UserNotFound]),
         "get_order" => (false, &[Code::OrderNotFound]),
-        "get_payment" => (false, &[Code::PaymentNotFound]),
+        "get_payment" | "list_refunds" => (false, &[Code::PaymentNotFound]),
+        "cancel_order" => (false, &[Code::OrderNotFound, Code::OrderAlreadyPaid]),
+        "get_request" => (
+            false,
+            &[
+                Code::UserNotFound,
+                Code::RequestNotFound,
+                Code::IdempotencyKeyInUse,
+            ],
+        ),
+        "refund" => (
+            true,
+            &[
+                Code::PaymentNotFound,
+                Code::BalanceLimitExceeded,
+                Code::RefundExceedsPayment,
+            ],
+        ),
         "charge" => (true, &[Code::UserNotFound, Code::BalanceLimitExceeded]),
         "use_balance" => (true, &[Code::UserNotFound, Code::InsufficientBalance]),
         "pay" => (
@@ -215,6 +238,7 @@ pub fn problems(operation_id: &str, has_body: bool) -> Option<Vec<Code>> {
                 Code::UserNotFound,
                 Code::OrderNotFound,
                 Code::OrderAlreadyPaid,
+                Code::OrderCancelled,
                 Code::InsufficientBalance,
             ],
         ),
@@ -256,6 +280,9 @@ fn when(code: Code) -> &'static str {
         Code::UserNotFound => "no such user, or another user's (a user token)",
         Code::OrderNotFound => "no such order, or another user's",
         Code::PaymentNotFound => "no such payment, or another user's",
+        Code::RequestNotFound => {
+            "no finished request with this key for this user (never sent, expired, or still running on another instance); re-sending it with the same key is safe"
+        }
         Code::NotFound => "no resource at this path",
         Code::MethodNotAllowed => "the path exists, the method does not",
         Code::RequestTimeout => {
@@ -264,12 +291,18 @@ fn when(code: Code) -> &'static str {
         Code::IdempotencyKeyInUse => {
             "the first request with this key is still in flight; retry after `Retry-After`"
         }
-        Code::OrderAlreadyPaid => "the order is paid already (stored and replayed)",
+        Code::OrderAlreadyPaid => {
+            "the order is paid already (stored and replayed when paying; not stored when cancelling)"
+        }
+        Code::OrderCancelled => "the order was cancelled (stored and replayed)",
         Code::PayloadTooLarge => "a body over 16 KiB",
         Code::UnsupportedMediaType => "a body or Content-Type that is not JSON",
         Code::IdempotencyKeyReused => "this key was used for another request; nothing applied",
         Code::InsufficientBalance => "the balance is below the amount (stored and replayed)",
         Code::BalanceLimitExceeded => "the balance would exceed MAX_BALANCE (stored and replayed)",
+        Code::RefundExceedsPayment => {
+            "the refund is above what is left of the payment, or nothing is left (stored and replayed)"
+        }
         Code::InternalError => "an unexpected failure (logged with the request id)",
         Code::LockTimeout => {
             "the user's lock was not had within LOCK_WAIT_MS; retry with the same key after `Retry-After`"
@@ -288,7 +321,10 @@ fn example_detail(code: Code, operation_id: &str, keyed: bool) -> &'static str {
             "create_order" => "userId is required",
             "pay" => "orderId is required",
             "get_balance" | "history" => "userId must be a positive integer",
-            "get_order" => "orderId must be a positive integer",
+            "get_order" | "cancel_order" => "orderId must be a positive integer",
+            "refund" => "amount must be greater than 0",
+            "list_refunds" => "paymentId must be a positive integer",
+            "get_request" => "idempotency key must be 1 to 255 characters long",
             "get_payment" => "paymentId must be a positive integer",
             _ => "the request body is malformed JSON",
         },
@@ -303,6 +339,9 @@ fn example_detail(code: Code, operation_id: &str, keyed: bool) -> &'static str {
         Code::UserNotFound => "no user has this id",
         Code::OrderNotFound => "no order has this id",
         Code::PaymentNotFound => "no payment has this id",
+        Code::RequestNotFound => {
+            "no finished request with this idempotency key is recorded for this user; sending the request again with the same key is safe"
+        }
         Code::NotFound => "no resource at this path",
         Code::MethodNotAllowed => "this resource allows GET, HEAD",
         Code::RequestTimeout => "the request body did not arrive within 10 s of its head",
@@ -310,6 +349,7 @@ fn example_detail(code: Code, operation_id: &str, keyed: bool) -> &'static str {
             "a request with this idempotency key is still being processed; retry later"
         }
         Code::OrderAlreadyPaid => "order 9 is already paid",
+        Code::OrderCancelled => "order 9 is cancelled",
         Code::PayloadTooLarge => "the request body must not exceed 16384 bytes",
         Code::UnsupportedMediaType => "the request body must be application/json",
         Code::IdempotencyKeyReused => {
@@ -318,6 +358,9 @@ fn example_detail(code: Code, operation_id: &str, keyed: bool) -> &'static str {
         Code::InsufficientBalance => "the balance 5000 is less than the requested 10000",
         Code::BalanceLimitExceeded => {
             "charging 10000 to the balance 999999995000 would exceed the maximum balance 1000000000000"
+        }
+        Code::RefundExceedsPayment => {
+            "refunding 20000 exceeds the 10000 left to refund of payment 3"
         }
         Code::InternalError => "an unexpected error occurred",
         Code::LockTimeout => {

@@ -42,16 +42,19 @@ pub enum Code {
     UserNotFound,
     OrderNotFound,
     PaymentNotFound,
+    RequestNotFound,
     NotFound,
     MethodNotAllowed,
     RequestTimeout,
     IdempotencyKeyInUse,
     OrderAlreadyPaid,
+    OrderCancelled,
     PayloadTooLarge,
     UnsupportedMediaType,
     IdempotencyKeyReused,
     InsufficientBalance,
     BalanceLimitExceeded,
+    RefundExceedsPayment,
     InternalError,
     LockTimeout,
     ServiceUnavailable,
@@ -59,7 +62,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in the order of their statuses.
-    pub const ALL: [Code; 21] = [
+    pub const ALL: [Code; 24] = [
         Code::ValidationError,
         Code::IdempotencyKeyRequired,
         Code::InvalidIdempotencyKey,
@@ -68,16 +71,19 @@ impl Code {
         Code::UserNotFound,
         Code::OrderNotFound,
         Code::PaymentNotFound,
+        Code::RequestNotFound,
         Code::NotFound,
         Code::MethodNotAllowed,
         Code::RequestTimeout,
         Code::IdempotencyKeyInUse,
         Code::OrderAlreadyPaid,
+        Code::OrderCancelled,
         Code::PayloadTooLarge,
         Code::UnsupportedMediaType,
         Code::IdempotencyKeyReused,
         Code::InsufficientBalance,
         Code::BalanceLimitExceeded,
+        Code::RefundExceedsPayment,
         Code::InternalError,
         Code::LockTimeout,
         Code::ServiceUnavailable,
@@ -93,16 +99,19 @@ impl Code {
             Code::UserNotFound => "USER_NOT_FOUND",
             Code::OrderNotFound => "ORDER_NOT_FOUND",
             Code::PaymentNotFound => "PAYMENT_NOT_FOUND",
+            Code::RequestNotFound => "REQUEST_NOT_FOUND",
             Code::NotFound => "NOT_FOUND",
             Code::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Code::RequestTimeout => "REQUEST_TIMEOUT",
             Code::IdempotencyKeyInUse => "IDEMPOTENCY_KEY_IN_USE",
             Code::OrderAlreadyPaid => "ORDER_ALREADY_PAID",
+            Code::OrderCancelled => "ORDER_CANCELLED",
             Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Code::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             Code::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Code::InsufficientBalance => "INSUFFICIENT_BALANCE",
             Code::BalanceLimitExceeded => "BALANCE_LIMIT_EXCEEDED",
+            Code::RefundExceedsPayment => "REFUND_EXCEEDS_PAYMENT",
             Code::InternalError => "INTERNAL_ERROR",
             Code::LockTimeout => "LOCK_TIMEOUT",
             Code::ServiceUnavailable => "SERVICE_UNAVAILABLE",
@@ -116,17 +125,20 @@ impl Code {
             }
             Code::Unauthorized => 401,
             Code::Forbidden => 403,
-            Code::UserNotFound | Code::OrderNotFound | Code::PaymentNotFound | Code::NotFound => {
-                404
-            }
+            Code::UserNotFound
+            | Code::OrderNotFound
+            | Code::PaymentNotFound
+            | Code::RequestNotFound
+            | Code::NotFound => 404,
             Code::MethodNotAllowed => 405,
             Code::RequestTimeout => 408,
-            Code::IdempotencyKeyInUse | Code::OrderAlreadyPaid => 409,
+            Code::IdempotencyKeyInUse | Code::OrderAlreadyPaid | Code::OrderCancelled => 409,
             Code::PayloadTooLarge => 413,
             Code::UnsupportedMediaType => 415,
-            Code::IdempotencyKeyReused | Code::InsufficientBalance | Code::BalanceLimitExceeded => {
-                422
-            }
+            Code::IdempotencyKeyReused
+            | Code::InsufficientBalance
+            | Code::BalanceLimitExceeded
+            | Code::RefundExceedsPayment => 422,
             Code::InternalError => 500,
             Code::LockTimeout | Code::ServiceUnavailable => 503,
         }
@@ -142,16 +154,19 @@ impl Code {
             Code::UserNotFound => "User not found",
             Code::OrderNotFound => "Order not found",
             Code::PaymentNotFound => "Payment not found",
+            Code::RequestNotFound => "Request not found",
             Code::NotFound => "Not found",
             Code::MethodNotAllowed => "Method not allowed",
             Code::RequestTimeout => "Request timeout",
             Code::IdempotencyKeyInUse => "Idempotency key in use",
             Code::OrderAlreadyPaid => "Order already paid",
+            Code::OrderCancelled => "Order cancelled",
             Code::PayloadTooLarge => "Payload too large",
             Code::UnsupportedMediaType => "Unsupported media type",
             Code::IdempotencyKeyReused => "Idempotency key reused",
             Code::InsufficientBalance => "Insufficient balance",
             Code::BalanceLimitExceeded => "Balance limit exceeded",
+            Code::RefundExceedsPayment => "Refund exceeds payment",
             Code::InternalError => "Internal error",
             Code::LockTimeout => "Lock timeout",
             Code::ServiceUnavailable => "Service unavailable",
@@ -170,7 +185,11 @@ impl Code {
     pub fn is_stored(self) -> bool {
         matches!(
             self,
-            Code::OrderAlreadyPaid | Code::InsufficientBalance | Code::BalanceLimitExceeded
+            Code::OrderAlreadyPaid
+                | Code::OrderCancelled
+                | Code::InsufficientBalance
+                | Code::BalanceLimitExceeded
+                | Code::RefundExceedsPayment
         )
     }
 
@@ -270,6 +289,15 @@ impl From<OperationError> for ApiError {
             OperationError::PaymentNotFound => {
                 ApiError::new(Code::PaymentNotFound, "no payment has this id")
             }
+            OperationError::RequestNotFound => ApiError::new(
+                Code::RequestNotFound,
+                "no finished request with this idempotency key is recorded for this user; \
+                 sending the request again with the same key is safe",
+            ),
+            OperationError::OrderAlreadyPaid => ApiError::new(
+                Code::OrderAlreadyPaid,
+                "the order is already paid and cannot be cancelled",
+            ),
             OperationError::KeyInUse => ApiError::new(
                 Code::IdempotencyKeyInUse,
                 "a request with this idempotency key is still being processed; retry later",
@@ -343,16 +371,19 @@ mod tests {
             | Code::UserNotFound
             | Code::OrderNotFound
             | Code::PaymentNotFound
+            | Code::RequestNotFound
             | Code::NotFound
             | Code::MethodNotAllowed
             | Code::RequestTimeout
             | Code::IdempotencyKeyInUse
             | Code::OrderAlreadyPaid
+            | Code::OrderCancelled
             | Code::PayloadTooLarge
             | Code::UnsupportedMediaType
             | Code::IdempotencyKeyReused
             | Code::InsufficientBalance
             | Code::BalanceLimitExceeded
+            | Code::RefundExceedsPayment
             | Code::InternalError
             | Code::LockTimeout
             | Code::ServiceUnavailable => code.as_str(),

@@ -6,20 +6,25 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::web::{Data, Payload};
 use actix_web::{HttpRequest, HttpResponse};
-use domain::types::{EntryId, OrderId, PageLimit, PaymentId, UserId};
-use domain::{Charge, Execution, Operation, OperationError, Pay, UseBalance};
+use domain::time::{format_rfc3339_millis, truncate_to_millis};
+use domain::types::{EntryId, IdempotencyKey, OrderId, PageLimit, PaymentId, RefundReason, UserId};
+use domain::{Charge, Execution, Operation, OperationError, Pay, Refund, UseBalance};
 use tracing::Instrument;
 
 use crate::AppState;
 use crate::auth::Principal;
 use crate::body::{self, read_json_object};
 use crate::dto::{
-    AmountRequest, BalanceResponse, ChargeResponse, CreateUserRequest, HistoryItem,
-    HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse, UseResponse,
+    AmountRequest, BalanceAtResponse, BalanceResponse, ChargeResponse, CreateUserRequest,
+    HistoryItem, HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse,
+    RefundRequest, RefundResponse, RefundsResponse, RequestResponse, UseResponse,
 };
-use crate::problem::{ApiError, PROBLEM_JSON, read_error};
+use crate::problem::{ApiError, Code, PROBLEM_JSON, read_error};
 
 pub const REPLAYED_HEADER: &str = "Idempotent-Replayed";
+
+/// On every stored answer (first and replayed): when its record expires (RFC 3339, ms).
+pub const EXPIRES_HEADER: &str = "Idempotency-Expires";
 
 type ApiResult = Result<HttpResponse, ApiError>;
 
@@ -56,6 +61,9 @@ fn stored(execution: Execution) -> HttpResponse {
     response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(content_type)));
     if execution.replayed {
         response.insert_header((REPLAYED_HEADER, HeaderValue::from_static("true")));
+    }
+    if let Ok(expires) = HeaderValue::from_str(&format_rfc3339_millis(execution.expires_at)) {
+        response.insert_header((EXPIRES_HEADER, expires));
     }
     response.body(execution.response.body)
 }
@@ -108,12 +116,15 @@ pub async fn create_user(
     Ok(response)
 }
 
-/// A user's balance (committed state, no lock).
+/// A user's balance (committed state, no lock); with `at`, its balance at that time.
 #[utoipa::path(
     get, path = "/api/users/{userId}/balance", tag = "balance",
-    params(("userId" = i64, Path, minimum = 1)),
+    params(
+        ("userId" = i64, Path, minimum = 1),
+        ("at" = Option<String>, Query, format = DateTime, description = "RFC 3339: the balance after the last ledger entry at or before it (0 before the first; a time not in the past: the current balance). The answer then carries `at`, in UTC with milliseconds"),
+    ),
     responses(
-        (status = 200, description = "The balance", body = BalanceResponse),
+        (status = 200, description = "The balance; with `at`, a `BalanceAtResponse`", body = BalanceResponse),
     ),
     security((), ("bearer" = []))
 )]
@@ -123,9 +134,43 @@ pub async fn get_balance(
     req: HttpRequest,
 ) -> ApiResult {
     let user = path_id(&req, "userId", UserId::parse)?;
+    let mut at = None;
+    for (name, value) in query_pairs(req.query_string())? {
+        if name == "at" && at.replace(value).is_some() {
+            return Err(ApiError::validation("at is given more than once"));
+        }
+    }
+    let at = at.map(|raw| parse_instant(&raw, "at")).transpose()?;
     principal.check_user(user)?;
-    let user = state.service.balance(user).await.map_err(read_error)?;
-    json(StatusCode::OK, &BalanceResponse::from(&user))
+    let Some(at) = at else {
+        let user = state.service.balance(user).await.map_err(read_error)?;
+        return json(StatusCode::OK, &BalanceResponse::from(&user));
+    };
+    let balance = state
+        .service
+        .balance_at(user, at)
+        .await
+        .map_err(read_error)?;
+    json(
+        StatusCode::OK,
+        &BalanceAtResponse {
+            user_id: user.get(),
+            balance: balance.get(),
+            at: format_rfc3339_millis(at),
+        },
+    )
+}
+
+/// An RFC 3339 instant (any offset), in UTC, truncated to the milliseconds the ledger keeps
+/// (so "at or before" means the same at either precision).
+fn parse_instant(raw: &str, name: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(raw)
+        .map(|t| truncate_to_millis(t.with_timezone(&chrono::Utc)))
+        .map_err(|_| {
+            ApiError::validation(format!(
+                "{name} must be an RFC 3339 time, e.g. 2026-11-22T14:00:00.000Z"
+            ))
+        })
 }
 
 /// Charge money to a user's balance, once per idempotency key.
@@ -340,4 +385,173 @@ pub async fn get_payment(
         return Err(OperationError::PaymentNotFound.into());
     }
     json(StatusCode::OK, &PaymentResponse::from(&payment))
+}
+
+/// Cancel a PENDING order. Cancelling a cancelled order answers the same 200.
+#[utoipa::path(
+    post, path = "/api/orders/{orderId}/cancel", tag = "orders",
+    params(("orderId" = i64, Path, minimum = 1)),
+    request_body(content = Option<CreateUserRequest>, content_type = "application/json", description = "No body at all, or `{}`"),
+    responses(
+        (status = 200, description = "The order, CANCELLED", body = OrderResponse),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn cancel_order(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+    payload: Payload,
+) -> ApiResult {
+    let id = path_id(&req, "orderId", OrderId::parse)?;
+    let body = read_json_object(&req, payload).await?.unwrap_or_default();
+    if let Some(field) = body.keys().next() {
+        return Err(ApiError::validation(format!(
+            "the body of a cancellation must be empty or {{}}; unknown field {field:?}"
+        )));
+    }
+    let order = state.service.order(id).await.map_err(read_error)?;
+    if !principal.acts_for(order.user_id) {
+        return Err(OperationError::OrderNotFound.into());
+    }
+    let order = state.service.cancel_order(id).await.map_err(read_error)?;
+    json(StatusCode::OK, &OrderResponse::from(&order))
+}
+
+/// Refund a payment, in part or the rest, once per idempotency key (the payment user's).
+#[utoipa::path(
+    post, path = "/api/payments/{paymentId}/refunds", tag = "payments",
+    params(
+        ("paymentId" = i64, Path, minimum = 1),
+        ("Idempotency-Key" = Option<String>, Header, description = "Or the body's idempotencyKey"),
+    ),
+    request_body(content = RefundRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Refunded, or the replay of a finished request", body = RefundResponse),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn refund(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+    payload: Payload,
+) -> ApiResult {
+    let payment = path_id(&req, "paymentId", PaymentId::parse)?;
+    let body = read_json_object(&req, payload).await?;
+    let key = body::idempotency_key(&req, body.as_ref())?;
+    let body = body.unwrap_or_default();
+    let amount = match body.get("amount") {
+        None => None,
+        Some(_) => Some(body::amount(&body, state.service.limits())?),
+    };
+    let reason = match body.get("reason") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(raw)) => Some(RefundReason::parse(raw)?),
+        Some(_) => return Err(ApiError::validation("reason must be a string")),
+    };
+    // The refund runs as the payment's user: its lock, its key space, its balance. Another
+    // user's payment is not found, as a missing one.
+    let found = state.service.payment(payment).await.map_err(read_error)?;
+    if !principal.acts_for(found.user_id) {
+        return Err(OperationError::PaymentNotFound.into());
+    }
+    let op = Refund {
+        user: found.user_id,
+        payment,
+        amount,
+        reason,
+        key,
+    };
+    execute(&state, Arc::new(op)).await
+}
+
+/// A payment's refunds, oldest first.
+#[utoipa::path(
+    get, path = "/api/payments/{paymentId}/refunds", tag = "payments",
+    params(("paymentId" = i64, Path, minimum = 1)),
+    responses(
+        (status = 200, description = "The refunds, oldest first (at most 1000)", body = RefundsResponse),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn list_refunds(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+) -> ApiResult {
+    let id = path_id(&req, "paymentId", PaymentId::parse)?;
+    let payment = state.service.payment(id).await.map_err(read_error)?;
+    if !principal.acts_for(payment.user_id) {
+        return Err(OperationError::PaymentNotFound.into());
+    }
+    let refunds = state.service.refunds(id).await.map_err(read_error)?;
+    json(
+        StatusCode::OK,
+        &RefundsResponse {
+            items: refunds.iter().map(RefundResponse::from).collect(),
+        },
+    )
+}
+
+/// What became of a request with this key: its stored answer, without sending it again.
+#[utoipa::path(
+    get, path = "/api/users/{userId}/requests/{idempotencyKey}", tag = "balance",
+    params(
+        ("userId" = i64, Path, minimum = 1),
+        ("idempotencyKey" = String, Path, description = "The key, percent-encoded"),
+    ),
+    responses(
+        (status = 200, description = "The finished request and its stored answer", body = RequestResponse),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_request(
+    state: Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+) -> ApiResult {
+    let user = path_id(&req, "userId", UserId::parse)?;
+    let raw = req.match_info().get("idempotencyKey").unwrap_or_default();
+    let key = IdempotencyKey::parse(&percent_decoded(raw))
+        .map_err(|e| ApiError::new(Code::InvalidIdempotencyKey, e.0))?;
+    principal.check_user(user)?;
+    let record = state
+        .service
+        .request(user, &key)
+        .await
+        .map_err(read_error)?;
+    let answer = RequestResponse::of(&record).ok_or_else(|| {
+        ApiError::from(OperationError::Unexpected(anyhow::anyhow!(
+            "the stored answer of a request is not JSON"
+        )))
+    })?;
+    json(StatusCode::OK, &answer)
+}
+
+/// A path segment with its remaining `%XX` escapes decoded. The router decodes all but
+/// `%2F`, `%25` and `%2B` (so that `/` inside a segment does not split it); decoding the
+/// rest here gives the key the client percent-encoded. An escape that is not one (`%zz`)
+/// stays as it is, and then fails the key's own check.
+fn percent_decoded(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&byte) = bytes.get(i) {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|pair| std::str::from_utf8(pair).ok())
+            .and_then(|pair| u8::from_str_radix(pair, 16).ok());
+        match (byte, hex) {
+            (b'%', Some(decoded)) => {
+                out.push(decoded);
+                i += 3;
+            }
+            _ => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -10,14 +10,16 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::idempotency::{CompletedRecord, RecordOutcome, StoredResponse};
-use domain::model::{EntryKind, HistoryPage, LedgerEntry, Order, OrderStatus, Payment, User};
-use domain::operations::{Effect, Movement};
+use domain::model::{
+    EntryKind, HistoryPage, LedgerEntry, Order, OrderStatus, Payment, Refund, User,
+};
+use domain::operations::{Effect, Movement, RefundEffect};
 use domain::ports::{
     Applied, Assigned, BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo,
     RefusalRecord, RepoError, StepError, UserRepo,
 };
 use domain::types::{
-    Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, UserId, ValidationError,
+    Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserId, ValidationError,
 };
 
 /// The in-memory store: every repository port and the atomic step over one shared state.
@@ -70,6 +72,9 @@ struct State {
     /// At most one payment per order, like the unique `order_id` of the payments table.
     payment_of_order: HashMap<OrderId, PaymentId>,
     last_payment_id: i64,
+    /// Each payment's refunds in id order.
+    refunds: HashMap<PaymentId, Vec<Refund>>,
+    last_refund_id: i64,
     /// Completed records by user, then by key: a lookup by `&str` needs no allocation.
     keys: HashMap<UserId, HashMap<String, CompletedRecord>>,
     /// The records of `keys` ordered by expiry, so a purge visits only what it deletes
@@ -219,9 +224,10 @@ impl State {
             respond,
         } = change;
         // The one place this store looks at what an effect writes besides the balance.
-        let pays_order = match effect {
-            Effect::Charge(_) | Effect::Use(_) => None,
-            Effect::Pay { order, .. } => Some(order),
+        let (pays_order, refunding) = match &effect {
+            Effect::Charge(_) | Effect::Use(_) => (None, None),
+            Effect::Pay { order, .. } => (Some(*order), None),
+            Effect::Refund(refund) => (None, Some(refund)),
         };
         let Movement {
             amount,
@@ -236,14 +242,22 @@ impl State {
         if let Some(order) = pays_order {
             self.check_payable(order, user_id)?;
         }
+        if let Some(refund) = refunding {
+            self.check_refundable(refund, user_id)?;
+        }
         let entry_id = next_id(self.last_entry_id, EntryId::new)?;
         let payment_id = match pays_order {
             Some(_) => Some(next_id(self.last_payment_id, PaymentId::new)?),
             None => None,
         };
+        let refund_id = match refunding {
+            Some(_) => Some(next_id(self.last_refund_id, RefundId::new)?),
+            None => None,
+        };
         let assigned = Assigned {
             entry_id,
             payment_id,
+            refund_id,
         };
         // Called before the writes too, so a panicking encoder leaves nothing half-written.
         let response = respond(&assigned);
@@ -276,10 +290,14 @@ impl State {
                     amount,
                     balance_after: new_balance,
                     paid_at: at,
+                    refunded_total: 0,
                 },
             );
             self.payment_of_order.insert(order_id, payment_id);
             self.last_payment_id = payment_id.get();
+        }
+        if let (Some(refund), Some(refund_id)) = (refunding, refund_id) {
+            self.write_refund(refund, refund_id, user_id, at);
         }
         self.put_record(user_id, key, RecordOutcome::Applied, response.clone());
         Ok(Applied { assigned, response })
@@ -298,6 +316,78 @@ impl State {
             }
             _ => Err(StepError::OrderNotPending),
         }
+    }
+
+    /// `PaymentChanged` unless the refund's payment is this user's and its refunded total is
+    /// still the one the refund was decided on, with room for the refund (the MySQL store's
+    /// guarded update of the payments row).
+    fn check_refundable(&self, refund: &RefundEffect, user: UserId) -> Result<(), StepError> {
+        match self.payments.get(&refund.payment) {
+            Some(found)
+                if found.user_id == user
+                    && found.refunded_total == refund.refunded_before
+                    && refund.refunded_after() <= found.amount.get() =>
+            {
+                Ok(())
+            }
+            _ => Err(StepError::PaymentChanged),
+        }
+    }
+
+    /// Writes what a refund changes besides the balance: its row, the payment's refunded
+    /// total and, once the payment is refunded in full, its order REFUNDED. Checked by
+    /// [`State::check_refundable`] first; nothing here fails.
+    fn write_refund(
+        &mut self,
+        refund: &RefundEffect,
+        id: RefundId,
+        user_id: UserId,
+        at: DateTime<Utc>,
+    ) {
+        let refunded_total = refund.refunded_after();
+        if let Some(payment) = self.payments.get_mut(&refund.payment) {
+            payment.refunded_total = refunded_total;
+        }
+        if refund.completes_payment() {
+            if let Some(order) = self.orders.get_mut(&refund.order) {
+                order.status = OrderStatus::Refunded;
+            }
+        }
+        self.refunds
+            .entry(refund.payment)
+            .or_default()
+            .push(Refund {
+                id,
+                payment_id: refund.payment,
+                order_id: refund.order,
+                user_id,
+                amount: refund.movement.amount,
+                balance_after: refund.movement.balance_after,
+                refunded_total,
+                payment_status: refund.status_after(),
+                reason: refund.reason.clone(),
+                created_at: at,
+            });
+        self.last_refund_id = id.get();
+    }
+
+    /// The `balance_after` of the user's newest entry created at or before `at`.
+    fn balance_at(&self, user: UserId, at: DateTime<Utc>) -> Option<Balance> {
+        self.ledgers
+            .get(&user)?
+            .iter()
+            .filter(|entry| entry.created_at <= at)
+            .max_by_key(|entry| (entry.created_at, entry.id))
+            .map(|entry| entry.balance_after)
+    }
+
+    /// Flips a PENDING order to CANCELLED; the order as it is afterwards.
+    fn cancel_order(&mut self, id: OrderId) -> Option<Order> {
+        let order = self.orders.get_mut(&id)?;
+        if order.status == OrderStatus::Pending {
+            order.status = OrderStatus::Cancelled;
+        }
+        Some(order.clone())
     }
 
     fn record_refusal(&mut self, refusal: RefusalRecord) -> Result<(), StepError> {
@@ -425,6 +515,14 @@ impl UserRepo for MemoryStore {
         Ok(self.state().history(id, before, limit))
     }
 
+    async fn balance_at(
+        &self,
+        id: UserId,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Balance>, RepoError> {
+        Ok(self.state().balance_at(id, at))
+    }
+
     async fn seed_users(
         &self,
         count: u32,
@@ -452,6 +550,20 @@ impl OrderRepo for MemoryStore {
 
     async fn get_payment(&self, id: PaymentId) -> Result<Option<Payment>, RepoError> {
         Ok(self.state().payments.get(&id).cloned())
+    }
+
+    async fn refunds(&self, payment: PaymentId, limit: u32) -> Result<Vec<Refund>, RepoError> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        Ok(self
+            .state()
+            .refunds
+            .get(&payment)
+            .map(|refunds| refunds.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn cancel_order(&self, id: OrderId) -> Result<Option<Order>, RepoError> {
+        Ok(self.state().cancel_order(id))
     }
 }
 

@@ -30,8 +30,10 @@ struct DebugEncoder;
 impl ResponseEncoder for DebugEncoder {
     fn encode(&self, outcome: &Outcome) -> StoredResponse {
         let status = match outcome {
-            Outcome::Charged(_) | Outcome::Used(_) | Outcome::Paid(_) => 200,
-            Outcome::Refused(Refusal::OrderAlreadyPaid { .. }) => 409,
+            Outcome::Charged(_) | Outcome::Used(_) | Outcome::Paid(_) | Outcome::Refunded(_) => 200,
+            Outcome::Refused(Refusal::OrderAlreadyPaid { .. } | Refusal::OrderCancelled { .. }) => {
+                409
+            }
             Outcome::Refused(_) => 422,
         };
         StoredResponse {

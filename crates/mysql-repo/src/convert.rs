@@ -6,7 +6,7 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, SubsecRound, Utc};
 use domain::idempotency::{RecordOutcome, StoredResponse, legacy_operation, legacy_outcome};
 use domain::model::EntryKind;
 use domain::operations::OperationKind;
-use domain::types::{EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
+use domain::types::{EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserId};
 
 /// A `datetime(3)` value: UTC, truncated to milliseconds. The domain truncates already;
 /// doing it again here makes MySQL (which rounds extra digits) and MariaDB (which
@@ -54,6 +54,10 @@ pub(crate) fn order_id(raw: impl TryInto<i64>) -> anyhow::Result<OrderId> {
 
 pub(crate) fn payment_id(raw: impl TryInto<i64>) -> anyhow::Result<PaymentId> {
     id_from_db(raw, "payment id", PaymentId::new)
+}
+
+pub(crate) fn refund_id(raw: impl TryInto<i64>) -> anyhow::Result<RefundId> {
+    id_from_db(raw, "refund id", RefundId::new)
 }
 
 pub(crate) fn entry_id(raw: impl TryInto<i64>) -> anyhow::Result<EntryId> {

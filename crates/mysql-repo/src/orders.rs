@@ -3,13 +3,27 @@
 use anyhow::anyhow;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use domain::model::{Order, OrderStatus, Payment};
+use domain::model::{Order, OrderStatus, Payment, PaymentStatus, Refund};
 use domain::ports::{OrderRepo, RepoError};
-use domain::types::{Amount, Balance, OrderId, PaymentId, UserId};
+use domain::types::{Amount, Balance, OrderId, PaymentId, RefundReason, UserId};
 
 use crate::MySqlStore;
-use crate::convert::{from_db_time, order_id, payment_id, to_db_time, user_id};
+use crate::convert::{from_db_time, order_id, payment_id, refund_id, to_db_time, user_id};
 use crate::error::repo;
+
+/// A refunds row as read: id, order_id, user_id, amount, balance_after, refunded_total,
+/// reason, created_at, and the payment's amount (for the status after it).
+type RefundRow = (
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+    NaiveDateTime,
+    i64,
+);
 
 #[async_trait]
 impl OrderRepo for MySqlStore {
@@ -64,17 +78,17 @@ impl OrderRepo for MySqlStore {
     }
 
     async fn get_payment(&self, id: PaymentId) -> Result<Option<Payment>, RepoError> {
-        let row: Option<(i64, i64, i64, i64, i64, NaiveDateTime)> =
+        let row: Option<(i64, i64, i64, i64, i64, NaiveDateTime, i64)> =
             read_retrying!(&self.pool, |db| {
                 sqlx::query_as(
-                    "select id, order_id, user_id, amount, balance_after, paid_at \
+                    "select id, order_id, user_id, amount, balance_after, paid_at, refunded_total \
                      from payments where id = ?",
                 )
                 .bind(id.get())
                 .fetch_optional(db)
             })
             .map_err(repo)?;
-        let Some((id, order, user, amount, balance_after, paid_at)) = row else {
+        let Some((id, order, user, amount, balance_after, paid_at, refunded_total)) = row else {
             return Ok(None);
         };
         Ok(Some(Payment {
@@ -84,6 +98,56 @@ impl OrderRepo for MySqlStore {
             amount: Amount::from_stored(amount),
             balance_after: Balance::from_stored(balance_after),
             paid_at: from_db_time(paid_at),
+            refunded_total,
         }))
+    }
+
+    async fn refunds(&self, payment: PaymentId, limit: u32) -> Result<Vec<Refund>, RepoError> {
+        let rows: Vec<RefundRow> = read_retrying!(&self.pool, |db| {
+            sqlx::query_as(
+                "select r.id, r.order_id, r.user_id, r.amount, r.balance_after, \
+                 r.refunded_total, r.reason, r.created_at, p.amount \
+                 from refunds r join payments p on p.id = r.payment_id \
+                 where r.payment_id = ? order by r.id limit ?",
+            )
+            .bind(payment.get())
+            .bind(i64::from(limit))
+            .fetch_all(db)
+        })
+        .map_err(repo)?;
+        let refunds = rows
+            .into_iter()
+            .map(
+                |(id, order, user, amount, balance_after, refunded_total, reason, at, paid)| {
+                    Ok(Refund {
+                        id: refund_id(id)?,
+                        payment_id: payment,
+                        order_id: order_id(order)?,
+                        user_id: user_id(user)?,
+                        amount: Amount::from_stored(amount),
+                        balance_after: Balance::from_stored(balance_after),
+                        refunded_total,
+                        payment_status: PaymentStatus::of(
+                            Amount::from_stored(paid),
+                            refunded_total,
+                        ),
+                        reason: reason.map(RefundReason::from_stored),
+                        created_at: from_db_time(at),
+                    })
+                },
+            )
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(refunds)
+    }
+
+    async fn cancel_order(&self, id: OrderId) -> Result<Option<Order>, RepoError> {
+        // Guarded like the payment's flip to PAID: whichever commits first wins, and the
+        // read below sees the winner. Autocommit: one statement, nothing to roll back.
+        sqlx::query("update orders set status = 'CANCELLED' where id = ? and status = 'PENDING'")
+            .bind(id.get())
+            .execute(&self.pool)
+            .await
+            .map_err(repo)?;
+        self.get_order(id).await
     }
 }

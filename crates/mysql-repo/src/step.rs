@@ -1,25 +1,25 @@
 //! `BalanceStore`: the atomic step. Each method is one transaction: the users row (guarded
-//! by its version), the ledger entry, the order and payment, and the key's completed
-//! record commit together or not at all.
+//! by its version), the ledger entry, the order and payment (or the payment, order and
+//! refund), and the key's completed record commit together or not at all.
 //!
-//! Row locks are always taken in the same order (users row first, then the order row,
-//! then the new rows), so steps of one user queue behind its row instead of deadlocking.
+//! Row locks are always taken in the same order (users row first, then the payment row,
+//! then the order row, then the new rows), so steps of one user queue behind its row instead of deadlocking.
 //! A deadlock that InnoDB still reports (gap locks in a rare path) is a lock conflict,
 //! which the step answers as a version conflict so the use case retries it.
 
 use async_trait::async_trait;
 use chrono::NaiveDateTime;
 use domain::idempotency::{RecordOutcome, StoredResponse};
-use domain::operations::{Effect, Movement};
+use domain::operations::{Effect, Movement, RefundEffect};
 use domain::ports::{
     Applied, Assigned, BalanceChange, BalanceStore, KeyRecord, RefusalRecord, StepError,
 };
-use domain::types::{OrderId, PaymentId, UserId};
+use domain::types::{OrderId, PaymentId, RefundId, UserId};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection as _, MySql, MySqlConnection, Transaction};
 
 use crate::MySqlStore;
-use crate::convert::{entry_id, payment_id, to_db_expiry, to_db_time, version_to_db};
+use crate::convert::{entry_id, payment_id, refund_id, to_db_expiry, to_db_time, version_to_db};
 use crate::error::{self, Classified, classify, commit, step};
 use crate::retry::tested_connection;
 use crate::sql;
@@ -114,9 +114,10 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
     } = change;
     // The one place this adapter looks at what an effect writes besides the balance and
     // its ledger entry.
-    let pays_order = match effect {
-        Effect::Charge(_) | Effect::Use(_) => None,
-        Effect::Pay { order, .. } => Some(order),
+    let (pays_order, refunding) = match &effect {
+        Effect::Charge(_) | Effect::Use(_) => (None, None),
+        Effect::Pay { order, .. } => (Some(*order), None),
+        Effect::Refund(refund) => (None, Some(refund)),
     };
     let Movement {
         amount,
@@ -150,6 +151,10 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
         }
         None => None,
     };
+    let refund_id = match refunding {
+        Some(refund) => Some(refund_payment(conn, refund, user_id, key.key.as_str(), at).await?),
+        None => None,
+    };
 
     let entry = sqlx::query(sql::INSERT_LEDGER_ENTRY)
         .bind(user_id.get())
@@ -166,6 +171,7 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
     let assigned = Assigned {
         entry_id: entry_id(entry.last_insert_id())?,
         payment_id,
+        refund_id,
     };
     let response = respond(&assigned);
     put_record(conn, user_id, &key, RecordOutcome::Applied, &response).await?;
@@ -259,6 +265,70 @@ async fn pay_order(
         // The unique order_id: a payment row exists although the order was PENDING, so
         // the order is not payable; the database refuses a second payment either way.
         Err(Classified::Duplicate(_)) => Err(StepError::OrderNotPending),
+        Err(other) => Err(other.into_step()),
+    }
+}
+
+/// Raises the payment's refunded total (only over the total the refund was decided on, and
+/// never past the amount), marks the order REFUNDED once the payment is refunded in full,
+/// and writes the refund's row; `PaymentChanged` when the guard matches nothing.
+async fn refund_payment(
+    conn: &mut MySqlConnection,
+    refund: &RefundEffect,
+    user: UserId,
+    key: &str,
+    at: NaiveDateTime,
+) -> Result<RefundId, StepError> {
+    let amount = refund.movement.amount.get();
+    let raised = sqlx::query(
+        "update payments set refunded_total = refunded_total + ? \
+         where id = ? and user_id = ? and refunded_total = ? and refunded_total + ? <= amount",
+    )
+    .bind(amount)
+    .bind(refund.payment.get())
+    .bind(user.get())
+    .bind(refund.refunded_before)
+    .bind(amount)
+    .execute(&mut *conn)
+    .await
+    .map_err(step)?;
+    if raised.rows_affected() == 0 {
+        return Err(StepError::PaymentChanged);
+    }
+    if refund.completes_payment() {
+        let flipped = sqlx::query(
+            "update orders set status = 'REFUNDED' where id = ? and user_id = ? and status = 'PAID'",
+        )
+        .bind(refund.order.get())
+        .bind(user.get())
+        .execute(&mut *conn)
+        .await
+        .map_err(step)?;
+        if flipped.rows_affected() == 0 {
+            return Err(StepError::PaymentChanged);
+        }
+    }
+    let inserted = sqlx::query(
+        "insert into refunds \
+         (payment_id, order_id, user_id, amount, balance_after, refunded_total, reason, \
+          idempotency_key, created_at) \
+         values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(refund.payment.get())
+    .bind(refund.order.get())
+    .bind(user.get())
+    .bind(amount)
+    .bind(refund.movement.balance_after.get())
+    .bind(refund.refunded_after())
+    .bind(refund.reason.as_ref().map(|reason| reason.as_str()))
+    .bind(key)
+    .bind(at)
+    .execute(&mut *conn)
+    .await;
+    match inserted.map_err(classify) {
+        Ok(done) => Ok(refund_id(done.last_insert_id())?),
+        // The unique (payment_id, refunded_total): another refund reached this total first.
+        Err(Classified::Duplicate(_)) => Err(StepError::PaymentChanged),
         Err(other) => Err(other.into_step()),
     }
 }

@@ -126,6 +126,26 @@ impl UserRepo for MySqlStore {
         Ok(HistoryPage { items, next })
     }
 
+    async fn balance_at(
+        &self,
+        id: UserId,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Balance>, RepoError> {
+        // One seek on ledger_entries_user_created_at (migration 0008).
+        let row: Option<(i64,)> = read_retrying!(&self.pool, |db| {
+            sqlx::query_as(
+                "select balance_after from ledger_entries \
+                 where user_id = ? and created_at <= ? \
+                 order by created_at desc, id desc limit 1",
+            )
+            .bind(id.get())
+            .bind(to_db_time(at))
+            .fetch_optional(db)
+        })
+        .map_err(repo)?;
+        Ok(row.map(|(balance,)| Balance::from_stored(balance)))
+    }
+
     async fn seed_users(
         &self,
         count: u32,

@@ -336,7 +336,28 @@ impl TestApp {
         }
     }
 
-    /// The signed sum of the ledger: CHARGE adds, USE and PAYMENT take away.
+    /// A refund of `payment`: `amount` `None` asks for the rest.
+    pub async fn refund(&self, payment: i64, amount: Option<i64>, key: &str) -> Response {
+        let body = match amount {
+            Some(amount) => json!({"amount": amount, "idempotencyKey": key}),
+            None => json!({"idempotencyKey": key}),
+        };
+        self.post_json(&format!("/api/payments/{payment}/refunds"), &body)
+            .await
+    }
+
+    /// A paid order of `amount` for `user` (who holds enough): (order id, payment id).
+    pub async fn paid_order(&self, user: i64, amount: i64) -> (i64, i64) {
+        let order = self.create_order(user, amount).await;
+        let res = self.pay(user, order, &new_key()).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        let payment = res.json::<Value>().await.unwrap()["paymentId"]
+            .as_i64()
+            .unwrap();
+        (order, payment)
+    }
+
+    /// The signed sum of the ledger: CHARGE and REFUND add, USE and PAYMENT take away.
     pub async fn ledger_sum(&self, user: i64) -> i64 {
         self.full_history(user)
             .await
@@ -344,7 +365,7 @@ impl TestApp {
             .map(|e| {
                 let amount = e["amount"].as_i64().unwrap();
                 match e["type"].as_str().unwrap() {
-                    "CHARGE" => amount,
+                    "CHARGE" | "REFUND" => amount,
                     "USE" | "PAYMENT" => -amount,
                     other => panic!("unknown entry type {other}"),
                 }

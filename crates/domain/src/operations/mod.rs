@@ -9,22 +9,27 @@
 //!
 //! Adding an operation: a module here (command, fingerprint, `decide`, `outcome`), an
 //! [`OperationKind`] and, when it writes something new, an [`Effect`] variant with its
-//! branch in each store adapter.
+//! branch in each store adapter (and, when it reads something new, a field of [`Reads`]
+//! and [`State`]).
 
 use chrono::{DateTime, Utc};
 
 use crate::idempotency::Fingerprint;
-use crate::model::{EntryKind, Order, User};
+use crate::model::{EntryKind, Order, Payment, PaymentStatus, User};
 use crate::outcome::{Outcome, Refusal};
 use crate::ports::Assigned;
-use crate::types::{Amount, Balance, IdempotencyKey, Limits, OrderId, UserId};
+use crate::types::{
+    Amount, Balance, IdempotencyKey, Limits, OrderId, PaymentId, RefundReason, UserId,
+};
 
 pub mod charge;
 pub mod pay;
+pub mod refund;
 pub mod use_balance;
 
 pub use charge::Charge;
 pub use pay::Pay;
+pub use refund::Refund;
 pub use use_balance::UseBalance;
 
 /// Which operation a request (and its stored record) is.
@@ -33,13 +38,15 @@ pub enum OperationKind {
     Charge,
     Use,
     Payment,
+    Refund,
 }
 
 impl OperationKind {
-    pub const ALL: [OperationKind; 3] = [
+    pub const ALL: [OperationKind; 4] = [
         OperationKind::Charge,
         OperationKind::Use,
         OperationKind::Payment,
+        OperationKind::Refund,
     ];
 
     /// The name used in storage and in the API (`CHARGE`, `USE`, `PAYMENT`).
@@ -48,6 +55,7 @@ impl OperationKind {
             OperationKind::Charge => "CHARGE",
             OperationKind::Use => "USE",
             OperationKind::Payment => "PAYMENT",
+            OperationKind::Refund => "REFUND",
         }
     }
 
@@ -62,6 +70,7 @@ impl OperationKind {
             OperationKind::Charge => "charge",
             OperationKind::Use => "use",
             OperationKind::Payment => "payment",
+            OperationKind::Refund => "refund",
         }
     }
 }
@@ -71,6 +80,8 @@ impl OperationKind {
 pub struct Reads {
     /// The order the operation is about.
     pub order: Option<OrderId>,
+    /// The payment the operation is about.
+    pub payment: Option<PaymentId>,
 }
 
 /// What an operation decides on: the user and whatever its [`Reads`] asked for, all read
@@ -81,6 +92,8 @@ pub struct State {
     /// Set when [`Reads::order`] was, and the order exists (of any user: the operation
     /// decides what another user's order means).
     pub order: Option<Order>,
+    /// Set when [`Reads::payment`] was, and the payment exists (of any user).
+    pub payment: Option<Payment>,
 }
 
 /// A change of the balance: the amount moved (always positive) and the balance after it.
@@ -104,7 +117,7 @@ impl Movement {
 }
 
 /// What the atomic step writes. Each store adapter matches on it once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Money in: the balance and a CHARGE ledger entry.
     Charge(Movement),
@@ -113,6 +126,42 @@ pub enum Effect {
     /// Money out for an order: the balance, a PAYMENT ledger entry, the order PAID and its
     /// payment row.
     Pay { order: OrderId, movement: Movement },
+    /// Money back from a payment: the balance, a REFUND ledger entry, the refund row, the
+    /// payment's refunded total (only over the total the decision read) and, when the
+    /// payment is refunded in full, its order REFUNDED.
+    Refund(RefundEffect),
+}
+
+/// What a refund writes besides the balance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundEffect {
+    pub payment: PaymentId,
+    pub order: OrderId,
+    pub movement: Movement,
+    /// The payment's amount.
+    pub payment_amount: Amount,
+    /// The payment's refunded total the decision was made on: the step writes the new total
+    /// only over this one (the guard in the payment row), and never past `payment_amount`.
+    pub refunded_before: i64,
+    pub reason: Option<RefundReason>,
+}
+
+impl RefundEffect {
+    /// The payment's refunded total after this refund.
+    pub fn refunded_after(&self) -> i64 {
+        self.refunded_before
+            .saturating_add(self.movement.amount.get())
+    }
+
+    /// The payment's status after this refund.
+    pub fn status_after(&self) -> PaymentStatus {
+        PaymentStatus::of(self.payment_amount, self.refunded_after())
+    }
+
+    /// Whether this refund gives back the whole payment (its order becomes REFUNDED).
+    pub fn completes_payment(&self) -> bool {
+        self.status_after() == PaymentStatus::Refunded
+    }
 }
 
 impl Effect {
@@ -122,6 +171,7 @@ impl Effect {
             Effect::Charge(_) => EntryKind::Charge,
             Effect::Use(_) => EntryKind::Use,
             Effect::Pay { .. } => EntryKind::Payment,
+            Effect::Refund(_) => EntryKind::Refund,
         }
     }
 
@@ -131,6 +181,7 @@ impl Effect {
             Effect::Charge(movement) | Effect::Use(movement) | Effect::Pay { movement, .. } => {
                 *movement
             }
+            Effect::Refund(refund) => refund.movement,
         }
     }
 }
@@ -144,6 +195,8 @@ pub enum Decline {
     /// The order read for the operation is missing, or another user's (404, not stored: its
     /// existence is not leaked).
     OrderNotFound,
+    /// The payment read for the operation is missing, or another user's (404, not stored).
+    PaymentNotFound,
 }
 
 impl From<Refusal> for Decline {
@@ -216,6 +269,7 @@ mod test_support {
                 created_at: t(),
             },
             order: None,
+            payment: None,
         }
     }
 
@@ -227,6 +281,7 @@ mod test_support {
             assigned: Assigned {
                 entry_id: EntryId::new(9).unwrap(),
                 payment_id: None,
+                refund_id: None,
             },
         }
     }

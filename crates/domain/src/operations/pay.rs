@@ -41,6 +41,7 @@ impl Operation for Pay {
     fn reads(&self) -> Reads {
         Reads {
             order: Some(self.order),
+            ..Reads::default()
         }
     }
 
@@ -51,8 +52,14 @@ impl Operation for Pay {
             // Another user's order is "not found": its existence is not leaked.
             .filter(|order| order.id == self.order && order.user_id == state.user.id)
             .ok_or(Decline::OrderNotFound)?;
-        if order.status == OrderStatus::Paid {
-            return Err(Refusal::OrderAlreadyPaid { order_id: order.id }.into());
+        match order.status {
+            OrderStatus::Pending => {}
+            OrderStatus::Paid | OrderStatus::Refunded => {
+                return Err(Refusal::OrderAlreadyPaid { order_id: order.id }.into());
+            }
+            OrderStatus::Cancelled => {
+                return Err(Refusal::OrderCancelled { order_id: order.id }.into());
+            }
         }
         let balance = state.user.balance;
         Movement::of(EntryKind::Payment, balance, order.amount, limits)
@@ -68,10 +75,10 @@ impl Operation for Pay {
 
     fn outcome(&self, applied: &AppliedEffect) -> Outcome {
         let movement = applied.effect.movement();
-        match (applied.effect, applied.assigned.payment_id) {
+        match (&applied.effect, applied.assigned.payment_id) {
             (Effect::Pay { order, .. }, Some(payment_id)) => Outcome::Paid(PaymentReceipt {
                 payment_id,
-                order_id: order,
+                order_id: *order,
                 user_id: applied.user,
                 amount: movement.amount,
                 balance: movement.balance_after,
@@ -154,6 +161,20 @@ mod tests {
                 balance: state(399).user.balance,
                 requested: Amount::new(400, &limits).unwrap(),
             }))
+        );
+    }
+
+    #[test]
+    fn a_cancelled_order_is_refused_and_a_refunded_one_is_paid_already() {
+        let limits = limits();
+        let order_id = OrderId::new(5).unwrap();
+        assert_eq!(
+            pay(5).decide(&with_order(1_000, 1, 400, OrderStatus::Cancelled), &limits),
+            Err(Decline::Refused(Refusal::OrderCancelled { order_id }))
+        );
+        assert_eq!(
+            pay(5).decide(&with_order(1_000, 1, 400, OrderStatus::Refunded), &limits),
+            Err(Decline::Refused(Refusal::OrderAlreadyPaid { order_id }))
         );
     }
 

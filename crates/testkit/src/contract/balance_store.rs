@@ -184,6 +184,7 @@ pub async fn balance_store_payment_pays_the_order_once(stores: &Stores) {
             amount: amount(300),
             balance_after: balance(700),
             paid_at: at(2_000),
+            refunded_total: 0,
         })
     );
     let after = current(users, user.id).await;

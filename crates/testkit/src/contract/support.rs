@@ -96,8 +96,9 @@ pub(crate) fn step(
     let (effect, operation) = match kind {
         EntryKind::Charge => (Effect::Charge(movement), OperationKind::Charge),
         EntryKind::Use => (Effect::Use(movement), OperationKind::Use),
-        // Paying needs an order: `payment_step` names it.
+        // Paying needs an order, refunding a payment: `payment_step` and `refund_step`.
         EntryKind::Payment => panic!("a payment step is built by payment_step"),
+        EntryKind::Refund => panic!("a refund step is built by refund_step"),
     };
     let mut key = key_record(
         raw_key,
