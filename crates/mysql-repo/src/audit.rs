@@ -167,6 +167,7 @@ async fn audit_in(
     balance_matches_ledger(conn, &mut report).await?;
     key_checks(conn, &mut report, key_ttl, lease, now).await?;
     paid_order_has_one_payment(conn, &mut report).await?;
+    refunds_match_payment(conn, &mut report).await?;
     Ok(report)
 }
 
@@ -193,19 +194,21 @@ fn breach(check: AuditCheck, subject: String, detail: String) -> Breach {
 }
 
 async fn count_rows(conn: &mut MySqlConnection, report: &mut AuditReport) -> Result<(), RepoError> {
-    let (users, entries, records, orders, payments): (i64, i64, i64, i64, i64) = sqlx::query_as(
-        "select (select count(*) from users), (select count(*) from ledger_entries), \
-         (select count(*) from idempotency_records), (select count(*) from orders), \
-         (select count(*) from payments)",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(repo)?;
+    let (users, entries, records, orders, payments, refunds): (i64, i64, i64, i64, i64, i64) =
+        sqlx::query_as(
+            "select (select count(*) from users), (select count(*) from ledger_entries), \
+             (select count(*) from idempotency_records), (select count(*) from orders), \
+             (select count(*) from payments), (select count(*) from refunds)",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(repo)?;
     report.users = count(users);
     report.ledger_entries = count(entries);
     report.records = count(records);
     report.orders = count(orders);
     report.payments = count(payments);
+    report.refunds = count(refunds);
     Ok(())
 }
 
@@ -389,19 +392,21 @@ fn key_applied_twice(
     )
 }
 
-/// PAID orders without a payment; payments whose order is missing, not PAID, or not the
-/// payment's user and amount; payments without exactly one PAYMENT ledger entry of the
-/// same user, key, amount and instant, and PAYMENT entries without a payment.
+/// PAID or REFUNDED orders without a payment; payments whose order is missing, not the
+/// payment's user and amount, or not in the status the payment gives it (REFUNDED exactly
+/// when the payment is refunded in full, else PAID); payments without exactly one PAYMENT
+/// ledger entry of the same user, key, amount and instant, and PAYMENT entries without a
+/// payment.
 async fn paid_order_has_one_payment(
     conn: &mut MySqlConnection,
     report: &mut AuditReport,
 ) -> Result<(), RepoError> {
     const CHECK: AuditCheck = AuditCheck::PaidOrderHasOnePayment;
 
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+    let rows: Vec<(i64, i64, i64, i64, String)> = sqlx::query_as(
         "select o.id, o.user_id, o.amount, count(*) over () \
-         from orders o left join payments p on p.order_id = o.id \
-         where o.status = 'PAID' and p.id is null \
+         , o.status from orders o left join payments p on p.order_id = o.id \
+         where o.status in ('PAID', 'REFUNDED') and p.id is null \
          order by o.id limit ?",
     )
     .bind(LISTED)
@@ -409,11 +414,11 @@ async fn paid_order_has_one_payment(
     .await
     .map_err(repo)?;
     let found = total(&rows, |r| r.3);
-    let listed = rows.into_iter().map(|(order, user, amount, _)| {
+    let listed = rows.into_iter().map(|(order, user, amount, _, status)| {
         breach(
             CHECK,
             format!("order {order}"),
-            format!("PAID (user {user}, amount {amount}) but has no payment"),
+            format!("{status} (user {user}, amount {amount}) but has no payment"),
         )
     });
     report.add_found(CHECK, found, listed.collect::<Vec<_>>());
@@ -427,14 +432,20 @@ async fn paid_order_has_one_payment(
         Option<i64>,
         Option<i64>,
         i64,
+        String,
     );
+    // The order's status its payment gives it: REFUNDED once refunded in full.
     let rows: Vec<OrderRow> = sqlx::query_as(
-        "select p.id, p.order_id, p.user_id, p.amount, o.status, o.user_id, o.amount, \
-                count(*) over () \
-         from payments p left join orders o on o.id = p.order_id \
-         where o.id is null or o.status <> 'PAID' \
-            or o.user_id <> p.user_id or o.amount <> p.amount \
-         order by p.id limit ?",
+        "select id, order_id, user_id, amount, status, order_user, order_amount, \
+                count(*) over (), expected \
+         from (select p.id, p.order_id, p.user_id, p.amount, o.status, \
+                      o.user_id as order_user, o.amount as order_amount, \
+                      case when p.refunded_total >= p.amount then 'REFUNDED' else 'PAID' end \
+                          as expected \
+               from payments p left join orders o on o.id = p.order_id) x \
+         where status is null or status <> expected \
+            or order_user <> user_id or order_amount <> amount \
+         order by id limit ?",
     )
     .bind(LISTED)
     .fetch_all(&mut *conn)
@@ -442,15 +453,19 @@ async fn paid_order_has_one_payment(
     .map_err(repo)?;
     let found = total(&rows, |r| r.7);
     let listed = rows.into_iter().map(
-        |(payment, order, user, amount, status, order_user, order_amount, _)| {
+        |(payment, order, user, amount, status, order_user, order_amount, _, expected)| {
             let detail = match (status, order_user, order_amount) {
-                (Some(status), Some(order_user), Some(order_amount)) if status == "PAID" => {
+                (Some(status), Some(order_user), Some(order_amount)) if status == expected => {
                     format!(
                         "pays order {order} of user {order_user} for {order_amount}, \
                          but is user {user}'s for {amount}"
                     )
                 }
-                (Some(status), ..) => format!("pays order {order}, which is {status}"),
+                (Some(status), ..) => {
+                    format!(
+                        "pays order {order}, which is {status}; its payment makes it {expected}"
+                    )
+                }
                 (None, ..) => format!("pays order {order}, which does not exist"),
             };
             breach(CHECK, format!("payment {payment}"), detail)
@@ -510,6 +525,122 @@ async fn paid_order_has_one_payment(
                     format!("payment {payment}"),
                     format!(
                         "{payments} payment(s) and {entries} PAYMENT ledger entries share \
+                         {what}; expected exactly one of each"
+                    ),
+                )
+            }
+        },
+    );
+    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
+    Ok(())
+}
+
+/// Payments whose refunded total is not the sum of their refunds or passes their amount;
+/// refunds of a missing payment, or not of the payment's user and order; refunds without
+/// exactly one REFUND ledger entry of the same user, key, amount and instant, and REFUND
+/// entries without a refund.
+async fn refunds_match_payment(
+    conn: &mut MySqlConnection,
+    report: &mut AuditReport,
+) -> Result<(), RepoError> {
+    const CHECK: AuditCheck = AuditCheck::RefundsMatchPayment;
+
+    let rows: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "select p.id, p.amount, p.refunded_total, coalesce(r.total, 0), coalesce(r.n, 0), \
+                count(*) over () \
+         from payments p \
+         left join (select payment_id, cast(sum(amount) as signed) as total, \
+                           cast(count(*) as signed) as n \
+                    from refunds group by payment_id) r on r.payment_id = p.id \
+         where p.refunded_total <> coalesce(r.total, 0) \
+            or p.refunded_total > p.amount or p.refunded_total < 0 \
+         order by p.id limit ?",
+    )
+    .bind(LISTED)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(repo)?;
+    let found = total(&rows, |r| r.5);
+    let listed = rows
+        .into_iter()
+        .map(|(payment, amount, refunded, sum, n, _)| {
+            breach(
+                CHECK,
+                format!("payment {payment}"),
+                format!(
+                    "amount {amount}, refunded total {refunded}, its {n} refund(s) sum to {sum}"
+                ),
+            )
+        });
+    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
+
+    type RefundRow = (i64, i64, i64, i64, Option<i64>, Option<i64>, i64);
+    let rows: Vec<RefundRow> = sqlx::query_as(
+        "select r.id, r.payment_id, r.user_id, r.order_id, p.user_id, p.order_id, \
+                count(*) over () \
+         from refunds r left join payments p on p.id = r.payment_id \
+         where p.id is null or p.user_id <> r.user_id or p.order_id <> r.order_id \
+         order by r.id limit ?",
+    )
+    .bind(LISTED)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(repo)?;
+    let found = total(&rows, |r| r.6);
+    let listed = rows
+        .into_iter()
+        .map(|(refund, payment, user, order, p_user, p_order, _)| {
+            let detail = match (p_user, p_order) {
+                (Some(p_user), Some(p_order)) => format!(
+                    "refunds payment {payment} of user {p_user} and order {p_order} \
+                 as user {user} and order {order}"
+                ),
+                _ => format!("refunds payment {payment}, which does not exist"),
+            };
+            breach(CHECK, format!("refund {refund}"), detail)
+        });
+    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
+
+    // Refunds (is_refund = 1) and REFUND ledger entries (0) grouped by what they must share.
+    type PairRow = (i64, String, NaiveDateTime, i64, i64, i64, i64, i64, i64);
+    let rows: Vec<PairRow> = sqlx::query_as(
+        "select user_id, k, at, amount, refunds, entries, refund_id, entry_id, \
+                count(*) over () \
+         from (select user_id, k, at, amount, \
+                      cast(sum(is_refund) as signed) as refunds, \
+                      cast(sum(1 - is_refund) as signed) as entries, \
+                      cast(max(refund_id) as signed) as refund_id, \
+                      cast(max(entry_id) as signed) as entry_id \
+               from (select user_id, idempotency_key as k, created_at as at, amount, \
+                            1 as is_refund, id as refund_id, 0 as entry_id \
+                     from refunds \
+                     union all \
+                     select user_id, idempotency_key, created_at, amount, 0, 0, id \
+                     from ledger_entries where kind = 'REFUND') x \
+               group by user_id, k, at, amount \
+               having sum(is_refund) <> 1 or sum(1 - is_refund) <> 1) m \
+         order by user_id, at, refund_id, entry_id limit ?",
+    )
+    .bind(LISTED)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(repo)?;
+    let found = total(&rows, |r| r.8);
+    let listed = rows.into_iter().map(
+        |(user, key, made, amount, refunds, entries, refund, entry, _)| {
+            let what = format!("user {user}, key {key}, amount {amount}, at {}", at(made));
+            if refunds == 0 {
+                breach(
+                    CHECK,
+                    format!("ledger entry {entry}"),
+                    format!("a REFUND entry ({what}) without a refund"),
+                )
+            } else {
+                breach(
+                    CHECK,
+                    format!("refund {refund}"),
+                    format!(
+                        "{refunds} refund(s) and {entries} REFUND ledger entries share \
                          {what}; expected exactly one of each"
                     ),
                 )

@@ -26,10 +26,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::idempotency::RecordOutcome;
-use domain::model::{EntryKind, OrderStatus, User};
+use domain::model::{EntryKind, OrderStatus, PaymentStatus, User};
 use domain::ports::{AuditCheck, AuditReport, Auditor, Breach, RepoError};
 use domain::time::format_rfc3339_millis;
-use domain::types::{EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
+use domain::types::{EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserId};
 
 use super::{MemoryStore, State};
 
@@ -83,8 +83,12 @@ fn at(t: DateTime<Utc>) -> String {
     format_rfc3339_millis(t)
 }
 
-/// What a payment and its PAYMENT ledger entry share.
+/// What a payment and its PAYMENT ledger entry share (and a refund and its REFUND entry).
 type PaymentFacts = (UserId, i64, DateTime<Utc>);
+
+/// Rows gathered for pairing by their facts: the rows (payments, refunds) and the ledger
+/// entries.
+type Pairs<Id> = HashMap<PaymentFacts, (Vec<Id>, Vec<EntryId>)>;
 
 /// An audit under way: the report so far, the ids handed out when it began, and the
 /// payments and PAYMENT entries gathered for pairing.
@@ -94,8 +98,10 @@ struct Audit {
     last_user: i64,
     last_order: i64,
     last_payment: i64,
+    last_refund: i64,
     last_entry: i64,
-    pairs: HashMap<PaymentFacts, (Vec<PaymentId>, Vec<EntryId>)>,
+    pairs: Pairs<PaymentId>,
+    refund_pairs: Pairs<RefundId>,
 }
 
 impl Audit {
@@ -106,6 +112,7 @@ impl Audit {
             records: state.keys.values().map(HashMap::len).sum::<usize>() as u64,
             orders: state.orders.len() as u64,
             payments: state.payments.len() as u64,
+            refunds: state.refunds.values().map(Vec::len).sum::<usize>() as u64,
             ..AuditReport::default()
         };
         Self {
@@ -114,8 +121,10 @@ impl Audit {
             last_user: state.last_user_id,
             last_order: state.last_order_id,
             last_payment: state.last_payment_id,
+            last_refund: state.last_refund_id,
             last_entry: state.last_entry_id,
             pairs: HashMap::new(),
+            refund_pairs: HashMap::new(),
         }
     }
 
@@ -166,18 +175,23 @@ impl Audit {
             ));
         }
 
-        // The keyed entries in (key, instant, id) order, and the PAYMENT entries to pair.
+        // The keyed entries in (key, instant, id) order, and the PAYMENT and REFUND entries to
+        // pair.
         let mut keyed: Vec<(&IdempotencyKey, DateTime<Utc>, EntryId)> = Vec::new();
         for entry in entries {
             if let Some(key) = &entry.idempotency_key {
                 keyed.push((key, entry.created_at, entry.id));
             }
-            if entry.kind == EntryKind::Payment && entry.id.get() <= self.last_entry {
-                self.pairs
-                    .entry((entry.user_id, entry.amount.get(), entry.created_at))
-                    .or_default()
-                    .1
-                    .push(entry.id);
+            // Entries written since the audit began may pair with rows it does not read.
+            let facts = (entry.user_id, entry.amount.get(), entry.created_at);
+            if entry.id.get() <= self.last_entry {
+                match entry.kind {
+                    EntryKind::Payment => self.pairs.entry(facts).or_default().1.push(entry.id),
+                    EntryKind::Refund => {
+                        self.refund_pairs.entry(facts).or_default().1.push(entry.id);
+                    }
+                    EntryKind::Charge | EntryKind::Use => {}
+                }
             }
         }
         keyed.sort_unstable();
@@ -290,13 +304,16 @@ impl Audit {
                 .payment_of_order
                 .get(&order.id)
                 .filter(|payment| state.payments.contains_key(payment));
-            if order.status == OrderStatus::Paid && paid_by.is_none() {
+            let needs_payment = matches!(order.status, OrderStatus::Paid | OrderStatus::Refunded);
+            if needs_payment && paid_by.is_none() {
                 self.report.add(breach(
                     AuditCheck::PaidOrderHasOnePayment,
                     format!("order {}", order.id),
                     format!(
-                        "PAID (user {}, amount {}) but has no payment",
-                        order.user_id, order.amount
+                        "{} (user {}, amount {}) but has no payment",
+                        order.status.as_str(),
+                        order.user_id,
+                        order.amount
                     ),
                 ));
             }
@@ -322,11 +339,23 @@ impl Audit {
                 .or_default()
                 .0
                 .push(payment.id);
+            self.refunds_of(state, payment);
             let order_id = payment.order_id;
+            // The order is REFUNDED exactly when the payment is refunded in full.
+            let expected = if payment.status() == PaymentStatus::Refunded {
+                OrderStatus::Refunded
+            } else {
+                OrderStatus::Paid
+            };
             let detail = match state.orders.get(&order_id) {
                 None => format!("pays order {order_id}, which does not exist"),
-                Some(order) if order.status != OrderStatus::Paid => {
-                    format!("pays order {order_id}, which is {}", order.status.as_str())
+                Some(order) if order.status != expected => {
+                    format!(
+                        "pays order {order_id}, which is {}; a payment {} has its order {}",
+                        order.status.as_str(),
+                        payment.status().as_str(),
+                        expected.as_str()
+                    )
                 }
                 Some(order)
                     if order.user_id != payment.user_id || order.amount != payment.amount =>
@@ -357,13 +386,79 @@ impl Audit {
         (end <= self.last_payment).then_some(end)
     }
 
-    /// Pairs the payments with their PAYMENT ledger entries by (user, amount, instant):
-    /// as many of each. Without the payment's key, two payments of one user and amount
-    /// within one millisecond (legitimate: the clock has that precision) share their
-    /// facts, so a group of two payments and two entries is as right as one of each.
+    /// The payment's refunds (read in the same section as the payment, and written in one
+    /// with it): they add up to its refunded total, which is within its amount, and are
+    /// its user's and order's; gathers the refunds to pair with their REFUND entries.
+    fn refunds_of(&mut self, state: &State, payment: &domain::model::Payment) {
+        const CHECK: AuditCheck = AuditCheck::RefundsMatchPayment;
+        let refunds = state
+            .refunds
+            .get(&payment.id)
+            .map_or(&[][..], Vec::as_slice);
+        let sum: i64 = refunds.iter().map(|refund| refund.amount.get()).sum();
+        if sum != payment.refunded_total || payment.refunded_total > payment.amount.get() {
+            self.report.add(breach(
+                CHECK,
+                format!("payment {}", payment.id),
+                format!(
+                    "amount {}, refunded total {}, its {} refund(s) sum to {sum}",
+                    payment.amount,
+                    payment.refunded_total,
+                    refunds.len()
+                ),
+            ));
+        }
+        for refund in refunds {
+            if refund.user_id != payment.user_id || refund.order_id != payment.order_id {
+                self.report.add(breach(
+                    CHECK,
+                    format!("refund {}", refund.id),
+                    format!(
+                        "refunds payment {} of user {} and order {} as user {} and order {}",
+                        payment.id,
+                        payment.user_id,
+                        payment.order_id,
+                        refund.user_id,
+                        refund.order_id
+                    ),
+                ));
+            }
+            if refund.id.get() <= self.last_refund {
+                self.refund_pairs
+                    .entry((refund.user_id, refund.amount.get(), refund.created_at))
+                    .or_default()
+                    .0
+                    .push(refund.id);
+            }
+        }
+    }
+
+    /// Pairs the payments with their PAYMENT ledger entries, and the refunds with their
+    /// REFUND entries, by (user, amount, instant): as many of each. Without the row's key,
+    /// two payments of one user and amount within one millisecond (legitimate: the clock
+    /// has that precision) share their facts, so a group of two payments and two entries
+    /// is as right as one of each.
     fn finish(mut self) -> AuditReport {
-        let mut unpaired: Vec<_> = self
-            .pairs
+        let payments = std::mem::take(&mut self.pairs);
+        self.pair(
+            payments,
+            AuditCheck::PaidOrderHasOnePayment,
+            "payment",
+            "PAYMENT",
+        );
+        let refunds = std::mem::take(&mut self.refund_pairs);
+        self.pair(refunds, AuditCheck::RefundsMatchPayment, "refund", "REFUND");
+        self.report
+    }
+
+    fn pair<Id: Ord + Copy + std::fmt::Display>(
+        &mut self,
+        pairs: Pairs<Id>,
+        check: AuditCheck,
+        row: &str,
+        kind: &str,
+    ) {
+        let mut unpaired: Vec<_> = pairs
             .into_iter()
             .filter(|(_, (payments, entries))| payments.len() != entries.len())
             .map(|(facts, (payments, entries))| {
@@ -375,33 +470,32 @@ impl Audit {
         unpaired.sort_unstable_by_key(|((user, _, paid_at), _, _, payment, entry)| {
             (*user, *paid_at, *payment, *entry)
         });
-        for ((user, amount, paid_at), payments, entries, payment, entry) in unpaired {
+        for ((user, amount, paid_at), rows, entries, newest_row, entry) in unpaired {
             let what = format!("user {user}, amount {amount}, at {}", at(paid_at));
-            let found = match (payment, entry) {
+            let found = match (newest_row, entry) {
                 (None, Some(entry)) => breach(
-                    AuditCheck::PaidOrderHasOnePayment,
+                    check,
                     format!("ledger entry {entry}"),
-                    format!("a PAYMENT entry ({what}) without a payment"),
+                    format!("a {kind} entry ({what}) without a {row}"),
                 ),
-                (Some(payment), _) if payments > entries => breach(
-                    AuditCheck::PaidOrderHasOnePayment,
-                    format!("payment {payment}"),
+                (Some(id), _) if rows > entries => breach(
+                    check,
+                    format!("{row} {id}"),
                     format!(
-                        "{payments} payment(s) and {entries} PAYMENT ledger entries share {what}; expected as many of each"
+                        "{rows} {row}(s) and {entries} {kind} ledger entries share {what}; expected as many of each"
                     ),
                 ),
                 (_, Some(entry)) => breach(
-                    AuditCheck::PaidOrderHasOnePayment,
+                    check,
                     format!("ledger entry {entry}"),
                     format!(
-                        "{payments} payment(s) and {entries} PAYMENT ledger entries share {what}; expected as many of each"
+                        "{rows} {row}(s) and {entries} {kind} ledger entries share {what}; expected as many of each"
                     ),
                 ),
                 (_, None) => continue,
             };
             self.report.add(found);
         }
-        self.report
     }
 }
 
