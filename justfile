@@ -50,3 +50,14 @@ test-galera *ARGS:
 # (needs root, wrk and a release build; `--rounds`, `--secs`).
 bench-galera *ARGS:
     python3 bench/galera.py {{ARGS}}
+
+# The lock on one Redis vs on a 6-node Redis Cluster, side by side (wrk and a release build;
+# `--runs`, `--secs`, `--conns`).
+bench-redis-cluster *ARGS:
+    python3 bench/redis_cluster.py {{ARGS}}
+
+# Instances 1 -> 2 -> 3 of the service on one MariaDB and one Redis, the database alone beside
+# them (wrk and a release build with the baseline: `cargo build --release -p app -p bench`;
+# `--rounds`, `--secs`, `--instances 1,2,3`).
+bench-instances *ARGS:
+    python3 bench/instances.py {{ARGS}}

@@ -63,7 +63,7 @@ def main() -> int:
 
     if args.list:
         for s in SPECS:
-            print(f"{s.name:22} {s.injected}")
+            print(f"{s.name:27} {s.injected}")
         return 0
     names = [n for o in args.only for n in o.split(",") if n]
     unknown = set(names) - {s.name for s in SPECS}

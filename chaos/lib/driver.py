@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from lib.common import (BIN, HOST_IP, MAX_TRIES, NETNS, NS_IP, NS_PORT, OP_DEADLINE, ORDERS_PER_USER,
                         SEED_BALANCE, USERS, clean_env, free_port, log, sh)
 from lib.http import Http
-from lib.servers import Instance, Redis
+from lib.servers import Instance, Redis, RedisCluster
 
 if TYPE_CHECKING:
     from lib.suite import Suite
@@ -86,6 +86,7 @@ class Scenario:
         self.ops: list[Op] = []
         self.instances: list[Instance] = []
         self.redis: Redis | None = None
+        self.cluster: RedisCluster | None = None
         self.orders: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.storm_orders: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.t0 = 0.0
@@ -207,10 +208,17 @@ class Scenario:
         self.db = db
         db.sql(f"drop database if exists {self.dbname}; create database {self.dbname}")
         binds = ["127.0.0.1"] + ([HOST_IP] if s.netns else [])
-        self.redis = Redis(self.dir, binds)
-        self.redis.start()
+        if s.redis_cluster:
+            # The lock on a 6-node Redis Cluster (scripts/redis-cluster.sh) instead of one Redis.
+            self.cluster = RedisCluster(self.dir / "redis-cluster")
+            suite.clusters.append(self.cluster)
+            redis_url = self.cluster.up()
+        else:
+            self.redis = Redis(self.dir, binds)
+            self.redis.start()
+            redis_url = f"redis://127.0.0.1:{self.redis.port}"
         base_env = {
-            "DATABASE_URL": db.url(self.dbname), "REDIS_URL": f"redis://127.0.0.1:{self.redis.port}",
+            "DATABASE_URL": db.url(self.dbname), "REDIS_URL": redis_url,
             "REDIS_KEY_PREFIX": f"chaos:{s.name}:", "LOCK_ON_REDIS_DOWN": s.mode,
             "LOCK_WAIT_MS": str(s.lock_wait_ms), "LOCK_LEASE_MS": str(s.lock_lease_ms),
             "LOG_FORMAT": "json", "RUST_LOG": "info", "MIGRATE_ON_START": "true", "SEED_USERS": "0",
@@ -299,3 +307,6 @@ class Spec:
     workers: int | None = None
     # On the suite's Galera cluster, one instance per node, instead of its single MariaDB.
     galera: bool = False
+    # The lock on a Redis Cluster of the scenario's own (scripts/redis-cluster.sh) instead of
+    # one Redis; `Scenario.cluster` then holds it and `Scenario.redis` is None.
+    redis_cluster: bool = False

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lib.common import BIN, HOST_IP, NETNS, NS_IP, PROCS, VETH_HOST, VETH_NS, clean_env, free_port, sh
+from lib.common import BIN, HOST_IP, NETNS, NS_IP, PROCS, ROOT, VETH_HOST, VETH_NS, clean_env, free_port, sh
 
 
 class MariaDB:
@@ -217,3 +217,106 @@ class Netns:
         else:
             sh(["ip", "netns", "exec", NETNS, "ip", "rule", "del", "priority", "100"])
             sh(["ip", "netns", "exec", NETNS, "ip", "route", "del", "blackhole", "default", "table", "213"])
+
+
+class RedisCluster:
+    """A 6-node Redis Cluster (3 primaries, 3 replicas) started by scripts/redis-cluster.sh
+    on ports of its own, with its files in the scenario's directory. The script daemonizes
+    the nodes and writes their pids there; they are stopped by those pids (`down`), never
+    by name."""
+
+    SCRIPT = ROOT / "scripts" / "redis-cluster.sh"
+
+    def __init__(self, base_dir: Path) -> None:
+        self.dir = base_dir
+        self.base = self.free_base()
+        self.ports = [self.base + i for i in range(6)]
+        self.url = ""
+
+    @staticmethod
+    def free_base(start: int = 17000) -> int:
+        """The first of six consecutive ports whose cluster-bus ports (+10000) are free too."""
+        def free(port: int) -> bool:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                    return True
+                except OSError:
+                    return False
+        for base in range(start, start + 2000, 10):
+            if all(free(base + i) and free(base + 10000 + i) for i in range(6)):
+                return base
+        raise RuntimeError(f"no six free ports (and bus ports) from {start}")
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, REDIS_CLUSTER_PORT=str(self.base), REDIS_CLUSTER_DIR=str(self.dir))
+
+    def up(self) -> str:
+        r = sh(["bash", str(self.SCRIPT), "up"], check=False, timeout=120, env=self.env())
+        if r.returncode != 0:
+            raise RuntimeError(f"redis-cluster.sh up failed: {r.stdout[-1000:]}{r.stderr[-1000:]}")
+        self.url = next(line for line in r.stdout.splitlines() if line.startswith("REDIS_URL=")).split("=", 1)[1]
+        return self.url
+
+    def down(self) -> None:
+        sh(["bash", str(self.SCRIPT), "down"], check=False, timeout=60, env=self.env())
+
+    def cli(self, port: int, *args: str) -> str:
+        return sh(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args], check=False, timeout=10).stdout
+
+    def pid(self, port: int) -> int:
+        return int((self.dir / f"{port}.pid").read_text().strip())
+
+    def nodes(self, via: int) -> list[dict[str, str]]:
+        """CLUSTER NODES as seen from the node on `via`: id, port, flags, master (a replica's
+        primary id, else '-'), slots."""
+        out = []
+        for line in self.cli(via, "cluster", "nodes").splitlines():
+            f = line.split()
+            if len(f) < 8:
+                continue
+            out.append({"id": f[0], "port": f[1].split("@")[0].rsplit(":", 1)[1], "flags": f[2], "master": f[3],
+                        "slots": " ".join(f[8:])})
+        return out
+
+    def keyslot(self, key: str) -> int:
+        return int(self.cli(self.ports[0], "cluster", "keyslot", key).strip())
+
+    def primary_of(self, slot: int, via: int | None = None) -> int:
+        for n in self.nodes(via or self.ports[0]):
+            if "master" not in n["flags"] or "fail" in n["flags"]:
+                continue
+            for part in n["slots"].split():
+                if part.startswith("["):
+                    continue  # a slot being migrated
+                a, _, b = part.partition("-")
+                if int(a) <= slot <= int(b or a):
+                    return int(n["port"])
+        raise RuntimeError(f"no live primary holds slot {slot}")
+
+    def replica_of(self, primary_port: int) -> int:
+        nodes = self.nodes(primary_port)
+        pid = next(n["id"] for n in nodes if int(n["port"]) == primary_port)
+        return next(int(n["port"]) for n in nodes if n["master"] == pid)
+
+    def kill9(self, port: int) -> None:
+        """SIGKILL of the node on `port`, and until it is gone (it is not our child)."""
+        pid = self.pid(port)
+        os.kill(pid, signal.SIGKILL)
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server {pid} on {port} still there 10 s after SIGKILL")
+
+    def promoted(self, dead: int, replica: int) -> bool:
+        """The survivors see `dead` as failed and `replica` as a primary, and the cluster is ok."""
+        nodes = self.nodes(replica)
+        d = next((n for n in nodes if int(n["port"]) == dead), None)
+        r = next((n for n in nodes if int(n["port"]) == replica), None)
+        if d is None or r is None or "fail" not in d["flags"].split(",") or "master" not in r["flags"]:
+            return False
+        return "cluster_state:ok" in self.cli(replica, "cluster", "info")

@@ -21,7 +21,7 @@ from lib.checks import check_scenario, readiness, scrape_metrics
 from lib.common import (BIN, DOC, DOC_END, DOC_START, HOST_IP, NETNS, NS_IP, PROCS, ROOT, VETH_HOST, VETH_NS, log,
                         sh)
 from lib.driver import Scenario, Spec
-from lib.servers import MariaDB, Netns
+from lib.servers import MariaDB, Netns, RedisCluster
 
 from galera import GaleraCluster, free_base
 
@@ -44,6 +44,8 @@ class Suite:
         self.db: MariaDB
         self.galera: GaleraCluster | None = None
         self.has_audit = False
+        # Redis Clusters the scenarios started (daemonized by their script): stopped by pid at the end.
+        self.clusters: list[RedisCluster] = []
 
     def prepare(self) -> None:
         need_netns = any(s.netns for s in self.specs)
@@ -103,6 +105,8 @@ class Suite:
             if sc.redis and sc.redis.proc and sc.redis.proc.poll() is None:
                 os.kill(sc.redis.proc.pid, signal.SIGKILL)
                 sc.redis.proc.wait(timeout=10)
+            if sc.cluster is not None:
+                sc.cluster.down()
             try:
                 os.kill(self.db.proc.pid, signal.SIGCONT)  # never leave it stopped
             except (ProcessLookupError, AttributeError):
@@ -158,6 +162,8 @@ class Suite:
 
     def cleanup(self) -> None:
         PROCS.kill_all()
+        for cluster in self.clusters:
+            cluster.down()  # a no-op for one its scenario stopped already
         self.netns.teardown()
         if not self.args.keep:
             shutil.rmtree(self.workdir / "mariadb" / "data", ignore_errors=True)

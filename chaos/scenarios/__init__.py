@@ -22,6 +22,8 @@ MODULES = [
     "duplicate_storm",
     "netns_redis_cut",
     "netns_redis_cut_fail",
+    "redis_cluster_kill_degrade",
+    "redis_cluster_kill_fail",
     "galera_kill9_node",
     "galera_sigstop_node",
 ]

@@ -1,0 +1,1 @@
+"""The pieces every benchmark shares (see bench/run.py for the layout)."""
