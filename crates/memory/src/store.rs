@@ -348,10 +348,10 @@ impl State {
         if let Some(payment) = self.payments.get_mut(&refund.payment) {
             payment.refunded_total = refunded_total;
         }
-        if refund.completes_payment() {
-            if let Some(order) = self.orders.get_mut(&refund.order) {
-                order.status = OrderStatus::Refunded;
-            }
+        if refund.completes_payment()
+            && let Some(order) = self.orders.get_mut(&refund.order)
+        {
+            order.status = OrderStatus::Refunded;
         }
         self.refunds
             .entry(refund.payment)

@@ -199,7 +199,7 @@ async fn migrations_apply_cleanly_and_are_idempotent() {
         assert!(applied.iter().all(|(_, ok)| *ok));
         assert_eq!(
             applied.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4, 5, 6, 7]
+            vec![1, 2, 3, 4, 5, 6, 7, 8]
         );
 
         // A second run (another instance starting) changes nothing.
@@ -220,6 +220,7 @@ async fn migrations_apply_cleanly_and_are_idempotent() {
                 "ledger_entries",
                 "orders",
                 "payments",
+                "refunds",
                 "users"
             ]
             .iter()

@@ -42,6 +42,7 @@ mod balance_store;
 mod idempotency_repo;
 mod lock_manager;
 mod order_repo;
+mod refunds;
 mod support;
 mod user_repo;
 
@@ -68,6 +69,11 @@ pub use lock_manager::{
     lock_waiter_acquires_soon_after_release,
 };
 pub use order_repo::order_repo_creates_and_reads;
+pub use refunds::{
+    balance_store_refund_guarded_by_the_payment_writes_nothing,
+    balance_store_refund_writes_everything_together, order_repo_cancels_only_pending_orders,
+    user_repo_balance_at_reads_the_ledger,
+};
 pub use user_repo::{
     user_repo_creates_and_reads, user_repo_pages_history_newest_first,
     user_repo_seeding_skips_created_users, user_repo_seeds_idempotently,

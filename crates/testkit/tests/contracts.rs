@@ -443,3 +443,40 @@ async fn redis_cluster_lock_serializes_concurrent_increments() {
     let (first, second) = cluster_locks(&cluster).await;
     contract::lock_serializes_concurrent_increments(first, second).await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Refunds, cancellation, the balance at a time (BalanceStore, OrderRepo, UserRepo)
+// ---------------------------------------------------------------------------------------
+
+/// Each suite on the in-memory store and on MySQL.
+macro_rules! on_both_stores {
+    ($($suite:ident),* $(,)?) => {
+        mod refunds_memory {
+            $(
+                #[tokio::test]
+                async fn $suite() {
+                    testkit::contract::$suite(&super::memory()).await;
+                }
+            )*
+        }
+        mod refunds_mysql {
+            $(
+                #[tokio::test]
+                async fn $suite() {
+                    let Some(db) = testkit::TestDatabase::create().await else {
+                        return;
+                    };
+                    testkit::contract::$suite(&testkit::contract::Stores::new(db.store())).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    balance_store_refund_writes_everything_together,
+    balance_store_refund_guarded_by_the_payment_writes_nothing,
+    order_repo_cancels_only_pending_orders,
+    user_repo_balance_at_reads_the_ledger,
+);

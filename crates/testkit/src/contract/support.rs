@@ -7,9 +7,11 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use domain::idempotency::{CompletedRecord, Fingerprint, StoredResponse};
 use domain::model::{EntryKind, LedgerEntry, Order, Payment, User};
-use domain::operations::{Effect, Movement, OperationKind};
+use domain::operations::{Effect, Movement, OperationKind, RefundEffect};
 use domain::ports::{Applied, Assigned, BalanceChange, KeyRecord, UserRepo};
-use domain::types::{Amount, Balance, IdempotencyKey, Limits, OrderId, PaymentId, UserId};
+use domain::types::{
+    Amount, Balance, IdempotencyKey, Limits, OrderId, PaymentId, RefundReason, UserId,
+};
 
 use super::Stores;
 
@@ -132,6 +134,33 @@ pub(crate) fn payment_step(
     change.key.operation = OperationKind::Payment;
     change.key.fingerprint =
         Fingerprint::from_stored(format!("payment:user={}:order={}", user.id, order.id));
+    change
+}
+
+/// A refund of `amount_raw` of `payment` by its user, decided on the payment's refunded
+/// total `refunded_before`.
+pub(crate) fn refund_step(
+    user: &User,
+    payment: &Payment,
+    amount_raw: i64,
+    refunded_before: i64,
+    raw_key: &str,
+    when: DateTime<Utc>,
+) -> BalanceChange {
+    let mut change = step(user, EntryKind::Charge, amount_raw, raw_key, when);
+    change.effect = Effect::Refund(RefundEffect {
+        payment: payment.id,
+        order: payment.order_id,
+        movement: change.effect.movement(),
+        payment_amount: payment.amount,
+        refunded_before,
+        reason: RefundReason::parse("contract").ok(),
+    });
+    change.key.operation = OperationKind::Refund;
+    change.key.fingerprint = Fingerprint::from_stored(format!(
+        "refund:user={}:payment={}:amount={amount_raw}",
+        user.id, payment.id
+    ));
     change
 }
 
