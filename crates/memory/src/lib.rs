@@ -13,3 +13,5 @@ mod store;
 
 pub use lock::InProcessLockManager;
 pub use store::MemoryStore;
+#[cfg(feature = "tamper")]
+pub use store::Tamper;

@@ -595,6 +595,11 @@ impl BalanceStore for MemoryStore {
 }
 
 mod audit;
+#[cfg(feature = "tamper")]
+mod tamper;
+
+#[cfg(feature = "tamper")]
+pub use tamper::Tamper;
 
 #[cfg(test)]
 mod tests;

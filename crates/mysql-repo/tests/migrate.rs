@@ -46,7 +46,7 @@ async fn assert_schema_complete(db: &TestDatabase) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_migrations_of_a_fresh_database_all_succeed() {
     let Some(db) = TestDatabase::create().await else {
-        return testkit::skip("concurrent_migrations_of_a_fresh_database_all_succeed");
+        return;
     };
     make_fresh(&db).await;
 
@@ -98,7 +98,7 @@ async fn migration_0007_backfills_old_records_and_null_rows_read_by_the_same_rul
     use domain::ports::IdempotencyRepo as _;
 
     let Some(db) = TestDatabase::create().await else {
-        return testkit::skip("migration_0007_backfills_old_records");
+        return;
     };
     make_fresh(&db).await;
     let (before, from) = mysql_repo::MIGRATOR.migrations.split_at(6);

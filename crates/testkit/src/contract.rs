@@ -24,6 +24,9 @@
 //!   [`balance_store_records_say_what_happened`],
 //!   [`balance_store_concurrent_applies_on_one_version_let_exactly_one_win`],
 //!   [`balance_store_concurrent_applies_of_different_users_all_succeed`];
+//! - [`Auditor`](domain::ports::Auditor), over books written through the ports and then
+//!   corrupted through [`Corrupt`] (`contract/auditor.rs` lists them: clean books, one
+//!   corruption per breach, the cap, concurrent writes, retention);
 //! - [`LockManager`](domain::ports::LockManager): [`lock_is_exclusive`],
 //!   [`lock_waiter_acquires_soon_after_release`],
 //!   [`lock_lease_expiry_frees_the_key_but_not_for_the_old_holder`],
@@ -38,7 +41,9 @@
 // allow-in-tests settings do not reach a library module, hence this.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod auditor;
 mod balance_store;
+mod corrupt;
 mod idempotency_repo;
 mod lock_manager;
 mod order_repo;
@@ -50,6 +55,22 @@ use std::sync::Arc;
 
 use domain::ports::{BalanceStore, IdempotencyRepo, OrderRepo, UserRepo};
 
+pub use auditor::{
+    AUDIT_LEASE, AUDIT_TTL, AuditBooks, Audited, assert_finds,
+    auditor_accepts_two_payments_of_one_amount_in_one_millisecond, auditor_changes_nothing,
+    auditor_finds_a_bumped_balance, auditor_finds_a_deleted_ledger_entry,
+    auditor_finds_a_deleted_payment, auditor_finds_a_key_applied_twice_within_its_retention,
+    auditor_finds_a_newest_entry_that_disagrees_with_the_balance,
+    auditor_finds_a_paid_order_without_a_payment,
+    auditor_finds_a_payment_of_an_order_that_is_not_paid,
+    auditor_finds_a_payment_without_its_ledger_entry, auditor_finds_a_refusal_turned_success,
+    auditor_finds_a_refusal_with_an_effect, auditor_finds_a_second_entry_of_one_key_at_one_instant,
+    auditor_finds_an_empty_store_clean, auditor_finds_books_written_through_the_ports_clean,
+    auditor_finds_ledger_entries_of_a_missing_user,
+    auditor_goes_by_the_recorded_outcome_not_the_status,
+    auditor_judges_a_reuse_by_its_records_expiry, auditor_lists_up_to_the_cap_and_counts_in_full,
+    auditor_sees_no_false_breach_during_concurrent_writes, breaches, sec, write_audit_books,
+};
 pub use balance_store::{
     balance_store_apply_writes_everything_together,
     balance_store_concurrent_applies_of_different_users_all_succeed,
@@ -59,6 +80,7 @@ pub use balance_store::{
     balance_store_replaces_an_expired_record, balance_store_stale_version_writes_nothing,
     balance_store_unknown_user_writes_nothing, balance_store_unpayable_order_writes_nothing,
 };
+pub use corrupt::{Corrupt, ForgedEntry};
 pub use idempotency_repo::{
     idempotency_repo_finds_only_live_records_of_their_user,
     idempotency_repo_purges_only_expired_records,

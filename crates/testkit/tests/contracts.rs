@@ -1,21 +1,182 @@
-//! The port contract suites of `testkit::contract`, run against every adapter: the
-//! in-memory store and lock manager (always), MySQL and Redis (when `TEST_DATABASE_URL` /
-//! `TEST_REDIS_URL` are set, or Docker can start them; skipped otherwise), and the Redis
-//! lock on a Redis Cluster of this process's own (`redis-server` on the `PATH`; skipped
-//! otherwise). Each MySQL test has a database of its own and each Redis test a key prefix
-//! of its own, so they all run in parallel.
+//! The port contract suites of `testkit::contract`, run against every adapter by one
+//! macro, [`contracts!`], from one list of suite names per kind of adapter:
+//!
+//! - each store suite (`UserRepo`, `OrderRepo`, `IdempotencyRepo`, `BalanceStore`) and
+//!   each `Auditor` suite as `memory::<suite>` (the in-memory store, always) and
+//!   `mysql::<suite>` (MySQL from testkit's harness: `TEST_DATABASE_URL`, else
+//!   testcontainers, else skipped, saying so, and failed under `CI=true`);
+//! - each `LockManager` suite as `in_process_lock::<suite>` (always), `redis_lock::<suite>`
+//!   (Redis from the harness, as MySQL) and `redis_cluster_lock::<suite>` (a Redis Cluster
+//!   of this process's own, shared by these tests: `redis-server` on the `PATH`, else
+//!   skipped as above).
+//!
+//! Adding a suite is adding its name to its list. Each MySQL test has a database of its
+//! own and each Redis test a key prefix of its own, so they all run in parallel.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 
+use ::memory::{InProcessLockManager, MemoryStore};
 use domain::ports::LockManager;
-use memory::{InProcessLockManager, MemoryStore};
-use testkit::contract::{self, Stores};
+use mysql_repo::MySqlStore;
+use testkit::contract::{Audited, Stores};
 use testkit::{RedisCluster, TestDatabase, TestRedis};
 
-fn memory() -> Stores {
-    Stores::new(MemoryStore::new())
+/// One test per suite and adapter. `stores` suites take a [`Stores`], `auditors` suites an
+/// [`Audited`], both on a new, empty store; `locks` suites take two handles on one lock
+/// service (two instances sharing it).
+macro_rules! contracts {
+    (
+        stores: [$($store:ident),* $(,)?],
+        auditors: [$($auditor:ident),* $(,)?],
+        locks: [$($lock:ident),* $(,)?] $(,)?
+    ) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $store() {
+                    let stores = super::Stores::new(super::MemoryStore::new());
+                    testkit::contract::$store(&stores).await;
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $auditor() {
+                    let audited = super::Audited::new(super::MemoryStore::new());
+                    testkit::contract::$auditor(&audited).await;
+                }
+            )*
+        }
+        mod mysql {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $store() {
+                    super::on_mysql(|store| async move {
+                        testkit::contract::$store(&super::Stores::new(store)).await;
+                    })
+                    .await;
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $auditor() {
+                    super::on_mysql(|store| async move {
+                        testkit::contract::$auditor(&super::Audited::new(store)).await;
+                    })
+                    .await;
+                }
+            )*
+        }
+        mod in_process_lock {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $lock() {
+                    let (first, second) = super::in_process_locks();
+                    testkit::contract::$lock(first, second).await;
+                }
+            )*
+        }
+        mod redis_lock {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $lock() {
+                    let Some(redis) = super::TestRedis::create().await else {
+                        return;
+                    };
+                    let (first, second) = super::redis_locks(&redis).await;
+                    testkit::contract::$lock(first, second).await;
+                }
+            )*
+        }
+        mod redis_cluster_lock {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $lock() {
+                    let Some(cluster) = super::RedisCluster::shared() else {
+                        return;
+                    };
+                    let (first, second) = super::cluster_locks(&cluster).await;
+                    testkit::contract::$lock(first, second).await;
+                }
+            )*
+        }
+    };
+}
+
+contracts! {
+    stores: [
+        // UserRepo
+        user_repo_creates_and_reads,
+        user_repo_pages_history_newest_first,
+        user_repo_seeds_idempotently,
+        user_repo_seeding_skips_created_users,
+        // OrderRepo
+        order_repo_creates_and_reads,
+        // IdempotencyRepo
+        idempotency_repo_finds_only_live_records_of_their_user,
+        idempotency_repo_purges_only_expired_records,
+        // BalanceStore
+        balance_store_apply_writes_everything_together,
+        balance_store_payment_pays_the_order_once,
+        balance_store_stale_version_writes_nothing,
+        balance_store_live_key_writes_nothing,
+        balance_store_unknown_user_writes_nothing,
+        balance_store_unpayable_order_writes_nothing,
+        balance_store_replaces_an_expired_record,
+        balance_store_records_refusals_under_the_guards,
+        balance_store_records_say_what_happened,
+        balance_store_concurrent_applies_on_one_version_let_exactly_one_win,
+        balance_store_concurrent_applies_of_different_users_all_succeed,
+        // Refunds, cancellation and the balance at a time
+        balance_store_refund_writes_everything_together,
+        balance_store_refund_guarded_by_the_payment_writes_nothing,
+        order_repo_cancels_only_pending_orders,
+        user_repo_balance_at_reads_the_ledger,
+    ],
+    auditors: [
+        auditor_finds_an_empty_store_clean,
+        auditor_finds_books_written_through_the_ports_clean,
+        auditor_accepts_two_payments_of_one_amount_in_one_millisecond,
+        auditor_changes_nothing,
+        auditor_finds_a_bumped_balance,
+        auditor_finds_a_newest_entry_that_disagrees_with_the_balance,
+        auditor_finds_ledger_entries_of_a_missing_user,
+        auditor_finds_a_deleted_ledger_entry,
+        auditor_finds_a_second_entry_of_one_key_at_one_instant,
+        auditor_finds_a_key_applied_twice_within_its_retention,
+        auditor_finds_a_refusal_turned_success,
+        auditor_goes_by_the_recorded_outcome_not_the_status,
+        auditor_finds_a_refusal_with_an_effect,
+        auditor_finds_a_paid_order_without_a_payment,
+        auditor_finds_a_deleted_payment,
+        auditor_finds_a_payment_of_an_order_that_is_not_paid,
+        auditor_finds_a_payment_without_its_ledger_entry,
+        auditor_lists_up_to_the_cap_and_counts_in_full,
+        auditor_sees_no_false_breach_during_concurrent_writes,
+        auditor_judges_a_reuse_by_its_records_expiry,
+    ],
+    locks: [
+        lock_is_exclusive,
+        lock_waiter_acquires_soon_after_release,
+        lock_lease_expiry_frees_the_key_but_not_for_the_old_holder,
+        lock_release_is_owner_only,
+        lock_serializes_concurrent_increments,
+    ],
+}
+
+/// Runs `suite` on the MySQL store of a fresh database from testkit's harness (returning,
+/// after the harness's loud skip, when there is none) and drops the database afterwards,
+/// also when the suite fails.
+async fn on_mysql<Fut>(suite: impl FnOnce(MySqlStore) -> Fut)
+where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = db.store();
+    db.run_then_cleanup(suite(store)).await;
 }
 
 /// Two handles on one in-process lock manager: its clones share their locks.
@@ -36,447 +197,9 @@ async fn redis_locks(redis: &TestRedis) -> (Arc<dyn LockManager>, Arc<dyn LockMa
 async fn cluster_locks(cluster: &RedisCluster) -> (Arc<dyn LockManager>, Arc<dyn LockManager>) {
     let prefix = format!("t:{}:", uuid::Uuid::new_v4().simple());
     let manager = || async {
-        redis_lock::RedisLockManager::connect(&cluster.url(), &prefix)
+        ::redis_lock::RedisLockManager::connect(&cluster.url(), &prefix)
             .await
             .expect("a lock manager on the cluster")
     };
     (Arc::new(manager().await), Arc::new(manager().await))
 }
-
-// ---------------------------------------------------------------------------------------
-// UserRepo
-// ---------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn memory_user_repo_creates_and_reads() {
-    contract::user_repo_creates_and_reads(&MemoryStore::new()).await;
-}
-
-#[tokio::test]
-async fn mysql_user_repo_creates_and_reads() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::user_repo_creates_and_reads(&db.store()).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_user_repo_pages_history_newest_first() {
-    contract::user_repo_pages_history_newest_first(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_user_repo_pages_history_newest_first() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::user_repo_pages_history_newest_first(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_user_repo_seeds_idempotently() {
-    contract::user_repo_seeds_idempotently(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_user_repo_seeds_idempotently() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::user_repo_seeds_idempotently(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_user_repo_seeding_skips_created_users() {
-    contract::user_repo_seeding_skips_created_users(&MemoryStore::new()).await;
-}
-
-#[tokio::test]
-async fn mysql_user_repo_seeding_skips_created_users() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::user_repo_seeding_skips_created_users(&db.store()).await;
-    db.cleanup().await;
-}
-
-// ---------------------------------------------------------------------------------------
-// OrderRepo
-// ---------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn memory_order_repo_creates_and_reads() {
-    contract::order_repo_creates_and_reads(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_order_repo_creates_and_reads() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::order_repo_creates_and_reads(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-// ---------------------------------------------------------------------------------------
-// IdempotencyRepo
-// ---------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn memory_idempotency_repo_finds_only_live_records_of_their_user() {
-    contract::idempotency_repo_finds_only_live_records_of_their_user(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_idempotency_repo_finds_only_live_records_of_their_user() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::idempotency_repo_finds_only_live_records_of_their_user(&Stores::new(db.store()))
-        .await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_idempotency_repo_purges_only_expired_records() {
-    contract::idempotency_repo_purges_only_expired_records(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_idempotency_repo_purges_only_expired_records() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::idempotency_repo_purges_only_expired_records(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-// ---------------------------------------------------------------------------------------
-// BalanceStore
-// ---------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn memory_balance_store_apply_writes_everything_together() {
-    contract::balance_store_apply_writes_everything_together(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_balance_store_apply_writes_everything_together() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_apply_writes_everything_together(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_balance_store_payment_pays_the_order_once() {
-    contract::balance_store_payment_pays_the_order_once(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_balance_store_payment_pays_the_order_once() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_payment_pays_the_order_once(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_balance_store_stale_version_writes_nothing() {
-    contract::balance_store_stale_version_writes_nothing(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_balance_store_stale_version_writes_nothing() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_stale_version_writes_nothing(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_balance_store_live_key_writes_nothing() {
-    contract::balance_store_live_key_writes_nothing(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_balance_store_live_key_writes_nothing() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_live_key_writes_nothing(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_balance_store_unknown_user_writes_nothing() {
-    contract::balance_store_unknown_user_writes_nothing(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_balance_store_unknown_user_writes_nothing() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_unknown_user_writes_nothing(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_balance_store_unpayable_order_writes_nothing() {
-    contract::balance_store_unpayable_order_writes_nothing(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_balance_store_unpayable_order_writes_nothing() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_unpayable_order_writes_nothing(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_balance_store_replaces_an_expired_record() {
-    contract::balance_store_replaces_an_expired_record(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_balance_store_replaces_an_expired_record() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_replaces_an_expired_record(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_balance_store_records_refusals_under_the_guards() {
-    contract::balance_store_records_refusals_under_the_guards(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_balance_store_records_refusals_under_the_guards() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_records_refusals_under_the_guards(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test]
-async fn memory_balance_store_records_say_what_happened() {
-    contract::balance_store_records_say_what_happened(&memory()).await;
-}
-
-#[tokio::test]
-async fn mysql_balance_store_records_say_what_happened() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_records_say_what_happened(&Stores::new(db.store())).await;
-    db.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_balance_store_concurrent_applies_on_one_version_let_exactly_one_win() {
-    contract::balance_store_concurrent_applies_on_one_version_let_exactly_one_win(&memory()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mysql_balance_store_concurrent_applies_on_one_version_let_exactly_one_win() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_concurrent_applies_on_one_version_let_exactly_one_win(&Stores::new(
-        db.store(),
-    ))
-    .await;
-    db.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_balance_store_concurrent_applies_of_different_users_all_succeed() {
-    contract::balance_store_concurrent_applies_of_different_users_all_succeed(&memory()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mysql_balance_store_concurrent_applies_of_different_users_all_succeed() {
-    let Some(db) = TestDatabase::create().await else {
-        return;
-    };
-    contract::balance_store_concurrent_applies_of_different_users_all_succeed(&Stores::new(
-        db.store(),
-    ))
-    .await;
-    db.cleanup().await;
-}
-
-// ---------------------------------------------------------------------------------------
-// LockManager
-// ---------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn memory_lock_is_exclusive() {
-    let (first, second) = in_process_locks();
-    contract::lock_is_exclusive(first, second).await;
-}
-
-#[tokio::test]
-async fn redis_lock_is_exclusive() {
-    let Some(redis) = TestRedis::create().await else {
-        return;
-    };
-    let (first, second) = redis_locks(&redis).await;
-    contract::lock_is_exclusive(first, second).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_lock_waiter_acquires_soon_after_release() {
-    let (first, second) = in_process_locks();
-    contract::lock_waiter_acquires_soon_after_release(first, second).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redis_lock_waiter_acquires_soon_after_release() {
-    let Some(redis) = TestRedis::create().await else {
-        return;
-    };
-    let (first, second) = redis_locks(&redis).await;
-    contract::lock_waiter_acquires_soon_after_release(first, second).await;
-}
-
-#[tokio::test]
-async fn memory_lock_lease_expiry_frees_the_key_but_not_for_the_old_holder() {
-    let (first, second) = in_process_locks();
-    contract::lock_lease_expiry_frees_the_key_but_not_for_the_old_holder(first, second).await;
-}
-
-#[tokio::test]
-async fn redis_lock_lease_expiry_frees_the_key_but_not_for_the_old_holder() {
-    let Some(redis) = TestRedis::create().await else {
-        return;
-    };
-    let (first, second) = redis_locks(&redis).await;
-    contract::lock_lease_expiry_frees_the_key_but_not_for_the_old_holder(first, second).await;
-}
-
-#[tokio::test]
-async fn memory_lock_release_is_owner_only() {
-    let (first, second) = in_process_locks();
-    contract::lock_release_is_owner_only(first, second).await;
-}
-
-#[tokio::test]
-async fn redis_lock_release_is_owner_only() {
-    let Some(redis) = TestRedis::create().await else {
-        return;
-    };
-    let (first, second) = redis_locks(&redis).await;
-    contract::lock_release_is_owner_only(first, second).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_lock_serializes_concurrent_increments() {
-    let (first, second) = in_process_locks();
-    contract::lock_serializes_concurrent_increments(first, second).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redis_lock_serializes_concurrent_increments() {
-    let Some(redis) = TestRedis::create().await else {
-        return;
-    };
-    let (first, second) = redis_locks(&redis).await;
-    contract::lock_serializes_concurrent_increments(first, second).await;
-}
-
-// The same five on a Redis Cluster (one per process, shared by these tests).
-
-#[tokio::test]
-async fn redis_cluster_lock_is_exclusive() {
-    let Some(cluster) = RedisCluster::shared() else {
-        return;
-    };
-    let (first, second) = cluster_locks(&cluster).await;
-    contract::lock_is_exclusive(first, second).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redis_cluster_lock_waiter_acquires_soon_after_release() {
-    let Some(cluster) = RedisCluster::shared() else {
-        return;
-    };
-    let (first, second) = cluster_locks(&cluster).await;
-    contract::lock_waiter_acquires_soon_after_release(first, second).await;
-}
-
-#[tokio::test]
-async fn redis_cluster_lock_lease_expiry_frees_the_key_but_not_for_the_old_holder() {
-    let Some(cluster) = RedisCluster::shared() else {
-        return;
-    };
-    let (first, second) = cluster_locks(&cluster).await;
-    contract::lock_lease_expiry_frees_the_key_but_not_for_the_old_holder(first, second).await;
-}
-
-#[tokio::test]
-async fn redis_cluster_lock_release_is_owner_only() {
-    let Some(cluster) = RedisCluster::shared() else {
-        return;
-    };
-    let (first, second) = cluster_locks(&cluster).await;
-    contract::lock_release_is_owner_only(first, second).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redis_cluster_lock_serializes_concurrent_increments() {
-    let Some(cluster) = RedisCluster::shared() else {
-        return;
-    };
-    let (first, second) = cluster_locks(&cluster).await;
-    contract::lock_serializes_concurrent_increments(first, second).await;
-}
-
-// ---------------------------------------------------------------------------------------
-// Refunds, cancellation, the balance at a time (BalanceStore, OrderRepo, UserRepo)
-// ---------------------------------------------------------------------------------------
-
-/// Each suite on the in-memory store and on MySQL.
-macro_rules! on_both_stores {
-    ($($suite:ident),* $(,)?) => {
-        mod refunds_memory {
-            $(
-                #[tokio::test]
-                async fn $suite() {
-                    testkit::contract::$suite(&super::memory()).await;
-                }
-            )*
-        }
-        mod refunds_mysql {
-            $(
-                #[tokio::test]
-                async fn $suite() {
-                    let Some(db) = testkit::TestDatabase::create().await else {
-                        return;
-                    };
-                    testkit::contract::$suite(&testkit::contract::Stores::new(db.store())).await;
-                    db.cleanup().await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_stores!(
-    balance_store_refund_writes_everything_together,
-    balance_store_refund_guarded_by_the_payment_writes_nothing,
-    order_repo_cancels_only_pending_orders,
-    user_repo_balance_at_reads_the_ledger,
-);

@@ -1,7 +1,6 @@
 //! The `UserRepo` contract: creation, reads, history pages and seeding.
 
 use domain::model::{EntryKind, LedgerEntry, User};
-use domain::ports::UserRepo;
 use domain::types::{Balance, EntryId};
 
 use super::Stores;
@@ -12,7 +11,8 @@ use super::support::{
 /// `create_user` hands out increasing ids, each user with balance 0, version 0 and the
 /// given creation instant; `get_user` reads it back, and answers `None` for an id nobody
 /// has. A user without entries has an empty history, as has an unknown user.
-pub async fn user_repo_creates_and_reads(users: &dyn UserRepo) {
+pub async fn user_repo_creates_and_reads(stores: &Stores) {
+    let users = stores.users.as_ref();
     let mut created: Vec<User> = Vec::new();
     for i in 0..3 {
         let now = at(i * 1_000 + 123);
@@ -249,7 +249,8 @@ pub async fn user_repo_seeds_idempotently(stores: &Stores) {
 
 /// Seeding a store where users were created first: those keep their state, every other
 /// id up to `count` is seeded, and the next created user comes after all of them.
-pub async fn user_repo_seeding_skips_created_users(users: &dyn UserRepo) {
+pub async fn user_repo_seeding_skips_created_users(stores: &Stores) {
+    let users = stores.users.as_ref();
     let first = users.create_user(t0()).await.unwrap();
     let second = users.create_user(t0()).await.unwrap();
     let count = second.id.get() + 3;

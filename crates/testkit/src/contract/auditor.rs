@@ -1,0 +1,763 @@
+//! The `Auditor` contract: books written through the ports audit clean, and each kind of
+//! corruption (written through [`Corrupt`], the adapter's own way to write a wrong row) is
+//! found as its check's breach of exactly the corrupted subject, counted once. A check
+//! an adapter cannot be made to breach is tested by that adapter alone:
+//! `NoRecordStuckInFlight` (only MySQL stores in-flight records) and a second payment of
+//! one order (MySQL's unique `order_id` forbids the row).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use domain::idempotency::{Fingerprint, RecordOutcome, StoredResponse};
+use domain::model::{EntryKind, OrderStatus};
+use domain::operations::{OperationKind, charge, pay, use_balance};
+use domain::outcome::Outcome;
+use domain::ports::{
+    AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, Clock, IdempotencyRepo,
+    KeyRecord, OrderRepo, RefusalRecord, ResponseEncoder, UserRepo,
+};
+use domain::types::{Amount, Balance, EntryId, OrderId, PaymentId, UserId};
+use domain::{BalanceService, Charge, Operation, Ports, Settings};
+
+use super::Stores;
+use super::corrupt::{Corrupt, ForgedEntry};
+use super::support::{Watch, at, bounded, key, user_id};
+
+/// The idempotency retention the books are written and audited with.
+pub const AUDIT_TTL: Duration = Duration::from_secs(60);
+/// The lock lease the audit is given.
+pub const AUDIT_LEASE: Duration = Duration::from_secs(30);
+
+/// [`AUDIT_TTL`] in whole seconds, for instants.
+const TTL_SECS: i64 = 60;
+
+/// One store seen as the audit suites need it: its ports, its auditor and its way to
+/// write what no port writes.
+#[derive(Clone)]
+pub struct Audited {
+    pub stores: Stores,
+    pub auditor: Arc<dyn Auditor>,
+    pub corrupt: Arc<dyn Corrupt>,
+}
+
+impl Audited {
+    /// Every port of `store`, its auditor and its corruption hook, all sharing the store.
+    pub fn new<S>(store: S) -> Self
+    where
+        S: UserRepo + OrderRepo + IdempotencyRepo + BalanceStore + Auditor + Corrupt,
+        S: Clone + 'static,
+    {
+        Self {
+            stores: Stores::new(store.clone()),
+            auditor: Arc::new(store.clone()),
+            corrupt: Arc::new(store),
+        }
+    }
+
+    /// The audit as the suites run it: [`AUDIT_TTL`], [`AUDIT_LEASE`], at [`sec`]`(1000)`.
+    pub async fn audit(&self) -> AuditReport {
+        self.auditor
+            .audit(AUDIT_TTL, AUDIT_LEASE, sec(1_000))
+            .await
+            .expect("the audit runs")
+    }
+}
+
+impl std::fmt::Debug for Audited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audited").finish_non_exhaustive()
+    }
+}
+
+/// `s` seconds (and 123 ms, so the store must keep milliseconds) after the suites' epoch.
+pub fn sec(s: i64) -> DateTime<Utc> {
+    at(s * 1_000 + 123)
+}
+
+fn user(raw: i64) -> UserId {
+    user_id(raw)
+}
+
+fn key_record(
+    raw: &str,
+    operation: OperationKind,
+    fingerprint: Fingerprint,
+    now: DateTime<Utc>,
+) -> KeyRecord {
+    KeyRecord {
+        key: key(raw),
+        fingerprint,
+        operation,
+        created_at: now,
+        expires_at: now + chrono::Duration::seconds(TTL_SECS),
+    }
+}
+
+/// A charge or use of `amount` by `who` at `version`, leaving `new_balance`, as the use
+/// case hands it to the store.
+fn change(
+    who: i64,
+    version: u64,
+    kind: EntryKind,
+    amount: i64,
+    new_balance: i64,
+    raw_key: &str,
+    now: DateTime<Utc>,
+) -> BalanceChange {
+    let value = Amount::from_stored(amount);
+    let fingerprint = match kind {
+        EntryKind::Charge => charge::fingerprint(user(who), value),
+        _ => use_balance::fingerprint(user(who), value),
+    };
+    let (effect, operation) =
+        crate::steps::effect(kind, value, Balance::from_stored(new_balance), None);
+    BalanceChange {
+        user_id: user(who),
+        expected_version: version,
+        effect,
+        at: now,
+        key: key_record(raw_key, operation, fingerprint, now),
+        respond: Box::new(|_| StoredResponse {
+            status: 200,
+            body: b"{}".to_vec(),
+        }),
+    }
+}
+
+/// The payment of `order` (of `amount`) by `who`, its owner.
+fn payment(
+    who: i64,
+    version: u64,
+    order: OrderId,
+    amount: i64,
+    new_balance: i64,
+    raw_key: &str,
+    now: DateTime<Utc>,
+) -> BalanceChange {
+    let mut step = change(
+        who,
+        version,
+        EntryKind::Use,
+        amount,
+        new_balance,
+        raw_key,
+        now,
+    );
+    let (effect, operation) = crate::steps::effect(
+        EntryKind::Payment,
+        Amount::from_stored(amount),
+        Balance::from_stored(new_balance),
+        Some(order),
+    );
+    step.effect = effect;
+    step.key.operation = operation;
+    step.key.fingerprint = pay::fingerprint(user(who), order);
+    step
+}
+
+/// What [`write_audit_books`] wrote: the ids a corruption names.
+#[derive(Debug, Clone)]
+pub struct AuditBooks {
+    /// User 1's order, still PENDING.
+    pub pending_order: OrderId,
+    /// User 2's PAID order, its payment and the payment's ledger entry.
+    pub paid_order: OrderId,
+    pub payment: PaymentId,
+    pub payment_entry: EntryId,
+    /// User 1's newest ledger entry (its use, key `u-1`).
+    pub newest_of_user_1: EntryId,
+}
+
+/// Real operations through the ports, on a new, empty store: seeded users 1..3 (100000
+/// each); user 1 charges (`c-1`), uses (`u-1`) and gets a stored refusal (`r-1`) and a
+/// PENDING order; user 2 pays an order (`p-1`); user 3 charges with key `k` twice, exactly
+/// its retention apart (legitimate: the first record had expired); user 4 has nothing.
+pub async fn write_audit_books(audited: &Audited) -> AuditBooks {
+    let stores = &audited.stores;
+    stores
+        .users
+        .seed_users(3, Balance::from_stored(100_000), sec(0))
+        .await
+        .unwrap();
+    stores
+        .balances
+        .apply(change(1, 0, EntryKind::Charge, 500, 100_500, "c-1", sec(1)))
+        .await
+        .unwrap();
+    let used = stores
+        .balances
+        .apply(change(1, 1, EntryKind::Use, 200, 100_300, "u-1", sec(2)))
+        .await
+        .unwrap();
+    stores
+        .balances
+        .record_refusal(RefusalRecord {
+            user_id: user(1),
+            expected_version: 2,
+            key: key_record(
+                "r-1",
+                OperationKind::Use,
+                use_balance::fingerprint(user(1), Amount::from_stored(999_999)),
+                sec(3),
+            ),
+            response: StoredResponse {
+                status: 422,
+                body: b"{\"code\":\"INSUFFICIENT_BALANCE\"}".to_vec(),
+            },
+        })
+        .await
+        .unwrap();
+    let pending = stores
+        .orders
+        .create_order(user(1), Amount::from_stored(50), sec(3))
+        .await
+        .unwrap();
+    let order = stores
+        .orders
+        .create_order(user(2), Amount::from_stored(300), sec(1))
+        .await
+        .unwrap();
+    let paid = stores
+        .balances
+        .apply(payment(2, 0, order.id, 300, 99_700, "p-1", sec(4)))
+        .await
+        .unwrap();
+    stores
+        .balances
+        .apply(change(3, 0, EntryKind::Charge, 10, 100_010, "k", sec(5)))
+        .await
+        .unwrap();
+    let again = change(3, 1, EntryKind::Charge, 10, 100_020, "k", sec(5 + TTL_SECS));
+    stores.balances.apply(again).await.unwrap();
+    stores.users.create_user(sec(6)).await.unwrap();
+
+    AuditBooks {
+        pending_order: pending.id,
+        paid_order: order.id,
+        payment: paid.assigned.payment_id.expect("a payment was written"),
+        payment_entry: paid.assigned.entry_id,
+        newest_of_user_1: used.assigned.entry_id,
+    }
+}
+
+/// Every (check, subject) the report lists.
+pub fn breaches(report: &AuditReport) -> BTreeSet<(AuditCheck, String)> {
+    report
+        .breaches
+        .iter()
+        .map(|b| (b.check, b.subject.clone()))
+        .collect()
+}
+
+/// Writes the books and proves they audit clean: the start of every corruption suite.
+async fn clean_books(audited: &Audited) -> AuditBooks {
+    let books = write_audit_books(audited).await;
+    let report = audited.audit().await;
+    assert!(report.is_clean(), "the books start clean: {report:#?}");
+    books
+}
+
+/// Audits and checks that exactly `expected` is found, each once, each with a detail.
+pub async fn assert_finds(audited: &Audited, expected: &[(AuditCheck, String)]) {
+    let report = audited.audit().await;
+    let expected: BTreeSet<_> = expected.iter().cloned().collect();
+    assert_eq!(breaches(&report), expected, "{report:#?}");
+    assert_eq!(report.total_found(), expected.len() as u64, "{report:#?}");
+    for breach in &report.breaches {
+        assert!(!breach.detail.is_empty(), "{breach:?}");
+    }
+}
+
+fn found(check: AuditCheck, subject: impl Into<String>) -> (AuditCheck, String) {
+    (check, subject.into())
+}
+
+// ---------------------------------------------------------------------------------------
+// Clean books
+// ---------------------------------------------------------------------------------------
+
+/// An empty store audits clean and counts nothing.
+pub async fn auditor_finds_an_empty_store_clean(audited: &Audited) {
+    assert_eq!(audited.audit().await, AuditReport::default());
+}
+
+/// Books written through the ports audit clean, with every row counted; and each ledger
+/// entry is judged by the expiry its record was written with, so an auditor given a
+/// longer retention than the books were written with finds no double application in
+/// user 3's reuse of `k` after its record expired.
+pub async fn auditor_finds_books_written_through_the_ports_clean(audited: &Audited) {
+    write_audit_books(audited).await;
+    let report = audited.audit().await;
+    assert!(report.is_clean(), "{report:#?}");
+    for check in AuditCheck::ALL {
+        assert_eq!(report.found(check), 0, "{check:?}");
+    }
+    assert_eq!(report.users, 4);
+    // 3 openings, user 1's charge and use, user 2's payment, user 3's two charges.
+    assert_eq!(report.ledger_entries, 8);
+    // c-1, u-1, r-1, p-1 and k (its second use replaced the expired record).
+    assert_eq!(report.records, 5);
+    assert_eq!(report.orders, 2);
+    assert_eq!(report.payments, 1);
+
+    let longer = audited
+        .auditor
+        .audit(
+            AUDIT_TTL + Duration::from_millis(1),
+            AUDIT_LEASE,
+            sec(1_000),
+        )
+        .await
+        .unwrap();
+    assert_eq!(breaches(&longer), BTreeSet::new(), "{longer:#?}");
+}
+
+/// Two payments of one user and amount in one millisecond are legitimate (the clock has
+/// that precision) and audit clean.
+pub async fn auditor_accepts_two_payments_of_one_amount_in_one_millisecond(audited: &Audited) {
+    write_audit_books(audited).await;
+    let stores = &audited.stores;
+    let mut balance = 100_300;
+    for (version, raw) in [(2, "pa"), (3, "pb")] {
+        let order = stores
+            .orders
+            .create_order(user(1), Amount::from_stored(40), sec(7))
+            .await
+            .unwrap();
+        balance -= 40;
+        let pay = payment(1, version, order.id, 40, balance, raw, sec(8));
+        stores.balances.apply(pay).await.unwrap();
+    }
+    let report = audited.audit().await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!(report.payments, 3);
+}
+
+/// The audit reads; it writes nothing any port can see.
+pub async fn auditor_changes_nothing(audited: &Audited) {
+    let books = write_audit_books(audited).await;
+    let watch = Watch {
+        users: (1..=4).map(user).collect(),
+        keys: vec![
+            (user(1), "c-1"),
+            (user(1), "u-1"),
+            (user(1), "r-1"),
+            (user(2), "p-1"),
+            (user(3), "k"),
+        ],
+        orders: vec![books.pending_order, books.paid_order],
+    };
+    let before = watch.snapshot(&audited.stores, sec(7)).await;
+    assert!(audited.audit().await.is_clean());
+    assert_eq!(watch.snapshot(&audited.stores, sec(7)).await, before);
+}
+
+// ---------------------------------------------------------------------------------------
+// One corruption per breach
+// ---------------------------------------------------------------------------------------
+
+/// `BalanceMatchesLedger`: a balance that moved without a ledger entry.
+pub async fn auditor_finds_a_bumped_balance(audited: &Audited) {
+    clean_books(audited).await;
+    audited.corrupt.set_balance(user(1), 100_301).await;
+    assert_finds(
+        audited,
+        &[found(AuditCheck::BalanceMatchesLedger, "user 1")],
+    )
+    .await;
+}
+
+/// `BalanceMatchesLedger`: the sum still matches, but the newest entry's `balance_after`
+/// does not.
+pub async fn auditor_finds_a_newest_entry_that_disagrees_with_the_balance(audited: &Audited) {
+    let books = clean_books(audited).await;
+    audited
+        .corrupt
+        .shift_balance_after(books.newest_of_user_1, 7)
+        .await;
+    assert_finds(
+        audited,
+        &[found(AuditCheck::BalanceMatchesLedger, "user 1")],
+    )
+    .await;
+}
+
+/// `BalanceMatchesLedger`: ledger entries of a user that does not exist.
+pub async fn auditor_finds_ledger_entries_of_a_missing_user(audited: &Audited) {
+    clean_books(audited).await;
+    audited.corrupt.delete_user(user(4)).await;
+    audited
+        .corrupt
+        .insert_entry(ForgedEntry {
+            user: user(4),
+            kind: EntryKind::Charge,
+            amount: 5,
+            balance_after: 5,
+            key: None,
+            at: sec(0),
+        })
+        .await;
+    assert_finds(
+        audited,
+        &[found(AuditCheck::BalanceMatchesLedger, "user 4")],
+    )
+    .await;
+}
+
+/// A deleted ledger entry: the balance disagrees, and its stored success has no effect.
+pub async fn auditor_finds_a_deleted_ledger_entry(audited: &Audited) {
+    let books = clean_books(audited).await;
+    audited.corrupt.delete_entry(books.newest_of_user_1).await;
+    assert_finds(
+        audited,
+        &[
+            found(AuditCheck::BalanceMatchesLedger, "user 1"),
+            found(AuditCheck::RecordHasOneEffect, "user 1 key u-1"),
+        ],
+    )
+    .await;
+}
+
+/// The charge `c-1` applied twice in one step: three checks see it.
+pub async fn auditor_finds_a_second_entry_of_one_key_at_one_instant(audited: &Audited) {
+    clean_books(audited).await;
+    audited
+        .corrupt
+        .insert_entry(ForgedEntry {
+            user: user(1),
+            kind: EntryKind::Charge,
+            amount: 500,
+            balance_after: 100_500,
+            key: Some(key("c-1")),
+            at: sec(1),
+        })
+        .await;
+    assert_finds(
+        audited,
+        &[
+            found(AuditCheck::BalanceMatchesLedger, "user 1"),
+            found(AuditCheck::RecordHasOneEffect, "user 1 key c-1"),
+            found(AuditCheck::KeyAppliedOnce, "user 1 key c-1"),
+        ],
+    )
+    .await;
+}
+
+/// `KeyAppliedOnce` on its own: user 3 charged `k` once more 30 s after its second use
+/// (while that use's record still lived), with balance and ledger kept in step.
+pub async fn auditor_finds_a_key_applied_twice_within_its_retention(audited: &Audited) {
+    clean_books(audited).await;
+    audited
+        .corrupt
+        .insert_entry(ForgedEntry {
+            user: user(3),
+            kind: EntryKind::Charge,
+            amount: 10,
+            balance_after: 100_030,
+            key: Some(key("k")),
+            at: sec(5 + TTL_SECS + 30),
+        })
+        .await;
+    audited.corrupt.set_balance(user(3), 100_030).await;
+    assert_finds(
+        audited,
+        &[found(AuditCheck::KeyAppliedOnce, "user 3 key k")],
+    )
+    .await;
+}
+
+/// `RecordHasOneEffect`: a refusal rewritten as applied, with no effect behind it.
+pub async fn auditor_finds_a_refusal_turned_success(audited: &Audited) {
+    clean_books(audited).await;
+    audited
+        .corrupt
+        .set_record_outcome(user(1), "r-1", RecordOutcome::Applied)
+        .await;
+    assert_finds(
+        audited,
+        &[found(AuditCheck::RecordHasOneEffect, "user 1 key r-1")],
+    )
+    .await;
+}
+
+/// What a record did is its outcome: a refusal answered with a 2xx status (or a success
+/// with any other) is no breach as long as its effects match what it says.
+pub async fn auditor_goes_by_the_recorded_outcome_not_the_status(audited: &Audited) {
+    clean_books(audited).await;
+    audited.corrupt.set_record_status(user(1), "r-1", 200).await;
+    audited.corrupt.set_record_status(user(1), "c-1", 409).await;
+    assert_finds(audited, &[]).await;
+}
+
+/// `RecordHasOneEffect`: a use stored as refused whose money moved all the same.
+pub async fn auditor_finds_a_refusal_with_an_effect(audited: &Audited) {
+    clean_books(audited).await;
+    audited
+        .corrupt
+        .insert_entry(ForgedEntry {
+            user: user(1),
+            kind: EntryKind::Use,
+            amount: 100,
+            balance_after: 100_200,
+            key: Some(key("r-1")),
+            at: sec(3),
+        })
+        .await;
+    audited.corrupt.set_balance(user(1), 100_200).await;
+    assert_finds(
+        audited,
+        &[found(AuditCheck::RecordHasOneEffect, "user 1 key r-1")],
+    )
+    .await;
+}
+
+/// `PaidOrderHasOnePayment`: an order marked PAID that nobody paid.
+pub async fn auditor_finds_a_paid_order_without_a_payment(audited: &Audited) {
+    let books = clean_books(audited).await;
+    audited
+        .corrupt
+        .set_order_status(books.pending_order, OrderStatus::Paid)
+        .await;
+    let order = format!("order {}", books.pending_order);
+    assert_finds(audited, &[found(AuditCheck::PaidOrderHasOnePayment, order)]).await;
+}
+
+/// `PaidOrderHasOnePayment`: a deleted payment leaves its PAID order and its PAYMENT entry
+/// without it.
+pub async fn auditor_finds_a_deleted_payment(audited: &Audited) {
+    let books = clean_books(audited).await;
+    audited.corrupt.delete_payment(books.payment).await;
+    assert_finds(
+        audited,
+        &[
+            found(
+                AuditCheck::PaidOrderHasOnePayment,
+                format!("order {}", books.paid_order),
+            ),
+            found(
+                AuditCheck::PaidOrderHasOnePayment,
+                format!("ledger entry {}", books.payment_entry),
+            ),
+        ],
+    )
+    .await;
+}
+
+/// `PaidOrderHasOnePayment`: a payment of an order that is PENDING again.
+pub async fn auditor_finds_a_payment_of_an_order_that_is_not_paid(audited: &Audited) {
+    let books = clean_books(audited).await;
+    audited
+        .corrupt
+        .set_order_status(books.paid_order, OrderStatus::Pending)
+        .await;
+    let payment = format!("payment {}", books.payment);
+    assert_finds(
+        audited,
+        &[found(AuditCheck::PaidOrderHasOnePayment, payment)],
+    )
+    .await;
+}
+
+/// A payment's ledger entry moved one millisecond: no longer the payment's (nor its
+/// record's) instant.
+pub async fn auditor_finds_a_payment_without_its_ledger_entry(audited: &Audited) {
+    let books = clean_books(audited).await;
+    audited
+        .corrupt
+        .shift_entry_time(books.payment_entry, chrono::Duration::milliseconds(1))
+        .await;
+    assert_finds(
+        audited,
+        &[
+            found(AuditCheck::RecordHasOneEffect, "user 2 key p-1"),
+            found(
+                AuditCheck::PaidOrderHasOnePayment,
+                format!("payment {}", books.payment),
+            ),
+            found(
+                AuditCheck::PaidOrderHasOnePayment,
+                format!("ledger entry {}", books.payment_entry),
+            ),
+        ],
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Scale, consistency, retention
+// ---------------------------------------------------------------------------------------
+
+/// A badly broken store yields a bounded report with exact counts: at most
+/// [`AuditReport::LISTED_PER_CHECK`] breaches of a check listed (the lowest ids first),
+/// all of them counted.
+pub async fn auditor_lists_up_to_the_cap_and_counts_in_full(audited: &Audited) {
+    const USERS: i64 = 250;
+    audited
+        .stores
+        .users
+        .seed_users(250, Balance::from_stored(1_000), sec(0))
+        .await
+        .unwrap();
+    assert!(audited.audit().await.is_clean());
+    for id in 1..=USERS {
+        audited.corrupt.set_balance(user(id), 1_001).await;
+    }
+    let report = audited.audit().await;
+    assert_eq!(report.users, 250);
+    assert_eq!(report.found(AuditCheck::BalanceMatchesLedger), 250);
+    assert_eq!(report.total_found(), 250);
+    let listed: Vec<_> = report.listed(AuditCheck::BalanceMatchesLedger).collect();
+    assert_eq!(listed.len(), AuditReport::LISTED_PER_CHECK);
+    assert_eq!(listed[0].subject, "user 1");
+    assert_eq!(
+        listed[0].detail,
+        "balance 1001, ledger sum 1000 over 1 entries; newest entry 1 has balance_after 1000"
+    );
+}
+
+/// Audits running while charges, uses and payments commit never report a breach: each
+/// sees every step whole or not at all.
+pub async fn auditor_sees_no_false_breach_during_concurrent_writes(audited: &Audited) {
+    const WRITERS: i64 = 4;
+    const STEPS: u64 = 45;
+    let stores = audited.stores.clone();
+    stores
+        .users
+        .seed_users(4, Balance::from_stored(100_000), sec(0))
+        .await
+        .unwrap();
+    let writers: Vec<_> = (1..=WRITERS)
+        .map(|who| {
+            let stores = stores.clone();
+            tokio::spawn(async move {
+                let mut balance = 100_000;
+                for n in 0..STEPS {
+                    let now = sec(1) + chrono::Duration::milliseconds(i64::try_from(n).unwrap());
+                    let raw = format!("w-{n}");
+                    let step = match n % 3 {
+                        0 => {
+                            balance += 7;
+                            change(who, n, EntryKind::Charge, 7, balance, &raw, now)
+                        }
+                        1 => {
+                            balance -= 3;
+                            change(who, n, EntryKind::Use, 3, balance, &raw, now)
+                        }
+                        _ => {
+                            let order = stores
+                                .orders
+                                .create_order(user(who), Amount::from_stored(2), now)
+                                .await
+                                .unwrap();
+                            balance -= 2;
+                            payment(who, n, order.id, 2, balance, &raw, now)
+                        }
+                    };
+                    stores.balances.apply(step).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let mut audits = 0;
+    bounded("audits while the writers run", async {
+        while !writers.iter().all(tokio::task::JoinHandle::is_finished) {
+            let report = audited.audit().await;
+            assert!(report.is_clean(), "{report:#?}");
+            audits += 1;
+        }
+    })
+    .await;
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let report = audited.audit().await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!(report.ledger_entries, 4 + 4 * STEPS);
+    assert_eq!(report.payments, 4 * (STEPS / 3));
+    assert!(audits > 0);
+}
+
+/// A clock the suite moves by hand.
+struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl ManualClock {
+    fn advance(&self, by: Duration) {
+        let by = chrono::Duration::from_std(by).expect("a step the clock can take");
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) += by;
+    }
+}
+
+/// Stores an outcome's debug text: what a response says does not matter here.
+struct DebugEncoder;
+
+impl ResponseEncoder for DebugEncoder {
+    fn encode(&self, outcome: &Outcome) -> StoredResponse {
+        StoredResponse {
+            status: 200,
+            body: format!("{outcome:?}").into_bytes(),
+        }
+    }
+}
+
+/// The audit judges a key's reuse by the expiry its record was written with, not by the
+/// auditing process's retention setting: keys the service reused after a short
+/// retention audit clean with the default one (a day), as `balance-service audit`
+/// without `IDEMPOTENCY_TTL_SECS` runs.
+pub async fn auditor_judges_a_reuse_by_its_records_expiry(audited: &Audited) {
+    const SERVICE_TTL: Duration = Duration::from_secs(60);
+    let stores = &audited.stores;
+    let clock = Arc::new(ManualClock(Mutex::new(sec(0))));
+    let service = BalanceService::new(
+        Ports {
+            users: Arc::clone(&stores.users),
+            orders: Arc::clone(&stores.orders),
+            keys: Arc::clone(&stores.idempotency),
+            store: Arc::clone(&stores.balances),
+            locks: Arc::new(memory::InProcessLockManager::new()),
+            encoder: Arc::new(DebugEncoder),
+            clock: Arc::clone(&clock) as Arc<dyn Clock>,
+        },
+        Settings {
+            idempotency_ttl: SERVICE_TTL,
+            ..Settings::default()
+        },
+    );
+    stores
+        .users
+        .seed_users(1, Balance::from_stored(0), sec(0))
+        .await
+        .unwrap();
+    let id = user(1);
+
+    // The same key three times, each after the previous record expired: three charges.
+    for round in 0..3 {
+        let charge: Arc<dyn Operation> = Arc::new(Charge {
+            user: id,
+            amount: Amount::new(10, &Settings::default().limits).unwrap(),
+            key: key("reused"),
+        });
+        let done = service.execute(charge).await.unwrap();
+        assert!(!done.replayed, "round {round}");
+        clock.advance(SERVICE_TTL + Duration::from_secs(1));
+    }
+    let balance = stores.users.get_user(id).await.unwrap().unwrap().balance;
+    assert_eq!(balance.get(), 30);
+
+    let default = Settings::default();
+    let report = audited
+        .auditor
+        .audit(default.idempotency_ttl, default.lock_lease, clock.now())
+        .await
+        .unwrap();
+    assert_eq!(report.found(AuditCheck::KeyAppliedOnce), 0, "{report:#?}");
+    assert!(report.is_clean(), "{report:#?}");
+}
