@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::AppState;
 use crate::auth::Principal;
-use crate::body::{self, read_json_object};
+use crate::body;
 use crate::dto::{
     AmountRequest, BalanceResponse, ChargeResponse, CreateUserRequest, HistoryItem,
     HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse, UseResponse,
@@ -88,17 +88,9 @@ pub async fn create_user(
     payload: Payload,
 ) -> ApiResult {
     principal.require_admin()?;
-    let body = read_json_object(&req, payload).await?.unwrap_or_default();
-    if body.contains_key("balance") {
-        return Err(ApiError::validation(
-            "an initial balance cannot be set through the API; charge the user instead",
-        ));
-    }
-    if let Some(field) = body.keys().next() {
-        return Err(ApiError::validation(format!(
-            "the body of a new user must be empty or {{}}; unknown field {field:?}"
-        )));
-    }
+    body::read::<CreateUserRequest>(&req, payload)
+        .await?
+        .check()?;
     // No key: a 503 here says only to retry, as for a read.
     let user = state.service.create_user().await.map_err(read_error)?;
     let mut response = json(StatusCode::CREATED, &BalanceResponse::from(&user))?;
@@ -148,10 +140,8 @@ pub async fn charge(
     payload: Payload,
 ) -> ApiResult {
     let user = path_id(&req, "userId", UserId::parse)?;
-    let body = read_json_object(&req, payload).await?;
-    let key = body::idempotency_key(&req, body.as_ref())?;
-    let body = body.unwrap_or_default();
-    let amount = body::amount(&body, state.service.limits())?;
+    let body::Keyed { key, body } = body::read_keyed::<AmountRequest>(&req, payload).await?;
+    let amount = body.amount(state.service.limits())?;
     principal.check_user(user)?;
     execute(&state, Arc::new(Charge { user, amount, key })).await
 }
@@ -176,10 +166,8 @@ pub async fn use_balance(
     payload: Payload,
 ) -> ApiResult {
     let user = path_id(&req, "userId", UserId::parse)?;
-    let body = read_json_object(&req, payload).await?;
-    let key = body::idempotency_key(&req, body.as_ref())?;
-    let body = body.unwrap_or_default();
-    let amount = body::amount(&body, state.service.limits())?;
+    let body::Keyed { key, body } = body::read_keyed::<AmountRequest>(&req, payload).await?;
+    let amount = body.amount(state.service.limits())?;
     principal.check_user(user)?;
     execute(&state, Arc::new(UseBalance { user, amount, key })).await
 }
@@ -259,11 +247,9 @@ pub async fn create_order(
     req: HttpRequest,
     payload: Payload,
 ) -> ApiResult {
-    let body = read_json_object(&req, payload)
-        .await?
-        .ok_or_else(|| ApiError::validation("userId is required"))?;
-    let user = body::user_id_field(&body)?;
-    let amount = body::amount(&body, state.service.limits())?;
+    let body: OrderRequest = body::read(&req, payload).await?;
+    let user = body.user_id()?;
+    let amount = body.amount(state.service.limits())?;
     principal.check_user(user)?;
     let order = state
         .service
@@ -311,11 +297,9 @@ pub async fn pay(
     req: HttpRequest,
     payload: Payload,
 ) -> ApiResult {
-    let body = read_json_object(&req, payload).await?;
-    let key = body::idempotency_key(&req, body.as_ref())?;
-    let body = body.unwrap_or_default();
-    let order = body::order_id_field(&body)?;
-    let user = body::user_id_field(&body)?;
+    let body::Keyed { key, body } = body::read_keyed::<PaymentRequest>(&req, payload).await?;
+    let order = body.order_id()?;
+    let user = body.user_id()?;
     principal.check_user(user)?;
     execute(&state, Arc::new(Pay { user, order, key })).await
 }
