@@ -339,7 +339,7 @@ impl RefundRequest {
                 Ok(Some(reason.clone()))
             }
             Field::Given(_) => Err(ApiError::validation(format!(
-                "reason must be at most {MAX_REFUND_REASON_CHARS} characters"
+                "reason must be at most {MAX_REFUND_REASON_CHARS} characters long"
             ))),
             Field::Wrong => Err(ApiError::validation("reason must be a string")),
         }
@@ -353,10 +353,39 @@ impl KeyedBody for RefundRequest {
 }
 
 /// Body of an order's cancellation (`POST /api/orders/{orderId}/cancel`): none at all, or
-/// `{}`. It carries nothing (cancelling moves no money, so it takes no key); other fields
-/// are ignored, as on every route but the creation of a user.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-pub struct CancelOrderRequest {}
+/// `{}`. It carries nothing (cancelling moves no money, so it takes no key), and a field
+/// sent is refused rather than ignored, as for a new user.
+#[derive(Debug, Default, Deserialize)]
+pub struct CancelOrderRequest {
+    /// Every field sent, by name, sorted: each is refused.
+    #[serde(flatten)]
+    pub fields: BTreeMap<String, IgnoredAny>,
+}
+
+impl CancelOrderRequest {
+    /// Refuses any field.
+    pub fn check(&self) -> Result<(), ApiError> {
+        match self.fields.keys().next() {
+            None => Ok(()),
+            Some(field) => Err(ApiError::validation(format!(
+                "the body of a cancellation must be empty or {{}}; unknown field {field:?}"
+            ))),
+        }
+    }
+}
+
+impl utoipa::PartialSchema for CancelOrderRequest {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .description(Some(
+                "Body of an order's cancellation: none at all, or `{}`. No field is accepted.",
+            ))
+            .additional_properties(Some(AdditionalProperties::<Schema>::FreeForm(false)))
+            .into()
+    }
+}
+
+impl ToSchema for CancelOrderRequest {}
 
 #[cfg(test)]
 mod tests {
@@ -581,9 +610,17 @@ mod tests {
     }
 
     #[test]
-    fn a_cancellation_takes_an_empty_object() {
-        assert!(parse::<CancelOrderRequest>(b"{}").is_ok());
-        assert!(parse::<CancelOrderRequest>(br#"{"why":"late"}"#).is_ok());
+    fn a_cancellation_takes_no_field() {
+        assert!(parse::<CancelOrderRequest>(b"{}").unwrap().check().is_ok());
+        assert!(CancelOrderRequest::default().check().is_ok());
+        assert_eq!(
+            parse::<CancelOrderRequest>(br#"{"why":"late","at":1}"#)
+                .unwrap()
+                .check()
+                .unwrap_err()
+                .detail,
+            r#"the body of a cancellation must be empty or {}; unknown field "at""#
+        );
         for bad in [&b"[]"[..], b" ", b"{\"a\":1,\"a\":1}"] {
             assert_eq!(
                 parse::<CancelOrderRequest>(bad).unwrap_err().code,
