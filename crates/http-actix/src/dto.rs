@@ -545,11 +545,11 @@ mod tests {
         for (reason, detail) in [
             (
                 serde_json::json!("x".repeat(256)),
-                "reason must be at most 255 characters",
+                "reason must be at most 255 characters long",
             ),
             (
                 serde_json::json!("환".repeat(256)),
-                "reason must be at most 255 characters",
+                "reason must be at most 255 characters long",
             ),
             (serde_json::json!(5), "reason must be a string"),
             (serde_json::json!(["size"]), "reason must be a string"),
