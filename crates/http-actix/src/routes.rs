@@ -13,11 +13,11 @@ use tracing::Instrument;
 
 use crate::AppState;
 use crate::auth::Principal;
-use crate::body::{self, read_json_object};
+use crate::body;
 use crate::dto::{
-    AmountRequest, BalanceAtResponse, BalanceResponse, ChargeResponse, CreateUserRequest,
-    HistoryItem, HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse,
-    RefundRequest, RefundResponse, RefundsResponse, RequestResponse, UseResponse,
+    AmountRequest, BalanceAtResponse, BalanceResponse, CancelOrderRequest, ChargeResponse,
+    CreateUserRequest, HistoryItem, HistoryResponse, OrderRequest, OrderResponse, PaymentRequest,
+    PaymentResponse, RefundRequest, RefundResponse, RefundsResponse, RequestResponse, UseResponse,
 };
 use crate::problem::{ApiError, Code, PROBLEM_JSON, read_error};
 
@@ -96,17 +96,9 @@ pub async fn create_user(
     payload: Payload,
 ) -> ApiResult {
     principal.require_admin()?;
-    let body = read_json_object(&req, payload).await?.unwrap_or_default();
-    if body.contains_key("balance") {
-        return Err(ApiError::validation(
-            "an initial balance cannot be set through the API; charge the user instead",
-        ));
-    }
-    if let Some(field) = body.keys().next() {
-        return Err(ApiError::validation(format!(
-            "the body of a new user must be empty or {{}}; unknown field {field:?}"
-        )));
-    }
+    body::read::<CreateUserRequest>(&req, payload)
+        .await?
+        .check()?;
     // No key: a 503 here says only to retry, as for a read.
     let user = state.service.create_user().await.map_err(read_error)?;
     let mut response = json(StatusCode::CREATED, &BalanceResponse::from(&user))?;
@@ -193,10 +185,8 @@ pub async fn charge(
     payload: Payload,
 ) -> ApiResult {
     let user = path_id(&req, "userId", UserId::parse)?;
-    let body = read_json_object(&req, payload).await?;
-    let key = body::idempotency_key(&req, body.as_ref())?;
-    let body = body.unwrap_or_default();
-    let amount = body::amount(&body, state.service.limits())?;
+    let body::Keyed { key, body } = body::read_keyed::<AmountRequest>(&req, payload).await?;
+    let amount = body.amount(state.service.limits())?;
     principal.check_user(user)?;
     execute(&state, Arc::new(Charge { user, amount, key })).await
 }
@@ -221,10 +211,8 @@ pub async fn use_balance(
     payload: Payload,
 ) -> ApiResult {
     let user = path_id(&req, "userId", UserId::parse)?;
-    let body = read_json_object(&req, payload).await?;
-    let key = body::idempotency_key(&req, body.as_ref())?;
-    let body = body.unwrap_or_default();
-    let amount = body::amount(&body, state.service.limits())?;
+    let body::Keyed { key, body } = body::read_keyed::<AmountRequest>(&req, payload).await?;
+    let amount = body.amount(state.service.limits())?;
     principal.check_user(user)?;
     execute(&state, Arc::new(UseBalance { user, amount, key })).await
 }
@@ -304,11 +292,9 @@ pub async fn create_order(
     req: HttpRequest,
     payload: Payload,
 ) -> ApiResult {
-    let body = read_json_object(&req, payload)
-        .await?
-        .ok_or_else(|| ApiError::validation("userId is required"))?;
-    let user = body::user_id_field(&body)?;
-    let amount = body::amount(&body, state.service.limits())?;
+    let body: OrderRequest = body::read(&req, payload).await?;
+    let user = body.user_id()?;
+    let amount = body.amount(state.service.limits())?;
     principal.check_user(user)?;
     let order = state
         .service
@@ -356,11 +342,9 @@ pub async fn pay(
     req: HttpRequest,
     payload: Payload,
 ) -> ApiResult {
-    let body = read_json_object(&req, payload).await?;
-    let key = body::idempotency_key(&req, body.as_ref())?;
-    let body = body.unwrap_or_default();
-    let order = body::order_id_field(&body)?;
-    let user = body::user_id_field(&body)?;
+    let body::Keyed { key, body } = body::read_keyed::<PaymentRequest>(&req, payload).await?;
+    let order = body.order_id()?;
+    let user = body.user_id()?;
     principal.check_user(user)?;
     execute(&state, Arc::new(Pay { user, order, key })).await
 }
@@ -404,12 +388,9 @@ pub async fn cancel_order(
     payload: Payload,
 ) -> ApiResult {
     let id = path_id(&req, "orderId", OrderId::parse)?;
-    let body = read_json_object(&req, payload).await?.unwrap_or_default();
-    if let Some(field) = body.keys().next() {
-        return Err(ApiError::validation(format!(
-            "the body of a cancellation must be empty or {{}}; unknown field {field:?}"
-        )));
-    }
+    body::read::<CancelOrderRequest>(&req, payload)
+        .await?
+        .check()?;
     let order = state.service.order(id).await.map_err(read_error)?;
     if !principal.acts_for(order.user_id) {
         return Err(OperationError::OrderNotFound.into());
@@ -438,18 +419,12 @@ pub async fn refund(
     payload: Payload,
 ) -> ApiResult {
     let payment = path_id(&req, "paymentId", PaymentId::parse)?;
-    let body = read_json_object(&req, payload).await?;
-    let key = body::idempotency_key(&req, body.as_ref())?;
-    let body = body.unwrap_or_default();
-    let amount = match body.get("amount") {
-        None => None,
-        Some(_) => Some(body::amount(&body, state.service.limits())?),
-    };
-    let reason = match body.get("reason") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(raw)) => Some(RefundReason::parse(raw)?),
-        Some(_) => return Err(ApiError::validation("reason must be a string")),
-    };
+    let body::Keyed { key, body } = body::read_keyed::<RefundRequest>(&req, payload).await?;
+    let amount = body.amount(state.service.limits())?;
+    let reason = body
+        .reason()?
+        .map(|raw| RefundReason::parse(&raw))
+        .transpose()?;
     // The refund runs as the payment's user: its lock, its key space, its balance. Another
     // user's payment is not found, as a missing one.
     let found = state.service.payment(payment).await.map_err(read_error)?;
