@@ -135,6 +135,9 @@ contracts! {
         user_repo_balance_at_reads_the_ledger,
     ],
     auditors: [
+        auditor_finds_refunded_books_clean,
+        auditor_finds_a_refunded_payment_whose_order_is_still_paid,
+        auditor_finds_a_refunded_total_its_refunds_do_not_add_up_to,
         auditor_finds_an_empty_store_clean,
         auditor_finds_books_written_through_the_ports_clean,
         auditor_accepts_two_payments_of_one_amount_in_one_millisecond,

@@ -131,6 +131,15 @@ impl Tamper<'_> {
         true
     }
 
+    /// Sets payment `id`'s refunded total; its refunds stay.
+    pub fn set_refunded_total(&mut self, id: PaymentId, total: i64) -> bool {
+        self.0
+            .payments
+            .get_mut(&id)
+            .map(|payment| payment.refunded_total = total)
+            .is_some()
+    }
+
     fn entry(&mut self, id: EntryId) -> Option<&mut LedgerEntry> {
         self.0
             .ledgers

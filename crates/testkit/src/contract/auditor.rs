@@ -761,3 +761,95 @@ pub async fn auditor_judges_a_reuse_by_its_records_expiry(audited: &Audited) {
     assert_eq!(report.found(AuditCheck::KeyAppliedOnce), 0, "{report:#?}");
     assert!(report.is_clean(), "{report:#?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Refunds
+// ---------------------------------------------------------------------------------------
+
+/// A user of 1,000 who paid an order of 300 and had it refunded in two parts, 100 then the
+/// rest, through the ports: (the order, the payment).
+async fn refunded_books(audited: &Audited) -> (OrderId, PaymentId) {
+    let stores = &audited.stores;
+    let user = super::support::funded_user(stores, 1_000, sec(1)).await;
+    let order = stores
+        .orders
+        .create_order(user.id, super::support::amount(300), sec(2))
+        .await
+        .unwrap();
+    let paid = stores
+        .balances
+        .apply(super::support::payment_step(&user, &order, "pay", sec(3)))
+        .await
+        .unwrap();
+    let payment_id = paid.assigned.payment_id.expect("a payment was written");
+    for (amount, before, raw_key, when) in [(100, 0, "refund-1", 4), (200, 100, "refund-2", 5)] {
+        let user = super::support::current(stores.users.as_ref(), user.id).await;
+        let payment = stores
+            .orders
+            .get_payment(payment_id)
+            .await
+            .unwrap()
+            .unwrap();
+        stores
+            .balances
+            .apply(super::support::refund_step(
+                &user,
+                &payment,
+                amount,
+                before,
+                raw_key,
+                sec(when),
+            ))
+            .await
+            .unwrap();
+    }
+    (order.id, payment_id)
+}
+
+/// Refunds written through the ports audit clean and are counted.
+pub async fn auditor_finds_refunded_books_clean(audited: &Audited) {
+    refunded_books(audited).await;
+    let report = audited.audit().await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!((report.payments, report.refunds), (1, 2));
+}
+
+/// `PaidOrderHasOnePayment`: the order of a payment refunded in full that is not REFUNDED.
+pub async fn auditor_finds_a_refunded_payment_whose_order_is_still_paid(audited: &Audited) {
+    let (order, payment) = refunded_books(audited).await;
+    assert!(audited.audit().await.is_clean());
+    audited
+        .corrupt
+        .set_order_status(order, OrderStatus::Paid)
+        .await;
+    assert_finds(
+        audited,
+        &[found(
+            AuditCheck::PaidOrderHasOnePayment,
+            format!("payment {payment}"),
+        )],
+    )
+    .await;
+}
+
+/// `RefundsMatchPayment`: a refunded total its refunds do not add up to (and the order's
+/// status then disagrees with the payment's, too).
+pub async fn auditor_finds_a_refunded_total_its_refunds_do_not_add_up_to(audited: &Audited) {
+    let (_, payment) = refunded_books(audited).await;
+    assert!(audited.audit().await.is_clean());
+    audited.corrupt.set_refunded_total(payment, 250).await;
+    assert_finds(
+        audited,
+        &[
+            found(
+                AuditCheck::RefundsMatchPayment,
+                format!("payment {payment}"),
+            ),
+            found(
+                AuditCheck::PaidOrderHasOnePayment,
+                format!("payment {payment}"),
+            ),
+        ],
+    )
+    .await;
+}

@@ -50,6 +50,8 @@ pub trait Corrupt: Send + Sync {
     async fn set_order_status(&self, id: OrderId, status: OrderStatus);
     /// Deletes payment `id`; its order and its ledger entry stay.
     async fn delete_payment(&self, id: PaymentId);
+    /// Sets payment `id`'s refunded total; its refunds stay.
+    async fn set_refunded_total(&self, id: PaymentId, total: i64);
 }
 
 /// Fails the test when `found` is false: the corruption named a row that is not there.
@@ -128,6 +130,13 @@ impl Corrupt for MemoryStore {
 
     async fn delete_payment(&self, id: PaymentId) {
         found(self.tamper().delete_payment(id), &format!("payment {id}"));
+    }
+
+    async fn set_refunded_total(&self, id: PaymentId, total: i64) {
+        found(
+            self.tamper().set_refunded_total(id, total),
+            &format!("payment {id}"),
+        );
     }
 }
 
@@ -284,6 +293,16 @@ impl Corrupt for MySqlStore {
             self.pool(),
             "delete from payments where id = ?",
             &[Bind::Int(id.get())],
+            &format!("payment {id}"),
+        )
+        .await;
+    }
+
+    async fn set_refunded_total(&self, id: PaymentId, total: i64) {
+        one_row(
+            self.pool(),
+            "update payments set refunded_total = ? where id = ?",
+            &[Bind::Int(total), Bind::Int(id.get())],
             &format!("payment {id}"),
         )
         .await;
