@@ -661,7 +661,20 @@ async fn the_balance_at_a_time_follows_the_ledger(backend: Backend) {
     let later = format(chrono::Utc::now() + chrono::Duration::days(1));
     let body = json_of(at(&later).await).await;
     assert_eq!(body["balance"], app.balance(user).await);
-    for bad in ["yesterday", "2026-13-01T00:00:00Z", "", "1700000000"] {
+    // A leap second is the last millisecond of its minute.
+    let minute = &times[3][..17];
+    let leap = json_of(at(&format!("{minute}60.5Z")).await).await;
+    let last = json_of(at(&format!("{minute}59.999Z")).await).await;
+    assert_eq!(leap, last);
+    assert_eq!(leap["at"].as_str(), Some(format!("{minute}59.999Z").as_str()));
+    for bad in [
+        "yesterday",
+        "2026-13-01T00:00:00Z",
+        "",
+        "1700000000",
+        "0000-01-01T00:00:00+00:01",
+        "9999-12-31T23:59:59-23:59",
+    ] {
         let (status, code, ..) = problem(at(bad).await).await;
         assert_eq!(
             (status, code.as_str()),

@@ -55,6 +55,13 @@ pub enum Refusal {
         requested: Amount,
         max_balance: i64,
     },
+    /// A refund that would take the balance above `MAX_BALANCE` (`BALANCE_LIMIT_EXCEEDED`,
+    /// in a refund's words).
+    RefundLimitExceeded {
+        balance: Balance,
+        requested: Amount,
+        max_balance: i64,
+    },
     /// Paying an order that is PAID already (or refunded), with a new key.
     OrderAlreadyPaid { order_id: OrderId },
     /// Paying an order that was cancelled.

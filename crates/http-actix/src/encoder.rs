@@ -85,6 +85,16 @@ impl ResponseEncoder for JsonEncoder {
                 Code::OrderAlreadyPaid,
                 format!("order {order_id} is already paid"),
             ),
+            Outcome::Refused(Refusal::RefundLimitExceeded {
+                balance,
+                requested,
+                max_balance,
+            }) => refusal_bytes(
+                Code::BalanceLimitExceeded,
+                format!(
+                    "refunding {requested} to the balance {balance} would exceed the maximum balance {max_balance}"
+                ),
+            ),
             Outcome::Refused(Refusal::OrderCancelled { order_id }) => refusal_bytes(
                 Code::OrderCancelled,
                 format!("order {order_id} is cancelled"),

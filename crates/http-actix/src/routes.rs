@@ -6,7 +6,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::web::{Data, Payload};
 use actix_web::{HttpRequest, HttpResponse};
-use domain::time::{format_rfc3339_millis, truncate_to_millis};
+use domain::time::format_rfc3339_millis;
 use domain::types::{EntryId, IdempotencyKey, OrderId, PageLimit, PaymentId, RefundReason, UserId};
 use domain::{Charge, Execution, Operation, OperationError, Pay, Refund, UseBalance};
 use tracing::Instrument;
@@ -132,7 +132,9 @@ pub async fn get_balance(
             return Err(ApiError::validation("at is given more than once"));
         }
     }
-    let at = at.map(|raw| parse_instant(&raw, "at")).transpose()?;
+    let at = at
+        .map(|raw| domain::time::parse_instant(&raw, "at"))
+        .transpose()?;
     principal.check_user(user)?;
     let Some(at) = at else {
         let user = state.service.balance(user).await.map_err(read_error)?;
@@ -151,18 +153,6 @@ pub async fn get_balance(
             at: format_rfc3339_millis(at),
         },
     )
-}
-
-/// An RFC 3339 instant (any offset), in UTC, truncated to the milliseconds the ledger keeps
-/// (so "at or before" means the same at either precision).
-fn parse_instant(raw: &str, name: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
-    chrono::DateTime::parse_from_rfc3339(raw)
-        .map(|t| truncate_to_millis(t.with_timezone(&chrono::Utc)))
-        .map_err(|_| {
-            ApiError::validation(format!(
-                "{name} must be an RFC 3339 time, e.g. 2026-11-22T14:00:00.000Z"
-            ))
-        })
 }
 
 /// Charge money to a user's balance, once per idempotency key.

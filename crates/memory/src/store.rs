@@ -322,16 +322,28 @@ impl State {
     /// still the one the refund was decided on, with room for the refund (the MySQL store's
     /// guarded update of the payments row).
     fn check_refundable(&self, refund: &RefundEffect, user: UserId) -> Result<(), StepError> {
-        match self.payments.get(&refund.payment) {
-            Some(found)
-                if found.user_id == user
-                    && found.refunded_total == refund.refunded_before
-                    && refund.refunded_after() <= found.amount.get() =>
-            {
-                Ok(())
-            }
-            _ => Err(StepError::PaymentChanged),
+        let guarded = self.payments.get(&refund.payment).is_some_and(|found| {
+            found.user_id == user
+                && found.refunded_total == refund.refunded_before
+                && refund.refunded_after() <= found.amount.get()
+        });
+        if !guarded {
+            return Err(StepError::PaymentChanged);
         }
+        // As the MySQL store: a completing refund of a payment whose order is not PAID is
+        // not a race but a broken row, which no retry mends.
+        let order_paid = self
+            .orders
+            .get(&refund.order)
+            .is_some_and(|order| order.status == OrderStatus::Paid);
+        if refund.completes_payment() && !order_paid {
+            return Err(StepError::Unexpected(anyhow::anyhow!(
+                "order {} of payment {} is not PAID, so its payment cannot complete its refund",
+                refund.order,
+                refund.payment
+            )));
+        }
+        Ok(())
     }
 
     /// Writes what a refund changes besides the balance: its row, the payment's refunded

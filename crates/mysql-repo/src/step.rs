@@ -305,7 +305,14 @@ async fn refund_payment(
         .await
         .map_err(step)?;
         if flipped.rows_affected() == 0 {
-            return Err(StepError::PaymentChanged);
+            // Not a race (only a refund moves a paid order on, and refunds of one payment
+            // are serialised by the guard above): the order is not in the state its payment
+            // gives it. Retrying cannot help; the audit names it.
+            return Err(StepError::Unexpected(anyhow::anyhow!(
+                "order {} of payment {} is not PAID, so its payment cannot complete its refund",
+                refund.order,
+                refund.payment
+            )));
         }
     }
     let inserted = sqlx::query(

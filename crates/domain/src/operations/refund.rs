@@ -78,7 +78,7 @@ impl Operation for Refund {
         };
         let balance = state.user.balance;
         let movement = Movement::of(EntryKind::Refund, balance, amount, limits).ok_or(
-            Decline::Refused(Refusal::BalanceLimitExceeded {
+            Decline::Refused(Refusal::RefundLimitExceeded {
                 balance,
                 requested: amount,
                 max_balance: limits.max_balance,
@@ -228,7 +228,7 @@ mod tests {
     #[test]
     fn a_refund_obeys_the_maximum_balance() {
         let limits = limits();
-        let Err(Decline::Refused(Refusal::BalanceLimitExceeded { requested, .. })) =
+        let Err(Decline::Refused(Refusal::RefundLimitExceeded { requested, .. })) =
             refund(None).decide(&with_payment(limits.max_balance - 399, 1, 0), &limits)
         else {
             panic!("a refund past MAX_BALANCE is refused");
