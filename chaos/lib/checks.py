@@ -126,7 +126,7 @@ def sql_audit(sc: Scenario, db: Any) -> list[str]:
         breaches.append(f"refunds_match_payment: user {r[0]} key {r[1]} amount {r[2]}: "
                         f"{r[3]} refunds, {r[4]} REFUND entries")
     for r in q("select payment_id, id, amount, refunded_total, prev from (select payment_id, id, amount, "
-               "refunded_total, lag(refunded_total, 1, 0) over (partition by payment_id order by refunded_total) prev "
+               "refunded_total, coalesce(lag(refunded_total) over (partition by payment_id order by refunded_total), 0) prev "
                "from refunds) x where refunded_total <> prev + amount"):
         breaches.append(f"refunds_match_payment: payment {r[0]} refund {r[1]} of {r[2]} brings the total to {r[3]} "
                         f"from {r[4]}")

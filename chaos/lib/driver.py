@@ -265,15 +265,19 @@ class Scenario:
         so that the orders last the whole load; charges and uses fill the rest."""
         user = self.rng.randint(1, USERS)
         r = self.rng.random()
-        if r < 0.08 and self.orders[user]:
-            order, amount = self.orders[user].popleft()
-            return [self.new_op(user, "payment", amount, order)]
-        if r < 0.11:
+        # Each band falls through to a charge when it has nothing to work on (no order left,
+        # no payment to refund yet).
+        if r < 0.08:
+            if self.orders[user]:
+                order, amount = self.orders[user].popleft()
+                return [self.new_op(user, "payment", amount, order)]
+        elif r < 0.11:
             ops = self.cancel_ops(user)
             if ops:
                 return ops
-        if r < 0.23 and self.refundable:
-            return [self.refund_op()]
+        elif r < 0.23:
+            if self.refundable:
+                return [self.refund_op()]
         if r < 0.55:
             return [self.new_op(user, "charge", self.rng.randint(1, 5000))]
         if self.rng.random() < 0.05:
@@ -286,17 +290,23 @@ class Scenario:
         nobody pays, of an order paid already (409 ORDER_ALREADY_PAID, not stored); or a
         payment of an order cancelled already (409 ORDER_CANCELLED, stored: sent twice)."""
         c = self.rng.random()
-        if c < 0.5 and self.orders[user]:
+        if c < 0.5:
+            if not self.orders[user]:
+                return []
             order, amount = self.orders[user].popleft()
             self.cancel_targets.add(order)
             return [self.new_op(user, "payment", amount, order, group="cancel:race"),
                     self.new_op(user, "cancel", None, order, group="cancel:race")]
-        if c < 0.7 and self.orders[user]:
+        if c < 0.7:
+            if not self.orders[user]:
+                return []
             order, amount = self.orders[user].popleft()
             self.cancel_targets.add(order)
             self.cancelling[order] = (user, order, amount)
             return [self.new_op(user, "cancel", None, order, group="cancel:pending")]
-        if c < 0.85 and self.cancelled_pending:
+        if c < 0.85:
+            if not self.cancelled_pending:
+                return []
             u, order, amount = self.cancelled_pending.popleft()
             key = f"{self.spec.name}-{self.seq + 1}-paycancelled-{uuid.uuid4().hex[:12]}"
             # The same key twice, one after the other: the stored 409 and its replay.
