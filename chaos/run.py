@@ -2,17 +2,22 @@
 """The fault suite of balance-service: `just chaos` (or `python3 chaos/run.py`).
 
 Each scenario starts its own servers (one private MariaDB for the whole suite, one Redis
-per scenario, two or three service instances), drives a mixed load of charges, uses and
-payments through every instance, injects one fault mid-load, waits for every client to
-finish, and then checks the books and every answer the clients got:
+per scenario, two or three service instances), drives a mixed load of charges, uses,
+payments, refunds and order cancellations through every instance, injects one fault
+mid-load, waits for every client to finish, and then checks the books and every answer
+the clients got:
 
 - the audit is clean (`balance-service audit` when the binary has it, and the same checks
-  in SQL here in every case);
+  in SQL here in every case, the ledger's signs from `lib.common.LEDGER_SIGN`, checked
+  against the service's `EntryKind::sign` at the start);
 - no (user, key) has two ledger entries;
 - every acknowledged operation (a 200, fresh or replayed) has exactly one ledger entry of
   its kind and amount, a stored refusal has none, and no ledger entry has a key that no
   client sent;
-- each user's balance equals its opening balance plus the acknowledged effects;
+- each user's balance equals its opening balance plus the acknowledged effects (REFUND +);
+- each payment's refunded total is its acknowledged refunds, within its amount, its order
+  REFUNDED exactly when refunded in full, and the service's GETs of it agree; a cancelled
+  order is unpaid, and a payment racing a cancellation has one winner;
 - every operation got a final answer (clients retry timeouts, connection errors, 5xx and
   409 IDEMPOTENCY_KEY_IN_USE with the same key, honouring Retry-After);
 - every answer of one key is byte-identical, and at most one 200 per key is not a replay;

@@ -108,7 +108,7 @@ export function headers(extra) {
   return Object.assign(h, extra || {});
 }
 
-// Body and params of an idempotent request (charge, use, payment), the key placed per KEY_IN.
+// Body and params of an idempotent request (charge, use, payment, refund), the key placed per KEY_IN.
 export function keyed(body, key, params) {
   const b = Object.assign({}, body);
   const extra = {};
@@ -161,6 +161,36 @@ export function paymentRequest(orderId, userId, key, tags, responseCallback) {
 
 export function pay(orderId, userId, key, tags, responseCallback) {
   const r = paymentRequest(orderId, userId, key, tags, responseCallback);
+  return http.request(r.method, r.url, r.body, r.params);
+}
+
+// The request object of a refund of a payment, for http.batch or http.request; `amount`
+// undefined refunds the rest, `reason` undefined sends none.
+export function refundRequest(paymentId, amount, key, reason, tags, responseCallback) {
+  const extra = { tags: Object.assign({ name: 'refund' }, tags || {}) };
+  if (responseCallback) extra.responseCallback = responseCallback;
+  const b = {};
+  if (amount !== undefined) b.amount = amount;
+  if (reason !== undefined) b.reason = reason;
+  const { body, params } = keyed(b, key, extra);
+  return { method: 'POST', url: `${BASE_URL}/api/payments/${paymentId}/refunds`, body, params };
+}
+
+export function refund(paymentId, amount, key, reason, tags, responseCallback) {
+  const r = refundRequest(paymentId, amount, key, reason, tags, responseCallback);
+  return http.request(r.method, r.url, r.body, r.params);
+}
+
+// The request object of a cancellation (no key: cancelling twice is cancelling once), for
+// http.batch or http.request.
+export function cancelRequest(orderId, tags, responseCallback) {
+  const params = { headers: headers(), tags: Object.assign({ name: 'cancel' }, tags || {}) };
+  if (responseCallback) params.responseCallback = responseCallback;
+  return { method: 'POST', url: `${BASE_URL}/api/orders/${orderId}/cancel`, body: '{}', params };
+}
+
+export function cancel(orderId, tags, responseCallback) {
+  const r = cancelRequest(orderId, tags, responseCallback);
   return http.request(r.method, r.url, r.body, r.params);
 }
 
@@ -288,10 +318,17 @@ export function reportServer(before) {
 
 // ---------------------------------------------------------------- ledger consistency
 
+// The direction of each ledger entry type: +1 money in, -1 money out. The service's own is
+// EntryKind::sign in crates/domain/src/model.rs (the fault suite checks its table,
+// LEDGER_SIGN in chaos/lib/common.py, against it); a type missing here breaks the chain
+// below rather than being guessed.
+export const LEDGER_SIGN = Object.freeze({ CHARGE: 1, USE: -1, PAYMENT: -1, REFUND: 1 });
+
 // Reads a user's balance and the newest `limit` ledger entries and checks that they
 // tell one story: the newest entry's balanceAfter is the balance, and every entry's
-// balanceAfter is its predecessor's plus (CHARGE) or minus (USE, PAYMENT) its amount.
-// A lost update breaks the chain. Only meaningful when no load runs at that moment.
+// balanceAfter is its predecessor's plus (CHARGE, REFUND) or minus (USE, PAYMENT) its
+// amount (LEDGER_SIGN). A lost update breaks the chain. Only meaningful when no load runs
+// at that moment.
 export function ledgerStory(userId, limit) {
   const b = http.get(`${BASE_URL}/api/users/${userId}/balance`, { headers: headers(), tags: { name: 'teardown ledger' } });
   const h = http.get(`${BASE_URL}/api/users/${userId}/balance/history?limit=${limit}`, { headers: headers(), tags: { name: 'teardown ledger' } });
@@ -307,7 +344,7 @@ export function ledgerStory(userId, limit) {
   for (let i = 0; i + 1 < items.length; i++) {
     const e = items[i];
     const prev = items[i + 1];
-    const sign = e.type === 'CHARGE' ? 1 : e.type === 'USE' || e.type === 'PAYMENT' ? -1 : NaN;
+    const sign = Object.prototype.hasOwnProperty.call(LEDGER_SIGN, e.type) ? LEDGER_SIGN[e.type] : NaN;
     if (!(e.id > prev.id) || prev.balanceAfter + sign * e.amount !== e.balanceAfter) {
       return { ok: false, why: `user ${userId}: entry ${e.id} (${e.type} ${e.amount} -> ${e.balanceAfter}) does not follow entry ${prev.id} (-> ${prev.balanceAfter})` };
     }

@@ -1,4 +1,11 @@
-"""The driver: operations, their tries, and the record of every request and answer; a scenario's spec."""
+"""The driver: operations, their tries, and the record of every request and answer; a scenario's spec.
+
+The load: charges, uses, payments of orders made before it, refunds of the payments some
+client was answered 200 for, and cancellations of orders (some racing a payment of the same
+order). A client learns from its final answers (`Scenario._learn`) which payments exist and
+how much of each is refunded at least, so that the refunds it makes next are of real
+payments and its "more than can be left" is always that.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,9 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from lib.common import (BIN, HOST_IP, MAX_TRIES, NETNS, NS_IP, NS_PORT, OP_DEADLINE, ORDERS_PER_USER,
-                        SEED_BALANCE, USERS, clean_env, free_port, log, sh)
+from lib.common import (BIN, HOST_IP, LEDGER_SIGN, MAX_TRIES, NETNS, NS_IP, NS_PORT, OP_DEADLINE,
+                        ORDERS_PER_USER, REFUND_KEYS_PER_PAYMENT, SEED_BALANCE, USERS, clean_env, free_port,
+                        log, sh)
 from lib.http import Http
 from lib.servers import Instance, Redis, RedisCluster
 
@@ -21,30 +29,59 @@ if TYPE_CHECKING:
     from lib.suite import Suite
 
 
+# The ledger kind each keyed operation writes.
+ENTRY_KIND = {"charge": "CHARGE", "use": "USE", "payment": "PAYMENT", "refund": "REFUND"}
+
+
 @dataclasses.dataclass
 class Op:
     id: int
+    # The idempotency key; a cancellation has none (it is idempotent by itself), and its
+    # `key` only names it in the records and in X-Request-Id.
     key: str
-    user: int
-    kind: str  # charge | use | payment
-    amount: int  # for a payment, the order's amount
+    user: int  # for a refund, the payment's user (whose key space the key is in)
+    kind: str  # charge | use | payment | refund | cancel
+    # For a payment, the order's amount; for a refund, the amount asked (None: the rest).
+    amount: int | None
     order: int | None
     key_in: str  # body | header
-    group: str  # load, or the storm it belongs to
+    group: str  # load, a refund's plan (refund:partial, …), a cancellation's (cancel:race, …), or a storm
+    payment: int | None = None  # the payment a refund is of
+    reason: str | None = None  # a refund's reason (not part of its fingerprint)
     tries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     final: dict[str, Any] | None = None
 
+    @property
+    def keyed(self) -> bool:
+        return self.kind != "cancel"
+
     def fingerprint(self) -> tuple:
+        """What the service compares under one key (docs/api.md): the reason of a refund is
+        not part of it."""
+        if self.kind == "refund":
+            return (self.kind, self.user, self.payment, self.amount)
         return (self.kind, self.user, self.amount if self.kind != "payment" else self.order)
 
     def effect(self) -> int:
-        return self.amount if self.kind == "charge" else -self.amount
+        """The change to the balance, for the kinds whose amount is known before the answer
+        (a refund's is the ledger's: see checks)."""
+        assert self.amount is not None and self.kind in ("charge", "use", "payment")
+        return LEDGER_SIGN[ENTRY_KIND[self.kind]] * self.amount
 
     def request(self) -> tuple[str, bytes, dict[str, str]]:
         headers: dict[str, str] = {}
+        if self.kind == "cancel":
+            return f"/api/orders/{self.order}/cancel", b"{}", headers
         if self.kind == "payment":
             payload: dict[str, Any] = {"orderId": self.order, "userId": self.user}
             path = "/api/payments"
+        elif self.kind == "refund":
+            payload = {}
+            if self.amount is not None:
+                payload["amount"] = self.amount
+            if self.reason is not None:
+                payload["reason"] = self.reason
+            path = f"/api/payments/{self.payment}/refunds"
         else:
             payload = {"amount": self.amount}
             path = f"/api/users/{self.user}/balance/{self.kind}"
@@ -53,6 +90,20 @@ class Op:
         else:
             payload["idempotencyKey"] = self.key
         return path, json.dumps(payload, separators=(",", ":")).encode(), headers
+
+
+@dataclasses.dataclass
+class Paid:
+    """A payment some client was answered 200 for: what refunds are made of."""
+    payment: int
+    user: int
+    order: int
+    amount: int
+    # The highest refundedTotal a 200 refund answer showed: a lower bound of the real total
+    # (refunds in flight only add to it), so asking more than amount - known is always
+    # above what is left.
+    known_refunded: int = 0
+    refund_ops: list[Op] = dataclasses.field(default_factory=list)
 
 
 def problem_code(t: dict[str, Any]) -> str | None:
@@ -89,6 +140,14 @@ class Scenario:
         self.cluster: RedisCluster | None = None
         self.orders: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.storm_orders: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        # Payments answered 200, by id, and those still taking new refund keys.
+        self.paid: dict[int, Paid] = {}
+        self.refundable: list[int] = []
+        # Orders a cancellation was sent for (a payment of any other order must never meet
+        # ORDER_CANCELLED), and pending orders cancelled (answered 200), to be paid later.
+        self.cancel_targets: set[int] = set()
+        self.cancelling: dict[int, tuple[int, int, int]] = {}
+        self.cancelled_pending: collections.deque = collections.deque()
         self.t0 = 0.0
         self.events: list[tuple[float, str]] = []
         self.evidence: list[tuple[str, bool, str]] = []
@@ -156,6 +215,7 @@ class Scenario:
             op.tries.append(t)
             if is_final(t):
                 op.final = t
+                self._learn(op)
                 return
             if time.monotonic() > deadline:
                 return
@@ -170,33 +230,142 @@ class Scenario:
                     pass
             await asyncio.sleep(delay)
 
-    def new_op(self, user: int, kind: str, amount: int, order: int | None = None, group: str = "load",
-               key: str | None = None) -> Op:
+    def _learn(self, op: Op) -> None:
+        """What a final 200 teaches the load: a payment to refund, a refund's new total, a
+        cancelled order to try paying."""
+        if op.final is None or op.final["status"] != 200:
+            return
+        if op.kind == "cancel":
+            if op.order in self.cancelling:
+                self.cancelled_pending.append(self.cancelling.pop(op.order))
+            return
+        try:
+            b = json.loads(op.final["body"])
+        except ValueError:
+            return  # the checks report a 200 that is not JSON
+        if op.kind == "payment" and isinstance(b.get("paymentId"), int) and b["paymentId"] not in self.paid:
+            self.paid[b["paymentId"]] = Paid(b["paymentId"], op.user, op.order, op.amount)
+            self.refundable.append(b["paymentId"])
+        elif op.kind == "refund" and op.payment in self.paid and isinstance(b.get("refundedTotal"), int):
+            p = self.paid[op.payment]
+            p.known_refunded = max(p.known_refunded, b["refundedTotal"])
+
+    def new_op(self, user: int, kind: str, amount: int | None, order: int | None = None, group: str = "load",
+               key: str | None = None, payment: int | None = None, reason: str | None = None) -> Op:
         self.seq += 1
         op = Op(id=self.seq, key=key or f"{self.spec.name}-{self.seq}-{uuid.uuid4().hex[:12]}", user=user,
-                kind=kind, amount=amount, order=order, key_in=self.rng.choice(["body", "header"]), group=group)
+                kind=kind, amount=amount, order=order, key_in=self.rng.choice(["body", "header"]), group=group,
+                payment=payment, reason=reason)
         self.ops.append(op)
         return op
 
-    def random_op(self) -> Op:
+    def random_ops(self) -> list[Op]:
+        """The next operation of a client, or two sent at once (a cancellation racing a
+        payment of the same order). Payments, refunds and cancellations are a small share
+        so that the orders last the whole load; charges and uses fill the rest."""
         user = self.rng.randint(1, USERS)
         r = self.rng.random()
-        if r < 0.2 and self.orders[user]:
-            order, amount = self.orders[user].popleft()
-            return self.new_op(user, "payment", amount, order)
+        # Each band falls through to a charge when it has nothing to work on (no order left,
+        # no payment to refund yet).
+        if r < 0.08:
+            if self.orders[user]:
+                order, amount = self.orders[user].popleft()
+                return [self.new_op(user, "payment", amount, order)]
+        elif r < 0.11:
+            ops = self.cancel_ops(user)
+            if ops:
+                return ops
+        elif r < 0.23:
+            if self.refundable:
+                return [self.refund_op()]
         if r < 0.55:
-            return self.new_op(user, "charge", self.rng.randint(1, 5000))
+            return [self.new_op(user, "charge", self.rng.randint(1, 5000))]
         if self.rng.random() < 0.05:
             # Far above any balance: a stored INSUFFICIENT_BALANCE refusal, replayed too.
-            return self.new_op(user, "use", 900_000_000)
-        return self.new_op(user, "use", self.rng.randint(1, 3000))
+            return [self.new_op(user, "use", 900_000_000)]
+        return [self.new_op(user, "use", self.rng.randint(1, 3000))]
+
+    def cancel_ops(self, user: int) -> list[Op]:
+        """A cancellation: racing a payment of a pending order (half), of a pending order
+        nobody pays, of an order paid already (409 ORDER_ALREADY_PAID, not stored); or a
+        payment of an order cancelled already (409 ORDER_CANCELLED, stored: sent twice)."""
+        c = self.rng.random()
+        if c < 0.5:
+            if not self.orders[user]:
+                return []
+            order, amount = self.orders[user].popleft()
+            self.cancel_targets.add(order)
+            return [self.new_op(user, "payment", amount, order, group="cancel:race"),
+                    self.new_op(user, "cancel", None, order, group="cancel:race")]
+        if c < 0.7:
+            if not self.orders[user]:
+                return []
+            order, amount = self.orders[user].popleft()
+            self.cancel_targets.add(order)
+            self.cancelling[order] = (user, order, amount)
+            return [self.new_op(user, "cancel", None, order, group="cancel:pending")]
+        if c < 0.85:
+            if not self.cancelled_pending:
+                return []
+            u, order, amount = self.cancelled_pending.popleft()
+            key = f"{self.spec.name}-{self.seq + 1}-paycancelled-{uuid.uuid4().hex[:12]}"
+            # The same key twice, one after the other: the stored 409 and its replay.
+            return [self.new_op(u, "payment", amount, order, group="cancel:pay-cancelled", key=key),
+                    self.new_op(u, "payment", amount, order, group="cancel:pay-cancelled:again", key=key)]
+        if self.paid:
+            p = self.paid[self.rng.choice(list(self.paid))]
+            self.cancel_targets.add(p.order)
+            return [self.new_op(p.user, "cancel", None, p.order, group="cancel:paid")]
+        return []
+
+    def refund_op(self) -> Op:
+        """A refund of a payment some client was answered 200 for: a part of it, the rest
+        (no amount), more than can be left (always 422 REFUND_EXCEEDS_PAYMENT), or an
+        earlier refund's key sent again with the same amount (a replay; sometimes with
+        another reason, which is not part of the fingerprint). Each payment gets at most
+        REFUND_KEYS_PER_PAYMENT keys, from clients that race each other."""
+        pid = self.rng.choice(self.refundable)
+        p = self.paid[pid]
+        fresh = [o for o in p.refund_ops if o.group != "refund:again"]
+        if len(fresh) + 1 >= REFUND_KEYS_PER_PAYMENT:
+            self.refundable.remove(pid)
+        c = self.rng.random()
+        reason = self.rng.choice([None, "size", "damaged", "late delivery", "ünïcode ✓"])
+        if c < 0.2 and fresh:
+            first = self.rng.choice(fresh)
+            if self.rng.random() < 0.5:
+                reason = first.reason
+            op = self.new_op(p.user, "refund", first.amount, group="refund:again", key=first.key,
+                             payment=pid, reason=reason)
+        elif c < 0.35:
+            # Above amount - known_refunded >= what is left, whatever else is in flight.
+            op = self.new_op(p.user, "refund", p.amount - p.known_refunded + self.rng.randint(1, 500),
+                             group="refund:exceeding", payment=pid, reason=reason)
+        elif c < 0.55:
+            op = self.new_op(p.user, "refund", None, group="refund:rest", payment=pid, reason=reason)
+        else:
+            op = self.new_op(p.user, "refund", self.rng.randint(1, max(1, p.amount // 4)), group="refund:partial",
+                             payment=pid, reason=reason)
+        p.refund_ops.append(op)
+        return op
 
     def any_instance(self, _n: int) -> Instance:
         return self.rng.choice(self.instances)
 
     async def worker(self) -> None:
         while time.monotonic() < self.stop_at:
-            await self.run_op(self.random_op(), self.any_instance)
+            ops = self.random_ops()
+            if len(ops) == 1:
+                await self.run_op(ops[0], self.any_instance)
+            elif ops[0].group == "cancel:race":
+                # Both at once, through two different instances when there are two.
+                a = self.rng.randrange(len(self.instances))
+                b = (a + 1) % len(self.instances)
+                await asyncio.gather(self.run_op(ops[0], lambda _n: self.instances[a]),
+                                     self.run_op(ops[1], lambda _n: self.instances[b]))
+            else:
+                for op in ops:  # one after the other: the second replays the first's answer
+                    await self.run_op(op, self.any_instance)
 
     # -- setup --------------------------------------------------------------------------
 

@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from lib.checks import check_scenario, readiness, scrape_metrics
-from lib.common import (BIN, DOC, DOC_END, DOC_START, HOST_IP, NETNS, NS_IP, PROCS, ROOT, VETH_HOST, VETH_NS, log,
-                        sh)
+from lib.common import (BIN, DOC, DOC_END, DOC_START, HOST_IP, NETNS, NS_IP, PROCS, ROOT, VETH_HOST, VETH_NS,
+                        check_ledger_sign, log, sh)
 from lib.driver import Scenario, Spec
 from lib.servers import MariaDB, Netns, RedisCluster
 
 from galera import GaleraCluster, free_base
 
 
-COMMON = "audit clean, no key applied twice, every acknowledged operation in the ledger once, balances = acknowledged effects, every operation answered, no internals in error bodies"
+COMMON = ("audit clean, no key applied twice, every acknowledged operation in the ledger once, balances = "
+          "acknowledged effects (REFUND +), refunds applied once and within their payment, order and payment "
+          "statuses follow the refunds, cancelled orders unpaid, every operation answered, no internals in "
+          "error bodies")
 
 
 class Suite:
@@ -48,6 +51,7 @@ class Suite:
         self.clusters: list[RedisCluster] = []
 
     def prepare(self) -> None:
+        log(f"ledger signs {check_ledger_sign()} (LEDGER_SIGN, the same as EntryKind::sign in model.rs)")
         need_netns = any(s.netns for s in self.specs)
         if need_netns:
             try:
@@ -201,14 +205,17 @@ def build() -> None:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = "| scenario | result | time | requests | retries | acknowledged | applied | 5xx | answers lost |\n"
-    head += "|---|---|---|---|---|---|---|---|---|\n"
+    head = ("| scenario | result | time | requests | retries | acknowledged | applied | 5xx | answers lost "
+            "| refunds applied / refused | cancelled / refused paid |\n")
+    head += "|---|---|---|---|---|---|---|---|---|---|---|\n"
     rows = []
     for r in results:
         c = r.get("counts") or {}
         rows.append(f"| {r['name']} | {'PASS' if r['passed'] else 'FAIL'} | {r.get('duration', '')} s | "
                     f"{c.get('requests', '')} | {c.get('retries', '')} | {c.get('acknowledged', '')} | "
-                    f"{c.get('applied', '')} | {c.get('5xx', '')} | {c.get('unanswered', '')} |")
+                    f"{c.get('applied', '')} | {c.get('5xx', '')} | {c.get('unanswered', '')} | "
+                    f"{c.get('refunds applied', '')} / {c.get('refunds refused (exceeds)', '')} | "
+                    f"{c.get('cancelled', '')} / {c.get('cancel refused (paid)', '')} |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -226,16 +233,20 @@ def update_doc(results: list[dict[str, Any]], total: float, commit: str, dirty: 
            f"`just chaos`, {total:.0f} s in all, "
            f"{sum(r['passed'] for r in results)} of {len(results)} scenarios passed. "
            "Requests counts every try; retries are tries after an operation's first; acknowledged counts "
-           "keys answered 200; applied counts ledger entries carrying a client's key.", "",
+           "keys answered 200; applied counts ledger entries carrying a client's key (refunds among them); "
+           "refunds counts refund keys applied and refused REFUND_EXCEEDS_PAYMENT; cancels counts "
+           "cancellations answered 200 and refused ORDER_ALREADY_PAID.", "",
            "| scenario | injected | checked (besides the common checks) | result | requests | retries "
-           "| acknowledged | applied |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| acknowledged | applied | refunds applied / refused | cancelled / refused |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r.get("counts") or {}
         checked = r["checked"].split("; ", 1)[1] if "; " in r["checked"] else r["checked"]
         out.append(f"| `{r['name']}` | {r['injected']} | {checked} | **{'PASS' if r['passed'] else 'FAIL'}** "
                    f"({r.get('duration', '?')} s) | {c.get('requests', '')} | {c.get('retries', '')} | "
-                   f"{c.get('acknowledged', '')} | {c.get('applied', '')} |")
+                   f"{c.get('acknowledged', '')} | {c.get('applied', '')} | "
+                   f"{c.get('refunds applied', '')} / {c.get('refunds refused (exceeds)', '')} | "
+                   f"{c.get('cancelled', '')} / {c.get('cancel refused (paid)', '')} |")
     out += ["", "Every check of every scenario, as the last run reported it:", ""]
     for r in results:
         c = r.get("counts") or {}
