@@ -666,7 +666,10 @@ async fn the_balance_at_a_time_follows_the_ledger(backend: Backend) {
     let leap = json_of(at(&format!("{minute}60.5Z")).await).await;
     let last = json_of(at(&format!("{minute}59.999Z")).await).await;
     assert_eq!(leap, last);
-    assert_eq!(leap["at"].as_str(), Some(format!("{minute}59.999Z").as_str()));
+    assert_eq!(
+        leap["at"].as_str(),
+        Some(format!("{minute}59.999Z").as_str())
+    );
     for bad in [
         "yesterday",
         "2026-13-01T00:00:00Z",

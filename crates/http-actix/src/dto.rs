@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use domain::idempotency::CompletedRecord;
 use domain::model::{LedgerEntry, Order, Payment, Refund, User};
+use domain::outcome::RefundReceipt;
 use domain::time::format_rfc3339_millis;
 use domain::types::{Amount, Limits, OrderId, UserId};
 use serde::de::IgnoredAny;
@@ -135,6 +136,23 @@ impl From<&Refund> for RefundResponse {
             user_id: r.user_id.get(),
             amount: r.amount.get(),
             balance: r.balance_after.get(),
+            refunded_total: r.refunded_total,
+            payment_status: r.payment_status.as_str().to_owned(),
+            reason: r.reason.as_ref().map(|reason| reason.as_str().to_owned()),
+            created_at: format_rfc3339_millis(r.created_at),
+        }
+    }
+}
+
+impl From<&RefundReceipt> for RefundResponse {
+    fn from(r: &RefundReceipt) -> Self {
+        Self {
+            refund_id: r.refund_id.get(),
+            payment_id: r.payment_id.get(),
+            order_id: r.order_id.get(),
+            user_id: r.user_id.get(),
+            amount: r.amount.get(),
+            balance: r.balance.get(),
             refunded_total: r.refunded_total,
             payment_status: r.payment_status.as_str().to_owned(),
             reason: r.reason.as_ref().map(|reason| reason.as_str().to_owned()),

@@ -55,18 +55,7 @@ impl ResponseEncoder for JsonEncoder {
                 // The v1 answer, as it always was: a new payment has nothing refunded.
                 refunded_total: None,
             }),
-            Outcome::Refunded(r) => ok(&RefundResponse {
-                refund_id: r.refund_id.get(),
-                payment_id: r.payment_id.get(),
-                order_id: r.order_id.get(),
-                user_id: r.user_id.get(),
-                amount: r.amount.get(),
-                balance: r.balance.get(),
-                refunded_total: r.refunded_total,
-                payment_status: r.payment_status.as_str().to_owned(),
-                reason: r.reason.as_ref().map(|reason| reason.as_str().to_owned()),
-                created_at: format_rfc3339_millis(r.created_at),
-            }),
+            Outcome::Refunded(r) => ok(&RefundResponse::from(r)),
             Outcome::Refused(Refusal::InsufficientBalance { balance, requested }) => refusal_bytes(
                 Code::InsufficientBalance,
                 format!("the balance {balance} is less than the requested {requested}"),

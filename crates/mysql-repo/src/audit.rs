@@ -473,66 +473,15 @@ async fn paid_order_has_one_payment(
     );
     report.add_found(CHECK, found, listed.collect::<Vec<_>>());
 
-    // Payments (is_payment = 1) and PAYMENT ledger entries (0) grouped by what they must
-    // share; each group must hold exactly one of each.
-    type PairRow = (
-        i64,
-        Option<String>,
-        NaiveDateTime,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-    );
-    let rows: Vec<PairRow> = sqlx::query_as(
-        "select user_id, k, at, amount, payments, entries, payment_id, entry_id, \
-                count(*) over () \
-         from (select user_id, k, at, amount, \
-                      cast(sum(is_payment) as signed) as payments, \
-                      cast(sum(1 - is_payment) as signed) as entries, \
-                      cast(max(payment_id) as signed) as payment_id, \
-                      cast(max(entry_id) as signed) as entry_id \
-               from (select user_id, idempotency_key as k, paid_at as at, amount, \
-                            1 as is_payment, id as payment_id, 0 as entry_id \
-                     from payments \
-                     union all \
-                     select user_id, idempotency_key, created_at, amount, 0, 0, id \
-                     from ledger_entries where kind = 'PAYMENT') x \
-               group by user_id, k, at, amount \
-               having sum(is_payment) <> 1 or sum(1 - is_payment) <> 1) m \
-         order by user_id, at, payment_id, entry_id limit ?",
+    pair_with_entries(
+        conn,
+        report,
+        CHECK,
+        PAYMENT_PAIRS.as_str(),
+        "payment",
+        "PAYMENT",
     )
-    .bind(LISTED)
-    .fetch_all(&mut *conn)
     .await
-    .map_err(repo)?;
-    let found = total(&rows, |r| r.8);
-    let listed = rows.into_iter().map(
-        |(user, key, paid, amount, payments, entries, payment, entry, _)| {
-            let key = key.unwrap_or_else(|| "(none)".to_owned());
-            let what = format!("user {user}, key {key}, amount {amount}, at {}", at(paid));
-            if payments == 0 {
-                breach(
-                    CHECK,
-                    format!("ledger entry {entry}"),
-                    format!("a PAYMENT entry ({what}) without a payment"),
-                )
-            } else {
-                breach(
-                    CHECK,
-                    format!("payment {payment}"),
-                    format!(
-                        "{payments} payment(s) and {entries} PAYMENT ledger entries share \
-                         {what}; expected exactly one of each"
-                    ),
-                )
-            }
-        },
-    );
-    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
-    Ok(())
 }
 
 /// Payments whose refunded total is not the sum of their refunds or passes their amount;
@@ -601,52 +550,95 @@ async fn refunds_match_payment(
         });
     report.add_found(CHECK, found, listed.collect::<Vec<_>>());
 
-    // Refunds (is_refund = 1) and REFUND ledger entries (0) grouped by what they must share.
-    type PairRow = (i64, String, NaiveDateTime, i64, i64, i64, i64, i64, i64);
-    let rows: Vec<PairRow> = sqlx::query_as(
-        "select user_id, k, at, amount, refunds, entries, refund_id, entry_id, \
+    pair_with_entries(
+        conn,
+        report,
+        CHECK,
+        REFUND_PAIRS.as_str(),
+        "refund",
+        "REFUND",
+    )
+    .await
+}
+
+/// Rows of `table` (payments, refunds) and the ledger entries of `kind` grouped by what
+/// each row shares with its entry (user, key, instant, amount): the groups that do not
+/// hold exactly one of each. The instant is the row's `time_column`.
+fn pairs_sql(table: &str, time_column: &str, kind: &str) -> String {
+    format!(
+        "select user_id, k, at, amount, rows_in, entries, row_id, entry_id, \
                 count(*) over () \
          from (select user_id, k, at, amount, \
-                      cast(sum(is_refund) as signed) as refunds, \
-                      cast(sum(1 - is_refund) as signed) as entries, \
-                      cast(max(refund_id) as signed) as refund_id, \
+                      cast(sum(is_row) as signed) as rows_in, \
+                      cast(sum(1 - is_row) as signed) as entries, \
+                      cast(max(row_id) as signed) as row_id, \
                       cast(max(entry_id) as signed) as entry_id \
-               from (select user_id, idempotency_key as k, created_at as at, amount, \
-                            1 as is_refund, id as refund_id, 0 as entry_id \
-                     from refunds \
+               from (select user_id, idempotency_key as k, {time_column} as at, amount, \
+                            1 as is_row, id as row_id, 0 as entry_id \
+                     from {table} \
                      union all \
                      select user_id, idempotency_key, created_at, amount, 0, 0, id \
-                     from ledger_entries where kind = 'REFUND') x \
+                     from ledger_entries where kind = '{kind}') x \
                group by user_id, k, at, amount \
-               having sum(is_refund) <> 1 or sum(1 - is_refund) <> 1) m \
-         order by user_id, at, refund_id, entry_id limit ?",
+               having sum(is_row) <> 1 or sum(1 - is_row) <> 1) m \
+         order by user_id, at, row_id, entry_id limit ?"
     )
-    .bind(LISTED)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(repo)?;
+}
+
+static PAYMENT_PAIRS: LazyLock<String> =
+    LazyLock::new(|| pairs_sql("payments", "paid_at", "PAYMENT"));
+static REFUND_PAIRS: LazyLock<String> =
+    LazyLock::new(|| pairs_sql("refunds", "created_at", "REFUND"));
+
+/// Runs a [`pairs_sql`] statement and reports each unpaired group under `check`: an entry
+/// of `kind` without its `row`, or a group with other than one of each.
+async fn pair_with_entries(
+    conn: &mut MySqlConnection,
+    report: &mut AuditReport,
+    check: AuditCheck,
+    sql: &'static str,
+    row: &str,
+    kind: &str,
+) -> Result<(), RepoError> {
+    type PairRow = (
+        i64,
+        Option<String>,
+        NaiveDateTime,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    );
+    let rows: Vec<PairRow> = sqlx::query_as(sql)
+        .bind(LISTED)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(repo)?;
     let found = total(&rows, |r| r.8);
     let listed = rows.into_iter().map(
-        |(user, key, made, amount, refunds, entries, refund, entry, _)| {
-            let what = format!("user {user}, key {key}, amount {amount}, at {}", at(made));
-            if refunds == 0 {
+        |(user, key, when, amount, rows_in, entries, row_id, entry, _)| {
+            let key = key.unwrap_or_else(|| "(none)".to_owned());
+            let what = format!("user {user}, key {key}, amount {amount}, at {}", at(when));
+            if rows_in == 0 {
                 breach(
-                    CHECK,
+                    check,
                     format!("ledger entry {entry}"),
-                    format!("a REFUND entry ({what}) without a refund"),
+                    format!("a {kind} entry ({what}) without a {row}"),
                 )
             } else {
                 breach(
-                    CHECK,
-                    format!("refund {refund}"),
+                    check,
+                    format!("{row} {row_id}"),
                     format!(
-                        "{refunds} refund(s) and {entries} REFUND ledger entries share \
+                        "{rows_in} {row}(s) and {entries} {kind} ledger entries share \
                          {what}; expected exactly one of each"
                     ),
                 )
             }
         },
     );
-    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
+    report.add_found(check, found, listed.collect::<Vec<_>>());
     Ok(())
 }

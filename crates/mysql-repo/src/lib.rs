@@ -101,10 +101,9 @@ pub fn connect_with(options: MySqlConnectOptions, max_connections: u32) -> MySql
 /// what it was just told exists. Elsewhere nothing is set: MariaDB without Galera reports
 /// `wsrep_on` 0, and MySQL has no such variable (the probe's error is ignored).
 async fn causal_reads_on_galera(conn: &mut sqlx::MySqlConnection) -> Result<(), sqlx::Error> {
-    let galera: Result<(i64,), sqlx::Error> =
-        sqlx::query_as("select cast(@@wsrep_on as signed)")
-            .fetch_one(&mut *conn)
-            .await;
+    let galera: Result<(i64,), sqlx::Error> = sqlx::query_as("select cast(@@wsrep_on as signed)")
+        .fetch_one(&mut *conn)
+        .await;
     if let Ok((1,)) = galera {
         sqlx::raw_sql("set session wsrep_sync_wait = 1")
             .execute(&mut *conn)
