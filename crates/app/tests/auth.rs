@@ -233,6 +233,18 @@ async fn a_user_token_acts_for_its_user_only() {
             format!("/api/payments/{their_payment}"),
             format!("/api/payments/{missing}"),
         ),
+        (
+            format!("/api/payments/{their_payment}/refunds"),
+            format!("/api/payments/{missing}/refunds"),
+        ),
+        (
+            format!("/api/users/{theirs}/balance?at=2026-01-01T00:00:00.000Z"),
+            format!("/api/users/{missing}/balance?at=2026-01-01T00:00:00.000Z"),
+        ),
+        (
+            format!("/api/users/{theirs}/requests/some-key"),
+            format!("/api/users/{missing}/requests/some-key"),
+        ),
     ] {
         let (status, body) = get_with(&app, &me, &theirs_path).await;
         let (admin_status, admin_body) = get_with(&app, &admin, &missing_path).await;
@@ -268,6 +280,29 @@ async fn a_user_token_acts_for_its_user_only() {
             "{path}"
         );
     }
+    // Their payment's refund and their order's cancellation look like missing ones.
+    for (theirs_path, missing_path, body) in [
+        (
+            format!("/api/payments/{their_payment}/refunds"),
+            format!("/api/payments/{missing}/refunds"),
+            json!({"amount": 100, "idempotencyKey": "k-1"}),
+        ),
+        (
+            format!("/api/orders/{their_unpaid_order}/cancel"),
+            format!("/api/orders/{missing}/cancel"),
+            json!({}),
+        ),
+    ] {
+        let mine_answer = post_with(&app, &me, &theirs_path, &body).await;
+        let admin_answer = post_with(&app, &admin, &missing_path, &body).await;
+        assert_eq!(mine_answer.0, StatusCode::NOT_FOUND, "{theirs_path}");
+        assert_eq!(
+            mine_answer, admin_answer,
+            "{theirs_path} must look like {missing_path}"
+        );
+    }
+    let order = app.get(&format!("/api/orders/{their_unpaid_order}")).await;
+    assert_eq!(order.json::<Value>().await.unwrap()["status"], "PENDING");
     // Their order with my user id: the order is not mine.
     let (status, problem) = post_with(
         &app,
