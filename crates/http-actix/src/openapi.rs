@@ -14,7 +14,7 @@ use crate::dto::{
 };
 use crate::health::{self, DependencyState, LiveResponse, ReadyResponse};
 use crate::problem::{Code, PROBLEM_JSON, Problem};
-use crate::routes::{self, REPLAYED_HEADER};
+use crate::routes::{self, EXPIRES_HEADER, REPLAYED_HEADER};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -175,6 +175,13 @@ fn add_problems(operation: &mut utoipa::openapi::path::Operation, id: &str, has_
                 RefOr::T(header(
                     Type::String,
                     "`true` when this is the stored answer of an earlier request with the same key",
+                )),
+            );
+            response.headers.insert(
+                EXPIRES_HEADER.to_owned(),
+                RefOr::T(header(
+                    Type::String,
+                    "When this answer's record expires (RFC 3339, ms): until then a retry with the key replays it, after it the key runs afresh",
                 )),
             );
         }

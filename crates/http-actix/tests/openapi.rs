@@ -154,14 +154,14 @@ fn keyed_operations_declare_replays_and_retryable_ones_retry_after() {
                 "{method} {path} {status}: no X-Request-Id"
             );
         }
-        if ["charge", "use_balance", "pay"].contains(&id) {
+        if ["charge", "use_balance", "pay", "refund"].contains(&id) {
             for status in ["200", "422"] {
-                assert!(
-                    responses[status]["headers"]
-                        .get("Idempotent-Replayed")
-                        .is_some(),
-                    "{method} {path} {status}"
-                );
+                for name in ["Idempotent-Replayed", "Idempotency-Expires"] {
+                    assert!(
+                        responses[status]["headers"].get(name).is_some(),
+                        "{method} {path} {status} {name}"
+                    );
+                }
             }
             assert!(responses["409"]["headers"].get("Retry-After").is_some());
         }
