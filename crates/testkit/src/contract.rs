@@ -82,8 +82,8 @@ pub use auditor::{
 };
 pub use balance_store::{
     balance_store_a_replaced_record_lives_by_its_own_expiry,
-    balance_store_checks_the_user_then_the_version_then_the_key,
     balance_store_apply_writes_everything_together,
+    balance_store_checks_the_user_then_the_version_then_the_key,
     balance_store_concurrent_applies_of_different_users_all_succeed,
     balance_store_concurrent_applies_on_one_version_let_exactly_one_win,
     balance_store_live_key_writes_nothing, balance_store_payment_pays_the_order_once,
@@ -97,9 +97,9 @@ pub use idempotency_repo::{
     idempotency_repo_purges_only_expired_records, idempotency_repo_purges_the_oldest_expired_first,
 };
 pub use lock_manager::{
-    lock_an_expired_lease_is_taken_without_waiting, lock_times_out_soon_after_its_wait,
-    lock_is_exclusive, lock_lease_expiry_frees_the_key_but_not_for_the_old_holder,
-    lock_release_is_owner_only, lock_serializes_concurrent_increments,
+    lock_an_expired_lease_is_taken_without_waiting, lock_is_exclusive,
+    lock_lease_expiry_frees_the_key_but_not_for_the_old_holder, lock_release_is_owner_only,
+    lock_serializes_concurrent_increments, lock_times_out_soon_after_its_wait,
     lock_waiter_acquires_soon_after_release,
 };
 pub use order_repo::order_repo_creates_and_reads;

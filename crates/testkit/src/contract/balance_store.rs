@@ -932,7 +932,11 @@ pub async fn balance_store_a_replaced_record_lives_by_its_own_expiry(stores: &St
     );
 
     assert_eq!(
-        stores.idempotency.purge_expired(at(10_000), 10).await.unwrap(),
+        stores
+            .idempotency
+            .purge_expired(at(10_000), 10)
+            .await
+            .unwrap(),
         0,
         "the old expiry went with the old record"
     );
@@ -943,7 +947,11 @@ pub async fn balance_store_a_replaced_record_lives_by_its_own_expiry(stores: &St
         .unwrap();
     assert_eq!(still, Some(found));
     assert_eq!(
-        stores.idempotency.purge_expired(at(20_000), 10).await.unwrap(),
+        stores
+            .idempotency
+            .purge_expired(at(20_000), 10)
+            .await
+            .unwrap(),
         1,
         "purged at its own expiry"
     );

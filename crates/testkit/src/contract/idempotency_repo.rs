@@ -267,7 +267,10 @@ pub async fn idempotency_repo_purges_the_oldest_expired_first(stores: &Stores) {
     };
     assert!(!left(alice, "first").await, "expired first, purged");
     assert!(!left(bob, "second").await, "expired second, purged");
-    assert!(left(alice, "last").await, "expired last, left for the next purge");
+    assert!(
+        left(alice, "last").await,
+        "expired last, left for the next purge"
+    );
     assert!(left(bob, "live").await);
     assert_eq!(keys.purge_expired(at(30_000), 2).await.unwrap(), 1);
     assert!(!left(alice, "last").await);
