@@ -20,10 +20,9 @@ use domain::idempotency::{Fingerprint, StoredResponse, legacy_operation};
 use domain::model::{EntryKind, OrderStatus};
 use domain::operations::{OperationKind, charge, pay, use_balance};
 use domain::ports::{
-    Assigned, BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord,
-    RepoError, StepError, UserRepo,
+    Assigned, BalanceChange, BalanceStore, KeyRecord, OrderRepo, RepoError, StepError, UserRepo,
 };
-use domain::types::{Amount, Balance, EntryId, IdempotencyKey, OrderId, UserId};
+use domain::types::{Amount, Balance, IdempotencyKey, OrderId, UserId};
 use mysql_repo::{MIGRATOR, MySqlStore};
 use sqlx::MySqlPool;
 use sqlx::mysql::MySqlConnectOptions;
