@@ -2,6 +2,13 @@
 //! else skipped, saying so), plus a redis-server this suite starts and kills itself for the
 //! outage tests (skipped, saying so, when the binary is missing). Every skip fails under
 //! `CI=true`. Every test uses its own key prefix, so they all run in parallel.
+//!
+//! What every lock manager must do (exclusion and timeouts, hand-over to a waiter, lease
+//! expiry, owner-only release) is asserted once by the port contract suites,
+//! `testkit::contract::lock_*`, run on this manager as `redis_lock::*` and
+//! `redis_cluster_lock::*` in `crates/testkit/tests/contracts.rs`. These keep what only
+//! Redis shows: what is stored under the key, the local hand-off and the waiting marker,
+//! many processes at once, and outages.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
@@ -55,34 +62,6 @@ async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
 }
 
 #[tokio::test]
-async fn a_held_key_times_out_other_acquires_in_this_and_other_processes() {
-    let Some(redis) = TestRedis::create().await else {
-        return;
-    };
-    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
-    let (here, elsewhere) = (manager(&url, &prefix).await, manager(&url, &prefix).await);
-    let key = user(1);
-
-    let lease = here.acquire(&key, WAIT, LEASE).await.unwrap();
-    for other in [&here, &elsewhere] {
-        let started = Instant::now();
-        let second = other.acquire(&key, Duration::from_millis(200), LEASE).await;
-        assert!(matches!(second, Err(LockError::Timeout)), "got {second:?}");
-        assert!(
-            started.elapsed() >= Duration::from_millis(200),
-            "waited the whole wait"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "but not much longer"
-        );
-    }
-    let other_user = bounded("another key", here.acquire(&user(2), Duration::ZERO, LEASE)).await;
-    assert!(other_user.is_ok(), "keys are independent: {other_user:?}");
-    assert_eq!(here.release(&lease).await.unwrap(), Release::Released);
-}
-
-#[tokio::test]
 async fn the_key_holds_the_token_while_held_and_is_gone_after_release() {
     let Some(redis) = TestRedis::create().await else {
         return;
@@ -112,45 +91,6 @@ async fn the_key_holds_the_token_while_held_and_is_gone_after_release() {
         Release::LeaseLost,
         "a second release finds nothing"
     );
-}
-
-#[tokio::test]
-async fn a_waiter_gets_the_lock_soon_after_release() {
-    let Some(redis) = TestRedis::create().await else {
-        return;
-    };
-    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
-    let holder = Arc::new(manager(&url, &prefix).await);
-    let elsewhere = Arc::new(manager(&url, &prefix).await);
-    let key = user(3);
-
-    // A waiter in the holder's own process and one in another process.
-    for waiter_locks in [Arc::clone(&holder), elsewhere] {
-        let lease = holder.acquire(&key, WAIT, LEASE).await.unwrap();
-        let waiter = {
-            let key = key.clone();
-            tokio::spawn(async move {
-                let lease = waiter_locks.acquire(&key, WAIT, LEASE).await;
-                (lease, Instant::now(), waiter_locks)
-            })
-        };
-        // Give the waiter time to start waiting; the assertion below does not depend on it.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!waiter.is_finished(), "the waiter cannot have the lock yet");
-        assert_eq!(holder.release(&lease).await.unwrap(), Release::Released);
-        let released = Instant::now();
-
-        let (taken, at, waiter_locks) = bounded("the waiter", waiter).await.unwrap();
-        let taken = taken.expect("the waiter gets the lock");
-        assert!(
-            at.saturating_duration_since(released) < WAIT / 4,
-            "got it well before its 10 s wait ran out"
-        );
-        assert_eq!(
-            waiter_locks.release(&taken).await.unwrap(),
-            Release::Released
-        );
-    }
 }
 
 /// A release made by this process wakes its local waiter at once, whatever its backoff:
@@ -372,34 +312,6 @@ async fn an_expired_lease_can_be_taken_and_its_old_holder_cannot_delete_the_new_
         assert_eq!(second_locks.release(&new).await.unwrap(), Release::Released);
         assert_eq!(stored(&redis, &prefix, &key).await, None);
     }
-}
-
-#[tokio::test]
-async fn only_the_token_holder_can_release() {
-    let Some(redis) = TestRedis::create().await else {
-        return;
-    };
-    let (url, prefix) = (redis.url.clone(), redis.prefix.clone());
-    let locks = manager(&url, &prefix).await;
-    let redis = inspector(&url).await;
-    let key = user(5);
-
-    let lease = locks.acquire(&key, WAIT, LEASE).await.unwrap();
-    let forged = LockLease {
-        key: key.clone(),
-        token: uuid::Uuid::new_v4().simple().to_string(),
-    };
-    assert_eq!(locks.release(&forged).await.unwrap(), Release::LeaseLost);
-    assert_eq!(
-        stored(&redis, &prefix, &key).await,
-        Some(lease.token.clone())
-    );
-    let other_key = LockLease {
-        key: user(6),
-        token: lease.token.clone(),
-    };
-    assert_eq!(locks.release(&other_key).await.unwrap(), Release::LeaseLost);
-    assert_eq!(locks.release(&lease).await.unwrap(), Release::Released);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

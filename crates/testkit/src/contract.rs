@@ -7,11 +7,13 @@
 //!
 //! - [`UserRepo`](domain::ports::UserRepo): [`user_repo_creates_and_reads`],
 //!   [`user_repo_pages_history_newest_first`], [`user_repo_seeds_idempotently`],
-//!   [`user_repo_seeding_skips_created_users`];
+//!   [`user_repo_seeding_skips_created_users`],
+//!   [`user_repo_seeding_a_zero_balance_writes_no_entries`];
 //! - [`OrderRepo`](domain::ports::OrderRepo): [`order_repo_creates_and_reads`];
 //! - [`IdempotencyRepo`](domain::ports::IdempotencyRepo):
 //!   [`idempotency_repo_finds_only_live_records_of_their_user`],
-//!   [`idempotency_repo_purges_only_expired_records`];
+//!   [`idempotency_repo_purges_only_expired_records`],
+//!   [`idempotency_repo_purges_the_oldest_expired_first`];
 //! - [`BalanceStore`](domain::ports::BalanceStore), the atomic step:
 //!   [`balance_store_apply_writes_everything_together`],
 //!   [`balance_store_payment_pays_the_order_once`],
@@ -20,6 +22,8 @@
 //!   [`balance_store_unknown_user_writes_nothing`],
 //!   [`balance_store_unpayable_order_writes_nothing`],
 //!   [`balance_store_replaces_an_expired_record`],
+//!   [`balance_store_a_replaced_record_lives_by_its_own_expiry`],
+//!   [`balance_store_checks_the_user_then_the_version_then_the_key`],
 //!   [`balance_store_records_refusals_under_the_guards`],
 //!   [`balance_store_records_say_what_happened`],
 //!   [`balance_store_concurrent_applies_on_one_version_let_exactly_one_win`],
@@ -30,7 +34,9 @@
 //! - [`LockManager`](domain::ports::LockManager): [`lock_is_exclusive`],
 //!   [`lock_waiter_acquires_soon_after_release`],
 //!   [`lock_lease_expiry_frees_the_key_but_not_for_the_old_holder`],
-//!   [`lock_release_is_owner_only`], [`lock_serializes_concurrent_increments`].
+//!   [`lock_release_is_owner_only`], [`lock_serializes_concurrent_increments`],
+//!   [`lock_an_expired_lease_is_taken_without_waiting`],
+//!   [`lock_times_out_soon_after_its_wait`].
 //!
 //! Every store suite expects a new, empty store (the suites that seed rely on it), and
 //! uses fixed instants at millisecond precision, the precision the ports keep. The lock
@@ -75,7 +81,9 @@ pub use auditor::{
     auditor_sees_no_false_breach_during_concurrent_writes, breaches, sec, write_audit_books,
 };
 pub use balance_store::{
+    balance_store_a_replaced_record_lives_by_its_own_expiry,
     balance_store_apply_writes_everything_together,
+    balance_store_checks_the_user_then_the_version_then_the_key,
     balance_store_concurrent_applies_of_different_users_all_succeed,
     balance_store_concurrent_applies_on_one_version_let_exactly_one_win,
     balance_store_live_key_writes_nothing, balance_store_payment_pays_the_order_once,
@@ -86,11 +94,12 @@ pub use balance_store::{
 pub use corrupt::{Corrupt, ForgedEntry};
 pub use idempotency_repo::{
     idempotency_repo_finds_only_live_records_of_their_user,
-    idempotency_repo_purges_only_expired_records,
+    idempotency_repo_purges_only_expired_records, idempotency_repo_purges_the_oldest_expired_first,
 };
 pub use lock_manager::{
-    lock_is_exclusive, lock_lease_expiry_frees_the_key_but_not_for_the_old_holder,
-    lock_release_is_owner_only, lock_serializes_concurrent_increments,
+    lock_an_expired_lease_is_taken_without_waiting, lock_is_exclusive,
+    lock_lease_expiry_frees_the_key_but_not_for_the_old_holder, lock_release_is_owner_only,
+    lock_serializes_concurrent_increments, lock_times_out_soon_after_its_wait,
     lock_waiter_acquires_soon_after_release,
 };
 pub use order_repo::order_repo_creates_and_reads;
@@ -101,7 +110,8 @@ pub use refunds::{
 };
 pub use user_repo::{
     user_repo_creates_and_reads, user_repo_pages_history_newest_first,
-    user_repo_seeding_skips_created_users, user_repo_seeds_idempotently,
+    user_repo_seeding_a_zero_balance_writes_no_entries, user_repo_seeding_skips_created_users,
+    user_repo_seeds_idempotently,
 };
 
 /// One store seen through each of its repository ports, as the service wires it. The

@@ -111,11 +111,13 @@ contracts! {
         user_repo_pages_history_newest_first,
         user_repo_seeds_idempotently,
         user_repo_seeding_skips_created_users,
+        user_repo_seeding_a_zero_balance_writes_no_entries,
         // OrderRepo
         order_repo_creates_and_reads,
         // IdempotencyRepo
         idempotency_repo_finds_only_live_records_of_their_user,
         idempotency_repo_purges_only_expired_records,
+        idempotency_repo_purges_the_oldest_expired_first,
         // BalanceStore
         balance_store_apply_writes_everything_together,
         balance_store_payment_pays_the_order_once,
@@ -124,6 +126,8 @@ contracts! {
         balance_store_unknown_user_writes_nothing,
         balance_store_unpayable_order_writes_nothing,
         balance_store_replaces_an_expired_record,
+        balance_store_a_replaced_record_lives_by_its_own_expiry,
+        balance_store_checks_the_user_then_the_version_then_the_key,
         balance_store_records_refusals_under_the_guards,
         balance_store_records_say_what_happened,
         balance_store_concurrent_applies_on_one_version_let_exactly_one_win,
@@ -165,6 +169,8 @@ contracts! {
         lock_lease_expiry_frees_the_key_but_not_for_the_old_holder,
         lock_release_is_owner_only,
         lock_serializes_concurrent_increments,
+        lock_an_expired_lease_is_taken_without_waiting,
+        lock_times_out_soon_after_its_wait,
     ],
 }
 

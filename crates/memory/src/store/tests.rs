@@ -1,5 +1,6 @@
-//! The store's own tests: the atomic step writes everything or nothing, keys expire and are
-//! replaced, history pages, seeding and purging.
+//! The store's own tests: what only the in-memory adapter can show (its whole private state
+//! after a refusal, its expiry index, its dense ids) and a property test over random steps.
+//! The port's behaviour is the contract suites' (`testkit::contract`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -186,262 +187,64 @@ async fn assert_refused_without_a_trace(store: &MemoryStore, change: Change, exp
 }
 
 // ----------------------------------------------------------------------------------------
-// The atomic step
+// What only this adapter can show. What every store must do (the atomic step, its refusals
+// and their order, expiry and replacement, history, seeding, orders, purging) is asserted
+// once for all adapters by the port contract suites, `testkit::contract`, run on this store
+// as `memory::*` in `crates/testkit/tests/contracts.rs`. These tests look inside: at the
+// whole private state, the expiry index, and the exact ids this store hands out.
 // ----------------------------------------------------------------------------------------
 
+/// Every refused step leaves the whole state as it was (not only what the contract's
+/// `Watch` reads through the ports: no stray record, expiry, order or payment anywhere)
+/// and never asks for its response.
 #[tokio::test]
-async fn a_charge_writes_the_balance_the_version_the_entry_and_the_record_together() {
-    let store = seeded(1, 100).await;
-
-    let applied = store
-        .apply(Change::charge(1, 0, 50, 150, "k1").build())
-        .await
-        .unwrap();
-
-    assert_eq!(applied.assigned.entry_id, EntryId::new(2).unwrap());
-    assert_eq!(applied.assigned.payment_id, None);
-    assert_eq!(applied.response.body, b"entry=2 payment=None");
-    let after = store.get_user(user(1)).await.unwrap().unwrap();
-    assert_eq!((after.balance.get(), after.version), (150, 1));
-    let page = store.history(user(1), None, 10).await.unwrap();
-    let newest = &page.items[0];
-    assert_eq!(newest.id, EntryId::new(2).unwrap());
-    assert_eq!(newest.kind, EntryKind::Charge);
-    assert_eq!((newest.amount.get(), newest.balance_after.get()), (50, 150));
-    assert_eq!(newest.idempotency_key, Some(key("k1")));
-    assert_eq!(newest.created_at, t0());
-    let record = store
-        .find(user(1), &key("k1"), t0())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(record.response, applied.response);
-    assert_eq!(record.fingerprint.as_str(), "test:k1");
-    assert_eq!(store.ledger_sum(user(1)), 150);
-}
-
-#[tokio::test]
-async fn a_payment_marks_the_order_paid_and_writes_its_payment() {
-    let store = seeded(1, 100).await;
-    let order = store.create_order(user(1), amount(30), t0()).await.unwrap();
-
-    let applied = store
-        .apply(Change::payment(1, 0, order.id.get(), 30, 70).build())
-        .await
-        .unwrap();
-
-    let payment_id = applied.assigned.payment_id.unwrap();
-    assert_eq!(payment_id, PaymentId::new(1).unwrap());
-    assert_eq!(applied.response.body, b"entry=2 payment=Some(1)");
-    let paid = store.get_order(order.id).await.unwrap().unwrap();
-    assert_eq!(paid.status, OrderStatus::Paid);
-    let payment = store.get_payment(payment_id).await.unwrap().unwrap();
-    assert_eq!(payment.order_id, order.id);
-    assert_eq!(payment.user_id, user(1));
-    assert_eq!(
-        (payment.amount.get(), payment.balance_after.get()),
-        (30, 70)
-    );
-    assert_eq!(payment.paid_at, t0());
-    assert_eq!(store.ledger_sum(user(1)), 70);
-}
-
-#[tokio::test]
-async fn a_stale_version_writes_nothing() {
-    let store = seeded(1, 100).await;
-    store
-        .apply(Change::charge(1, 0, 10, 110, "first").build())
-        .await
-        .unwrap();
-
-    assert_refused_without_a_trace(
-        &store,
-        Change::charge(1, 0, 10, 110, "second"),
-        "VersionConflict",
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn a_live_key_is_taken_and_writes_nothing() {
-    let store = seeded(1, 100).await;
+async fn a_refused_step_writes_nothing_at_all_and_builds_no_response() {
+    let store = seeded(2, 100).await;
     store
         .apply(Change::charge(1, 0, 10, 110, "k").build())
         .await
         .unwrap();
-
-    // A second later the record is still live: the same key cannot be applied twice.
-    assert_refused_without_a_trace(
-        &store,
-        Change::charge(1, 1, 10, 120, "k").at(t0() + secs(1)),
-        "KeyTaken",
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn a_key_of_another_user_is_not_taken() {
-    let store = seeded(2, 100).await;
+    let paid = store.create_order(user(1), amount(30), t0()).await.unwrap();
     store
-        .apply(Change::charge(1, 0, 10, 110, "shared").build())
+        .apply(Change::payment(1, 1, paid.id.get(), 30, 80).build())
         .await
         .unwrap();
-
-    store
-        .apply(Change::charge(2, 0, 10, 110, "shared").build())
-        .await
-        .unwrap();
-    assert!(
-        store
-            .find(user(2), &key("shared"), t0())
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert_eq!(store.record_count(), 2);
-}
-
-#[tokio::test]
-async fn paying_an_order_twice_writes_nothing_the_second_time() {
-    let store = seeded(1, 100).await;
-    let order = store.create_order(user(1), amount(30), t0()).await.unwrap();
-    store
-        .apply(Change::payment(1, 0, order.id.get(), 30, 70).build())
-        .await
-        .unwrap();
-
-    assert_refused_without_a_trace(
-        &store,
-        Change::payment(1, 1, order.id.get(), 30, 40).key("again"),
-        "OrderNotPending",
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn paying_a_missing_order_or_another_users_order_writes_nothing() {
-    let store = seeded(2, 100).await;
     let theirs = store.create_order(user(2), amount(30), t0()).await.unwrap();
 
-    assert_refused_without_a_trace(
-        &store,
-        Change::payment(1, 0, theirs.id.get(), 30, 70),
-        "OrderNotPending",
-    )
-    .await;
-    assert_refused_without_a_trace(
-        &store,
-        Change::payment(1, 0, 999, 30, 70),
-        "OrderNotPending",
-    )
-    .await;
-    let untouched = store.get_order(theirs.id).await.unwrap().unwrap();
-    assert_eq!(untouched.status, OrderStatus::Pending);
+    let refusals = [
+        // A stale version, under a fresh key.
+        (Change::charge(1, 0, 10, 90, "fresh"), "VersionConflict"),
+        // A live key, a second later, on the current version.
+        (
+            Change::charge(1, 2, 10, 90, "k").at(t0() + secs(1)),
+            "KeyTaken",
+        ),
+        // Paying an order already paid, another user's order, an order nobody has.
+        (
+            Change::payment(1, 2, paid.id.get(), 30, 50).key("again"),
+            "OrderNotPending",
+        ),
+        (
+            Change::payment(1, 2, theirs.id.get(), 30, 50).key("theirs"),
+            "OrderNotPending",
+        ),
+        (
+            Change::payment(1, 2, 999, 30, 50).key("missing"),
+            "OrderNotPending",
+        ),
+        // Nobody; a stale version under a live key; nobody under someone's key.
+        (Change::charge(3, 0, 10, 10, "k"), "UserNotFound"),
+        (Change::charge(1, 0, 10, 90, "k"), "VersionConflict"),
+        (Change::charge(7, 0, 10, 110, "k"), "UserNotFound"),
+    ];
+    for (change, expected) in refusals {
+        assert_refused_without_a_trace(&store, change, expected).await;
+    }
 }
 
+/// A refused refusal (stale version, live key, nobody) leaves the whole state as it was.
 #[tokio::test]
-async fn an_unknown_user_writes_nothing() {
-    let store = seeded(1, 100).await;
-
-    assert_refused_without_a_trace(&store, Change::charge(2, 0, 10, 10, "k"), "UserNotFound").await;
-}
-
-#[tokio::test]
-async fn the_user_is_checked_before_the_version_and_the_version_before_the_key() {
-    let store = seeded(1, 100).await;
-    store
-        .apply(Change::charge(1, 0, 10, 110, "k").build())
-        .await
-        .unwrap();
-
-    // Stale version and a taken key at once: the version answers, as in the SQL adapter.
-    assert_refused_without_a_trace(
-        &store,
-        Change::charge(1, 0, 10, 110, "k"),
-        "VersionConflict",
-    )
-    .await;
-    assert_refused_without_a_trace(&store, Change::charge(7, 0, 10, 110, "k"), "UserNotFound")
-        .await;
-}
-
-#[tokio::test]
-async fn an_expired_key_is_replaced() {
-    let store = seeded(1, 100).await;
-    store
-        .apply(Change::charge(1, 0, 10, 110, "k").build())
-        .await
-        .unwrap();
-
-    // A record is live while now < expires_at: at expires_at exactly it is gone.
-    let expired_at = t0() + secs(60);
-    assert!(
-        store
-            .find(user(1), &key("k"), expired_at - secs(1))
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert!(
-        store
-            .find(user(1), &key("k"), expired_at)
-            .await
-            .unwrap()
-            .is_none()
-    );
-
-    let applied = store
-        .apply(Change::charge(1, 1, 20, 130, "k").at(expired_at).build())
-        .await
-        .unwrap();
-
-    let record = store
-        .find(user(1), &key("k"), expired_at)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(record.response, applied.response);
-    assert_eq!(record.created_at, expired_at);
-    assert_eq!(
-        store.record_count(),
-        1,
-        "the old record is replaced, not kept"
-    );
-    // The replaced record's expiry is forgotten: nothing is purged at its old instant.
-    assert_eq!(store.purge_expired(expired_at, 10).await.unwrap(), 0);
-    assert_eq!(store.ledger_sum(user(1)), 130);
-}
-
-// ----------------------------------------------------------------------------------------
-// Refusals
-// ----------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn a_refusal_stores_only_its_record() {
-    let store = seeded(1, 100).await;
-    let before = store.get_user(user(1)).await.unwrap();
-
-    store
-        .record_refusal(refusal(1, 0, "no", t0()))
-        .await
-        .unwrap();
-
-    assert_eq!(store.get_user(user(1)).await.unwrap(), before);
-    assert_eq!(
-        store.history(user(1), None, 10).await.unwrap().items.len(),
-        1
-    );
-    let record = store
-        .find(user(1), &key("no"), t0())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(record.response.status, 422);
-    assert_eq!(record.response.body, b"refused");
-}
-
-#[tokio::test]
-async fn a_refusal_checks_the_user_the_version_and_the_key_and_writes_nothing_on_failure() {
+async fn a_refused_refusal_writes_nothing_at_all() {
     let store = seeded(1, 100).await;
     store
         .apply(Change::charge(1, 0, 10, 110, "k").build())
@@ -460,192 +263,114 @@ async fn a_refusal_checks_the_user_the_version_and_the_key_and_writes_nothing_on
     assert!(matches!(taken, Err(StepError::KeyTaken)), "{taken:?}");
     assert!(matches!(nobody, Err(StepError::UserNotFound)), "{nobody:?}");
     assert_eq!(store.snapshot(), before);
+}
 
-    // Once the charge's record has expired, a refusal may take its key.
+/// A record that replaces an expired one (by a step or by a refusal) takes its place: one
+/// record for the key, and the old expiry leaves the index with it, so nothing is purged
+/// at the old instant.
+#[tokio::test]
+async fn replacing_an_expired_record_keeps_one_record_and_forgets_its_old_expiry() {
+    let store = seeded(1, 100).await;
     store
-        .record_refusal(refusal(1, 1, "k", t0() + secs(60)))
+        .apply(Change::charge(1, 0, 10, 110, "k").build())
+        .await
+        .unwrap();
+
+    let expired_at = t0() + secs(60);
+    store
+        .apply(Change::charge(1, 1, 20, 130, "k").at(expired_at).build())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.record_count(),
+        1,
+        "the old record is replaced, not kept"
+    );
+    assert_eq!(store.purge_expired(expired_at, 10).await.unwrap(), 0);
+
+    // And a refusal over the step's record once that has expired in turn.
+    store
+        .record_refusal(refusal(1, 2, "k", expired_at + secs(60)))
         .await
         .unwrap();
     assert_eq!(store.record_count(), 1);
+    assert_eq!(
+        store
+            .purge_expired(expired_at + secs(60), 10)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(store.ledger_sum(user(1)), 130);
 }
 
-// ----------------------------------------------------------------------------------------
-// Users, history and seeding
-// ----------------------------------------------------------------------------------------
-
+/// The expiry index holds exactly one entry per record (`record_count` checks it) through
+/// writes of one key by two users and through bounded purges.
 #[tokio::test]
-async fn created_users_get_sequential_ids_after_the_highest_one() {
+async fn the_expiry_index_mirrors_the_records_through_writes_and_purges() {
+    let store = seeded(2, 100).await;
+    store
+        .apply(Change::charge(1, 0, 10, 110, "shared").build())
+        .await
+        .unwrap();
+    store
+        .apply(Change::charge(2, 0, 10, 110, "shared").build())
+        .await
+        .unwrap();
+    assert_eq!(store.record_count(), 2, "one key, two users, two records");
+
+    // Refusals expiring at t0+10s, +20s, +30s and +40s.
+    for (i, raw) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        let created = t0() + secs(10 * i64::try_from(i).unwrap());
+        let mut record = refusal(1, 1, raw, created);
+        record.key.expires_at = created + secs(10);
+        store.record_refusal(record).await.unwrap();
+    }
+    assert_eq!(store.record_count(), 6);
+    let at = t0() + secs(30);
+    assert_eq!(store.purge_expired(at, 2).await.unwrap(), 2);
+    assert_eq!(store.record_count(), 4);
+    assert_eq!(store.purge_expired(at, 2).await.unwrap(), 1);
+    assert_eq!(store.record_count(), 3);
+    // The two charges' records (60 s) and "d" (40 s).
+    assert_eq!(store.purge_expired(t0() + secs(60), 10).await.unwrap(), 3);
+    assert_eq!(store.record_count(), 0);
+}
+
+/// This store's ids are dense: users, entries, orders and payments are numbered 1, 2, ...
+/// in creation order, seeding fills the gaps below `count`, and a created user comes
+/// right after the highest id. (The contract only asks that ids increase.)
+#[tokio::test]
+async fn ids_are_dense_and_follow_creation_order() {
+    let store = MemoryStore::new();
+    assert_eq!(store.seed_users(3, balance(1000), t0()).await.unwrap(), 3);
+    for id in 1..=3 {
+        let page = store.history(user(id), None, 10).await.unwrap();
+        assert_eq!(
+            page.items[0].id.get(),
+            id,
+            "entry ids follow creation order"
+        );
+    }
+    let first = store.create_order(user(1), amount(5), t0()).await.unwrap();
+    let second = store.create_order(user(1), amount(6), t0()).await.unwrap();
+    assert_eq!((first.id.get(), second.id.get()), (1, 2));
+    let applied = store
+        .apply(Change::payment(1, 0, first.id.get(), 5, 995).build())
+        .await
+        .unwrap();
+    assert_eq!(applied.assigned.entry_id, EntryId::new(4).unwrap());
+    assert_eq!(applied.assigned.payment_id, PaymentId::new(1).ok());
+    assert_eq!(applied.response.body, b"entry=4 payment=Some(1)");
+
     let store = MemoryStore::new();
     let first = store.create_user(t0()).await.unwrap();
     let second = store.create_user(t0()).await.unwrap();
     assert_eq!((first.id.get(), second.id.get()), (1, 2));
-    assert_eq!((first.balance.get(), first.version), (0, 0));
-
-    // Seeding fills the gap 3..=5; a created user then comes after the seeded ones.
+    // Seeding fills the gap 3..=5; a created user then comes right after the seeded ones.
     assert_eq!(store.seed_users(5, balance(10), t0()).await.unwrap(), 3);
     assert_eq!(store.create_user(t0()).await.unwrap().id.get(), 6);
     assert_eq!(store.get_user(user(7)).await.unwrap(), None);
-}
-
-#[tokio::test]
-async fn history_pages_newest_first_until_next_is_none() {
-    let store = seeded(2, 100).await; // entries 1 (user 1) and 2 (user 2)
-    for (i, raw) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
-        let mine = store.get_user(user(1)).await.unwrap().unwrap();
-        let change = Change::charge(1, mine.version, 1, mine.balance.get() + 1, raw);
-        store.apply(change.build()).await.unwrap();
-        // Another user's entries interleave, so user 1's ids are not contiguous.
-        if i % 2 == 0 {
-            let other = store.get_user(user(2)).await.unwrap().unwrap();
-            let change = Change::charge(2, other.version, 1, other.balance.get() + 1, raw);
-            store.apply(change.build()).await.unwrap();
-        }
-    }
-    let ids = |page: &domain::model::HistoryPage| {
-        page.items.iter().map(|e| e.id.get()).collect::<Vec<_>>()
-    };
-
-    // User 1 owns entries 1, 3, 5, 6, 8, 9, 11: seven in all.
-    let first = store.history(user(1), None, 3).await.unwrap();
-    assert_eq!(ids(&first), [11, 9, 8]);
-    assert_eq!(first.next, Some(EntryId::new(8).unwrap()));
-    let second = store.history(user(1), first.next, 3).await.unwrap();
-    assert_eq!(ids(&second), [6, 5, 3]);
-    assert_eq!(second.next, Some(EntryId::new(3).unwrap()));
-    let last = store.history(user(1), second.next, 3).await.unwrap();
-    assert_eq!(ids(&last), [1]);
-    assert_eq!(last.next, None);
-
-    // A page that ends exactly at the oldest entry has no next page either.
-    let exact = store
-        .history(user(1), EntryId::new(6).ok(), 3)
-        .await
-        .unwrap();
-    assert_eq!(ids(&exact), [5, 3, 1]);
-    assert_eq!(exact.next, None);
-    // `before` need not be an id of this user, nor of anyone.
-    let above = store
-        .history(user(1), EntryId::new(1000).ok(), 2)
-        .await
-        .unwrap();
-    assert_eq!(ids(&above), [11, 9]);
-    let below = store
-        .history(user(1), EntryId::new(1).ok(), 2)
-        .await
-        .unwrap();
-    assert!(below.items.is_empty() && below.next.is_none());
-    let everything = store.history(user(1), None, 500).await.unwrap();
-    assert_eq!(ids(&everything), [11, 9, 8, 6, 5, 3, 1]);
-    assert_eq!(everything.next, None);
-}
-
-#[tokio::test]
-async fn history_of_a_user_without_entries_is_empty() {
-    let store = MemoryStore::new();
-    let created = store.create_user(t0()).await.unwrap();
-
-    for id in [created.id, user(42)] {
-        let page = store.history(id, None, 50).await.unwrap();
-        assert!(page.items.is_empty());
-        assert_eq!(page.next, None);
-    }
-}
-
-#[tokio::test]
-async fn seeding_is_idempotent_and_each_ledger_sums_to_its_balance() {
-    let store = MemoryStore::new();
-
-    assert_eq!(store.seed_users(3, balance(1000), t0()).await.unwrap(), 3);
-    assert_eq!(store.seed_users(3, balance(1000), t0()).await.unwrap(), 0);
-    assert_eq!(store.seed_users(5, balance(1000), t0()).await.unwrap(), 2);
-
-    for id in 1..=5 {
-        let seeded = store.get_user(user(id)).await.unwrap().unwrap();
-        assert_eq!((seeded.balance.get(), seeded.version), (1000, 0));
-        assert_eq!(store.ledger_sum(user(id)), 1000);
-        let page = store.history(user(id), None, 10).await.unwrap();
-        assert_eq!(page.items.len(), 1, "one opening entry per user");
-        let opening = &page.items[0];
-        assert_eq!(opening.kind, EntryKind::Charge);
-        assert_eq!(opening.idempotency_key, None);
-        assert_eq!(opening.balance_after.get(), 1000);
-        assert_eq!(opening.id.get(), id, "entry ids follow creation order");
-    }
-}
-
-#[tokio::test]
-async fn seeding_leaves_existing_users_alone() {
-    let store = seeded(1, 100).await;
-    store
-        .apply(Change::charge(1, 0, 5, 105, "k").build())
-        .await
-        .unwrap();
-    let before = store.get_user(user(1)).await.unwrap();
-
-    assert_eq!(store.seed_users(2, balance(100), t0()).await.unwrap(), 1);
-    assert_eq!(store.get_user(user(1)).await.unwrap(), before);
-    assert_eq!(store.ledger_sum(user(1)), 105);
-}
-
-#[tokio::test]
-async fn seeding_a_zero_balance_writes_no_entries() {
-    let store = MemoryStore::new();
-
-    assert_eq!(store.seed_users(2, Balance::ZERO, t0()).await.unwrap(), 2);
-
-    let page = store.history(user(2), None, 10).await.unwrap();
-    assert!(page.items.is_empty());
-    assert_eq!(store.ledger_sum(user(2)), 0);
-}
-
-// ----------------------------------------------------------------------------------------
-// Orders
-// ----------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn orders_are_created_pending_with_sequential_ids() {
-    let store = seeded(1, 100).await;
-    let first = store.create_order(user(1), amount(5), t0()).await.unwrap();
-    let second = store.create_order(user(1), amount(6), t0()).await.unwrap();
-
-    assert_eq!((first.id.get(), second.id.get()), (1, 2));
-    assert_eq!(first.status, OrderStatus::Pending);
-    assert_eq!(store.get_order(second.id).await.unwrap(), Some(second));
-    assert_eq!(
-        store.get_order(OrderId::new(3).unwrap()).await.unwrap(),
-        None
-    );
-    assert_eq!(
-        store.get_payment(PaymentId::new(1).unwrap()).await.unwrap(),
-        None
-    );
-}
-
-// ----------------------------------------------------------------------------------------
-// Purging
-// ----------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn purge_deletes_at_most_limit_expired_records_oldest_first() {
-    let store = seeded(1, 100).await;
-    // Records expiring at t0+10s, +20s, +30s and +40s.
-    for (i, raw) in ["a", "b", "c", "d"].into_iter().enumerate() {
-        let created = t0() + secs(10 * i64::try_from(i).unwrap());
-        let mut record = refusal(1, 0, raw, created);
-        record.key.expires_at = created + secs(10);
-        store.record_refusal(record).await.unwrap();
-    }
-    let at = t0() + secs(30); // a, b and c (at or before) have expired; d has not
-
-    assert_eq!(store.purge_expired(at, 2).await.unwrap(), 2);
-    assert_eq!(store.record_count(), 2);
-    assert_eq!(store.purge_expired(at, 2).await.unwrap(), 1);
-    assert_eq!(store.purge_expired(at, 2).await.unwrap(), 0);
-    assert_eq!(store.record_count(), 1);
-    assert!(store.find(user(1), &key("d"), at).await.unwrap().is_some());
-    assert_eq!(store.purge_expired(at + secs(10), 0).await.unwrap(), 0);
-    assert_eq!(store.purge_expired(at + secs(10), 10).await.unwrap(), 1);
-    assert_eq!(store.record_count(), 0);
 }
 
 // ----------------------------------------------------------------------------------------

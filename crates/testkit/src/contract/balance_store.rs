@@ -845,3 +845,120 @@ pub async fn balance_store_records_say_what_happened(stores: &Stores) {
         (OperationKind::Use, RecordOutcome::Refused, 200)
     );
 }
+
+/// A step that is wrong in more than one way is refused for the first of them in one
+/// order, the same in every adapter: the user before the version (a user that does not
+/// exist is `UserNotFound` whatever version the step expected), and the version before
+/// the key (a stale step under a live key is `VersionConflict`: the caller re-reads and
+/// then finds the record). Each refusal writes nothing.
+pub async fn balance_store_checks_the_user_then_the_version_then_the_key(stores: &Stores) {
+    let user = funded_user(stores, 1_000, at(0)).await; // version 1, key "fund" live
+    let nobody = user_id(user.id.get() + 1_000);
+    let watch = Watch {
+        users: vec![user.id, nobody],
+        keys: vec![(user.id, "fund"), (nobody, "fund")],
+        orders: vec![],
+    };
+    let before = watch.snapshot(stores, at(10)).await;
+
+    // A stale version under the live key: the version answers.
+    for version in [0, 2] {
+        let mut stale = step(&user, EntryKind::Charge, 10, "fund", at(10));
+        stale.expected_version = version;
+        let refused = stores.balances.apply(stale).await;
+        assert!(
+            matches!(refused, Err(StepError::VersionConflict)),
+            "version {version} under a live key: {refused:?}"
+        );
+        assert_eq!(watch.snapshot(stores, at(10)).await, before, "{version}");
+    }
+
+    // Nobody, expecting some version: the user answers.
+    let ghost = User {
+        id: nobody,
+        balance: balance(0),
+        version: 3,
+        created_at: t0(),
+    };
+    let refused = stores
+        .balances
+        .apply(step(&ghost, EntryKind::Charge, 10, "fund", at(10)))
+        .await;
+    assert!(
+        matches!(refused, Err(StepError::UserNotFound)),
+        "{refused:?}"
+    );
+    assert_eq!(watch.snapshot(stores, at(10)).await, before);
+}
+
+/// A record that replaced an expired one is judged by its own expiry alone: a refusal
+/// takes the key of a step's expired record (and the other way round, see
+/// [`balance_store_replaces_an_expired_record`]), and purging at the old record's expiry
+/// deletes nothing of the new one, which stays found until its own expiry.
+pub async fn balance_store_a_replaced_record_lives_by_its_own_expiry(stores: &Stores) {
+    let user = stores.users.create_user(t0()).await.unwrap();
+    let mut charge = step(&user, EntryKind::Charge, 100, "k", at(0));
+    charge.key = key_record("k", "charge", at(0), 10_000);
+    stores.balances.apply(charge).await.unwrap();
+    let user = current(stores.users.as_ref(), user.id).await;
+
+    stores
+        .balances
+        .record_refusal(RefusalRecord {
+            user_id: user.id,
+            expected_version: user.version,
+            key: key_record("k", "refusal", at(10_000), 10_000),
+            response: StoredResponse {
+                status: 422,
+                body: b"refused".to_vec(),
+            },
+        })
+        .await
+        .unwrap();
+    let found = stores
+        .idempotency
+        .find(user.id, &key("k"), at(10_000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            found.fingerprint.as_str(),
+            found.outcome,
+            found.created_at,
+            found.expires_at
+        ),
+        ("refusal", RecordOutcome::Refused, at(10_000), at(20_000))
+    );
+
+    assert_eq!(
+        stores
+            .idempotency
+            .purge_expired(at(10_000), 10)
+            .await
+            .unwrap(),
+        0,
+        "the old expiry went with the old record"
+    );
+    let still = stores
+        .idempotency
+        .find(user.id, &key("k"), at(19_999))
+        .await
+        .unwrap();
+    assert_eq!(still, Some(found));
+    assert_eq!(
+        stores
+            .idempotency
+            .purge_expired(at(20_000), 10)
+            .await
+            .unwrap(),
+        1,
+        "purged at its own expiry"
+    );
+    let gone = stores
+        .idempotency
+        .find(user.id, &key("k"), at(19_999))
+        .await
+        .unwrap();
+    assert_eq!(gone, None);
+}

@@ -238,3 +238,41 @@ pub async fn idempotency_repo_purges_only_expired_records(stores: &Stores) {
             .is_some()
     );
 }
+
+/// A purge bounded by its limit deletes the records that expired first: of three expired
+/// records, a purge of two leaves the one that expired last, whoever's it is.
+pub async fn idempotency_repo_purges_the_oldest_expired_first(stores: &Stores) {
+    let keys = stores.idempotency.as_ref();
+    let alice = stores.users.create_user(t0()).await.unwrap().id;
+    let bob = stores.users.create_user(t0()).await.unwrap().id;
+    // Written out of expiry order, and across users.
+    let records = [
+        (bob, "second", at(0), 20_000),
+        (alice, "last", at(0), 30_000),
+        (alice, "first", at(5_000), 5_000),
+        (bob, "live", at(0), 3_600_000),
+    ];
+    for (user, raw, created, ttl) in records {
+        let record = key_record(raw, "purge", created, ttl);
+        stores
+            .balances
+            .record_refusal(refusal(user, record, b"r"))
+            .await
+            .unwrap();
+    }
+
+    assert_eq!(keys.purge_expired(at(30_000), 2).await.unwrap(), 2);
+    let left = |user, raw: &'static str| async move {
+        keys.find(user, &key(raw), at(1)).await.unwrap().is_some()
+    };
+    assert!(!left(alice, "first").await, "expired first, purged");
+    assert!(!left(bob, "second").await, "expired second, purged");
+    assert!(
+        left(alice, "last").await,
+        "expired last, left for the next purge"
+    );
+    assert!(left(bob, "live").await);
+    assert_eq!(keys.purge_expired(at(30_000), 2).await.unwrap(), 1);
+    assert!(!left(alice, "last").await);
+    assert!(left(bob, "live").await, "a live record is never purged");
+}

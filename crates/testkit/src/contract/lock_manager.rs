@@ -323,3 +323,67 @@ pub async fn lock_serializes_concurrent_increments(
     assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two holders at once");
     assert_eq!(*counter.lock().unwrap(), TASKS, "an increment was lost");
 }
+
+/// A lease that ran out is no lock at all: an acquire that does not wait takes the key at
+/// once, even though its old holder never released it; that holder's late release is then
+/// `LeaseLost` and leaves the new lock alone.
+pub async fn lock_an_expired_lease_is_taken_without_waiting(
+    first: Arc<dyn LockManager>,
+    second: Arc<dyn LockManager>,
+) {
+    for (n, (how, old_locks, new_locks)) in (0_i64..).zip(pairs(&first, &second)) {
+        let key = lock_key(800 + n);
+        let old = acquire_ok(
+            old_locks.as_ref(),
+            &key,
+            SHORT_WAIT,
+            Duration::from_millis(100),
+        )
+        .await;
+        // Let the 100 ms lease run out (what is asserted does not depend on how long).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let new = acquire_ok(new_locks.as_ref(), &key, Duration::ZERO, LEASE).await;
+        assert_ne!(new.token, old.token, "{how}");
+        assert_eq!(
+            release(old_locks.as_ref(), &old).await,
+            Release::LeaseLost,
+            "{how}: the old lease ran out"
+        );
+        assert_held(old_locks.as_ref(), &key, Duration::ZERO, how).await;
+        assert_eq!(
+            release(new_locks.as_ref(), &new).await,
+            Release::Released,
+            "{how}"
+        );
+    }
+}
+
+/// An acquire of a held key gives up when its wait is over: not before (see
+/// [`lock_is_exclusive`]) and not long after, within this instance and from another.
+pub async fn lock_times_out_soon_after_its_wait(
+    first: Arc<dyn LockManager>,
+    second: Arc<dyn LockManager>,
+) {
+    const WAIT: Duration = Duration::from_millis(200);
+    for (n, (how, holder, other)) in (0_i64..).zip(pairs(&first, &second)) {
+        let key = lock_key(900 + n);
+        let lease = acquire_ok(holder.as_ref(), &key, SHORT_WAIT, LEASE).await;
+        let started = Instant::now();
+        let attempt = bounded("acquire", other.acquire(&key, WAIT, LEASE)).await;
+        let waited = started.elapsed();
+        assert!(
+            matches!(attempt, Err(LockError::Timeout)),
+            "{how}: {attempt:?}"
+        );
+        assert!(
+            waited >= WAIT.mul_f64(0.9) && waited < WAIT + Duration::from_secs(3),
+            "{how}: a {WAIT:?} wait timed out after {waited:?}"
+        );
+        assert_eq!(
+            release(holder.as_ref(), &lease).await,
+            Release::Released,
+            "{how}"
+        );
+    }
+}

@@ -300,3 +300,21 @@ pub async fn user_repo_seeding_skips_created_users(stores: &Stores) {
         next.id
     );
 }
+
+/// Seeding with a zero balance creates the users without any ledger entry (an opening
+/// CHARGE of nothing is no entry at all), so each ledger still sums to its balance.
+pub async fn user_repo_seeding_a_zero_balance_writes_no_entries(stores: &Stores) {
+    let users = stores.users.as_ref();
+    assert_eq!(users.seed_users(3, Balance::ZERO, t0()).await.unwrap(), 3);
+    for raw in 1..=3 {
+        let seeded = current(users, user_id(raw)).await;
+        assert_eq!(
+            (seeded.balance, seeded.version, seeded.created_at),
+            (Balance::ZERO, 0, t0()),
+            "user {raw}"
+        );
+        let ledger = full_history(users, user_id(raw)).await;
+        assert!(ledger.is_empty(), "user {raw}: {ledger:?}");
+    }
+    assert_eq!(users.seed_users(3, Balance::ZERO, at(1)).await.unwrap(), 0);
+}
