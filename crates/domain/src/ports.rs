@@ -210,8 +210,8 @@ pub trait IdempotencyRepo: Send + Sync {
         now: DateTime<Utc>,
     ) -> Result<Option<CompletedRecord>, RepoError>;
 
-    /// Deletes at most `limit` records that expired at or before `now`; returns how many.
-    /// Safe to run from every instance at once.
+    /// Deletes at most `limit` records that expired at or before `now`, the oldest expiry
+    /// first; returns how many. Safe to run from every instance at once.
     ///
     /// # Errors
     /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
@@ -327,7 +327,9 @@ pub struct Applied {
 #[async_trait]
 pub trait BalanceStore: Send + Sync {
     /// Applies `change` in one transaction. An expired record under the same key is
-    /// replaced. Nothing is written when an error is returned.
+    /// replaced. Nothing is written when an error is returned. The guards are met in the
+    /// order a transaction meets them: the user (`UserNotFound`), its version
+    /// (`VersionConflict`), then the key (`KeyTaken`).
     ///
     /// # Errors
     /// - MUST return [`StepError::VersionConflict`] when the users row's version is not
