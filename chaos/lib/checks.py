@@ -19,6 +19,16 @@ def all_tries(sc: Scenario) -> list[dict[str, Any]]:
     return sc._tries
 
 
+def lock_tries(sc: Scenario) -> list[dict[str, Any]]:
+    """The tries of operations that take the user's lock: every keyed one (a balance change).
+    A cancellation takes no lock (its write is guarded by the order's status), so it may
+    succeed while the lock service is gone, under either policy: the lock scenarios judge
+    only these."""
+    if not hasattr(sc, "_lock_tries"):
+        sc._lock_tries = [t for op in sc.ops if op.keyed for t in op.tries]
+    return sc._lock_tries
+
+
 def metric(sc: Scenario, name: str, inst: str | None = None) -> float:
     return sum(v for (i, n), v in sc.metrics.items() if n == name and (inst is None or i == inst))
 

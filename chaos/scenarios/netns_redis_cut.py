@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from lib.common import HOST_IP
-from lib.checks import all_tries, metric
+from lib.checks import lock_tries, metric
 from lib.driver import Scenario, Spec
 
 
@@ -22,9 +22,9 @@ async def fault_netns_cut(sc: Scenario) -> None:
 
 def evidence_netns(sc: Scenario) -> None:
     start, end = sc.window("cut")
-    n_ok = [t for t in all_tries(sc) if t["inst"] == "N" and start + 1 <= t["t"] and t["t"] + t["dur"] < end
+    n_ok = [t for t in lock_tries(sc) if t["inst"] == "N" and start + 1 <= t["t"] and t["t"] + t["dur"] < end
             and t["status"] == 200 and not t["replayed"]]
-    n_503 = [t for t in all_tries(sc) if t["inst"] == "N" and start + 1 <= t["t"] and t["t"] + t["dur"] < end
+    n_503 = [t for t in lock_tries(sc) if t["inst"] == "N" and start + 1 <= t["t"] and t["t"] + t["dur"] < end
              and t["status"] == 503]
     deg = {i.name: metric(sc, "balance_lock_degraded_total", i.name) for i in sc.instances}
     una = {i.name: metric(sc, "balance_lock_unavailable_total", i.name) for i in sc.instances}

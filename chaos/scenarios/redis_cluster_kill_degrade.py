@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from lib.checks import all_tries, metric
+from lib.checks import lock_tries, metric
 from lib.common import USERS
 from lib.driver import Scenario, Spec
 
@@ -67,7 +67,7 @@ def evidence_failover(sc: Scenario) -> tuple[float, float]:
         f"{metric(sc, 'balance_lock_lease_lost_total'):g}, balance_lock_redis_errors_total="
         f"{metric(sc, 'balance_lock_redis_errors_total'):g}, optimistic conflicts="
         f"{metric(sc, 'balance_optimistic_conflicts_total'):g}"))
-    after = [t for t in all_tries(sc) if t["t"] > end + 2 and t["status"] == 200 and not t["replayed"]]
+    after = [t for t in lock_tries(sc) if t["t"] > end + 2 and t["status"] == 200 and not t["replayed"]]
     sc.evidence.append(("balance changes applied again after the failover", bool(after),
                         f"{len(after)} fresh 200s from 2 s after the promotion on"))
     return start, end
@@ -75,7 +75,7 @@ def evidence_failover(sc: Scenario) -> tuple[float, float]:
 
 def evidence_degrade(sc: Scenario) -> None:
     start, _ = evidence_failover(sc)
-    fresh = [t for t in all_tries(sc) if t["t"] >= start and t["status"] == 200 and not t["replayed"]]
+    fresh = [t for t in lock_tries(sc) if t["t"] >= start and t["status"] == 200 and not t["replayed"]]
     deg = metric(sc, "balance_lock_degraded_total")
     sc.evidence.append(("balance changes ran under the database guards alone while the lock was unreachable "
                         "(degrade)", deg > 0,

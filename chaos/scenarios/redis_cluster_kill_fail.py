@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from lib.checks import all_tries, metric
+from lib.checks import lock_tries, metric
 from lib.driver import Scenario, Spec
 from scenarios.redis_cluster_kill_degrade import KILL_AT, evidence_failover, fault_kill_primary
 
 
 def evidence_fail(sc: Scenario) -> None:
     start, _ = evidence_failover(sc)
-    refused = [t for t in all_tries(sc) if t["t"] >= start and t["status"] == 503
+    refused = [t for t in lock_tries(sc) if t["t"] >= start and t["status"] == 503
                and t["code"] == "SERVICE_UNAVAILABLE"]
     una = metric(sc, "balance_lock_unavailable_total")
     deg = metric(sc, "balance_lock_degraded_total")

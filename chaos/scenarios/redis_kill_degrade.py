@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from lib.checks import all_tries, metric
+from lib.checks import lock_tries, metric
 from lib.driver import Scenario, Spec
 
 
@@ -21,7 +21,7 @@ async def fault_kill_redis(sc: Scenario, down: tuple[float, float]) -> None:
 
 def evidence_redis_degrade(sc: Scenario) -> None:
     start, end = sc.window("redis")
-    fresh = [t for t in all_tries(sc) if start + 1 <= t["t"] and t["t"] + t["dur"] < end
+    fresh = [t for t in lock_tries(sc) if start + 1 <= t["t"] and t["t"] + t["dur"] < end
              and t["status"] == 200 and not t["replayed"]]
     deg = metric(sc, "balance_lock_degraded_total")
     sc.evidence.append(("balance changes kept going while Redis was down (degrade)", len(fresh) > 0 and deg > 0,

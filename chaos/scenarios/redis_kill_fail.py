@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from lib.checks import all_tries, metric
+from lib.checks import lock_tries, metric
 from lib.driver import Scenario, Spec
 from scenarios.redis_kill_degrade import fault_kill_redis
 
 
 def evidence_redis_fail(sc: Scenario) -> None:
     start, end = sc.window("redis")
-    inside = [t for t in all_tries(sc) if start + 1 <= t["t"] and t["t"] + t["dur"] < end]
+    inside = [t for t in lock_tries(sc) if start + 1 <= t["t"] and t["t"] + t["dur"] < end]
     unavailable = [t for t in inside if t["status"] == 503 and t["code"] == "SERVICE_UNAVAILABLE"]
     applied = [t for t in inside if t["status"] == 200 and not t["replayed"]]
     una = metric(sc, "balance_lock_unavailable_total")

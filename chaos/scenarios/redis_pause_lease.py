@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from lib.checks import all_tries, metric
+from lib.checks import lock_tries, metric
 from lib.driver import Scenario, Spec
 
 
@@ -36,7 +36,7 @@ def evidence_pause(sc: Scenario) -> None:
     errs = metric(sc, "balance_lock_redis_errors_total")
     start, end = sc.window("rowlock")
     p0, p1 = sc.window("pause")
-    held = [t for t in all_tries(sc) if t["user"] <= 2 and t["t"] < p0 and t["t"] + t["dur"] > p1
+    held = [t for t in lock_tries(sc) if t["user"] <= 2 and t["t"] < p0 and t["t"] + t["dur"] > p1
             and t["status"] == 200]
     deg = metric(sc, "balance_lock_degraded_total")
     sc.evidence.append(("a lease expired while its holder's transaction was still running",
