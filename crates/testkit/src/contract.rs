@@ -78,7 +78,9 @@ pub use auditor::{
     auditor_finds_ledger_entries_of_a_missing_user, auditor_finds_refunded_books_clean,
     auditor_goes_by_the_recorded_outcome_not_the_status,
     auditor_judges_a_reuse_by_its_records_expiry, auditor_lists_up_to_the_cap_and_counts_in_full,
-    auditor_sees_no_false_breach_during_concurrent_writes, breaches, sec, write_audit_books,
+    auditor_sees_no_false_breach_during_concurrent_writes,
+    balance_store_refuses_to_complete_a_refund_of_an_order_not_paid, breaches, sec,
+    write_audit_books,
 };
 pub use balance_store::{
     balance_store_a_replaced_record_lives_by_its_own_expiry,

@@ -139,6 +139,7 @@ contracts! {
         user_repo_balance_at_reads_the_ledger,
     ],
     auditors: [
+        balance_store_refuses_to_complete_a_refund_of_an_order_not_paid,
         auditor_finds_refunded_books_clean,
         auditor_finds_a_refunded_payment_whose_order_is_still_paid,
         auditor_finds_a_refunded_total_its_refunds_do_not_add_up_to,

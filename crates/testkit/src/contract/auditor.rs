@@ -853,3 +853,76 @@ pub async fn auditor_finds_a_refunded_total_its_refunds_do_not_add_up_to(audited
     )
     .await;
 }
+
+/// The atomic step, on a broken row: a refund that would complete a payment whose order is
+/// not PAID (data drift; no operation leaves it so) is an unexpected error, not a conflict
+/// to retry, and writes nothing.
+pub async fn balance_store_refuses_to_complete_a_refund_of_an_order_not_paid(audited: &Audited) {
+    let stores = &audited.stores;
+    let user = super::support::funded_user(stores, 1_000, sec(1)).await;
+    let order = stores
+        .orders
+        .create_order(user.id, super::support::amount(300), sec(2))
+        .await
+        .unwrap();
+    let paid = stores
+        .balances
+        .apply(super::support::payment_step(&user, &order, "pay", sec(3)))
+        .await
+        .unwrap();
+    let payment_id = paid.assigned.payment_id.expect("a payment was written");
+    audited
+        .corrupt
+        .set_order_status(order.id, OrderStatus::Cancelled)
+        .await;
+    let user = super::support::current(stores.users.as_ref(), user.id).await;
+    let payment = stores
+        .orders
+        .get_payment(payment_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let watch = Watch {
+        users: vec![user.id],
+        keys: vec![(user.id, "refund-all")],
+        orders: vec![order.id],
+    };
+    let before = watch.snapshot(stores, sec(10)).await;
+    let result = stores
+        .balances
+        .apply(super::support::refund_step(
+            &user,
+            &payment,
+            300,
+            0,
+            "refund-all",
+            sec(10),
+        ))
+        .await;
+    assert!(
+        matches!(result, Err(domain::ports::StepError::Unexpected(_))),
+        "{result:?}"
+    );
+    assert_eq!(watch.snapshot(stores, sec(10)).await, before);
+    assert!(
+        stores
+            .orders
+            .refunds(payment_id, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A partial refund does not touch the order, and goes through.
+    stores
+        .balances
+        .apply(super::support::refund_step(
+            &user,
+            &payment,
+            100,
+            0,
+            "refund-part",
+            sec(11),
+        ))
+        .await
+        .unwrap();
+}
