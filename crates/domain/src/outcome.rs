@@ -43,6 +43,24 @@ pub struct RefundReceipt {
     pub created_at: DateTime<Utc>,
 }
 
+impl From<&crate::model::Refund> for RefundReceipt {
+    /// A stored refund reads as the receipt its request was answered with.
+    fn from(refund: &crate::model::Refund) -> Self {
+        Self {
+            refund_id: refund.id,
+            payment_id: refund.payment_id,
+            order_id: refund.order_id,
+            user_id: refund.user_id,
+            amount: refund.amount,
+            balance: refund.balance_after,
+            refunded_total: refund.refunded_total,
+            payment_status: refund.payment_status,
+            reason: refund.reason.clone(),
+            created_at: refund.created_at,
+        }
+    }
+}
+
 /// A business refusal: the request was valid and ran, and the answer is no. Stored under
 /// its key like a success, so a retry gets the same answer.
 #[derive(Debug, Clone, PartialEq, Eq)]

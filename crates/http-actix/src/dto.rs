@@ -128,19 +128,9 @@ pub struct RefundResponse {
 }
 
 impl From<&Refund> for RefundResponse {
+    /// A listed refund reads exactly as its request's answer did.
     fn from(r: &Refund) -> Self {
-        Self {
-            refund_id: r.id.get(),
-            payment_id: r.payment_id.get(),
-            order_id: r.order_id.get(),
-            user_id: r.user_id.get(),
-            amount: r.amount.get(),
-            balance: r.balance_after.get(),
-            refunded_total: r.refunded_total,
-            payment_status: r.payment_status.as_str().to_owned(),
-            reason: r.reason.as_ref().map(|reason| reason.as_str().to_owned()),
-            created_at: format_rfc3339_millis(r.created_at),
-        }
+        Self::from(&RefundReceipt::from(r))
     }
 }
 
