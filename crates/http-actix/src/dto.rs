@@ -194,8 +194,8 @@ pub struct RequestResponse {
 
 impl RequestResponse {
     /// `None` when the stored body is not JSON (no version ever stored such a body).
-    pub fn of(record: &CompletedRecord) -> Option<Self> {
-        let body = String::from_utf8(record.response.body.clone()).ok()?;
+    pub fn of(record: CompletedRecord) -> Option<Self> {
+        let body = String::from_utf8(record.response.body).ok()?;
         Some(Self {
             idempotency_key: record.key.as_str().to_owned(),
             operation: record.operation.as_str().to_owned(),

@@ -48,6 +48,33 @@ fn path_id<T>(
     parse(raw).map_err(|_| ApiError::validation(format!("{name} must be a positive integer")))
 }
 
+/// The order, if the principal may see it: another user's is "not found", exactly as a
+/// missing one (its existence is not leaked).
+async fn visible_order(
+    state: &AppState,
+    principal: &Principal,
+    id: OrderId,
+) -> Result<domain::model::Order, ApiError> {
+    let order = state.service.order(id).await.map_err(read_error)?;
+    if !principal.acts_for(order.user_id) {
+        return Err(OperationError::OrderNotFound.into());
+    }
+    Ok(order)
+}
+
+/// The payment, if the principal may see it; as [`visible_order`].
+async fn visible_payment(
+    state: &AppState,
+    principal: &Principal,
+    id: PaymentId,
+) -> Result<domain::model::Payment, ApiError> {
+    let payment = state.service.payment(id).await.map_err(read_error)?;
+    if !principal.acts_for(payment.user_id) {
+        return Err(OperationError::PaymentNotFound.into());
+    }
+    Ok(payment)
+}
+
 /// Sends a stored (or just stored) response: status and bytes exactly as kept.
 fn stored(execution: Execution) -> HttpResponse {
     let status = StatusCode::from_u16(execution.response.status)
@@ -309,10 +336,7 @@ pub async fn create_order(
 )]
 pub async fn get_order(state: Data<AppState>, principal: Principal, req: HttpRequest) -> ApiResult {
     let id = path_id(&req, "orderId", OrderId::parse)?;
-    let order = state.service.order(id).await.map_err(read_error)?;
-    if !principal.acts_for(order.user_id) {
-        return Err(OperationError::OrderNotFound.into());
-    }
+    let order = visible_order(&state, &principal, id).await?;
     json(StatusCode::OK, &OrderResponse::from(&order))
 }
 
@@ -354,10 +378,7 @@ pub async fn get_payment(
     req: HttpRequest,
 ) -> ApiResult {
     let id = path_id(&req, "paymentId", PaymentId::parse)?;
-    let payment = state.service.payment(id).await.map_err(read_error)?;
-    if !principal.acts_for(payment.user_id) {
-        return Err(OperationError::PaymentNotFound.into());
-    }
+    let payment = visible_payment(&state, &principal, id).await?;
     json(StatusCode::OK, &PaymentResponse::from(&payment))
 }
 
@@ -381,10 +402,7 @@ pub async fn cancel_order(
     body::read::<CancelOrderRequest>(&req, payload)
         .await?
         .check()?;
-    let order = state.service.order(id).await.map_err(read_error)?;
-    if !principal.acts_for(order.user_id) {
-        return Err(OperationError::OrderNotFound.into());
-    }
+    visible_order(&state, &principal, id).await?;
     let order = state.service.cancel_order(id).await.map_err(read_error)?;
     json(StatusCode::OK, &OrderResponse::from(&order))
 }
@@ -415,12 +433,8 @@ pub async fn refund(
         .reason()?
         .map(|raw| RefundReason::parse(&raw))
         .transpose()?;
-    // The refund runs as the payment's user: its lock, its key space, its balance. Another
-    // user's payment is not found, as a missing one.
-    let found = state.service.payment(payment).await.map_err(read_error)?;
-    if !principal.acts_for(found.user_id) {
-        return Err(OperationError::PaymentNotFound.into());
-    }
+    // The refund runs as the payment's user: its lock, its key space, its balance.
+    let found = visible_payment(&state, &principal, payment).await?;
     let op = Refund {
         user: found.user_id,
         payment,
@@ -446,10 +460,7 @@ pub async fn list_refunds(
     req: HttpRequest,
 ) -> ApiResult {
     let id = path_id(&req, "paymentId", PaymentId::parse)?;
-    let payment = state.service.payment(id).await.map_err(read_error)?;
-    if !principal.acts_for(payment.user_id) {
-        return Err(OperationError::PaymentNotFound.into());
-    }
+    visible_payment(&state, &principal, id).await?;
     let refunds = state.service.refunds(id).await.map_err(read_error)?;
     json(
         StatusCode::OK,
@@ -486,7 +497,7 @@ pub async fn get_request(
         .request(user, &key)
         .await
         .map_err(read_error)?;
-    let answer = RequestResponse::of(&record).ok_or_else(|| {
+    let answer = RequestResponse::of(record).ok_or_else(|| {
         ApiError::from(OperationError::Unexpected(anyhow::anyhow!(
             "the stored answer of a request is not JSON"
         )))
