@@ -11,6 +11,8 @@ pub enum OperationError {
     OrderNotFound,
     #[error("payment not found")]
     PaymentNotFound,
+    #[error("coupon not found")]
+    CouponNotFound,
     /// No finished request with this key is recorded for the user (never sent, still
     /// running on another instance, or expired).
     #[error("request not found")]

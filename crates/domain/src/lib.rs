@@ -14,5 +14,5 @@ pub mod time;
 pub mod types;
 
 pub use error::OperationError;
-pub use operations::{Charge, Operation, OperationKind, Pay, Refund, UseBalance};
+pub use operations::{Charge, IssueCoupon, Operation, OperationKind, Pay, Refund, UseBalance};
 pub use service::{BalanceService, Execution, LockUnavailablePolicy, Ports, Settings};

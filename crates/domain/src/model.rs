@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 
 use crate::types::{
-    Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, RefundReason, UserId,
+    Amount, Balance, CouponId, CouponName, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId,
+    RefundReason, UserCouponId, UserId,
 };
 
 /// A user's account. `version` grows by one with every balance write; a write names the
@@ -133,6 +134,17 @@ pub struct Payment {
     pub paid_at: DateTime<Utc>,
     /// How much of `amount` its refunds gave back: 0..=`amount`.
     pub refunded_total: i64,
+    /// The coupon the order was paid with and the part of the order's amount it took off
+    /// (`amount` is what the balance paid: the order's amount less this, possibly 0).
+    pub coupon: Option<CouponUse>,
+}
+
+/// A user coupon spent on a payment, and how much of the order it paid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CouponUse {
+    pub user_coupon: UserCouponId,
+    /// The discount taken off the order: the coupon's discount, at most the order's amount.
+    pub discount: Amount,
 }
 
 impl Payment {
@@ -195,4 +207,151 @@ pub struct Refund {
     pub payment_status: PaymentStatus,
     pub reason: Option<RefundReason>,
     pub created_at: DateTime<Utc>,
+}
+
+/// The most coupons of one kind (`totalQuantity`).
+pub const MAX_COUPON_QUANTITY: u32 = 10_000_000;
+/// The longest a coupon stays usable after it was issued (`validForDays`).
+pub const MAX_COUPON_VALID_DAYS: u32 = 3_650;
+/// `validForDays` when the request leaves it out.
+pub const DEFAULT_COUPON_VALID_DAYS: u32 = 30;
+
+/// A kind of coupon: a limited stock, issued first come first served, at most one per
+/// user, within its issuing window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coupon {
+    pub id: CouponId,
+    pub name: CouponName,
+    pub discount: Amount,
+    pub total_quantity: u32,
+    /// How many were issued: the number of its user coupons, never above `total_quantity`.
+    pub issued_quantity: u32,
+    pub issue_starts_at: DateTime<Utc>,
+    /// `None`: issuing never closes.
+    pub issue_ends_at: Option<DateTime<Utc>>,
+    pub valid_for_days: u32,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Coupon {
+    /// Whether issuing is open at `now`: from `issue_starts_at`, until (excluded) `issue_ends_at`.
+    pub fn is_open_at(&self, now: DateTime<Utc>) -> bool {
+        now >= self.issue_starts_at && self.issue_ends_at.is_none_or(|ends| now < ends)
+    }
+
+    pub fn is_sold_out(&self) -> bool {
+        self.issued_quantity >= self.total_quantity
+    }
+
+    /// When a coupon issued at `issued_at` stops being usable.
+    pub fn expiry_for(&self, issued_at: DateTime<Utc>) -> DateTime<Utc> {
+        issued_at
+            .checked_add_signed(chrono::Duration::days(i64::from(self.valid_for_days)))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+}
+
+/// A coupon to create, validated (`POST /api/coupons`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCoupon {
+    pub name: CouponName,
+    pub discount: Amount,
+    pub total_quantity: u32,
+    pub issue_starts_at: DateTime<Utc>,
+    pub issue_ends_at: Option<DateTime<Utc>>,
+    pub valid_for_days: u32,
+}
+
+impl NewCoupon {
+    /// Checks the bounds of the raw numbers and the window (`issue_ends_at` after
+    /// `issue_starts_at`).
+    ///
+    /// # Errors
+    /// A [`crate::types::ValidationError`] naming the field.
+    pub fn new(
+        name: CouponName,
+        discount: Amount,
+        total_quantity: i64,
+        issue_starts_at: DateTime<Utc>,
+        issue_ends_at: Option<DateTime<Utc>>,
+        valid_for_days: i64,
+    ) -> Result<Self, crate::types::ValidationError> {
+        use crate::types::ValidationError;
+        let total_quantity = u32::try_from(total_quantity)
+            .ok()
+            .filter(|q| (1..=MAX_COUPON_QUANTITY).contains(q))
+            .ok_or_else(|| {
+                ValidationError(format!(
+                    "totalQuantity must be between 1 and {MAX_COUPON_QUANTITY}"
+                ))
+            })?;
+        let valid_for_days = u32::try_from(valid_for_days)
+            .ok()
+            .filter(|d| (1..=MAX_COUPON_VALID_DAYS).contains(d))
+            .ok_or_else(|| {
+                ValidationError(format!(
+                    "validForDays must be between 1 and {MAX_COUPON_VALID_DAYS}"
+                ))
+            })?;
+        if issue_ends_at.is_some_and(|ends| ends <= issue_starts_at) {
+            return Err(ValidationError(
+                "issueEndsAt must be after issueStartsAt".to_owned(),
+            ));
+        }
+        Ok(Self {
+            name,
+            discount,
+            total_quantity,
+            issue_starts_at,
+            issue_ends_at,
+            valid_for_days,
+        })
+    }
+}
+
+/// A coupon issued to one user. `payment` is set while a payment uses it (then it is
+/// `USED`); a payment refunded in full sets it free again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserCoupon {
+    pub id: UserCouponId,
+    pub coupon_id: CouponId,
+    pub user_id: UserId,
+    pub discount: Amount,
+    pub payment: Option<PaymentId>,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// The key of the request that issued it.
+    pub idempotency_key: IdempotencyKey,
+}
+
+impl UserCoupon {
+    /// What it is at `now`: `USED` while a payment holds it, else `EXPIRED` from
+    /// `expires_at` on, else `AVAILABLE`.
+    pub fn status_at(&self, now: DateTime<Utc>) -> CouponStatus {
+        if self.payment.is_some() {
+            CouponStatus::Used
+        } else if now >= self.expires_at {
+            CouponStatus::Expired
+        } else {
+            CouponStatus::Available
+        }
+    }
+}
+
+/// Where a user coupon is, as listings show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CouponStatus {
+    Available,
+    Used,
+    Expired,
+}
+
+impl CouponStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CouponStatus::Available => "AVAILABLE",
+            CouponStatus::Used => "USED",
+            CouponStatus::Expired => "EXPIRED",
+        }
+    }
 }

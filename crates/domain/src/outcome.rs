@@ -2,8 +2,10 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::model::PaymentStatus;
-use crate::types::{Amount, Balance, OrderId, PaymentId, RefundId, RefundReason, UserId};
+use crate::model::{CouponUse, PaymentStatus, UserCoupon};
+use crate::types::{
+    Amount, Balance, CouponId, OrderId, PaymentId, RefundId, RefundReason, UserCouponId, UserId,
+};
 
 /// The result of a charge or a use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +25,8 @@ pub struct PaymentReceipt {
     pub amount: Amount,
     pub balance: Balance,
     pub paid_at: DateTime<Utc>,
+    /// The coupon the payment used, if any (the answer then names it and its discount).
+    pub coupon: Option<CouponUse>,
 }
 
 /// The result of a refund.
@@ -61,6 +65,12 @@ impl From<&crate::model::Refund> for RefundReceipt {
     }
 }
 
+/// The result of issuing a coupon: the user coupon as it was issued (`AVAILABLE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCoupon {
+    pub user_coupon: UserCoupon,
+}
+
 /// A business refusal: the request was valid and ran, and the answer is no. Stored under
 /// its key like a success, so a retry gets the same answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +101,14 @@ pub enum Refusal {
         requested: Option<Amount>,
         refundable: i64,
     },
+    /// Every unit of the coupon was issued (or is being issued) when the request came.
+    CouponSoldOut { coupon_id: CouponId },
+    /// The user holds this coupon already (issued under whatever key).
+    CouponAlreadyIssued { coupon_id: CouponId },
+    /// Before the coupon's `issueStartsAt`, or from its `issueEndsAt` on.
+    CouponNotOpen { coupon_id: CouponId },
+    /// Paying with a user coupon that is used, expired or another user's.
+    CouponNotUsable { user_coupon_id: UserCouponId },
 }
 
 /// Every outcome that is stored under an idempotency key.
@@ -100,5 +118,6 @@ pub enum Outcome {
     Used(BalanceReceipt),
     Paid(PaymentReceipt),
     Refunded(RefundReceipt),
+    CouponIssued(IssuedCoupon),
     Refused(Refusal),
 }

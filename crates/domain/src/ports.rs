@@ -8,11 +8,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::idempotency::{CompletedRecord, Fingerprint, StoredResponse};
-use crate::model::{HistoryPage, Order, Payment, Refund, User};
+use crate::model::{Coupon, HistoryPage, NewCoupon, Order, Payment, Refund, User, UserCoupon};
 use crate::operations::{Effect, OperationKind};
 use crate::outcome::Outcome;
 use crate::types::{
-    Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserId,
+    Amount, Balance, CouponId, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserCouponId,
+    UserId,
 };
 
 /// A failure of a repository that the use case cannot act on: the database is down, a
@@ -194,6 +195,57 @@ pub trait OrderRepo: Send + Sync {
     async fn cancel_order(&self, id: OrderId) -> Result<Option<Order>, RepoError>;
 }
 
+/// Coupons and the user coupons issued of them (read side and coupon creation; issuing
+/// and using are atomic steps of [`BalanceStore`]).
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait CouponRepo: Send + Sync {
+    /// Creates a coupon with nothing issued.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn create_coupon(
+        &self,
+        coupon: NewCoupon,
+        now: DateTime<Utc>,
+    ) -> Result<Coupon, RepoError>;
+
+    /// The coupon with its committed issued count.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn get_coupon(&self, id: CouponId) -> Result<Option<Coupon>, RepoError>;
+
+    /// The user coupon, of any user.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn get_user_coupon(&self, id: UserCouponId) -> Result<Option<UserCoupon>, RepoError>;
+
+    /// The user's coupon of `coupon`, if it was issued one (at most one exists).
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn holding(
+        &self,
+        coupon: CouponId,
+        user: UserId,
+    ) -> Result<Option<UserCoupon>, RepoError>;
+
+    /// The user's coupons, newest first, at most `limit`.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn user_coupons(&self, user: UserId, limit: u32) -> Result<Vec<UserCoupon>, RepoError>;
+
+    /// What the admission gate is rebuilt from: the coupon and every user it was issued to,
+    /// with the key that issued it, read together (one snapshot); `None` without the coupon.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn gate_snapshot(&self, coupon: CouponId) -> Result<Option<GateSnapshot>, RepoError>;
+}
+
 /// The durable, completed half of the idempotency state machine.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
@@ -226,11 +278,14 @@ pub trait IdempotencyRepo: Send + Sync {
 /// the stored response can name them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assigned {
-    pub entry_id: EntryId,
+    /// The ledger entry's id, for an effect that moves money.
+    pub entry_id: Option<EntryId>,
     /// For [`Effect::Pay`], the new payment's id.
     pub payment_id: Option<PaymentId>,
     /// For [`Effect::Refund`], the new refund's id.
     pub refund_id: Option<RefundId>,
+    /// For [`Effect::IssueCoupon`], the new user coupon's id.
+    pub user_coupon_id: Option<UserCouponId>,
 }
 
 /// Builds the response to store once the store has assigned its ids. The use case builds
@@ -300,6 +355,11 @@ pub enum StepError {
     /// one the refund was decided on (or the refund would take it past the payment).
     #[error("the payment's refunded total changed")]
     PaymentChanged,
+    /// For [`Effect::IssueCoupon`]: the coupon sold out, or the user was issued one,
+    /// since the decision; for a [`Effect::Pay`] with a coupon: the user coupon is no
+    /// longer this user's and free.
+    #[error("the coupon's stock or the user's coupon changed")]
+    CouponChanged,
     /// The user does not exist.
     #[error("no such user")]
     UserNotFound,
@@ -340,9 +400,17 @@ pub trait BalanceStore: Send + Sync {
     /// - MUST return [`StepError::PaymentChanged`] when the payment of an
     ///   [`Effect::Refund`] is not this user's, its refunded total is not the effect's
     ///   `refunded_before`, or the new total would pass the payment's amount;
+    /// - MUST return [`StepError::CouponChanged`] when the coupon of an
+    ///   [`Effect::IssueCoupon`] has no unit left or this user holds one already, and
+    ///   when the user coupon of an [`Effect::Pay`] is not this user's or is used;
+    /// - MUST, for an [`Effect::Refund`] that completes its payment, set the payment's
+    ///   user coupon free (no payment) in the same transaction;
+    /// - MUST, for an effect without a ledger entry ([`Effect::IssueCoupon`]), still move
+    ///   the users row's version on (guarded as always) and leave the balance as it is;
     /// - MUST pass the ids it assigned to `change.respond` (for [`Effect::Pay`], the
-    ///   payment's id; for [`Effect::Refund`], the refund's) and store its bytes as the
-    ///   record, marked APPLIED;
+    ///   payment's id; for [`Effect::Refund`], the refund's; for
+    ///   [`Effect::IssueCoupon`], the user coupon's) and store its bytes as the record,
+    ///   marked APPLIED;
     /// - MUST return [`StepError::UserNotFound`] when the user does not exist;
     /// - MUST return [`StepError::Unavailable`] when the store cannot be reached, and when
     ///   the commit failed with an unknown outcome (it may have happened);
@@ -354,6 +422,152 @@ pub trait BalanceStore: Send + Sync {
     /// # Errors
     /// As [`BalanceStore::apply`], for the version, the key and the user.
     async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError>;
+}
+
+// ---------------------------------------------------------------------------------------
+// The coupon admission gate
+// ---------------------------------------------------------------------------------------
+
+/// What the gate is built from (and checked against): the database's coupon and holders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateSnapshot {
+    pub coupon: Coupon,
+    /// Every user issued the coupon, with the key that issued it.
+    pub holders: Vec<(UserId, IdempotencyKey)>,
+}
+
+/// A request to the gate for one unit of a coupon.
+#[derive(Debug, Clone)]
+pub struct GateRequest {
+    pub coupon: CouponId,
+    pub user: UserId,
+    pub key: IdempotencyKey,
+    pub fingerprint: Fingerprint,
+    /// Names this admission, so only it can give its unit back.
+    pub token: String,
+    pub now: DateTime<Utc>,
+    /// The expiry of a refusal the gate records now.
+    pub expires_at: DateTime<Utc>,
+    /// The bytes of each refusal the gate may record and answer.
+    pub sold_out: StoredResponse,
+    pub already_issued: StoredResponse,
+    pub not_open: StoredResponse,
+}
+
+/// Which refusal the gate answered (and recorded under the request's key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateRefusal {
+    SoldOut,
+    AlreadyIssued,
+    NotOpen,
+}
+
+/// What the gate said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateAnswer {
+    /// The gate has no state for this coupon: rebuild it from the database and ask again.
+    Missing,
+    /// A unit is reserved for this request (pending under its token): run the database
+    /// step, then [`CouponGate::confirm`] or [`CouponGate::give_back`].
+    Admitted,
+    /// The gate cannot answer for this request (the user holds a unit under this very key,
+    /// issued or pending, or a pending one under another key): run the database step
+    /// without a reservation; confirm if it issued.
+    Pass,
+    /// The gate recorded this refusal under the key, now; `stale` says a unit has been
+    /// pending longer than it should (its holder may be gone), so the gate should be
+    /// rebuilt before it is trusted with a sold-out answer.
+    Refused { refusal: GateRefusal, stale: bool },
+    /// The key was answered by the gate before: its recorded response.
+    Replay {
+        response: StoredResponse,
+        expires_at: DateTime<Utc>,
+    },
+    /// The key was answered by the gate before, for another request.
+    Reused,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// The gate's backend cannot be reached; `LOCK_ON_REDIS_DOWN` decides what happens.
+    #[error("the admission gate is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// The gate's state of one coupon, for the audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateView {
+    pub total: u32,
+    /// Units issued or pending, as the gate counts them.
+    pub taken: u32,
+    pub issue_starts_at: DateTime<Utc>,
+    pub issue_ends_at: Option<DateTime<Utc>>,
+    /// Users the gate holds as issued, with the key that issued them.
+    pub issued: Vec<(UserId, IdempotencyKey)>,
+    /// Users with a unit pending, and since when.
+    pub pending: Vec<(UserId, DateTime<Utc>)>,
+}
+
+/// A fast, shared admission gate in front of the database's coupon step: it answers
+/// "sold out", "already issued" and "not open" (and replays them) without touching the
+/// database, and lets through at most the stock it knows of. It is never the truth: it is
+/// built from a [`GateSnapshot`], and the database step decides every unit it admits.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait CouponGate: Send + Sync {
+    /// Decides `request` atomically: replay or reuse of a key it answered, pass, a refusal
+    /// (recorded under the key until `expires_at`), or a unit reserved under the token.
+    ///
+    /// # Errors
+    /// MUST return [`GateError::Unavailable`] when the backend cannot be reached.
+    async fn admit(&self, request: &GateRequest) -> Result<GateAnswer, GateError>;
+
+    /// The user was issued the coupon under `key` (the step committed): held as issued
+    /// from now on, counted once whether or not its unit was pending here.
+    ///
+    /// # Errors
+    /// MUST return [`GateError::Unavailable`] when the backend cannot be reached.
+    async fn confirm(
+        &self,
+        coupon: CouponId,
+        user: UserId,
+        key: &IdempotencyKey,
+    ) -> Result<(), GateError>;
+
+    /// Nothing was issued to the admission of `token`: its unit is free again. A unit
+    /// not pending under that token (confirmed, given back, or rebuilt away) is left alone.
+    ///
+    /// # Errors
+    /// MUST return [`GateError::Unavailable`] when the backend cannot be reached.
+    async fn give_back(&self, coupon: CouponId, user: UserId, token: &str)
+    -> Result<(), GateError>;
+
+    /// Replaces the coupon's state with `snapshot`, keeping units pending for less than
+    /// `stale_after` of users the snapshot does not hold (their steps may still commit).
+    ///
+    /// # Errors
+    /// MUST return [`GateError::Unavailable`] when the backend cannot be reached.
+    async fn load(
+        &self,
+        snapshot: &GateSnapshot,
+        now: DateTime<Utc>,
+        stale_after: Duration,
+    ) -> Result<(), GateError>;
+
+    /// Drops the coupon's state (it disagreed with the database); the next request
+    /// rebuilds it. Recorded refusals stay.
+    ///
+    /// # Errors
+    /// MUST return [`GateError::Unavailable`] when the backend cannot be reached.
+    async fn forget(&self, coupon: CouponId) -> Result<(), GateError>;
+
+    /// The coupon's state, or `None` when the gate has none.
+    ///
+    /// # Errors
+    /// MUST return [`GateError::Unavailable`] when the backend cannot be reached.
+    async fn inspect(&self, coupon: CouponId) -> Result<Option<GateView>, GateError>;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -417,16 +631,30 @@ pub enum AuditCheck {
     /// A payment's refunds add up to its refunded total, which is at most its amount, and
     /// each refund has its REFUND ledger entry (same user, key, amount and instant).
     RefundsMatchPayment,
+    /// A coupon's issued count equals its user coupons, is at most its stock, and no user
+    /// holds two of one coupon; each user coupon has its COUPON_ISSUE record.
+    CouponStockMatchesIssued,
+    /// A used user coupon belongs to a live payment of its user with that coupon (not
+    /// refunded in full), and every payment with a coupon holds it.
+    CouponUseMatchesPayment,
+    /// The Redis admission gate agrees with the database: its stock and window are the
+    /// coupon's, every user it holds as issued is issued under that key, every issued user
+    /// is held, and its count is what it holds. (Checked by the service's audit with both
+    /// backends at hand; a store's auditor never reports it.)
+    CouponGateMatchesDatabase,
 }
 
 impl AuditCheck {
-    pub const ALL: [AuditCheck; 6] = [
+    pub const ALL: [AuditCheck; 9] = [
         AuditCheck::BalanceMatchesLedger,
         AuditCheck::RecordHasOneEffect,
         AuditCheck::KeyAppliedOnce,
         AuditCheck::NoRecordStuckInFlight,
         AuditCheck::PaidOrderHasOnePayment,
         AuditCheck::RefundsMatchPayment,
+        AuditCheck::CouponStockMatchesIssued,
+        AuditCheck::CouponUseMatchesPayment,
+        AuditCheck::CouponGateMatchesDatabase,
     ];
 
     pub fn name(self) -> &'static str {
@@ -437,6 +665,9 @@ impl AuditCheck {
             AuditCheck::NoRecordStuckInFlight => "no_record_stuck_in_flight",
             AuditCheck::PaidOrderHasOnePayment => "paid_order_has_one_payment",
             AuditCheck::RefundsMatchPayment => "refunds_match_payment",
+            AuditCheck::CouponStockMatchesIssued => "coupon_stock_matches_issued",
+            AuditCheck::CouponUseMatchesPayment => "coupon_use_matches_payment",
+            AuditCheck::CouponGateMatchesDatabase => "coupon_gate_matches_database",
         }
     }
 }
@@ -455,6 +686,8 @@ pub struct AuditReport {
     pub orders: u64,
     pub payments: u64,
     pub refunds: u64,
+    pub coupons: u64,
+    pub user_coupons: u64,
     /// The breaches listed, at most [`AuditReport::LISTED_PER_CHECK`] per check.
     pub breaches: Vec<Breach>,
     /// How many breaches each check found, listed or not. Only checks that found some

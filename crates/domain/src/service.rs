@@ -23,18 +23,26 @@ use chrono::{DateTime, Utc};
 
 use crate::claims::ClaimRegistry;
 use crate::error::OperationError;
-use crate::idempotency::{Admission, CompletedRecord, Fingerprint, KeyState, StoredResponse};
+use crate::idempotency::{
+    Admission, CompletedRecord, Fingerprint, KeyState, RecordOutcome, StoredResponse,
+};
 use crate::model::{HistoryPage, Order, OrderStatus, Payment, Refund, User};
 use crate::operations::{AppliedEffect, Decline, Operation, OperationKind, State};
 use crate::outcome::Outcome;
 use crate::ports::{
-    BalanceChange, BalanceStore, Clock, IdempotencyRepo, KeyRecord, LockError, LockKey, LockLease,
-    LockManager, OrderRepo, RefusalRecord, Release, ResponseEncoder, StepError, UserRepo,
+    BalanceChange, BalanceStore, Clock, CouponGate, CouponRepo, IdempotencyRepo, KeyRecord,
+    LockError, LockKey, LockLease, LockManager, OrderRepo, RefusalRecord, Release, ResponseEncoder,
+    StepError, UserRepo,
 };
 use crate::telemetry as m;
 use crate::types::{
     Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, PaymentId, UserId,
 };
+
+mod coupons;
+mod known_users;
+
+pub use coupons::{CouponListing, MAX_LISTED_COUPONS};
 
 /// The most refunds of one payment a listing returns (a payment of at most `MAX_AMOUNT`
 /// won could in principle be refunded one won at a time).
@@ -83,11 +91,15 @@ impl Default for Settings {
 pub struct Ports {
     pub users: Arc<dyn UserRepo>,
     pub orders: Arc<dyn OrderRepo>,
+    pub coupons: Arc<dyn CouponRepo>,
     pub keys: Arc<dyn IdempotencyRepo>,
     pub store: Arc<dyn BalanceStore>,
     pub locks: Arc<dyn LockManager>,
     pub encoder: Arc<dyn ResponseEncoder>,
     pub clock: Arc<dyn Clock>,
+    /// The coupon admission gate, when there is a shared backend for it (Redis); without
+    /// it every issue goes to the database step, which is exact on its own.
+    pub gate: Option<Arc<dyn CouponGate>>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -112,6 +124,7 @@ pub struct BalanceService {
     ports: Ports,
     settings: Settings,
     claims: ClaimRegistry,
+    known_users: known_users::KnownUsers,
 }
 
 /// What one attempt decided, from one read of the user (and what the operation reads).
@@ -126,6 +139,7 @@ impl BalanceService {
             ports,
             settings,
             claims: ClaimRegistry::new(),
+            known_users: known_users::KnownUsers::default(),
         }
     }
 
@@ -135,6 +149,14 @@ impl BalanceService {
 
     pub fn limits(&self) -> &Limits {
         &self.settings.limits
+    }
+
+    /// When a record written at `now` expires.
+    fn record_expiry(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        let ttl = chrono::Duration::from_std(self.settings.idempotency_ttl)
+            .unwrap_or(chrono::Duration::MAX);
+        now.checked_add_signed(ttl)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
     /// Keys this instance is running right now.
@@ -321,6 +343,15 @@ impl BalanceService {
     /// `KeyReused`, `LockTimeout`, `Unavailable` and `Unexpected`. Business refusals are
     /// `Ok` with their stored problem response.
     pub async fn execute(&self, op: Arc<dyn Operation>) -> Result<Execution, OperationError> {
+        self.run(op).await.map(|(execution, _)| execution)
+    }
+
+    /// [`BalanceService::execute`], saying also whether the answer is of an applied effect
+    /// or a refusal (the coupon gate settles its reservation by it).
+    async fn run(
+        &self,
+        op: Arc<dyn Operation>,
+    ) -> Result<(Execution, RecordOutcome), OperationError> {
         let user = op.user();
         let fingerprint = op.fingerprint();
 
@@ -349,25 +380,29 @@ impl BalanceService {
         &self,
         op: &dyn Operation,
         fingerprint: &Fingerprint,
-    ) -> Result<Option<Execution>, OperationError> {
+    ) -> Result<Option<(Execution, RecordOutcome)>, OperationError> {
         let now = self.ports.clock.now();
-        let (state, expires_at) = match self.ports.keys.find(op.user(), op.key(), now).await? {
-            Some(record) => {
-                let expires_at = record.expires_at;
-                (KeyState::Completed(record), expires_at)
-            }
-            None => (KeyState::Free, now),
-        };
+        let (state, expires_at, outcome) =
+            match self.ports.keys.find(op.user(), op.key(), now).await? {
+                Some(record) => {
+                    let (expires_at, outcome) = (record.expires_at, record.outcome);
+                    (KeyState::Completed(record), expires_at, outcome)
+                }
+                None => (KeyState::Free, now, RecordOutcome::Refused),
+            };
         match state.admit(fingerprint, now) {
             Admission::Run => Ok(None),
             Admission::Replay(response) => {
                 metrics::counter!(m::IDEMPOTENT_REPLAYS_TOTAL, "operation" => op.kind().label())
                     .increment(1);
-                Ok(Some(Execution {
-                    response,
-                    replayed: true,
-                    expires_at,
-                }))
+                Ok(Some((
+                    Execution {
+                        response,
+                        replayed: true,
+                        expires_at,
+                    },
+                    outcome,
+                )))
             }
             other => Err(self.refused_admission(op.kind(), other)),
         }
@@ -433,7 +468,7 @@ impl BalanceService {
         &self,
         op: &Arc<dyn Operation>,
         fingerprint: &Fingerprint,
-    ) -> Result<Execution, OperationError> {
+    ) -> Result<(Execution, RecordOutcome), OperationError> {
         let label = op.kind().label();
         // Bounded: under the lock a conflict means the lock was bypassed (lease expired,
         // Redis down); a few fresh reads settle it, and an endless loop would hold the
@@ -455,29 +490,33 @@ impl BalanceService {
                 Plan::Apply(change) => self.ports.store.apply(change).await.map(|applied| {
                     metrics::counter!(m::OPERATIONS_APPLIED_TOTAL, "operation" => label)
                         .increment(1);
-                    applied.response
+                    (applied.response, RecordOutcome::Applied)
                 }),
                 Plan::Refuse(refusal) => {
                     let response = refusal.response.clone();
                     self.ports.store.record_refusal(refusal).await.map(|()| {
                         metrics::counter!(m::OPERATIONS_REFUSED_TOTAL, "operation" => label)
                             .increment(1);
-                        response
+                        (response, RecordOutcome::Refused)
                     })
                 }
             };
             match result {
-                Ok(response) => {
-                    return Ok(Execution {
-                        response,
-                        replayed: false,
-                        expires_at,
-                    });
+                Ok((response, outcome)) => {
+                    return Ok((
+                        Execution {
+                            response,
+                            replayed: false,
+                            expires_at,
+                        },
+                        outcome,
+                    ));
                 }
                 Err(
                     StepError::VersionConflict
                     | StepError::OrderNotPending
-                    | StepError::PaymentChanged,
+                    | StepError::PaymentChanged
+                    | StepError::CouponChanged,
                 ) => {
                     metrics::counter!(m::OPTIMISTIC_CONFLICTS_TOTAL).increment(1);
                     if conflicts_left == 0 {
@@ -538,21 +577,32 @@ impl BalanceService {
             Some(id) => self.ports.orders.get_payment(id).await?,
             None => None,
         };
+        let (coupon, holding) = match reads.coupon {
+            Some(id) => match self.ports.coupons.get_coupon(id).await? {
+                Some(coupon) => (Some(coupon), self.ports.coupons.holding(id, user.id).await?),
+                None => (None, None),
+            },
+            None => (None, None),
+        };
+        let user_coupon = match reads.user_coupon {
+            Some(id) => self.ports.coupons.get_user_coupon(id).await?,
+            None => None,
+        };
         let state = State {
             user,
             order,
             payment,
+            coupon,
+            holding,
+            user_coupon,
+            now,
         };
-        let ttl = chrono::Duration::from_std(self.settings.idempotency_ttl)
-            .unwrap_or(chrono::Duration::MAX);
         let key = KeyRecord {
             key: op.key().clone(),
             fingerprint: fingerprint.clone(),
             operation: op.kind(),
             created_at: now,
-            expires_at: now
-                .checked_add_signed(ttl)
-                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            expires_at: self.record_expiry(now),
         };
         let user_id = state.user.id;
         let expected_version = state.user.version;
@@ -585,6 +635,7 @@ impl BalanceService {
             }),
             Err(Decline::OrderNotFound) => return Err(OperationError::OrderNotFound),
             Err(Decline::PaymentNotFound) => return Err(OperationError::PaymentNotFound),
+            Err(Decline::CouponNotFound) => return Err(OperationError::CouponNotFound),
         })
     }
 }

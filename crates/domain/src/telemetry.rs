@@ -36,3 +36,11 @@ pub const IDEMPOTENCY_PURGED_TOTAL: &str = "balance_idempotency_purged_total";
 pub const AUDIT_BREACHES: &str = "balance_audit_breaches";
 /// When the last audit finished (gauge, Unix seconds).
 pub const AUDIT_LAST_RUN_SECONDS: &str = "balance_audit_last_run_timestamp_seconds";
+/// Coupon issues the admission gate answered without the database, by answer.
+pub const COUPON_GATE_ANSWERED_TOTAL: &str = "coupon_gate_answered_total";
+/// Times the gate was rebuilt from the database (missing, or a unit pending too long).
+pub const COUPON_GATE_REBUILDS_TOTAL: &str = "coupon_gate_rebuilds_total";
+/// Issues the database refused after the gate let them through (the gate is then dropped).
+pub const COUPON_GATE_DISAGREED_TOTAL: &str = "coupon_gate_disagreed_total";
+/// Issues that ran under the database guard alone because the gate could not be asked.
+pub const COUPON_GATE_BYPASSED_TOTAL: &str = "coupon_gate_bypassed_total";

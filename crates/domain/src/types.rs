@@ -90,6 +90,16 @@ positive_id!(
     "refundId"
 );
 positive_id!(
+    /// A coupon's id (the coupon itself: its stock, discount and issuing window).
+    CouponId,
+    "couponId"
+);
+positive_id!(
+    /// A user coupon's id: one coupon issued to one user.
+    UserCouponId,
+    "userCouponId"
+);
+positive_id!(
     /// A ledger entry's id; history pages are keyed by it.
     EntryId,
     "before"
@@ -158,6 +168,13 @@ impl Amount {
 
     pub fn get(self) -> i64 {
         self.0
+    }
+
+    /// This amount less `discount`, never below 0, and the part of the discount that was
+    /// taken off. The one way to get an amount of 0: a payment a coupon covered in full.
+    pub fn less(self, discount: Amount) -> (Amount, Amount) {
+        let taken = discount.0.min(self.0);
+        (Amount(self.0 - taken), Amount(taken))
     }
 }
 
@@ -294,6 +311,42 @@ impl RefundReason {
     }
 
     /// Rebuilds a reason read back from storage, where it was validated on the way in.
+    pub fn from_stored(raw: String) -> Self {
+        Self(raw)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A coupon's name: 1 to 100 characters, none of them a control character.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct CouponName(String);
+
+impl CouponName {
+    pub const MAX_CHARS: usize = 100;
+
+    /// # Errors
+    /// A [`ValidationError`] for an empty name, one over 100 characters or one with a
+    /// control character.
+    pub fn parse(raw: &str) -> Result<Self, ValidationError> {
+        let chars = raw.chars().count();
+        if chars == 0 || chars > Self::MAX_CHARS {
+            return Err(ValidationError::new(
+                "name must be 1 to 100 characters long",
+            ));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(ValidationError::new(
+                "name must not contain control characters",
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// Rebuilds a name read back from storage, where it was validated on the way in.
     pub fn from_stored(raw: String) -> Self {
         Self(raw)
     }

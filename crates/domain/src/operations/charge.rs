@@ -5,7 +5,7 @@ use crate::model::EntryKind;
 use crate::operations::{
     AppliedEffect, Decline, Effect, Movement, Operation, OperationKind, State,
 };
-use crate::outcome::{BalanceReceipt, Outcome, Refusal};
+use crate::outcome::{Outcome, Refusal};
 use crate::types::{Amount, IdempotencyKey, Limits, UserId};
 
 /// `POST /api/users/{userId}/charge`.
@@ -50,13 +50,7 @@ impl Operation for Charge {
     }
 
     fn outcome(&self, applied: &AppliedEffect) -> Outcome {
-        let movement = applied.effect.movement();
-        Outcome::Charged(BalanceReceipt {
-            user_id: applied.user,
-            balance: movement.balance_after,
-            amount: movement.amount,
-            at: applied.at,
-        })
+        Outcome::Charged(applied.balance_receipt())
     }
 }
 
@@ -80,8 +74,8 @@ mod tests {
         assert_eq!(
             charge(900)
                 .decide(&near_the_top, &limits)
-                .map(|e| (e.entry_kind(), e.movement().balance_after.get())),
-            Ok((EntryKind::Charge, limits.max_balance))
+                .map(|e| e.ledger().map(|(kind, m)| (kind, m.balance_after.get()))),
+            Ok(Some((EntryKind::Charge, limits.max_balance)))
         );
         assert_eq!(
             charge(901).decide(&near_the_top, &limits),

@@ -15,19 +15,22 @@
 use chrono::{DateTime, Utc};
 
 use crate::idempotency::Fingerprint;
-use crate::model::{EntryKind, Order, Payment, PaymentStatus, User};
+use crate::model::{Coupon, CouponUse, EntryKind, Order, Payment, PaymentStatus, User, UserCoupon};
 use crate::outcome::{Outcome, Refusal};
 use crate::ports::Assigned;
 use crate::types::{
-    Amount, Balance, IdempotencyKey, Limits, OrderId, PaymentId, RefundReason, UserId,
+    Amount, Balance, CouponId, IdempotencyKey, Limits, OrderId, PaymentId, RefundReason,
+    UserCouponId, UserId,
 };
 
 pub mod charge;
+pub mod coupon_issue;
 pub mod pay;
 pub mod refund;
 pub mod use_balance;
 
 pub use charge::Charge;
+pub use coupon_issue::IssueCoupon;
 pub use pay::Pay;
 pub use refund::Refund;
 pub use use_balance::UseBalance;
@@ -39,23 +42,27 @@ pub enum OperationKind {
     Use,
     Payment,
     Refund,
+    CouponIssue,
 }
 
 impl OperationKind {
-    pub const ALL: [OperationKind; 4] = [
+    pub const ALL: [OperationKind; 5] = [
         OperationKind::Charge,
         OperationKind::Use,
         OperationKind::Payment,
         OperationKind::Refund,
+        OperationKind::CouponIssue,
     ];
 
-    /// The name used in storage and in the API (`CHARGE`, `USE`, `PAYMENT`).
+    /// The name used in storage and in the API (`CHARGE`, `USE`, `PAYMENT`, `REFUND`,
+    /// `COUPON_ISSUE`).
     pub fn as_str(self) -> &'static str {
         match self {
             OperationKind::Charge => "CHARGE",
             OperationKind::Use => "USE",
             OperationKind::Payment => "PAYMENT",
             OperationKind::Refund => "REFUND",
+            OperationKind::CouponIssue => "COUPON_ISSUE",
         }
     }
 
@@ -71,6 +78,7 @@ impl OperationKind {
             OperationKind::Use => "use",
             OperationKind::Payment => "payment",
             OperationKind::Refund => "refund",
+            OperationKind::CouponIssue => "coupon_issue",
         }
     }
 }
@@ -82,6 +90,10 @@ pub struct Reads {
     pub order: Option<OrderId>,
     /// The payment the operation is about.
     pub payment: Option<PaymentId>,
+    /// The coupon the operation is about, and the user's own coupon of that kind.
+    pub coupon: Option<CouponId>,
+    /// The user coupon the operation spends.
+    pub user_coupon: Option<UserCouponId>,
 }
 
 /// What an operation decides on: the user and whatever its [`Reads`] asked for, all read
@@ -94,6 +106,14 @@ pub struct State {
     pub order: Option<Order>,
     /// Set when [`Reads::payment`] was, and the payment exists (of any user).
     pub payment: Option<Payment>,
+    /// Set when [`Reads::coupon`] was, and the coupon exists.
+    pub coupon: Option<Coupon>,
+    /// Set when [`Reads::coupon`] was, and this user holds that coupon already.
+    pub holding: Option<UserCoupon>,
+    /// Set when [`Reads::user_coupon`] was, and it exists (of any user).
+    pub user_coupon: Option<UserCoupon>,
+    /// When the state was read: the instant the operation is decided (and written) at.
+    pub now: DateTime<Utc>,
 }
 
 /// A change of the balance: the amount moved (always positive) and the balance after it.
@@ -124,12 +144,29 @@ pub enum Effect {
     /// Money out: the balance and a USE ledger entry.
     Use(Movement),
     /// Money out for an order: the balance, a PAYMENT ledger entry, the order PAID and its
-    /// payment row.
-    Pay { order: OrderId, movement: Movement },
+    /// payment row; with a coupon, the user coupon USED by this payment (the movement is
+    /// the order's amount less the coupon's discount, possibly 0).
+    Pay {
+        order: OrderId,
+        movement: Movement,
+        coupon: Option<CouponUse>,
+    },
     /// Money back from a payment: the balance, a REFUND ledger entry, the refund row, the
     /// payment's refunded total (only over the total the decision read) and, when the
     /// payment is refunded in full, its order REFUNDED.
     Refund(RefundEffect),
+    /// One unit of a coupon to the user: the coupon's issued count up by one (only while
+    /// below its stock) and the user coupon row (one per user and coupon). No money moves;
+    /// the users row's version still moves on (every write in a user's key space does).
+    IssueCoupon(IssueEffect),
+}
+
+/// What issuing a coupon writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueEffect {
+    pub coupon: CouponId,
+    pub discount: Amount,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// What a refund writes besides the balance.
@@ -144,6 +181,8 @@ pub struct RefundEffect {
     /// only over this one (the guard in the payment row), and never past `payment_amount`.
     pub refunded_before: i64,
     pub reason: Option<RefundReason>,
+    /// The payment's coupon, set free again when this refund completes the payment.
+    pub coupon: Option<UserCouponId>,
 }
 
 impl RefundEffect {
@@ -165,24 +204,33 @@ impl RefundEffect {
 }
 
 impl Effect {
-    /// The kind of the ledger entry the effect writes (and so the sign of its amount).
-    pub fn entry_kind(&self) -> EntryKind {
+    /// The kind of the ledger entry the effect writes (and so the sign of its amount);
+    /// `None` for an effect that moves no money and writes no ledger entry.
+    pub fn entry_kind(&self) -> Option<EntryKind> {
         match self {
-            Effect::Charge(_) => EntryKind::Charge,
-            Effect::Use(_) => EntryKind::Use,
-            Effect::Pay { .. } => EntryKind::Payment,
-            Effect::Refund(_) => EntryKind::Refund,
+            Effect::Charge(_) => Some(EntryKind::Charge),
+            Effect::Use(_) => Some(EntryKind::Use),
+            Effect::Pay { .. } => Some(EntryKind::Payment),
+            Effect::Refund(_) => Some(EntryKind::Refund),
+            Effect::IssueCoupon(_) => None,
         }
     }
 
-    /// The balance change every effect makes.
-    pub fn movement(&self) -> Movement {
+    /// The balance change of an effect that moves money (with its ledger entry), or
+    /// `None` (issuing a coupon).
+    pub fn movement(&self) -> Option<Movement> {
         match self {
             Effect::Charge(movement) | Effect::Use(movement) | Effect::Pay { movement, .. } => {
-                *movement
+                Some(*movement)
             }
-            Effect::Refund(refund) => refund.movement,
+            Effect::Refund(refund) => Some(refund.movement),
+            Effect::IssueCoupon(_) => None,
         }
+    }
+
+    /// The ledger entry's kind and the movement together, for an effect that has them.
+    pub fn ledger(&self) -> Option<(EntryKind, Movement)> {
+        self.entry_kind().zip(self.movement())
     }
 }
 
@@ -197,6 +245,8 @@ pub enum Decline {
     OrderNotFound,
     /// The payment read for the operation is missing, or another user's (404, not stored).
     PaymentNotFound,
+    /// The coupon read for the operation is missing (404, not stored).
+    CouponNotFound,
 }
 
 impl From<Refusal> for Decline {
@@ -212,6 +262,24 @@ pub struct AppliedEffect {
     pub effect: Effect,
     pub at: DateTime<Utc>,
     pub assigned: Assigned,
+}
+
+impl AppliedEffect {
+    /// The charge/use receipt of the effect: what moved and the balance after it. (An
+    /// effect that moves no money reads as 0 moved and a balance of 0; no operation that
+    /// answers with this receipt decides such an effect.)
+    pub(crate) fn balance_receipt(&self) -> crate::outcome::BalanceReceipt {
+        let movement = self.effect.movement().unwrap_or(Movement {
+            amount: Amount::from_stored(0),
+            balance_after: Balance::ZERO,
+        });
+        crate::outcome::BalanceReceipt {
+            user_id: self.user,
+            balance: movement.balance_after,
+            amount: movement.amount,
+            at: self.at,
+        }
+    }
 }
 
 /// One balance-changing operation, validated. Object-safe: the generic path takes any.
@@ -270,6 +338,10 @@ mod test_support {
             },
             order: None,
             payment: None,
+            coupon: None,
+            holding: None,
+            user_coupon: None,
+            now: t(),
         }
     }
 
@@ -279,9 +351,10 @@ mod test_support {
             effect,
             at: t(),
             assigned: Assigned {
-                entry_id: EntryId::new(9).unwrap(),
+                entry_id: EntryId::new(9).ok(),
                 payment_id: None,
                 refund_id: None,
+                user_coupon_id: None,
             },
         }
     }

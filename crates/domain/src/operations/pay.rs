@@ -1,12 +1,13 @@
-//! Paying an order from the balance: the order's amount out, the order PAID, a payment row.
+//! Paying an order from the balance: the order's amount out, the order PAID, a payment row;
+//! with a coupon, its discount off the amount and the coupon USED by the payment.
 
 use crate::idempotency::Fingerprint;
-use crate::model::{EntryKind, OrderStatus};
+use crate::model::{CouponStatus, CouponUse, EntryKind, OrderStatus};
 use crate::operations::{
     AppliedEffect, Decline, Effect, Movement, Operation, OperationKind, Reads, State,
 };
-use crate::outcome::{BalanceReceipt, Outcome, PaymentReceipt, Refusal};
-use crate::types::{IdempotencyKey, Limits, OrderId, UserId};
+use crate::outcome::{Outcome, PaymentReceipt, Refusal};
+use crate::types::{IdempotencyKey, Limits, OrderId, UserCouponId, UserId};
 
 /// `POST /api/payments`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,11 +15,19 @@ pub struct Pay {
     pub user: UserId,
     pub order: OrderId,
     pub key: IdempotencyKey,
+    /// The user coupon to pay part of the order with.
+    pub coupon: Option<UserCouponId>,
 }
 
-/// The stored fingerprint of a payment; records written by every earlier version match it.
-pub fn fingerprint(user: UserId, order: OrderId) -> Fingerprint {
-    Fingerprint::from_stored(format!("payment:user={user}:order={order}"))
+/// The stored fingerprint of a payment; records written by every earlier version match it
+/// (a payment with a coupon names it: with and without are different requests).
+pub fn fingerprint(user: UserId, order: OrderId, coupon: Option<UserCouponId>) -> Fingerprint {
+    match coupon {
+        None => Fingerprint::from_stored(format!("payment:user={user}:order={order}")),
+        Some(coupon) => {
+            Fingerprint::from_stored(format!("payment:user={user}:order={order}:coupon={coupon}"))
+        }
+    }
 }
 
 impl Operation for Pay {
@@ -35,12 +44,13 @@ impl Operation for Pay {
     }
 
     fn fingerprint(&self) -> Fingerprint {
-        fingerprint(self.user, self.order)
+        fingerprint(self.user, self.order, self.coupon)
     }
 
     fn reads(&self) -> Reads {
         Reads {
             order: Some(self.order),
+            user_coupon: self.coupon,
             ..Reads::default()
         }
     }
@@ -61,37 +71,61 @@ impl Operation for Pay {
                 return Err(Refusal::OrderCancelled { order_id: order.id }.into());
             }
         }
+        let (charged, coupon) = match self.coupon {
+            None => (order.amount, None),
+            Some(id) => {
+                // Used, expired, missing or another user's: one refusal, so a coupon's
+                // existence is not leaked either.
+                let coupon = state
+                    .user_coupon
+                    .as_ref()
+                    .filter(|coupon| coupon.id == id && coupon.user_id == state.user.id)
+                    .filter(|coupon| coupon.status_at(state.now) == CouponStatus::Available)
+                    .ok_or(Refusal::CouponNotUsable { user_coupon_id: id })?;
+                let (charged, discount) = order.amount.less(coupon.discount);
+                (
+                    charged,
+                    Some(CouponUse {
+                        user_coupon: id,
+                        discount,
+                    }),
+                )
+            }
+        };
         let balance = state.user.balance;
-        Movement::of(EntryKind::Payment, balance, order.amount, limits)
+        Movement::of(EntryKind::Payment, balance, charged, limits)
             .map(|movement| Effect::Pay {
                 order: order.id,
                 movement,
+                coupon,
             })
             .ok_or(Decline::Refused(Refusal::InsufficientBalance {
                 balance,
-                requested: order.amount,
+                requested: charged,
             }))
     }
 
     fn outcome(&self, applied: &AppliedEffect) -> Outcome {
-        let movement = applied.effect.movement();
         match (&applied.effect, applied.assigned.payment_id) {
-            (Effect::Pay { order, .. }, Some(payment_id)) => Outcome::Paid(PaymentReceipt {
+            (
+                Effect::Pay {
+                    order,
+                    movement,
+                    coupon,
+                },
+                Some(payment_id),
+            ) => Outcome::Paid(PaymentReceipt {
                 payment_id,
                 order_id: *order,
                 user_id: applied.user,
                 amount: movement.amount,
                 balance: movement.balance_after,
                 paid_at: applied.at,
+                coupon: *coupon,
             }),
             // A store that applied a payment without assigning a payment id broke its port's
             // contract; the answer still tells the truth about the balance (as before).
-            _ => Outcome::Used(BalanceReceipt {
-                user_id: applied.user,
-                balance: movement.balance_after,
-                amount: movement.amount,
-                at: applied.at,
-            }),
+            _ => Outcome::Used(applied.balance_receipt()),
         }
     }
 }
@@ -108,6 +142,7 @@ mod tests {
             user: UserId::new(1).unwrap(),
             order: OrderId::new(order).unwrap(),
             key: IdempotencyKey::parse("k").unwrap(),
+            coupon: None,
         }
     }
 
@@ -128,8 +163,8 @@ mod tests {
         assert_eq!(pay(5).reads().order, OrderId::new(5).ok());
         let effect = pay(5).decide(&with_order(1_000, 1, 400, OrderStatus::Pending), &limits());
         assert_eq!(
-            effect.map(|e| (e.entry_kind(), e.movement().balance_after.get())),
-            Ok((EntryKind::Payment, 600))
+            effect.map(|e| e.ledger().map(|(kind, m)| (kind, m.balance_after.get()))),
+            Ok(Some((EntryKind::Payment, 600)))
         );
     }
 

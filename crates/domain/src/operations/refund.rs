@@ -91,6 +91,7 @@ impl Operation for Refund {
             payment_amount: payment.amount,
             refunded_before: payment.refunded_total,
             reason: self.reason.clone(),
+            coupon: payment.coupon.map(|used| used.user_coupon),
         }))
     }
 
@@ -110,15 +111,7 @@ impl Operation for Refund {
             }),
             // A store that applied a refund without assigning its id broke its port's
             // contract; the answer still tells the truth about the balance.
-            _ => {
-                let movement = applied.effect.movement();
-                Outcome::Charged(crate::outcome::BalanceReceipt {
-                    user_id: applied.user,
-                    balance: movement.balance_after,
-                    amount: movement.amount,
-                    at: applied.at,
-                })
-            }
+            _ => Outcome::Charged(applied.balance_receipt()),
         }
     }
 }
@@ -151,6 +144,7 @@ mod tests {
             balance_after: Balance::new(0, &limits()).unwrap(),
             paid_at: t(),
             refunded_total: refunded,
+            coupon: None,
         });
         state
     }

@@ -5,7 +5,7 @@ use crate::model::EntryKind;
 use crate::operations::{
     AppliedEffect, Decline, Effect, Movement, Operation, OperationKind, State,
 };
-use crate::outcome::{BalanceReceipt, Outcome, Refusal};
+use crate::outcome::{Outcome, Refusal};
 use crate::types::{Amount, IdempotencyKey, Limits, UserId};
 
 /// `POST /api/users/{userId}/use`.
@@ -49,13 +49,7 @@ impl Operation for UseBalance {
     }
 
     fn outcome(&self, applied: &AppliedEffect) -> Outcome {
-        let movement = applied.effect.movement();
-        Outcome::Used(BalanceReceipt {
-            user_id: applied.user,
-            balance: movement.balance_after,
-            amount: movement.amount,
-            at: applied.at,
-        })
+        Outcome::Used(applied.balance_receipt())
     }
 }
 
@@ -78,8 +72,8 @@ mod tests {
         assert_eq!(
             use_of(900)
                 .decide(&state(900), &limits)
-                .map(|e| (e.entry_kind(), e.movement().balance_after.get())),
-            Ok((EntryKind::Use, 0))
+                .map(|e| e.ledger().map(|(kind, m)| (kind, m.balance_after.get()))),
+            Ok(Some((EntryKind::Use, 0)))
         );
         assert_eq!(
             use_of(901).decide(&state(900), &limits),

@@ -1,0 +1,297 @@
+//! The coupon use cases: creating and reading coupons, a user's coupons, and issuing one
+//! first come first served.
+//!
+//! Issuing is an [`Operation`] like a charge (keyed, locked as the user, one atomic step
+//! that the database guards: the issued count only rises below the stock, one user coupon
+//! per user and coupon). In front of it, when there is one, sits the [`CouponGate`]: a
+//! shared counter of the coupon's stock in Redis that answers "sold out", "already
+//! issued" and "not open" (recording them under the key, replaying them) without a
+//! database round trip, and lets through at most as many requests as it has units.
+//!
+//! The gate is never the truth. It is built from the database when it is missing, and
+//! rebuilt when it disagrees with it: when the database refuses a request the gate let
+//! through, or when a unit has been pending longer than a step can take (its holder was
+//! killed). A unit is given back only when nothing can have been issued for it (the step
+//! refused or never ran); after an unknown outcome it stays pending, so a retry of that
+//! key goes to the database, which knows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::{BalanceService, Execution, LockUnavailablePolicy};
+use crate::error::OperationError;
+use crate::idempotency::RecordOutcome;
+use crate::model::{Coupon, NewCoupon, UserCoupon};
+use crate::operations::{IssueCoupon, Operation};
+use crate::outcome::{Outcome, Refusal};
+use crate::ports::{CouponGate, GateAnswer, GateError, GateRefusal, GateRequest};
+use crate::telemetry as m;
+use crate::types::{CouponId, UserId};
+
+/// The most coupons of one user a listing returns.
+pub const MAX_LISTED_COUPONS: u32 = 1_000;
+
+/// A user's coupons, newest first, and the instant their status is shown at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CouponListing {
+    pub items: Vec<UserCoupon>,
+    pub at: DateTime<Utc>,
+}
+
+impl BalanceService {
+    /// # Errors
+    /// A store failure.
+    pub async fn create_coupon(&self, coupon: NewCoupon) -> Result<Coupon, OperationError> {
+        let now = self.ports.clock.now();
+        Ok(self.ports.coupons.create_coupon(coupon, now).await?)
+    }
+
+    /// # Errors
+    /// `CouponNotFound`, or a store failure.
+    pub async fn coupon(&self, id: CouponId) -> Result<Coupon, OperationError> {
+        self.ports
+            .coupons
+            .get_coupon(id)
+            .await?
+            .ok_or(OperationError::CouponNotFound)
+    }
+
+    /// The user's coupons, newest first (at most [`MAX_LISTED_COUPONS`]).
+    ///
+    /// # Errors
+    /// `UserNotFound`, or a store failure.
+    pub async fn user_coupons(&self, user: UserId) -> Result<CouponListing, OperationError> {
+        self.balance(user).await?;
+        let at = self.ports.clock.now();
+        let items = self
+            .ports
+            .coupons
+            .user_coupons(user, MAX_LISTED_COUPONS)
+            .await?;
+        Ok(CouponListing { items, at })
+    }
+
+    /// Issues one unit of a coupon to a user, once per key: through the gate when there is
+    /// one, else (and whenever the gate cannot answer) by the database step alone.
+    ///
+    /// # Errors
+    /// As [`BalanceService::execute`], and `CouponNotFound`.
+    pub async fn issue_coupon(&self, op: IssueCoupon) -> Result<Execution, OperationError> {
+        let Some(gate) = self.ports.gate.clone() else {
+            return self.execute(Arc::new(op)).await;
+        };
+        self.ensure_user(op.user).await?;
+        let request = self.gate_request(&op);
+        let mut rebuilt = false;
+        loop {
+            let answer = match gate.admit(&request).await {
+                Ok(answer) => answer,
+                Err(e) => return self.without_gate(op, e).await,
+            };
+            match answer {
+                GateAnswer::Missing | GateAnswer::Refused { stale: true, .. } if !rebuilt => {
+                    rebuilt = true;
+                    self.rebuild_gate(gate.as_ref(), op.coupon).await?;
+                }
+                // Dropped again since the rebuild: the database answers this one.
+                GateAnswer::Missing | GateAnswer::Pass => {
+                    return self.issue_unreserved(gate.as_ref(), op).await;
+                }
+                GateAnswer::Refused { refusal, .. } => {
+                    metrics::counter!(m::COUPON_GATE_ANSWERED_TOTAL, "answer" => refusal_label(refusal))
+                        .increment(1);
+                    let response = match refusal {
+                        GateRefusal::SoldOut => request.sold_out,
+                        GateRefusal::AlreadyIssued => request.already_issued,
+                        GateRefusal::NotOpen => request.not_open,
+                    };
+                    return Ok(Execution {
+                        response,
+                        replayed: false,
+                        expires_at: request.expires_at,
+                    });
+                }
+                GateAnswer::Replay {
+                    response,
+                    expires_at,
+                } => {
+                    metrics::counter!(m::IDEMPOTENT_REPLAYS_TOTAL, "operation" => op.kind().label())
+                        .increment(1);
+                    return Ok(Execution {
+                        response,
+                        replayed: true,
+                        expires_at,
+                    });
+                }
+                GateAnswer::Reused => {
+                    metrics::counter!(m::IDEMPOTENCY_REUSED_TOTAL, "operation" => op.kind().label())
+                        .increment(1);
+                    return Err(OperationError::KeyReused);
+                }
+                GateAnswer::Admitted => {
+                    return self.issue_reserved(gate.as_ref(), op, &request).await;
+                }
+            }
+        }
+    }
+
+    /// The user exists (a 404 is not recorded, so it must come before the gate records
+    /// anything): remembered once seen, so the gate's answers need no database round trip.
+    async fn ensure_user(&self, user: UserId) -> Result<(), OperationError> {
+        if self.known_users.contains(user) {
+            return Ok(());
+        }
+        self.balance(user).await?;
+        self.known_users.insert(user);
+        Ok(())
+    }
+
+    fn gate_request(&self, op: &IssueCoupon) -> GateRequest {
+        let now = self.ports.clock.now();
+        let encode = |refusal: Refusal| self.ports.encoder.encode(&Outcome::Refused(refusal));
+        GateRequest {
+            coupon: op.coupon,
+            user: op.user,
+            key: op.key.clone(),
+            fingerprint: op.fingerprint(),
+            token: uuid::Uuid::new_v4().simple().to_string(),
+            now,
+            expires_at: self.record_expiry(now),
+            sold_out: encode(Refusal::CouponSoldOut {
+                coupon_id: op.coupon,
+            }),
+            already_issued: encode(Refusal::CouponAlreadyIssued {
+                coupon_id: op.coupon,
+            }),
+            not_open: encode(Refusal::CouponNotOpen {
+                coupon_id: op.coupon,
+            }),
+        }
+    }
+
+    /// How long a unit may stay pending before the gate treats its holder as gone: the
+    /// longest a step can wait for its lock and then hold it.
+    fn pending_lifetime(&self) -> Duration {
+        self.settings
+            .lock_wait
+            .saturating_add(self.settings.lock_lease)
+    }
+
+    async fn rebuild_gate(
+        &self,
+        gate: &dyn CouponGate,
+        coupon: CouponId,
+    ) -> Result<(), OperationError> {
+        let snapshot = self
+            .ports
+            .coupons
+            .gate_snapshot(coupon)
+            .await?
+            .ok_or(OperationError::CouponNotFound)?;
+        metrics::counter!(m::COUPON_GATE_REBUILDS_TOTAL).increment(1);
+        let now = self.ports.clock.now();
+        match gate.load(&snapshot, now, self.pending_lifetime()).await {
+            Ok(()) => Ok(()),
+            // The next admit finds it missing again and the database answers.
+            Err(e) => {
+                tracing::warn!(coupon = %coupon, error = %e, "could not rebuild the coupon gate");
+                Ok(())
+            }
+        }
+    }
+
+    /// The gate could not be asked: `LOCK_ON_REDIS_DOWN` decides, as for the lock.
+    async fn without_gate(
+        &self,
+        op: IssueCoupon,
+        e: GateError,
+    ) -> Result<Execution, OperationError> {
+        match (e, self.settings.on_lock_unavailable) {
+            (GateError::Unavailable(cause), LockUnavailablePolicy::Fail) => {
+                metrics::counter!(m::LOCK_UNAVAILABLE_TOTAL).increment(1);
+                tracing::warn!(error = %cause, "coupon gate unavailable: refusing the issue");
+                Err(OperationError::Unavailable(cause))
+            }
+            (e, _) => {
+                metrics::counter!(m::COUPON_GATE_BYPASSED_TOTAL).increment(1);
+                tracing::warn!(error = %format!("{e:#}"),
+                    "coupon gate unavailable: issuing under the database guard alone");
+                self.execute(Arc::new(op)).await
+            }
+        }
+    }
+
+    /// The database step with no unit reserved at the gate; a unit it issues is confirmed
+    /// there (counted once, whether the gate knew of it or not).
+    async fn issue_unreserved(
+        &self,
+        gate: &dyn CouponGate,
+        op: IssueCoupon,
+    ) -> Result<Execution, OperationError> {
+        let (coupon, user, key) = (op.coupon, op.user, op.key.clone());
+        let (execution, outcome) = self.run(Arc::new(op)).await?;
+        if outcome == RecordOutcome::Applied {
+            settle(gate.confirm(coupon, user, &key).await);
+        }
+        Ok(execution)
+    }
+
+    /// The database step for a unit the gate reserved; the unit is confirmed when the step
+    /// issued it, given back when nothing can have been issued, and left pending after an
+    /// unknown outcome (until the key's retry or a rebuild settles it).
+    async fn issue_reserved(
+        &self,
+        gate: &dyn CouponGate,
+        op: IssueCoupon,
+        request: &GateRequest,
+    ) -> Result<Execution, OperationError> {
+        let (coupon, user, key) = (op.coupon, op.user, op.key.clone());
+        let result = self.run(Arc::new(op)).await;
+        match &result {
+            Ok((_, RecordOutcome::Applied)) => settle(gate.confirm(coupon, user, &key).await),
+            Ok((_, RecordOutcome::Refused)) => {
+                // The database refused what the gate let through: they disagree (or the
+                // key was refused before, without the gate). Rebuilt at the next request.
+                settle(gate.give_back(coupon, user, &request.token).await);
+                metrics::counter!(m::COUPON_GATE_DISAGREED_TOTAL).increment(1);
+                settle(gate.forget(coupon).await);
+            }
+            Err(e) if nothing_issued(e) => {
+                settle(gate.give_back(coupon, user, &request.token).await);
+            }
+            Err(_) => {}
+        }
+        result.map(|(execution, _)| execution)
+    }
+}
+
+/// Errors after which no unit can have been issued for the request: the step refused it
+/// before any write, or never ran.
+fn nothing_issued(e: &OperationError) -> bool {
+    matches!(
+        e,
+        OperationError::UserNotFound
+            | OperationError::CouponNotFound
+            | OperationError::KeyInUse
+            | OperationError::KeyReused
+            | OperationError::LockTimeout
+    )
+}
+
+fn settle(result: Result<(), GateError>) {
+    if let Err(e) = result {
+        // The unit stays as the gate last knew it: pending until a rebuild, which reads
+        // the database.
+        tracing::warn!(error = %format!("{e:#}"), "could not settle a unit at the coupon gate");
+    }
+}
+
+fn refusal_label(refusal: GateRefusal) -> &'static str {
+    match refusal {
+        GateRefusal::SoldOut => "sold_out",
+        GateRefusal::AlreadyIssued => "already_issued",
+        GateRefusal::NotOpen => "not_open",
+    }
+}
