@@ -22,19 +22,21 @@
 //
 // MODE=late COUPON_ID=<a sold-out coupon>: the same users again, each with a FRESH key, on
 // the coupon the rush sold out: every answer must be 422 (COUPON_SOLD_OUT, or
-// COUPON_ALREADY_ISSUED for the holders) and nothing issued. With WARM=0 LIST_CHECK=0
-// SCRAPE_METRICS=0 this run sends nothing but those issue requests, so the database's
-// statement counter read around it (bench/scenarios/coupon_rush.py) shows what refusals
-// after the sell-out cost the database: nothing, when the admission gate answers them.
+// COUPON_ALREADY_ISSUED for the holders) and nothing issued. With ONLY_ISSUE=1 this run
+// sends nothing but those issue requests, so the database's statement counter read around
+// it (bench/scenarios/coupon_rush.py) shows what refusals after the sell-out cost the
+// database: nothing, when the admission gate answers them.
 //
-// The rush's own timing, reported as Trends of milliseconds since the end of setup():
+// The rush's own timing, reported as Trends of milliseconds since the start (the end of
+// setup() + START_DELAY_MS, 1000 by default, which every VU waits for before it sends):
 // rush_sent_ms (each VU's first send), rush_answered_ms (each VU's final answer),
 // rush_issued_ms (each 200): rush requests/s = issue requests / (max answered - min sent);
 // max of rush_issued_ms is when the last unit went.
 //
 //   k6 run k6/coupon-rush.js
 //   VUS=200 STOCK=20 k6 run k6/coupon-rush.js
-//   MODE=late COUPON_ID=7 WARM=0 LIST_CHECK=0 SCRAPE_METRICS=0 k6 run k6/coupon-rush.js
+//   MODE=late COUPON_ID=7 k6 run k6/coupon-rush.js
+//   MODE=late COUPON_ID=7 ONLY_ISSUE=1 k6 run k6/coupon-rush.js
 import { check, sleep } from 'k6';
 import http from 'k6/http';
 import { Counter, Gauge, Rate, Trend } from 'k6/metrics';
@@ -53,8 +55,16 @@ const MODE = __ENV.MODE || 'rush';
 if (!['rush', 'late'].includes(MODE)) throw new Error(`MODE must be rush or late, got "${MODE}"`);
 const COUPON_ID = __ENV.COUPON_ID ? envInt('COUPON_ID', 0, 1) : null;
 if (MODE === 'late' && COUPON_ID === null) throw new Error('MODE=late needs COUPON_ID (the coupon a rush sold out)');
-const WARM = (__ENV.WARM || '1') !== '0';
-const LIST_CHECK = (__ENV.LIST_CHECK || '1') !== '0';
+// ONLY_ISSUE=1: nothing but the issue requests (no readiness probe, no reads of the coupon,
+// no warm-up, no listings, no /metrics), for a statement count read around the run; the
+// coupon is taken to be COUPON_ID with STOCK units, all issued (MODE=late only).
+const ONLY_ISSUE = envFlag('ONLY_ISSUE');
+if (ONLY_ISSUE && MODE !== 'late') throw new Error('ONLY_ISSUE=1 is for MODE=late (the books are not read)');
+const WARM = !ONLY_ISSUE && (__ENV.WARM || '1') !== '0';
+const LIST_CHECK = !ONLY_ISSUE && (__ENV.LIST_CHECK || '1') !== '0';
+// Every VU waits for this many ms after setup() and then sends: VUs get going one by one
+// (a thousand JS runtimes), and a rush is everyone at the same instant.
+const START_DELAY_MS = envInt('START_DELAY_MS', 1000, 0);
 // How many users must end on 200: every unit of a fresh coupon (or every VU, if fewer);
 // none when late. EXPECT_ISSUED overrides it (a coupon given by COUPON_ID, partly issued).
 const EXPECT = __ENV.EXPECT_ISSUED !== undefined && __ENV.EXPECT_ISSUED !== ''
@@ -143,6 +153,10 @@ function warmUsers() {
 }
 
 export function setup() {
+  if (ONLY_ISSUE) {
+    console.log(`coupon-rush: MODE=late ONLY_ISSUE=1 coupon ${COUPON_ID} (taken as ${STOCK} of ${STOCK} issued), ${VUS} users ${USER_OFFSET + 1}..${USER_OFFSET + VUS}`);
+    return { coupon: COUPON_ID, total: STOCK, before: STOCK, server: null, t0: Date.now() + START_DELAY_MS };
+  }
   const ready = http.get(`${BASE_URL}/health/ready`, { tags: { name: 'setup' } });
   if (ready.status !== 200) throw new Error(`${BASE_URL}/health/ready answered ${ready.status} ${ready.error || ''}: is the service running?`);
   let coupon;
@@ -157,7 +171,7 @@ export function setup() {
   if (WARM) warmUsers();
   const server = scrapeServer();
   console.log(`coupon-rush: MODE=${MODE} coupon ${coupon.couponId} (${coupon.issuedQuantity} of ${coupon.totalQuantity} issued), ${VUS} users ${USER_OFFSET + 1}..${USER_OFFSET + VUS}`);
-  return { coupon: coupon.couponId, total: coupon.totalQuantity, before: coupon.issuedQuantity, server, t0: Date.now() };
+  return { coupon: coupon.couponId, total: coupon.totalQuantity, before: coupon.issuedQuantity, server, t0: Date.now() + START_DELAY_MS };
 }
 
 function backoff(n, res) {
@@ -170,6 +184,8 @@ function backoff(n, res) {
 export default function (data) {
   const userId = USER_OFFSET + __VU;
   const key = newKey();
+  const wait = data.t0 - Date.now();
+  if (wait > 0) sleep(wait / 1000);
   sentAt.add(Date.now() - data.t0);
   let final = null;
   let n = 0;
@@ -220,8 +236,9 @@ export default function (data) {
 
 // The books after the rush, read through the API: the coupon's count, and who holds it.
 export function teardown(data) {
-  if (data.server) reportServer(data.server);
   couponIdGauge.add(data.coupon);
+  if (ONLY_ISSUE) return;
+  if (data.server) reportServer(data.server);
   const r = get(`/api/coupons/${data.coupon}`, 'teardown coupon');
   const c = json(r);
   const after = r.status === 200 && c && isInt(c.issuedQuantity) ? c.issuedQuantity : -1;

@@ -23,6 +23,10 @@ COUNTERS = [
     "balance_idempotency_in_use_total",
     "balance_lock_degraded_total",
     "balance_operations_applied_total",
+    "coupon_gate_answered_total",
+    "coupon_gate_rebuilds_total",
+    "coupon_gate_disagreed_total",
+    "coupon_gate_bypassed_total",
 ]
 HISTOGRAMS = ["balance_lock_wait_seconds", "http_request_duration_seconds"]
 
