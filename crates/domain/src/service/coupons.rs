@@ -41,6 +41,11 @@ pub struct CouponListing {
 }
 
 impl BalanceService {
+    /// The service's clock: what "now" is for a coupon created without a start.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.ports.clock.now()
+    }
+
     /// # Errors
     /// A store failure.
     pub async fn create_coupon(&self, coupon: NewCoupon) -> Result<Coupon, OperationError> {
