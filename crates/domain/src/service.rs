@@ -42,7 +42,7 @@ use crate::types::{
 mod coupons;
 mod known_users;
 
-pub use coupons::{CouponListing, MAX_LISTED_COUPONS};
+pub use coupons::{CouponListing, MAX_LISTED_COUPONS, audit_coupon_gate, gate_breaches};
 
 /// The most refunds of one payment a listing returns (a payment of at most `MAX_AMOUNT`
 /// won could in principle be refunded one won at a time).

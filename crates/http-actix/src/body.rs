@@ -291,6 +291,18 @@ pub fn id<T>(
     }
 }
 
+/// An optional positive id field such as `userCouponId`; `None` when absent or null.
+pub fn optional_id<T>(
+    field: &Integer,
+    name: &str,
+    new: fn(i64) -> Result<T, domain::types::ValidationError>,
+) -> Result<Option<T>, ApiError> {
+    match field {
+        Field::Absent => Ok(None),
+        _ => id(field, name, new).map(Some),
+    }
+}
+
 /// The idempotency key, from the `Idempotency-Key` header or the `idempotencyKey` field.
 /// Both may be sent if they agree; neither is 400 `IDEMPOTENCY_KEY_REQUIRED`.
 pub fn idempotency_key(

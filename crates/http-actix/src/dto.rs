@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use domain::idempotency::CompletedRecord;
-use domain::model::{LedgerEntry, Order, Payment, Refund, User};
+use domain::model::{Coupon, LedgerEntry, Order, Payment, Refund, User, UserCoupon};
 use domain::outcome::RefundReceipt;
 use domain::time::format_rfc3339_millis;
-use domain::types::{Amount, Limits, OrderId, UserId};
+use domain::types::{Amount, Limits, OrderId, UserCouponId, UserId};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -81,6 +81,15 @@ pub struct PaymentResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = 0)]
     pub refunded_total: Option<i64>,
+    /// With a coupon only: the part of the order's amount the coupon paid (`amount` is
+    /// what the balance paid: the order's amount less this, possibly 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = 5000)]
+    pub discount: Option<i64>,
+    /// With a coupon only: the user coupon the payment used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = 7)]
+    pub user_coupon_id: Option<i64>,
 }
 
 impl From<&Payment> for PaymentResponse {
@@ -94,8 +103,91 @@ impl From<&Payment> for PaymentResponse {
             status: p.status().as_str().to_owned(),
             paid_at: format_rfc3339_millis(p.paid_at),
             refunded_total: Some(p.refunded_total),
+            discount: p.coupon.map(|used| used.discount.get()),
+            user_coupon_id: p.coupon.map(|used| used.user_coupon.get()),
         }
     }
+}
+
+/// A coupon: its stock, discount and issuing window.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CouponResponse {
+    #[schema(example = 1)]
+    pub coupon_id: i64,
+    #[schema(example = "WELCOME")]
+    pub name: String,
+    #[schema(example = 5000)]
+    pub discount: i64,
+    #[schema(example = 100)]
+    pub total_quantity: u32,
+    /// How many were issued so far (never above `totalQuantity`).
+    #[schema(example = 0)]
+    pub issued_quantity: u32,
+    #[schema(example = "2026-11-22T14:00:00.000Z")]
+    pub issue_starts_at: String,
+    /// Null: issuing never closes.
+    #[schema(example = json!(null))]
+    pub issue_ends_at: Option<String>,
+    #[schema(example = 30)]
+    pub valid_for_days: u32,
+}
+
+impl From<&Coupon> for CouponResponse {
+    fn from(c: &Coupon) -> Self {
+        Self {
+            coupon_id: c.id.get(),
+            name: c.name.as_str().to_owned(),
+            discount: c.discount.get(),
+            total_quantity: c.total_quantity,
+            issued_quantity: c.issued_quantity,
+            issue_starts_at: format_rfc3339_millis(c.issue_starts_at),
+            issue_ends_at: c.issue_ends_at.map(format_rfc3339_millis),
+            valid_for_days: c.valid_for_days,
+        }
+    }
+}
+
+/// A coupon issued to a user, as its issue answers it and as the user's coupons list it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserCouponResponse {
+    #[schema(example = 7)]
+    pub user_coupon_id: i64,
+    #[schema(example = 1)]
+    pub coupon_id: i64,
+    #[schema(example = 1)]
+    pub user_id: i64,
+    #[schema(example = 5000)]
+    pub discount: i64,
+    /// AVAILABLE, USED (by a payment not refunded in full) or EXPIRED.
+    #[schema(example = "AVAILABLE")]
+    pub status: String,
+    #[schema(example = "2026-11-22T14:00:00.123Z")]
+    pub issued_at: String,
+    #[schema(example = "2026-12-22T14:00:00.123Z")]
+    pub expires_at: String,
+}
+
+impl UserCouponResponse {
+    /// The user coupon as it is at `now`.
+    pub fn at(c: &UserCoupon, now: chrono::DateTime<chrono::Utc>) -> Self {
+        Self {
+            user_coupon_id: c.id.get(),
+            coupon_id: c.coupon_id.get(),
+            user_id: c.user_id.get(),
+            discount: c.discount.get(),
+            status: c.status_at(now).as_str().to_owned(),
+            issued_at: format_rfc3339_millis(c.issued_at),
+            expires_at: format_rfc3339_millis(c.expires_at),
+        }
+    }
+}
+
+/// A user's coupons, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserCouponsResponse {
+    pub items: Vec<UserCouponResponse>,
 }
 
 /// A refund, as its request answers it and as the payment's refunds list it.
@@ -176,7 +268,7 @@ pub struct BalanceAtResponse {
 pub struct RequestResponse {
     #[schema(example = "3f1c2a9e-6a1b-4a59-9d4e-2b7f0c8f1d11")]
     pub idempotency_key: String,
-    /// CHARGE, USE, PAYMENT or REFUND.
+    /// CHARGE, USE, PAYMENT, REFUND or COUPON_ISSUE.
     #[schema(example = "CHARGE")]
     pub operation: String,
     /// The HTTP status the request was (and is, on a replay) answered with.
@@ -239,7 +331,7 @@ impl From<&Order> for OrderResponse {
 pub struct HistoryItem {
     #[schema(example = 7)]
     pub id: i64,
-    /// CHARGE, USE, PAYMENT or REFUND.
+    /// CHARGE, USE, PAYMENT, REFUND or COUPON_ISSUE.
     #[serde(rename = "type")]
     #[schema(example = "CHARGE")]
     pub kind: String,
@@ -355,6 +447,11 @@ pub struct PaymentRequest {
     )]
     #[serde(default)]
     pub idempotency_key: Field<String>,
+    /// A user coupon of this user to pay part of the order with (its discount is taken
+    /// off the amount, never below 0).
+    #[schema(value_type = Option<i64>, example = 7, minimum = 1)]
+    #[serde(default)]
+    pub user_coupon_id: Integer,
 }
 
 impl PaymentRequest {
@@ -364,6 +461,110 @@ impl PaymentRequest {
 
     pub fn user_id(&self) -> Result<UserId, ApiError> {
         body::id(&self.user_id, "userId", UserId::new)
+    }
+
+    pub fn user_coupon_id(&self) -> Result<Option<UserCouponId>, ApiError> {
+        body::optional_id(&self.user_coupon_id, "userCouponId", UserCouponId::new)
+    }
+}
+
+/// Body of a new coupon (`POST /api/coupons`).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CouponRequest {
+    /// 1 to 100 characters.
+    #[schema(value_type = String, required = true, example = "WELCOME", min_length = 1, max_length = 100)]
+    #[serde(default)]
+    pub name: Field<String>,
+    /// 1..=MAX_AMOUNT: taken off the amount of the order it pays.
+    #[schema(value_type = i64, required = true, example = 5000, minimum = 1, maximum = 1_000_000_000)]
+    #[serde(default)]
+    pub discount: Integer,
+    #[schema(value_type = i64, required = true, example = 100, minimum = 1, maximum = 10_000_000)]
+    #[serde(default)]
+    pub total_quantity: Integer,
+    /// RFC 3339; absent: now.
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-11-22T14:00:00.000Z")]
+    #[serde(default)]
+    pub issue_starts_at: Field<String>,
+    /// RFC 3339, after `issueStartsAt`; absent: issuing never closes.
+    #[schema(value_type = Option<String>, format = DateTime, example = "2026-11-29T14:00:00.000Z")]
+    #[serde(default)]
+    pub issue_ends_at: Field<String>,
+    /// How long an issued coupon stays usable; absent: 30.
+    #[schema(value_type = Option<i64>, example = 30, minimum = 1, maximum = 3650)]
+    #[serde(default)]
+    pub valid_for_days: Integer,
+}
+
+impl CouponRequest {
+    pub fn name(&self) -> Result<String, ApiError> {
+        match &self.name {
+            Field::Given(name) => Ok(name.clone()),
+            Field::Absent => Err(ApiError::validation("name is required")),
+            Field::Wrong => Err(ApiError::validation("name must be a string")),
+        }
+    }
+
+    pub fn discount(&self, limits: &Limits) -> Result<Amount, ApiError> {
+        match body::integer(&self.discount, "discount")? {
+            None => Err(ApiError::validation("discount is required")),
+            Some(v) => Amount::new(v, limits)
+                .map_err(|e| ApiError::validation(e.0.replacen("amount", "discount", 1))),
+        }
+    }
+
+    pub fn total_quantity(&self) -> Result<i64, ApiError> {
+        body::integer(&self.total_quantity, "totalQuantity")?
+            .ok_or_else(|| ApiError::validation("totalQuantity is required"))
+    }
+
+    pub fn valid_for_days(&self) -> Result<Option<i64>, ApiError> {
+        body::integer(&self.valid_for_days, "validForDays")
+    }
+
+    /// `(issueStartsAt, issueEndsAt)` as given (strings), each `None` when absent.
+    pub fn window(&self) -> Result<(Option<String>, Option<String>), ApiError> {
+        let text = |field: &Field<String>, name: &str| match field {
+            Field::Absent => Ok(None),
+            Field::Given(raw) => Ok(Some(raw.clone())),
+            Field::Wrong => Err(ApiError::validation(format!("{name} must be a string"))),
+        };
+        Ok((
+            text(&self.issue_starts_at, "issueStartsAt")?,
+            text(&self.issue_ends_at, "issueEndsAt")?,
+        ))
+    }
+}
+
+/// Body of a coupon issue (`POST /api/coupons/{couponId}/issue`).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssueRequest {
+    #[schema(value_type = i64, required = true, example = 1, minimum = 1)]
+    #[serde(default)]
+    pub user_id: Integer,
+    /// Optional if the `Idempotency-Key` header is sent; both must then agree.
+    #[schema(
+        value_type = Option<String>,
+        example = "3f1c2a9e-6a1b-4a59-9d4e-2b7f0c8f1d11",
+        min_length = 1,
+        max_length = 255,
+        pattern = "^[\\x21-\\x7E]+$"
+    )]
+    #[serde(default)]
+    pub idempotency_key: Field<String>,
+}
+
+impl IssueRequest {
+    pub fn user_id(&self) -> Result<UserId, ApiError> {
+        body::id(&self.user_id, "userId", UserId::new)
+    }
+}
+
+impl KeyedBody for IssueRequest {
+    fn idempotency_key(&self) -> &Field<String> {
+        &self.idempotency_key
     }
 }
 

@@ -7,7 +7,9 @@ use domain::ports::ResponseEncoder;
 use domain::time::format_rfc3339_millis;
 use serde::Serialize;
 
-use crate::dto::{ChargeResponse, PaymentResponse, RefundResponse, UseResponse};
+use crate::dto::{
+    ChargeResponse, PaymentResponse, RefundResponse, UseResponse, UserCouponResponse,
+};
 use crate::problem::{Code, Problem};
 
 /// The JSON encoder of the API.
@@ -54,7 +56,14 @@ impl ResponseEncoder for JsonEncoder {
                 paid_at: format_rfc3339_millis(p.paid_at),
                 // The v1 answer, as it always was: a new payment has nothing refunded.
                 refunded_total: None,
+                discount: p.coupon.map(|used| used.discount.get()),
+                user_coupon_id: p.coupon.map(|used| used.user_coupon.get()),
             }),
+            // Just issued, so AVAILABLE (the instant is its issue's, before its expiry).
+            Outcome::CouponIssued(issued) => ok(&UserCouponResponse::at(
+                &issued.user_coupon,
+                issued.user_coupon.issued_at,
+            )),
             Outcome::Refunded(r) => ok(&RefundResponse::from(r)),
             Outcome::Refused(Refusal::InsufficientBalance { balance, requested }) => refusal_bytes(
                 Code::InsufficientBalance,
@@ -100,6 +109,24 @@ impl ResponseEncoder for JsonEncoder {
                     ),
                     None => format!("payment {payment_id} has nothing left to refund"),
                 },
+            ),
+            Outcome::Refused(Refusal::CouponSoldOut { coupon_id }) => refusal_bytes(
+                Code::CouponSoldOut,
+                format!("coupon {coupon_id} is sold out"),
+            ),
+            Outcome::Refused(Refusal::CouponAlreadyIssued { coupon_id }) => refusal_bytes(
+                Code::CouponAlreadyIssued,
+                format!("coupon {coupon_id} was already issued to this user"),
+            ),
+            Outcome::Refused(Refusal::CouponNotOpen { coupon_id }) => refusal_bytes(
+                Code::CouponNotOpen,
+                format!("coupon {coupon_id} is not being issued at this time"),
+            ),
+            Outcome::Refused(Refusal::CouponNotUsable { user_coupon_id }) => refusal_bytes(
+                Code::CouponNotUsable,
+                format!(
+                    "user coupon {user_coupon_id} cannot be used: it is used, expired or not this user's"
+                ),
             ),
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod coupons;
 pub mod dto;
 pub mod encoder;
 pub mod health;
@@ -148,6 +149,21 @@ pub fn build_app(
                 .service(readable(
                     "/users/{userId}/requests/{idempotencyKey}",
                     routes::get_request,
+                ))
+                .service(resource(
+                    "/coupons",
+                    "POST",
+                    web::post().to(coupons::create_coupon),
+                ))
+                .service(readable("/coupons/{couponId}", coupons::get_coupon))
+                .service(resource(
+                    "/coupons/{couponId}/issue",
+                    "POST",
+                    web::post().to(coupons::issue_coupon),
+                ))
+                .service(readable(
+                    "/users/{userId}/coupons",
+                    coupons::list_user_coupons,
                 ))
                 .default_service(web::to(not_found)),
         )

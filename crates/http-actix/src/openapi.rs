@@ -7,10 +7,12 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
+use crate::coupons;
 use crate::dto::{
-    AmountRequest, BalanceAtResponse, BalanceResponse, ChargeResponse, CreateUserRequest,
-    HistoryItem, HistoryResponse, OrderRequest, OrderResponse, PaymentRequest, PaymentResponse,
-    RefundRequest, RefundResponse, RefundsResponse, RequestResponse, UseResponse,
+    AmountRequest, BalanceAtResponse, BalanceResponse, ChargeResponse, CouponRequest,
+    CouponResponse, CreateUserRequest, HistoryItem, HistoryResponse, IssueRequest, OrderRequest,
+    OrderResponse, PaymentRequest, PaymentResponse, RefundRequest, RefundResponse, RefundsResponse,
+    RequestResponse, UseResponse, UserCouponResponse, UserCouponsResponse,
 };
 use crate::health::{self, DependencyState, LiveResponse, ReadyResponse};
 use crate::problem::{Code, PROBLEM_JSON, Problem};
@@ -37,6 +39,10 @@ use crate::routes::{self, EXPIRES_HEADER, REPLAYED_HEADER};
         routes::refund,
         routes::list_refunds,
         routes::get_request,
+        coupons::create_coupon,
+        coupons::get_coupon,
+        coupons::issue_coupon,
+        coupons::list_user_coupons,
         health::live,
         health::ready,
         health::metrics,
@@ -45,11 +51,13 @@ use crate::routes::{self, EXPIRES_HEADER, REPLAYED_HEADER};
         AmountRequest, OrderRequest, PaymentRequest, CreateUserRequest,
         BalanceResponse, ChargeResponse, UseResponse, PaymentResponse, OrderResponse,
         HistoryItem, HistoryResponse, RefundRequest, RefundResponse, RefundsResponse,
-        BalanceAtResponse, RequestResponse, Problem, LiveResponse, ReadyResponse, DependencyState,
+        BalanceAtResponse, RequestResponse, CouponRequest, CouponResponse, IssueRequest,
+        UserCouponResponse, UserCouponsResponse,
+        Problem, LiveResponse, ReadyResponse, DependencyState,
     )),
     modifiers(&SecurityAndProblems),
     tags(
-        (name = "users"), (name = "balance"), (name = "orders"), (name = "payments"), (name = "health"),
+        (name = "users"), (name = "balance"), (name = "orders"), (name = "payments"), (name = "coupons"), (name = "health"),
     )
 )]
 #[derive(Debug)]
@@ -216,7 +224,19 @@ const EVERY_KEYED_CHANGE: [Code; 5] = [
 /// for an operation this table does not know (a test holds every route to it).
 pub fn problems(operation_id: &str, has_body: bool) -> Option<Vec<Code>> {
     let (keyed, own): (bool, &[Code]) = match operation_id {
-        "create_user" => (false, &[Code::Forbidden]),
+        "create_user" | "create_coupon" => (false, &[Code::Forbidden]),
+        "get_coupon" => (false, &[Code::CouponNotFound]),
+        "list_user_coupons" => (false, &[Code::UserNotFound]),
+        "issue_coupon" => (
+            true,
+            &[
+                Code::UserNotFound,
+                Code::CouponNotFound,
+                Code::CouponSoldOut,
+                Code::CouponAlreadyIssued,
+                Code::CouponNotOpen,
+            ],
+        ),
         "get_balance" | "history" | "create_order" => (false, &[Code::UserNotFound]),
         "get_order" => (false, &[Code::OrderNotFound]),
         "get_payment" | "list_refunds" => (false, &[Code::PaymentNotFound]),
@@ -247,6 +267,7 @@ pub fn problems(operation_id: &str, has_body: bool) -> Option<Vec<Code>> {
                 Code::OrderAlreadyPaid,
                 Code::OrderCancelled,
                 Code::InsufficientBalance,
+                Code::CouponNotUsable,
             ],
         ),
         _ => return None,
@@ -287,6 +308,7 @@ fn when(code: Code) -> &'static str {
         Code::UserNotFound => "no such user, or another user's (a user token)",
         Code::OrderNotFound => "no such order, or another user's",
         Code::PaymentNotFound => "no such payment, or another user's",
+        Code::CouponNotFound => "no such coupon",
         Code::RequestNotFound => {
             "no finished request with this key for this user (never sent, expired, or still running on another instance); re-sending it with the same key is safe"
         }
@@ -309,6 +331,18 @@ fn when(code: Code) -> &'static str {
         Code::BalanceLimitExceeded => "the balance would exceed MAX_BALANCE (stored and replayed)",
         Code::RefundExceedsPayment => {
             "the refund is above what is left of the payment, or nothing is left (stored and replayed)"
+        }
+        Code::CouponSoldOut => {
+            "every unit of the coupon was issued, or is being issued, when the request came (stored and replayed)"
+        }
+        Code::CouponAlreadyIssued => {
+            "the user holds this coupon already, under whatever key (stored and replayed)"
+        }
+        Code::CouponNotOpen => {
+            "before the coupon's issueStartsAt, or from its issueEndsAt on (stored and replayed)"
+        }
+        Code::CouponNotUsable => {
+            "the user coupon is used, expired, or not this user's (stored and replayed)"
         }
         Code::InternalError => "an unexpected failure (logged with the request id)",
         Code::LockTimeout => {
@@ -333,6 +367,9 @@ fn example_detail(code: Code, operation_id: &str, keyed: bool) -> &'static str {
             "list_refunds" => "paymentId must be a positive integer",
             "get_request" => "idempotency key must be 1 to 255 characters long",
             "get_payment" => "paymentId must be a positive integer",
+            "create_coupon" => "name is required",
+            "get_coupon" | "issue_coupon" => "couponId must be a positive integer",
+            "list_user_coupons" => "userId must be a positive integer",
             _ => "the request body is malformed JSON",
         },
         Code::IdempotencyKeyRequired => {
@@ -346,6 +383,7 @@ fn example_detail(code: Code, operation_id: &str, keyed: bool) -> &'static str {
         Code::UserNotFound => "no user has this id",
         Code::OrderNotFound => "no order has this id",
         Code::PaymentNotFound => "no payment has this id",
+        Code::CouponNotFound => "no coupon has this id",
         Code::RequestNotFound => {
             "no finished request with this idempotency key is recorded for this user; sending the request again with the same key is safe"
         }
@@ -368,6 +406,12 @@ fn example_detail(code: Code, operation_id: &str, keyed: bool) -> &'static str {
         }
         Code::RefundExceedsPayment => {
             "refunding 20000 exceeds the 10000 left to refund of payment 3"
+        }
+        Code::CouponSoldOut => "coupon 1 is sold out",
+        Code::CouponAlreadyIssued => "coupon 1 was already issued to this user",
+        Code::CouponNotOpen => "coupon 1 is not being issued at this time",
+        Code::CouponNotUsable => {
+            "user coupon 7 cannot be used: it is used, expired or not this user's"
         }
         Code::InternalError => "an unexpected error occurred",
         Code::LockTimeout => {

@@ -42,6 +42,7 @@ pub enum Code {
     UserNotFound,
     OrderNotFound,
     PaymentNotFound,
+    CouponNotFound,
     RequestNotFound,
     NotFound,
     MethodNotAllowed,
@@ -55,6 +56,10 @@ pub enum Code {
     InsufficientBalance,
     BalanceLimitExceeded,
     RefundExceedsPayment,
+    CouponSoldOut,
+    CouponAlreadyIssued,
+    CouponNotOpen,
+    CouponNotUsable,
     InternalError,
     LockTimeout,
     ServiceUnavailable,
@@ -62,7 +67,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in the order of their statuses.
-    pub const ALL: [Code; 24] = [
+    pub const ALL: [Code; 29] = [
         Code::ValidationError,
         Code::IdempotencyKeyRequired,
         Code::InvalidIdempotencyKey,
@@ -71,6 +76,7 @@ impl Code {
         Code::UserNotFound,
         Code::OrderNotFound,
         Code::PaymentNotFound,
+        Code::CouponNotFound,
         Code::RequestNotFound,
         Code::NotFound,
         Code::MethodNotAllowed,
@@ -84,6 +90,10 @@ impl Code {
         Code::InsufficientBalance,
         Code::BalanceLimitExceeded,
         Code::RefundExceedsPayment,
+        Code::CouponSoldOut,
+        Code::CouponAlreadyIssued,
+        Code::CouponNotOpen,
+        Code::CouponNotUsable,
         Code::InternalError,
         Code::LockTimeout,
         Code::ServiceUnavailable,
@@ -99,6 +109,7 @@ impl Code {
             Code::UserNotFound => "USER_NOT_FOUND",
             Code::OrderNotFound => "ORDER_NOT_FOUND",
             Code::PaymentNotFound => "PAYMENT_NOT_FOUND",
+            Code::CouponNotFound => "COUPON_NOT_FOUND",
             Code::RequestNotFound => "REQUEST_NOT_FOUND",
             Code::NotFound => "NOT_FOUND",
             Code::MethodNotAllowed => "METHOD_NOT_ALLOWED",
@@ -112,6 +123,10 @@ impl Code {
             Code::InsufficientBalance => "INSUFFICIENT_BALANCE",
             Code::BalanceLimitExceeded => "BALANCE_LIMIT_EXCEEDED",
             Code::RefundExceedsPayment => "REFUND_EXCEEDS_PAYMENT",
+            Code::CouponSoldOut => "COUPON_SOLD_OUT",
+            Code::CouponAlreadyIssued => "COUPON_ALREADY_ISSUED",
+            Code::CouponNotOpen => "COUPON_NOT_OPEN",
+            Code::CouponNotUsable => "COUPON_NOT_USABLE",
             Code::InternalError => "INTERNAL_ERROR",
             Code::LockTimeout => "LOCK_TIMEOUT",
             Code::ServiceUnavailable => "SERVICE_UNAVAILABLE",
@@ -128,6 +143,7 @@ impl Code {
             Code::UserNotFound
             | Code::OrderNotFound
             | Code::PaymentNotFound
+            | Code::CouponNotFound
             | Code::RequestNotFound
             | Code::NotFound => 404,
             Code::MethodNotAllowed => 405,
@@ -138,7 +154,11 @@ impl Code {
             Code::IdempotencyKeyReused
             | Code::InsufficientBalance
             | Code::BalanceLimitExceeded
-            | Code::RefundExceedsPayment => 422,
+            | Code::RefundExceedsPayment
+            | Code::CouponSoldOut
+            | Code::CouponAlreadyIssued
+            | Code::CouponNotOpen
+            | Code::CouponNotUsable => 422,
             Code::InternalError => 500,
             Code::LockTimeout | Code::ServiceUnavailable => 503,
         }
@@ -154,6 +174,7 @@ impl Code {
             Code::UserNotFound => "User not found",
             Code::OrderNotFound => "Order not found",
             Code::PaymentNotFound => "Payment not found",
+            Code::CouponNotFound => "Coupon not found",
             Code::RequestNotFound => "Request not found",
             Code::NotFound => "Not found",
             Code::MethodNotAllowed => "Method not allowed",
@@ -167,6 +188,10 @@ impl Code {
             Code::InsufficientBalance => "Insufficient balance",
             Code::BalanceLimitExceeded => "Balance limit exceeded",
             Code::RefundExceedsPayment => "Refund exceeds payment",
+            Code::CouponSoldOut => "Coupon sold out",
+            Code::CouponAlreadyIssued => "Coupon already issued",
+            Code::CouponNotOpen => "Coupon not open",
+            Code::CouponNotUsable => "Coupon not usable",
             Code::InternalError => "Internal error",
             Code::LockTimeout => "Lock timeout",
             Code::ServiceUnavailable => "Service unavailable",
@@ -190,6 +215,10 @@ impl Code {
                 | Code::InsufficientBalance
                 | Code::BalanceLimitExceeded
                 | Code::RefundExceedsPayment
+                | Code::CouponSoldOut
+                | Code::CouponAlreadyIssued
+                | Code::CouponNotOpen
+                | Code::CouponNotUsable
         )
     }
 
@@ -289,6 +318,9 @@ impl From<OperationError> for ApiError {
             OperationError::PaymentNotFound => {
                 ApiError::new(Code::PaymentNotFound, "no payment has this id")
             }
+            OperationError::CouponNotFound => {
+                ApiError::new(Code::CouponNotFound, "no coupon has this id")
+            }
             OperationError::RequestNotFound => ApiError::new(
                 Code::RequestNotFound,
                 "no finished request with this idempotency key is recorded for this user; \
@@ -371,6 +403,7 @@ mod tests {
             | Code::UserNotFound
             | Code::OrderNotFound
             | Code::PaymentNotFound
+            | Code::CouponNotFound
             | Code::RequestNotFound
             | Code::NotFound
             | Code::MethodNotAllowed
@@ -384,6 +417,10 @@ mod tests {
             | Code::InsufficientBalance
             | Code::BalanceLimitExceeded
             | Code::RefundExceedsPayment
+            | Code::CouponSoldOut
+            | Code::CouponAlreadyIssued
+            | Code::CouponNotOpen
+            | Code::CouponNotUsable
             | Code::InternalError
             | Code::LockTimeout
             | Code::ServiceUnavailable => code.as_str(),

@@ -26,9 +26,9 @@ pub const REPLAYED_HEADER: &str = "Idempotent-Replayed";
 /// On every stored answer (first and replayed): when its record expires (RFC 3339, ms).
 pub const EXPIRES_HEADER: &str = "Idempotency-Expires";
 
-type ApiResult = Result<HttpResponse, ApiError>;
+pub(crate) type ApiResult = Result<HttpResponse, ApiError>;
 
-fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> ApiResult {
+pub(crate) fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> ApiResult {
     let bytes = serde_json::to_vec(body)
         .map_err(|e| ApiError::from(domain::OperationError::Unexpected(e.into())))?;
     Ok(HttpResponse::build(status)
@@ -39,7 +39,7 @@ fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> ApiResult {
         .body(bytes))
 }
 
-fn path_id<T>(
+pub(crate) fn path_id<T>(
     req: &HttpRequest,
     name: &str,
     parse: fn(&str) -> Result<T, domain::types::ValidationError>,
@@ -76,7 +76,7 @@ async fn visible_payment(
 }
 
 /// Sends a stored (or just stored) response: status and bytes exactly as kept.
-fn stored(execution: Execution) -> HttpResponse {
+pub(crate) fn stored(execution: Execution) -> HttpResponse {
     let status = StatusCode::from_u16(execution.response.status)
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let content_type = if status.is_success() {
@@ -359,8 +359,18 @@ pub async fn pay(
     let body::Keyed { key, body } = body::read_keyed::<PaymentRequest>(&req, payload).await?;
     let order = body.order_id()?;
     let user = body.user_id()?;
+    let coupon = body.user_coupon_id()?;
     principal.check_user(user)?;
-    execute(&state, Arc::new(Pay { user, order, key })).await
+    execute(
+        &state,
+        Arc::new(Pay {
+            user,
+            order,
+            key,
+            coupon,
+        }),
+    )
+    .await
 }
 
 /// A payment.

@@ -213,6 +213,98 @@ mod tests {
         );
     }
 
+    fn user_coupon(
+        owner: i64,
+        discount: i64,
+        used: bool,
+        expires_in_ms: i64,
+    ) -> crate::model::UserCoupon {
+        crate::model::UserCoupon {
+            id: crate::types::UserCouponId::new(7).unwrap(),
+            coupon_id: crate::types::CouponId::new(2).unwrap(),
+            user_id: UserId::new(owner).unwrap(),
+            discount: Amount::new(discount, &limits()).unwrap(),
+            payment: used.then(|| PaymentId::new(1).unwrap()),
+            issued_at: t() - chrono::Duration::days(1),
+            expires_at: t() + chrono::Duration::milliseconds(expires_in_ms),
+            idempotency_key: IdempotencyKey::parse("issued").unwrap(),
+        }
+    }
+
+    fn pay_with_coupon() -> Pay {
+        Pay {
+            coupon: crate::types::UserCouponId::new(7).ok(),
+            ..pay(5)
+        }
+    }
+
+    #[test]
+    fn a_coupon_takes_its_discount_off_never_below_zero() {
+        let limits = limits();
+        let mut state = with_order(1_000, 1, 400, OrderStatus::Pending);
+        assert_eq!(
+            pay_with_coupon().reads().user_coupon,
+            crate::types::UserCouponId::new(7).ok()
+        );
+        state.user_coupon = Some(user_coupon(1, 150, false, 1));
+        let Ok(Effect::Pay {
+            movement, coupon, ..
+        }) = pay_with_coupon().decide(&state, &limits)
+        else {
+            panic!("a usable coupon pays");
+        };
+        assert_eq!(
+            (movement.amount.get(), movement.balance_after.get()),
+            (250, 750)
+        );
+        assert_eq!(
+            coupon.map(|c| (c.user_coupon.get(), c.discount.get())),
+            Some((7, 150))
+        );
+        state.user_coupon = Some(user_coupon(1, 900, false, 1));
+        let Ok(Effect::Pay {
+            movement, coupon, ..
+        }) = pay_with_coupon().decide(&state, &limits)
+        else {
+            panic!("a coupon above the amount pays it all");
+        };
+        assert_eq!(
+            (movement.amount.get(), movement.balance_after.get()),
+            (0, 1_000)
+        );
+        assert_eq!(coupon.map(|c| c.discount.get()), Some(400));
+        // The balance needs only what the coupon leaves.
+        let mut short = with_order(250, 1, 400, OrderStatus::Pending);
+        short.user_coupon = Some(user_coupon(1, 150, false, 1));
+        assert!(pay_with_coupon().decide(&short, &limits).is_ok());
+    }
+
+    #[test]
+    fn a_used_expired_foreign_or_missing_coupon_is_not_usable() {
+        let limits = limits();
+        let not_usable = Err(Decline::Refused(Refusal::CouponNotUsable {
+            user_coupon_id: crate::types::UserCouponId::new(7).unwrap(),
+        }));
+        for coupon in [
+            Some(user_coupon(1, 150, true, 1)),
+            Some(user_coupon(1, 150, false, 0)),
+            Some(user_coupon(2, 150, false, 1)),
+            None,
+        ] {
+            let mut state = with_order(1_000, 1, 400, OrderStatus::Pending);
+            state.user_coupon = coupon.clone();
+            assert_eq!(
+                pay_with_coupon().decide(&state, &limits),
+                not_usable,
+                "{coupon:?}"
+            );
+        }
+        assert_eq!(
+            pay_with_coupon().fingerprint().as_str(),
+            "payment:user=1:order=5:coupon=7"
+        );
+    }
+
     #[test]
     fn its_fingerprint_and_outcome_are_the_stored_ones() {
         let op = pay(5);

@@ -15,6 +15,7 @@
 //! refused or never ran); after an unknown outcome it stays pending, so a retry of that
 //! key goes to the database, which knows.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,9 +27,12 @@ use crate::idempotency::RecordOutcome;
 use crate::model::{Coupon, NewCoupon, UserCoupon};
 use crate::operations::{IssueCoupon, Operation};
 use crate::outcome::{Outcome, Refusal};
-use crate::ports::{CouponGate, GateAnswer, GateError, GateRefusal, GateRequest};
+use crate::ports::{
+    AuditCheck, Breach, CouponGate, CouponRepo, GateAnswer, GateError, GateRefusal, GateRequest,
+    GateSnapshot, GateView,
+};
 use crate::telemetry as m;
-use crate::types::{CouponId, UserId};
+use crate::types::{CouponId, IdempotencyKey, UserId};
 
 /// The most coupons of one user a listing returns.
 pub const MAX_LISTED_COUPONS: u32 = 1_000;
@@ -41,6 +45,11 @@ pub struct CouponListing {
 }
 
 impl BalanceService {
+    /// The service's clock: what "now" is for a coupon created without a start.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.ports.clock.now()
+    }
+
     /// # Errors
     /// A store failure.
     pub async fn create_coupon(&self, coupon: NewCoupon) -> Result<Coupon, OperationError> {
@@ -267,6 +276,108 @@ impl BalanceService {
     }
 }
 
+impl BalanceService {
+    /// [`audit_coupon_gate`] over this service's store and gate; no gate, no breaches.
+    ///
+    /// # Errors
+    /// The database or the gate cannot be read.
+    pub async fn audit_coupon_gate(&self) -> Result<Vec<Breach>, OperationError> {
+        match &self.ports.gate {
+            Some(gate) => audit_coupon_gate(self.ports.coupons.as_ref(), gate.as_ref()).await,
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Compares the admission gate of every coupon with the database. A coupon the gate has no
+/// state for agrees (it is rebuilt when asked).
+///
+/// # Errors
+/// The database or the gate cannot be read.
+pub async fn audit_coupon_gate(
+    coupons: &dyn CouponRepo,
+    gate: &dyn CouponGate,
+) -> Result<Vec<Breach>, OperationError> {
+    let mut breaches = Vec::new();
+    let mut after = None;
+    loop {
+        let ids = coupons.coupon_ids(after, 500).await?;
+        let Some(last) = ids.last().copied() else {
+            return Ok(breaches);
+        };
+        after = Some(last);
+        for id in ids {
+            let view = gate.inspect(id).await.map_err(|e| match e {
+                GateError::Unavailable(cause) => OperationError::Unavailable(cause),
+                GateError::Unexpected(cause) => OperationError::Unexpected(cause),
+            })?;
+            let (Some(view), Some(snapshot)) = (view, coupons.gate_snapshot(id).await?) else {
+                continue;
+            };
+            breaches.extend(gate_breaches(&snapshot, &view));
+        }
+    }
+}
+
+/// How the gate's view of a coupon disagrees with the database's snapshot: its stock or
+/// window; a user it holds as issued that the database has not issued (under that key); a
+/// user the database issued that it does not hold at all (a unit pending there is still
+/// being settled, and agrees); a count that is not what it holds.
+pub fn gate_breaches(snapshot: &GateSnapshot, view: &GateView) -> Vec<Breach> {
+    let coupon = &snapshot.coupon;
+    let subject = format!("coupon {}", coupon.id);
+    let breach = |detail: String| Breach {
+        check: AuditCheck::CouponGateMatchesDatabase,
+        subject: subject.clone(),
+        detail,
+    };
+    let mut found = Vec::new();
+    if view.total != coupon.total_quantity
+        || view.issue_starts_at != coupon.issue_starts_at
+        || view.issue_ends_at != coupon.issue_ends_at
+    {
+        found.push(breach(format!(
+            "the gate has stock {} and window {:?}..{:?}; the database {} and {:?}..{:?}",
+            view.total,
+            view.issue_starts_at,
+            view.issue_ends_at,
+            coupon.total_quantity,
+            coupon.issue_starts_at,
+            coupon.issue_ends_at
+        )));
+    }
+    let issued: HashMap<UserId, &IdempotencyKey> =
+        snapshot.holders.iter().map(|(u, k)| (*u, k)).collect();
+    for (user, key) in &view.issued {
+        if issued.get(user) != Some(&key) {
+            found.push(breach(format!(
+                "the gate holds user {user} as issued under key {key}; the database does not"
+            )));
+        }
+    }
+    let held: HashSet<UserId> = view
+        .issued
+        .iter()
+        .map(|(u, _)| *u)
+        .chain(view.pending.iter().map(|(u, _)| *u))
+        .collect();
+    for (user, _) in &snapshot.holders {
+        if !held.contains(user) {
+            found.push(breach(format!(
+                "the database issued user {user}; the gate does not hold it"
+            )));
+        }
+    }
+    if view.taken as usize != held.len() {
+        found.push(breach(format!(
+            "the gate counts {} taken and holds {}",
+            view.taken,
+            held.len()
+        )));
+    }
+    found
+}
+
 /// Errors after which no unit can have been issued for the request: the step refused it
 /// before any write, or never ran.
 fn nothing_issued(e: &OperationError) -> bool {
@@ -293,5 +404,90 @@ fn refusal_label(refusal: GateRefusal) -> &'static str {
         GateRefusal::SoldOut => "sold_out",
         GateRefusal::AlreadyIssued => "already_issued",
         GateRefusal::NotOpen => "not_open",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::types::{Amount, CouponName, Limits};
+
+    fn t(ms: i64) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(1_795_356_000_000 + ms).unwrap()
+    }
+
+    fn user(id: i64) -> UserId {
+        UserId::new(id).unwrap()
+    }
+
+    fn key(raw: &str) -> IdempotencyKey {
+        IdempotencyKey::parse(raw).unwrap()
+    }
+
+    fn snapshot(holders: &[(i64, &str)]) -> GateSnapshot {
+        GateSnapshot {
+            coupon: Coupon {
+                id: CouponId::new(3).unwrap(),
+                name: CouponName::parse("W").unwrap(),
+                discount: Amount::new(10, &Limits::default()).unwrap(),
+                total_quantity: 5,
+                issued_quantity: holders.len() as u32,
+                issue_starts_at: t(0),
+                issue_ends_at: None,
+                valid_for_days: 30,
+                created_at: t(0),
+            },
+            holders: holders.iter().map(|(u, k)| (user(*u), key(k))).collect(),
+        }
+    }
+
+    fn view(issued: &[(i64, &str)], pending: &[i64], taken: u32) -> GateView {
+        GateView {
+            total: 5,
+            taken,
+            issue_starts_at: t(0),
+            issue_ends_at: None,
+            issued: issued.iter().map(|(u, k)| (user(*u), key(k))).collect(),
+            pending: pending.iter().map(|u| (user(*u), t(1))).collect(),
+        }
+    }
+
+    #[test]
+    fn a_gate_that_holds_what_the_database_issued_agrees() {
+        let db = snapshot(&[(1, "a"), (2, "b")]);
+        assert_eq!(
+            gate_breaches(&db, &view(&[(1, "a"), (2, "b")], &[], 2)),
+            vec![]
+        );
+        // A committed unit still pending at the gate, and one pending that may yet commit.
+        assert_eq!(gate_breaches(&db, &view(&[(1, "a")], &[2, 3], 3)), vec![]);
+    }
+
+    #[test]
+    fn every_disagreement_is_named() {
+        let db = snapshot(&[(1, "a"), (2, "b")]);
+        let details = |v: GateView| {
+            gate_breaches(&db, &v)
+                .into_iter()
+                .map(|b| b.detail)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            details(view(&[(1, "a"), (2, "other")], &[], 2)),
+            vec!["the gate holds user 2 as issued under key other; the database does not"]
+        );
+        assert_eq!(
+            details(view(&[(1, "a")], &[], 1)),
+            vec!["the database issued user 2; the gate does not hold it"]
+        );
+        assert_eq!(
+            details(view(&[(1, "a"), (2, "b")], &[], 4)),
+            vec!["the gate counts 4 taken and holds 2"]
+        );
+        let mut smaller = view(&[(1, "a"), (2, "b")], &[], 2);
+        smaller.total = 4;
+        assert_eq!(details(smaller).len(), 1);
     }
 }
