@@ -337,12 +337,13 @@ def coupon_section(runs: list[dict]) -> list[str]:
     variants = runs_of(runs, "coupon-rush", "variant")
     if base or variants:
         w("The database alone ([crates/bench/src/coupon.rs](../crates/bench/src/coupon.rs), `coupon-baseline`): "
-          "N connections issue one coupon to users 1..1000 in turn, every issue `BEGIN`; "
+          "N connections issue one coupon to users 1..1000 in turn, every issue `BEGIN`; the `user_coupons` row; "
           "`update coupons set issued_quantity = issued_quantity + 1 where id = ? and issued_quantity < total_quantity`; "
-          "the `user_coupons` row; `COMMIT` — every connection on the same coupon row, as in a rush (a fresh coupon once "
-          "each user has one). The variants: the service's pool size, the row lock taken last (insert first), the "
-          "service's whole step (the user's read and version, the key's record), and a rush with no gate (a stock of "
-          "100 for the 1,000 users: 9 in 10 issues are sold-out refusals the database answers).")
+          "`COMMIT` — every connection on the same coupon row, as in a rush (a fresh coupon once each user has one); "
+          "the count last, as the MySQL adapter sends it. The variants: the service's pool size, the count first (the "
+          "row lock held over the insert), the adapter's whole step (the user's read and version, the key's record), "
+          "and a rush with no gate (a stock of 100 for the 1,000 users: 9 in 10 issues are sold-out refusals the "
+          "database answers).")
         w("")
         w("| run | committed issues/s | p50 | p95 | p99 | max (ms) | refused (sold out) | refusal p50 (ms) | conflicts | "
           "errors | books exact |")

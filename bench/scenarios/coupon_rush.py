@@ -1,6 +1,6 @@
 """6. The coupon rush (issue #13): k6 coupon-rush.js, 1,000 users at the same instant on one
 coupon of 100, each retrying its own key until 200 or 422, against `coupon-baseline` (the
-same write, the guarded stock update and the user coupon, on the database alone with every
+same write, the user coupon and the guarded count, on the database alone with every
 connection on one coupon), interleaved B S B S B; after each rush, the same 1,000 users
 again with fresh keys on the sold-out coupon (MODE=late ONLY_ISSUE=1: nothing but issue
 requests) with MariaDB's statement counters read just before and just after, and over an
@@ -100,8 +100,8 @@ def run(bench: Bench) -> None:
     if pool != c:
         bench.measure("coupon-rush", "variant", f"coupon baseline at {pool} connections (the service's pool)",
                       lambda: bench.coupon_baseline(pool, secs, RUSH_USERS))
-    bench.measure("coupon-rush", "variant", "coupon baseline, insert first (row lock taken last)",
-                  lambda: bench.coupon_baseline(c, secs, RUSH_USERS, ["--order", "insert-first"]))
+    bench.measure("coupon-rush", "variant", "coupon baseline, the count first (row lock held over the insert)",
+                  lambda: bench.coupon_baseline(c, secs, RUSH_USERS, ["--order", "count-first"]))
     bench.measure("coupon-rush", "variant", "coupon baseline, the service's whole step (user version, key record)",
                   lambda: bench.coupon_baseline(c, secs, RUSH_USERS, ["--step", "service"]))
     # A rush on the database alone, no gate: each coupon of 100 asked by 1,000 users, so 9 in

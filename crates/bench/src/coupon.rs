@@ -3,19 +3,20 @@
 //! report the service's issuing next to what the database alone does with the same write
 //! on the same machine.
 //!
-//! One issue ([`Step::Bare`], the write itself): `BEGIN`; the guarded stock update
-//! ([`UPDATE_STOCK`]: the count only rises below the stock); the user coupon's row
-//! ([`INSERT_USER_COUPON`], unique per coupon and user); `COMMIT`. [`Step::Service`] adds
-//! what the service's atomic step writes besides: the user's row read before and its
-//! version moved on inside the transaction ([`sql::SELECT_USER`], [`sql::UPDATE_BALANCE`]
-//! with the balance unchanged) and the key's stored answer ([`sql::INSERT_KEY_RECORD`]).
-//! [`Order`] says which of the two coupon statements comes first: the row lock on the
-//! coupon, which every concurrent issue queues on, is held from the update to the commit.
+//! One issue ([`Step::Bare`], the write itself): `BEGIN`; the user coupon's row
+//! ([`INSERT_USER_COUPON`], unique per coupon and user); the guarded count
+//! ([`COUNT_ISSUED`]: it only rises below the stock); `COMMIT`. [`Step::Service`] is the
+//! MySQL adapter's whole step (mysql-repo's `sql.rs`, migration 0009): the user's row read
+//! first ([`sql::SELECT_USER`]), then `BEGIN`; its version moved on ([`BUMP_VERSION`]); the
+//! user coupon; the key's stored answer ([`sql::INSERT_KEY_RECORD`]); the guarded count;
+//! `COMMIT`. [`Order`] says where the count goes: last (the adapter's choice: the coupon's
+//! row lock, which every concurrent issue queues on, is held only from that update to the
+//! commit) or first (held over every other statement of the step).
 //!
 //! Every issue is for a different user of the same coupon, as in a rush: issue `n` goes to
 //! user `n % users + 1` of coupon number `n / users` (a fresh coupon, created when the
 //! first issue of it comes, once the previous one has had every user). With `stock` below
-//! `users` the issues past the stock find the guard closed: the update matches nothing and
+//! `users` the issues past the stock find the guard closed: the count matches nothing and
 //! the transaction is rolled back, a sold-out refusal answered by the database (counted
 //! apart, with its own latency). At the end the books of every coupon used are read back
 //! (`issued_quantity` = its rows ≤ its stock) and, unless `keep`, its rows deleted.
@@ -35,16 +36,21 @@ use tokio::sync::Mutex;
 
 use crate::Latency;
 
-/// The guarded stock update (migration 0009): a unit is taken only while one is left.
-/// Binds: coupon id.
-pub const UPDATE_STOCK: &str = "update coupons set issued_quantity = issued_quantity + 1 \
+/// The guarded count (migration 0009): a unit is taken only while one is left. Binds:
+/// coupon id. The same text as mysql-repo's `sql::COUNT_ISSUED`.
+pub const COUNT_ISSUED: &str = "update coupons set issued_quantity = issued_quantity + 1 \
      where id = ? and issued_quantity < total_quantity";
 
 /// The user coupon of an issue. Binds: coupon_id, user_id, discount, issued_at, expires_at,
-/// idempotency_key.
+/// idempotency_key. The same text as mysql-repo's `sql::INSERT_USER_COUPON`.
 pub const INSERT_USER_COUPON: &str = "insert into user_coupons \
-     (coupon_id, user_id, discount, payment_id, issued_at, expires_at, idempotency_key) \
-     values (?, ?, ?, null, ?, ?, ?)";
+     (coupon_id, user_id, discount, issued_at, expires_at, idempotency_key) \
+     values (?, ?, ?, ?, ?, ?)";
+
+/// The user's version moved on, the balance left as it is. Binds: updated_at, id, version.
+/// The same text as mysql-repo's `sql::BUMP_VERSION`.
+pub const BUMP_VERSION: &str = "update users set version = version + 1, updated_at = ? \
+     where id = ? and version = ?";
 
 /// A coupon of the baseline's own, open now. Binds: name, discount, total_quantity,
 /// issue_starts_at, created_at.
@@ -60,20 +66,21 @@ pub const DISCOUNT: i64 = 5_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Step {
-    /// The guarded stock update and the user coupon, committed.
+    /// The user coupon and the guarded count, committed.
     Bare,
-    /// Also the service's read of the user, its version moved on and the key's record.
+    /// The adapter's whole step: also the user's read, its version moved on and the key's
+    /// record.
     Service,
 }
 
-/// Which coupon statement comes first in the transaction.
+/// Where the guarded count goes in the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Order {
-    /// The stock update, then the user coupon: the coupon's row lock is held over the insert.
-    UpdateFirst,
-    /// The user coupon, then the stock update: the row lock is taken last, just before commit.
-    InsertFirst,
+    /// Last, as the adapter does: the coupon's row lock is taken just before the commit.
+    CountLast,
+    /// First: the row lock is held over every other write of the step.
+    CountFirst,
 }
 
 /// One run's parameters.
@@ -515,9 +522,8 @@ impl Worker {
     ) -> Result<Attempt, sqlx::Error> {
         let now = Utc::now().trunc_subsecs(3);
         let at = now.naive_utc();
-        if let Some((balance, version, _)) = read {
-            let moved = sqlx::query(sql::UPDATE_BALANCE)
-                .bind(balance)
+        if let Some((_, version, _)) = read {
+            let moved = sqlx::query(BUMP_VERSION)
                 .bind(at)
                 .bind(user)
                 .bind(version)
@@ -527,22 +533,10 @@ impl Worker {
                 return Ok(Attempt::Conflict);
             }
         }
-        let taken = match self.plan.order {
-            Order::UpdateFirst => {
-                let taken = take_unit(conn, coupon).await?;
-                if taken {
-                    insert_user_coupon(conn, coupon, user, key, at).await?;
-                }
-                taken
-            }
-            Order::InsertFirst => {
-                insert_user_coupon(conn, coupon, user, key, at).await?;
-                take_unit(conn, coupon).await?
-            }
-        };
-        if !taken {
+        if self.plan.order == Order::CountFirst && !take_unit(conn, coupon).await? {
             return Ok(Attempt::SoldOut);
         }
+        insert_user_coupon(conn, coupon, user, key, at).await?;
         if read.is_some() {
             sqlx::query(sql::INSERT_KEY_RECORD)
                 .bind(user)
@@ -557,12 +551,15 @@ impl Worker {
                 .execute(&mut *conn)
                 .await?;
         }
+        if self.plan.order == Order::CountLast && !take_unit(conn, coupon).await? {
+            return Ok(Attempt::SoldOut);
+        }
         Ok(Attempt::Issued)
     }
 }
 
 async fn take_unit(conn: &mut MySqlConnection, coupon: i64) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(UPDATE_STOCK)
+    let done = sqlx::query(COUNT_ISSUED)
         .bind(coupon)
         .execute(&mut *conn)
         .await?;

@@ -1,5 +1,5 @@
-//! `coupon-baseline`: the write of a coupon issue (the guarded stock update and the user
-//! coupon, committed) sent straight to the database by N connections on one coupon for a
+//! `coupon-baseline`: the write of a coupon issue (the user coupon and the guarded count,
+//! committed) sent straight to the database by N connections on one coupon for a
 //! fixed time; prints throughput, latency percentiles, refusals and the books (a table, or
 //! one JSON line with `--json`, the table then going to stderr).
 
@@ -33,12 +33,12 @@ struct Args {
     /// guard (rolled back, counted apart). Default: --users (never sold out).
     #[arg(long)]
     stock: Option<i64>,
-    /// bare: the stock update and the user coupon; service: also the user's read, its
-    /// version moved on and the key's record, as the service's step writes them.
+    /// bare: the user coupon and the guarded count; service: also the user's read, its
+    /// version moved on and the key's record, as the MySQL adapter's step writes them.
     #[arg(long, value_enum, default_value = "bare")]
     step: Step,
-    /// Which coupon statement comes first in the transaction.
-    #[arg(long, value_enum, default_value = "update-first")]
+    /// Where the guarded count goes: last (the adapter's order) or first.
+    #[arg(long, value_enum, default_value = "count-last")]
     order: Order,
     /// Re-runs after a deadlock, a lock-wait timeout or a version conflict.
     #[arg(long, default_value_t = 10)]
