@@ -20,7 +20,8 @@ from __future__ import annotations
 import time
 
 from lib.bench import Bench
-from lib.common import SEED_BALANCE, SERVICE_BIN, log, run, sql
+from lib.common import SEED_BALANCE, SERVICE_BIN, log, sql
+from lib.common import run as run_cmd
 from lib.service import service_pool_size
 
 NAME = "coupon-rush"
@@ -63,6 +64,7 @@ def late(bench: Bench, coupon: int, overhead: dict[str, int]) -> dict:
     s0, t0 = statements(), time.time()
     report = bench.k6("coupon-rush.js", env, 600)
     s1, t1 = statements(), time.time()
+    report["command"] = report["command"].replace(f"COUPON_ID={coupon}", "COUPON_ID=<the rush's coupon>")
     time.sleep(max(0.0, t1 - t0))
     s2 = statements()
     report["statements"] = minus(s1, s0, overhead)
@@ -113,6 +115,6 @@ def run(bench: Bench) -> None:
 
 def run_seed(env: dict) -> str:
     """Users 1..1000 (the bench seeded 1..100): each rush VU is a user of its own."""
-    res = run([str(SERVICE_BIN), "seed", "--users", str(RUSH_USERS), "--balance", str(SEED_BALANCE)], env=env,
+    res = run_cmd([str(SERVICE_BIN), "seed", "--users", str(RUSH_USERS), "--balance", str(SEED_BALANCE)], env=env,
               timeout=300)
     return (res.stdout or "").strip()

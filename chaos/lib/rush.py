@@ -6,8 +6,12 @@ WAVE_AT[k] s: users 1..RUSH_USERS, each with a key of its own, connect first and
 released together (a barrier), user u's first try through instance u % 2 and each retry
 through the other one in turn; every client sends again with the same key on a transport
 error, a 5xx or a 409 IDEMPOTENCY_KEY_IN_USE until it gets an answer (lib.driver's
-`run_op`, the suite's retries). The fault coroutine waits for a wave to be part sold
-(`when_acked`) and strikes. Once every client has its answer and a unit left pending by
+`run_op`, the suite's retries). A fault strikes mid-wave (`strike_when`): a thread reads
+the coupon's issued_quantity from the database every 2 ms from the wave's release on (one
+mariadb client kept open) and runs the fault once it reaches a set share of the stock, so
+neither the client's busy event loop nor the server's speed can make it miss the issuing;
+the user_coupons rows' issued_at then tell how many units were committed before it
+(`committed_before`). Once every client has its answer and a unit left pending by
 the fault has outlived the gate's pending lifetime (LOCK_WAIT_MS + LOCK_LEASE_MS), SWEEP
 fresh users (RUSH_USERS+1..) ask every coupon once more: whatever the rush left must still
 be there to issue, so every coupon ends sold out exactly.
@@ -21,10 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime as dt
 import json
+import subprocess
+import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from lib.common import INTERNALS, log
 from lib.driver import Op, Scenario
@@ -50,7 +57,10 @@ class Rush:
         self.sc = sc
         self.coupons: list[int] = []
         self.waves: list[list[Op]] = [[] for _ in range(WAVES)]
-        self.released: list[asyncio.Event] = [asyncio.Event() for _ in range(WAVES)]
+        self.wave_tasks: list[list[asyncio.Task]] = [[] for _ in range(WAVES)]
+        self.released_at: list[float | None] = [None] * WAVES  # wall clock (time.time())
+        # Set when wave k is released: the strikes waiting for it start polling.
+        self.go: list[threading.Event] = [threading.Event() for _ in range(WAVES)]
         self.sweep_ops: list[Op] = []
         self.tasks: list[asyncio.Task] = []
         self.seq = 0
@@ -83,14 +93,16 @@ class Rush:
         self.seq += 1
         # Ids far from the mixed load's, so the two sets of records never mix.
         return Op(id=1_000_000 + self.seq, key=f"{self.sc.spec.name}-rush-{self.seq}-{uuid.uuid4().hex[:12]}",
-                  user=user, kind="issue", amount=None, order=None, key_in="body", group=group, coupon=coupon)
+                  user=user, kind="issue", amount=None, order=None, key_in=self.sc.rng.choice(["body", "header"]),
+                  group=group, coupon=coupon)
 
     def pick(self, user: int):
         sc = self.sc
         return lambda n: sc.instances[(user + n) % len(sc.instances)]
 
-    async def crowd(self, ops: list[Op], label: str) -> list[asyncio.Task]:
-        """Every op's client connected first, then all released at once."""
+    async def crowd(self, ops: list[Op], label: str, wave: int | None = None) -> list[asyncio.Task]:
+        """Every op's client connected first, then all released at once (and wave's
+        strikes started)."""
         sc = self.sc
         barrier = asyncio.Event()
         sc.connected = 0
@@ -101,6 +113,9 @@ class Rush:
         while sc.connected + sum(1 for op in ops if op.tries) < len(ops) and time.monotonic() < end:
             await asyncio.sleep(0.005)
         barrier.set()
+        if wave is not None:
+            self.released_at[wave] = time.time()
+            self.go[wave].set()
         sc.event(f"{label}: {len(ops)} issue requests released at once ({sc.connected} connected)")
         self.tasks += tasks
         return tasks
@@ -109,25 +124,55 @@ class Rush:
         for k in range(WAVES):
             await self.sc.at(WAVE_AT[k])
             self.waves[k] = [self.new_op(self.coupons[k], u, f"rush:wave{k}") for u in range(1, RUSH_USERS + 1)]
-            await self.crowd(self.waves[k], f"rush wave {k} (coupon {self.coupons[k]})")
-            self.released[k].set()
+            self.wave_tasks[k] = await self.crowd(self.waves[k], f"rush wave {k} (coupon {self.coupons[k]})", k)
 
-    def acked(self, k: int) -> int:
-        return sum(1 for op in self.waves[k] if any(t["status"] == 200 for t in op.tries))
+    def _when(self, wave: int, at_least: int, fn: Callable[[], Any], timeout: float) -> tuple[float, int, Any]:
+        """In a thread: waits for the wave's release, polls the coupon's count until it
+        reaches `at_least` (or `timeout` s pass), then runs `fn`: (wall time, count, result)."""
+        sc = self.sc
+        proc = subprocess.Popen(sc.db.client() + ["--unbuffered", sc.dbname], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            self.go[wave].wait(timeout=60)
+            query = f"select issued_quantity from coupons where id = {self.coupons[wave]};\n"
+            end = time.monotonic() + timeout
+            count = 0
+            while time.monotonic() < end:
+                proc.stdin.write(query)
+                proc.stdin.flush()
+                count = int(proc.stdout.readline().strip() or 0)
+                if count >= at_least:
+                    break
+                time.sleep(0.002)
+            return time.time(), count, fn()
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=10)
 
-    async def when_acked(self, k: int, n: int, timeout: float = 3.0) -> int:
-        """Waits for wave k's release and then for n of its units to be acknowledged."""
-        await self.released[k].wait()
-        end = time.monotonic() + timeout
-        while self.acked(k) < n and time.monotonic() < end:
-            await asyncio.sleep(0.002)
-        return self.acked(k)
+    async def strike_when(self, wave: int, at_least: int, fn: Callable[[], Any],
+                          timeout: float = 5.0) -> tuple[float, int, Any]:
+        """Runs `fn` once `at_least` units of the wave's coupon are committed (polled from a
+        thread, from the wave's release on): (wall time, the count seen, fn's result)."""
+        return await asyncio.to_thread(self._when, wave, at_least, fn, timeout)
 
-    def around(self, inst_name: str, at: float) -> tuple[int, int]:
-        """Rush tries through the instance that were in flight at `at`, and of those the ones
-        cut (a transport error)."""
-        hit = [t for op in self.ops for t in op.tries if t["inst"] == inst_name and t["t"] <= at <= t["t"] + t["dur"] + 0.05]
-        return len(hit), sum(1 for t in hit if t["err"])
+    def issued_at(self, k: int) -> list[float]:
+        """Wall-clock instants (s) at which wave k's coupon's units were committed."""
+        rows = self.sc.db.sql(f"select issued_at from user_coupons where coupon_id = {self.coupons[k]}", self.sc.dbname)
+        return sorted(dt.datetime.strptime(r[0], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=dt.timezone.utc).timestamp()
+                      for r in rows)
+
+    def committed_before(self, k: int, t: float) -> int:
+        return sum(1 for x in self.issued_at(k) if x < t)
+
+    def cut(self, inst_name: str, wave: int, at: float) -> int:
+        """Wave tries through the instance sent before `at` (load time) that ended in a
+        transport error: requests the fault cut."""
+        return sum(1 for op in self.waves[wave] for t in op.tries if t["inst"] == inst_name and t["t"] <= at and t["err"])
+
+    def load_time(self, wall: float) -> float:
+        """A wall-clock instant as the scenario's load time (`Scenario.now`)."""
+        return self.sc.now() - (time.time() - wall)
 
     async def finish(self) -> None:
         await asyncio.gather(*self.tasks)
