@@ -10,8 +10,8 @@ error, a 5xx or a 409 IDEMPOTENCY_KEY_IN_USE until it gets an answer (lib.driver
 the coupon's issued_quantity from the database every 2 ms from the wave's release on (one
 mariadb client kept open) and runs the fault once it reaches a set share of the stock, so
 neither the client's busy event loop nor the server's speed can make it miss the issuing;
-the user_coupons rows' issued_at then tell how many units were committed before it
-(`committed_before`). Once every client has its answer and a unit left pending by
+the count read just before and just after the fault says where in the issuing it struck.
+Once every client has its answer and a unit left pending by
 the fault has outlived the gate's pending lifetime (LOCK_WAIT_MS + LOCK_LEASE_MS), SWEEP
 fresh users (RUSH_USERS+1..) ask every coupon once more: whatever the rush left must still
 be there to issue, so every coupon ends sold out exactly.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import datetime as dt
+import dataclasses
 import json
 import subprocess
 import threading
@@ -46,6 +46,16 @@ DISCOUNT = 1000
 SEED_USERS = RUSH_USERS + SWEEP_USERS
 # The refusals a rush client may end on: every user sends one key per coupon, after it opened.
 RUSH_REFUSALS = {"COUPON_SOLD_OUT"}
+
+
+@dataclasses.dataclass
+class Strike:
+    """A fault struck mid-wave: when (wall clock), the coupon's committed count read just
+    before it (at most a poll, 2 ms, earlier) and just after it, and the fault's result."""
+    wall: float
+    before: int
+    after: int
+    result: Any
 
 
 def answer(t: dict[str, Any]) -> str:
@@ -126,9 +136,9 @@ class Rush:
             self.waves[k] = [self.new_op(self.coupons[k], u, f"rush:wave{k}") for u in range(1, RUSH_USERS + 1)]
             self.wave_tasks[k] = await self.crowd(self.waves[k], f"rush wave {k} (coupon {self.coupons[k]})", k)
 
-    def _when(self, wave: int, at_least: int, fn: Callable[[], Any], timeout: float) -> tuple[float, int, Any]:
+    def _when(self, wave: int, at_least: int, fn: Callable[[], Any], timeout: float) -> Strike:
         """In a thread: waits for the wave's release, polls the coupon's count until it
-        reaches `at_least` (or `timeout` s pass), then runs `fn`: (wall time, count, result)."""
+        reaches `at_least` (or `timeout` s pass), runs `fn`, and reads the count again."""
         sc = self.sc
         proc = subprocess.Popen(sc.db.client() + ["--unbuffered", sc.dbname], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
@@ -137,33 +147,29 @@ class Rush:
             self.go[wave].wait(timeout=60)
             query = f"select issued_quantity from coupons where id = {self.coupons[wave]};\n"
             end = time.monotonic() + timeout
-            count = 0
-            while time.monotonic() < end:
+
+            def count() -> int:
                 proc.stdin.write(query)
                 proc.stdin.flush()
-                count = int(proc.stdout.readline().strip() or 0)
-                if count >= at_least:
+                return int(proc.stdout.readline().strip() or 0)
+
+            seen = 0
+            while time.monotonic() < end:
+                seen = count()
+                if seen >= at_least:
                     break
                 time.sleep(0.002)
-            return time.time(), count, fn()
+            wall = time.time()
+            result = fn()
+            return Strike(wall, seen, count(), result)
         finally:
             proc.stdin.close()
             proc.wait(timeout=10)
 
-    async def strike_when(self, wave: int, at_least: int, fn: Callable[[], Any],
-                          timeout: float = 5.0) -> tuple[float, int, Any]:
+    async def strike_when(self, wave: int, at_least: int, fn: Callable[[], Any], timeout: float = 5.0) -> Strike:
         """Runs `fn` once `at_least` units of the wave's coupon are committed (polled from a
-        thread, from the wave's release on): (wall time, the count seen, fn's result)."""
+        thread, from the wave's release on)."""
         return await asyncio.to_thread(self._when, wave, at_least, fn, timeout)
-
-    def issued_at(self, k: int) -> list[float]:
-        """Wall-clock instants (s) at which wave k's coupon's units were committed."""
-        rows = self.sc.db.sql(f"select issued_at from user_coupons where coupon_id = {self.coupons[k]}", self.sc.dbname)
-        return sorted(dt.datetime.strptime(r[0], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=dt.timezone.utc).timestamp()
-                      for r in rows)
-
-    def committed_before(self, k: int, t: float) -> int:
-        return sum(1 for x in self.issued_at(k) if x < t)
 
     def cut(self, inst_name: str, wave: int, at: float) -> int:
         """Wave tries through the instance sent before `at` (load time) that ended in a

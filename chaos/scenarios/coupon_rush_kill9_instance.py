@@ -17,11 +17,11 @@ async def strike(sc: Scenario, rush: Rush) -> None:
     sc.kills = []
     for n, (wave, i) in enumerate(KILLS):
         inst = sc.instances[i]
-        wall, seen, rc = await rush.strike_when(wave, AT_LEAST, inst.kill9)
-        t = rush.load_time(wall)
-        sc.event(f"kill-{n} start: SIGKILL instance {inst.name} in rush wave {wave} with {seen} of {STOCK} units "
-                 f"committed, exit {rc}", t)
-        sc.kills.append((n, inst.name, t, wall, wave))
+        hit = await rush.strike_when(wave, AT_LEAST, inst.kill9)
+        t = rush.load_time(hit.wall)
+        sc.event(f"kill-{n} start: SIGKILL instance {inst.name} in rush wave {wave} with {hit.before} of {STOCK} "
+                 f"units committed ({hit.after} just after), exit {hit.result}", t)
+        sc.kills.append((n, inst.name, t, hit, wave))
         await asyncio.sleep(2)
         await asyncio.to_thread(inst.start)
         await asyncio.to_thread(inst.wait_ready)
@@ -35,15 +35,14 @@ def evidence(sc: Scenario) -> None:
     if rush is None or len(kills) != len(KILLS):
         sc.evidence.append(("every kill happened", False, f"{len(kills)} of {len(KILLS)}"))
         return
-    for n, name, t, wall, wave in kills:
+    for n, name, t, hit, wave in kills:
         inst = next(i for i in sc.instances if i.name == name)
-        before = rush.committed_before(wave, wall)
         cut = rush.cut(name, wave, t)
         sc.evidence.append((f"kill {n + 1}: instance {name} SIGKILLed mid-rush (wave {wave}: while its units were "
                             "being issued), requests in flight cut",
-                            -9 in inst.exits and 0 < before < STOCK and cut > 0,
-                            f"exit codes {inst.exits}; {before} of {STOCK} units committed before the kill; "
-                            f"{cut} of the wave's requests through {name} cut"))
+                            hit.result == -9 and AT_LEAST <= hit.before < STOCK and cut > 0,
+                            f"exit {hit.result}; {hit.before} of {STOCK} units committed at most 2 ms before the kill, "
+                            f"{hit.after} just after; {cut} of the wave's requests through {name} cut"))
 
 
 SPEC = Spec("coupon-rush-kill9-instance",

@@ -16,11 +16,11 @@ DOWN_S = 4.0  # and comes back (empty) 4 s later, after wave 2 was rushed withou
 
 async def strike(sc: Scenario, rush: Rush) -> None:
     assert sc.redis is not None
-    wall, seen, rc = await rush.strike_when(WAVE, AT_LEAST, sc.redis.kill9)
-    t = rush.load_time(wall)
-    sc.event(f"redis start: SIGKILL redis-server in rush wave {WAVE} with {seen} of {STOCK} units committed, "
-             f"exit {rc}", t)
-    sc.redis_killed = (t, wall, rc)
+    hit = await rush.strike_when(WAVE, AT_LEAST, sc.redis.kill9)
+    t = rush.load_time(hit.wall)
+    sc.event(f"redis start: SIGKILL redis-server in rush wave {WAVE} with {hit.before} of {STOCK} units committed "
+             f"({hit.after} just after), exit {hit.result}", t)
+    sc.redis_killed = hit
     await sc.at(t + DOWN_S)
     await asyncio.to_thread(sc.redis.start)
     sc.event("redis end: redis-server restarted on the same port (empty)")
@@ -33,11 +33,10 @@ def evidence(sc: Scenario) -> None:
     if rush is None or killed is None:
         sc.evidence.append(("redis-server SIGKILLed mid-rush", False, "no kill"))
         return
-    t, wall, rc = killed
-    before = rush.committed_before(WAVE, wall)
     sc.evidence.append(("redis-server SIGKILLed mid-rush (while the wave's units were being issued)",
-                        rc == -9 and 0 < before < STOCK,
-                        f"exit {rc}; {before} of {STOCK} units of wave {WAVE} committed before the kill"))
+                        killed.result == -9 and AT_LEAST <= killed.before < STOCK,
+                        f"exit {killed.result}; {killed.before} of {STOCK} units of wave {WAVE} committed at most 2 ms "
+                        f"before the kill, {killed.after} just after"))
     start, end = sc.window("redis")
     issued_down = [x for op in rush.ops for x in op.tries if start + 0.5 <= x["t"] and x["t"] + x["dur"] < end
                    and x["status"] == 200 and not x["replayed"]]
