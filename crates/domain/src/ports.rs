@@ -643,7 +643,8 @@ pub enum AuditCheck {
     /// each refund has its REFUND ledger entry (same user, key, amount and instant).
     RefundsMatchPayment,
     /// A coupon's issued count equals its user coupons, is at most its stock, and no user
-    /// holds two of one coupon; each user coupon has its COUPON_ISSUE record.
+    /// holds two of one coupon. (An APPLIED COUPON_ISSUE record's user coupon is
+    /// [`AuditCheck::RecordHasOneEffect`]'s: records expire, user coupons stay.)
     CouponStockMatchesIssued,
     /// A used user coupon belongs to a live payment of its user with that coupon (not
     /// refunded in full), and every payment with a coupon holds it.
