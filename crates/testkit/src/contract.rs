@@ -47,6 +47,7 @@
 // allow-in-tests settings do not reach a library module, hence this.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod coupon_gate;
 mod auditor;
 mod balance_store;
 mod corrupt;
