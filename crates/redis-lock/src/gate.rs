@@ -53,12 +53,12 @@ pub struct RedisGateConfig {
     /// Bound on opening a connection, and how long [`RedisCouponGate::connect_with`]
     /// waits for the first one.
     pub connect_timeout: Duration,
-    /// Bound on each call but a load: a gate this slow is as good as down
+    /// Bound on each call but a load or an inspect: a gate this slow is as good as down
     /// ([`GateError::Unavailable`]).
     pub command_timeout: Duration,
-    /// Bound on a load, which carries every holder of the coupon (100k users are a few
-    /// megabytes and some tens of milliseconds of Redis's time).
-    pub load_timeout: Duration,
+    /// Bound on a load or an inspect, which carry every holder of the coupon (100k users
+    /// are a few megabytes and some tens of milliseconds of Redis's time).
+    pub bulk_timeout: Duration,
     /// Longest pause between two reconnection attempts while Redis is down.
     pub reconnect_max_delay: Duration,
     /// Connections to Redis.
@@ -75,7 +75,7 @@ impl RedisGateConfig {
         Self {
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_millis(500),
-            load_timeout: Duration::from_secs(5),
+            bulk_timeout: Duration::from_secs(5),
             reconnect_max_delay: Duration::from_secs(2),
             pool_size: 1,
             stale_after,
@@ -308,6 +308,27 @@ impl RedisCouponGate {
     }
 }
 
+impl RedisCouponGate {
+    /// [`RedisCouponGate::run`] bounded by the bulk timeout: a call that carries every
+    /// holder of the coupon.
+    async fn run_bulk(
+        &self,
+        op: &'static str,
+        script: &GateScript,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, GateError> {
+        let client = self.connected_client(op)?.with_options(&Options {
+            timeout: Some(self.config.bulk_timeout.max(self.config.command_timeout)),
+            ..Options::default()
+        });
+        script
+            .run(&client, keys, args)
+            .await
+            .map_err(|e| redis_error(op, e))
+    }
+}
+
 #[async_trait]
 impl CouponGate for RedisCouponGate {
     async fn admit(&self, request: &GateRequest) -> Result<GateAnswer, GateError> {
@@ -394,15 +415,8 @@ impl CouponGate for RedisCouponGate {
             args.push(Value::from(user.get()));
             args.push(Value::from(key.as_str()));
         }
-        let client = self.connected_client("load")?;
-        let client = client.with_options(&Options {
-            timeout: Some(self.config.load_timeout.max(self.config.command_timeout)),
-            ..Options::default()
-        });
-        self.load
-            .run(&client, keys.state(), args)
-            .await
-            .map_err(|e| redis_error("load", e))?;
+        self.run_bulk("load", &self.load, keys.state(), args)
+            .await?;
         Ok(())
     }
 
@@ -420,7 +434,7 @@ impl CouponGate for RedisCouponGate {
     async fn inspect(&self, coupon: CouponId) -> Result<Option<GateView>, GateError> {
         let keys = self.keys(coupon);
         let reply = self
-            .run("inspect", &self.inspect, keys.state(), Vec::new())
+            .run_bulk("inspect", &self.inspect, keys.state(), Vec::new())
             .await?;
         parse_inspect(reply).map_err(|e| unexpected("inspect", e))
     }

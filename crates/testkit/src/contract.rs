@@ -47,7 +47,6 @@
 // allow-in-tests settings do not reach a library module, hence this.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-pub mod coupon_gate;
 mod auditor;
 mod balance_store;
 mod corrupt;
@@ -57,6 +56,9 @@ mod order_repo;
 mod refunds;
 mod support;
 mod user_repo;
+
+/// The `CouponGate` suites, by their path: `contract::coupon_gate::coupon_gate_…`.
+pub mod coupon_gate;
 
 use std::sync::Arc;
 

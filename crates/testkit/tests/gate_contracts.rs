@@ -18,7 +18,7 @@ use std::time::Duration;
 use domain::ports::CouponGate;
 use redis_lock::RedisCouponGate;
 use testkit::contract::coupon_gate::GATE_STALE_AFTER;
-use testkit::{RedisCluster, TestRedis};
+use testkit::{RedisCluster, RedisServer, TestRedis};
 
 /// One test per suite and backend.
 macro_rules! gates {
@@ -89,11 +89,16 @@ mod adapter {
     use chrono::{TimeZone, Utc};
     use domain::idempotency::{Fingerprint, StoredResponse};
     use domain::model::Coupon;
-    use domain::ports::{CouponGate, GateAnswer, GateError, GateRefusal, GateRequest, GateSnapshot};
+    use domain::ports::{
+        CouponGate, GateAnswer, GateError, GateRefusal, GateRequest, GateSnapshot,
+    };
     use domain::types::{Amount, CouponId, CouponName, IdempotencyKey, Limits, UserId};
-    use fred::prelude::{HashesInterface, KeysInterface, SortedSetsInterface};
+    use std::collections::HashMap;
 
-    use super::{TestRedis, gate};
+    use fred::prelude::{Client, ClientLike, KeysInterface};
+    use fred::types::{CustomCommand, FromValue};
+
+    use super::{RedisServer, TestRedis, gate};
 
     fn coupon(total: u32) -> Coupon {
         let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
@@ -130,6 +135,17 @@ mod adapter {
         }
     }
 
+    /// A command the workspace's fred features have no method for (hashes, sorted sets).
+    async fn command<R: FromValue>(client: &Client, name: &'static str, args: &[&str]) -> R {
+        client
+            .custom(
+                CustomCommand::new_static(name, None::<u16>, false),
+                args.to_vec(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{name} {args:?}: {e}"))
+    }
+
     /// The keys are the documented ones, all under one hash tag, and a recorded refusal
     /// carries a Redis expiry as long as its own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,9 +158,13 @@ mod adapter {
             coupon: coupon(1),
             holders: Vec::new(),
         };
-        gate.load(&snapshot, request(1, "k", 0, 0).now, Duration::from_secs(10))
-            .await
-            .unwrap();
+        gate.load(
+            &snapshot,
+            request(1, "k", 0, 0).now,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             gate.admit(&request(7, "k-7", 5, 1)).await.unwrap(),
             GateAnswer::Admitted
@@ -159,25 +179,74 @@ mod adapter {
 
         let client = redis.client().await;
         let base = format!("{}{{coupon:42}}", redis.prefix);
-        let state: std::collections::HashMap<String, String> =
-            client.hgetall(format!("{base}:gate")).await.unwrap();
+        let state: HashMap<String, String> =
+            command(&client, "HGETALL", &[&format!("{base}:gate")]).await;
         assert_eq!(state["total"], "1");
         assert_eq!(state["taken"], "1");
         assert_eq!(state["ends_ms"], "-1");
-        let held: Option<String> = client.hget(format!("{base}:holders"), "7").await.unwrap();
+        let held: Option<String> =
+            command(&client, "HGET", &[&format!("{base}:holders"), "7"]).await;
         assert_eq!(held.as_deref(), Some("P|k-7|tok"));
-        let since: Option<f64> = client.zscore(format!("{base}:pending"), "7").await.unwrap();
-        assert!(since.is_some());
+        let since: Option<String> =
+            command(&client, "ZSCORE", &[&format!("{base}:pending"), "7"]).await;
+        let admitted_ms = coupon(1).issue_starts_at.timestamp_millis() + 5;
+        assert_eq!(since, Some(admitted_ms.to_string()));
         let record = format!("{base}:rec:8:k-8");
-        let body: Option<String> = client.hget(&record, "body").await.unwrap();
+        let body: Option<String> = command(&client, "HGET", &[&record, "body"]).await;
         assert_eq!(body.as_deref(), Some("SOLD_OUT"));
         let ttl: i64 = client.pttl(&record).await.unwrap();
         assert!(ttl > 0 && ttl <= 60_000, "PTTL {ttl}");
     }
 
+    /// Redis killed: `Unavailable` at once. Restarted empty (no state, no scripts): the
+    /// gate reconnects by itself, its scripts are sent again (EVALSHA's NOSCRIPT, then
+    /// EVAL), and the coupon is `Missing` until it is loaded again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_gate_fails_fast_while_redis_is_down_and_recovers_when_it_returns() {
+        let Some(mut redis) = RedisServer::start() else {
+            return;
+        };
+        let gate = gate(&redis.url(), "t:restart:").await;
+        let snapshot = GateSnapshot {
+            coupon: coupon(2),
+            holders: Vec::new(),
+        };
+        let first = request(1, "k-1", 0, 60_000);
+        gate.load(&snapshot, first.now, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(gate.admit(&first).await.unwrap(), GateAnswer::Admitted);
+
+        redis.kill();
+        assert_unavailable(
+            "admit while down",
+            fast("admit", gate.admit(&request(2, "k-2", 1, 60_000))).await,
+        );
+
+        redis.restart();
+        let second = request(2, "k-2", 2, 60_000);
+        let answer = fast("recovery", async {
+            loop {
+                match gate.admit(&second).await {
+                    Err(GateError::Unavailable(_)) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => break other,
+                }
+            }
+        })
+        .await;
+        assert_eq!(answer.unwrap(), GateAnswer::Missing);
+        gate.load(&snapshot, second.now, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(gate.admit(&second).await.unwrap(), GateAnswer::Admitted);
+        assert_eq!(gate.inspect(second.coupon).await.unwrap().unwrap().taken, 1);
+    }
+
     /// Bounds a call that must fail fast.
     async fn fast<T>(what: &str, call: impl Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(5), call)
+        tokio::time::timeout(Duration::from_secs(10), call)
             .await
             .unwrap_or_else(|_| panic!("{what} does not fail fast"))
     }
@@ -212,7 +281,11 @@ mod adapter {
         );
         assert_unavailable(
             "load",
-            fast("load", gate.load(&snapshot, request.now, Duration::from_secs(1))).await,
+            fast(
+                "load",
+                gate.load(&snapshot, request.now, Duration::from_secs(1)),
+            )
+            .await,
         );
         assert_unavailable("forget", fast("forget", gate.forget(id)).await);
         assert_unavailable("inspect", fast("inspect", gate.inspect(id)).await);

@@ -82,7 +82,8 @@ fn snapshot(mut coupon: Coupon, holders: &[(i64, &str)]) -> GateSnapshot {
 /// A refusal's bytes: the refusal, the request it answers, and bytes that are not valid
 /// UTF-8 (a zero byte and 0xFF), so only a byte-exact gate gives them back unchanged.
 fn response(status: u16, code: &str, user: i64, raw_key: &str) -> StoredResponse {
-    let mut body = format!("{{\"code\":\"{code}\",\"user\":{user},\"key\":\"{raw_key}\"}}").into_bytes();
+    let mut body =
+        format!("{{\"code\":\"{code}\",\"user\":{user},\"key\":\"{raw_key}\"}}").into_bytes();
     body.extend_from_slice(&[0x00, 0xFF, b'|', 0x80]);
     StoredResponse { status, body }
 }
@@ -203,7 +204,12 @@ pub async fn coupon_gate_is_missing_until_loaded(first: Gate, second: Gate) {
 /// Units go to the first requests, pending under their tokens since their admission,
 /// until the stock is taken; then sold out.
 pub async fn coupon_gate_admits_until_sold_out(first: Gate, second: Gate) {
-    load(first.as_ref(), &snapshot(coupon(1, 3), &[(1, "k-1")]), at(0)).await;
+    load(
+        first.as_ref(),
+        &snapshot(coupon(1, 3), &[(1, "k-1")]),
+        at(0),
+    )
+    .await;
     assert_eq!(
         admit(first.as_ref(), &request(1, 2, "k-2", at(10))).await,
         GateAnswer::Admitted
@@ -231,7 +237,12 @@ pub async fn coupon_gate_admits_until_sold_out(first: Gate, second: Gate) {
 /// their expiry) from either gate, even once the refusal no longer holds; another request
 /// under the key is a reuse; other keys are answered afresh.
 pub async fn coupon_gate_replays_a_recorded_refusal_byte_for_byte(first: Gate, second: Gate) {
-    load(first.as_ref(), &snapshot(coupon(1, 1), &[(1, "k-1")]), at(0)).await;
+    load(
+        first.as_ref(),
+        &snapshot(coupon(1, 1), &[(1, "k-1")]),
+        at(0),
+    )
+    .await;
     let refused = request(1, 2, "k-2", at(100));
     assert_eq!(admit(first.as_ref(), &refused).await, SOLD_OUT);
 
@@ -462,7 +473,12 @@ pub async fn coupon_gate_load_keeps_fresh_pending_units_and_drops_stale_ones(
     first: Gate,
     second: Gate,
 ) {
-    load(first.as_ref(), &snapshot(coupon(1, 10), &[(9, "k-9")]), at(0)).await;
+    load(
+        first.as_ref(),
+        &snapshot(coupon(1, 10), &[(9, "k-9")]),
+        at(0),
+    )
+    .await;
     let stale = request(1, 1, "k-1", at(1_000));
     let edge = request(1, 2, "k-2", at(5_000));
     let fresh = request(1, 3, "k-3", at(8_000));
@@ -489,7 +505,10 @@ pub async fn coupon_gate_load_keeps_fresh_pending_units_and_drops_stale_ones(
         issued(&state),
         BTreeSet::from([(4, "k-4".to_owned()), (7, "k-7".to_owned())])
     );
-    assert_eq!(pending(&state), BTreeSet::from([(2, at(5_000)), (3, at(8_000))]));
+    assert_eq!(
+        pending(&state),
+        BTreeSet::from([(2, at(5_000)), (3, at(8_000))])
+    );
 
     // The kept units keep their tokens: each frees only its own.
     give_back(first.as_ref(), 1, 3, &fresh.token).await;
@@ -505,7 +524,10 @@ pub async fn coupon_gate_load_keeps_fresh_pending_units_and_drops_stale_ones(
     // Loading an empty snapshot later drops everything pending and issued.
     load(first.as_ref(), &snapshot(coupon(1, 20), &[]), at(1_000_000)).await;
     let state = view(second.as_ref(), 1).await;
-    assert_eq!((state.taken, state.issued.len(), state.pending.len()), (0, 0, 0));
+    assert_eq!(
+        (state.taken, state.issued.len(), state.pending.len()),
+        (0, 0, 0)
+    );
 }
 
 /// A unit the gate lost in a rebuild (pending too long) whose step commits after all is
@@ -517,7 +539,12 @@ pub async fn coupon_gate_confirm_after_a_load_that_lost_the_unit_counts_it_once(
     load(first.as_ref(), &snapshot(coupon(1, 2), &[]), at(0)).await;
     let slow = request(1, 1, "k-1", at(100));
     assert_eq!(admit(first.as_ref(), &slow).await, GateAnswer::Admitted);
-    load(second.as_ref(), &snapshot(coupon(1, 2), &[]), at(100 + STALE_MS + 1)).await;
+    load(
+        second.as_ref(),
+        &snapshot(coupon(1, 2), &[]),
+        at(100 + STALE_MS + 1),
+    )
+    .await;
     let state = view(first.as_ref(), 1).await;
     assert_eq!((state.taken, state.pending.len()), (0, 0));
 
@@ -542,7 +569,12 @@ pub async fn coupon_gate_confirm_after_a_load_that_lost_the_unit_counts_it_once(
 /// A sold-out answer is stale while some unit has been pending for longer than the
 /// stale-after (on the caller's clock), and only then.
 pub async fn coupon_gate_sold_out_says_when_a_unit_is_pending_too_long(first: Gate, second: Gate) {
-    load(first.as_ref(), &snapshot(coupon(1, 2), &[(5, "k-5")]), at(0)).await;
+    load(
+        first.as_ref(),
+        &snapshot(coupon(1, 2), &[(5, "k-5")]),
+        at(0),
+    )
+    .await;
     assert_eq!(
         admit(first.as_ref(), &request(1, 1, "k-1", at(1_000))).await,
         GateAnswer::Admitted
@@ -571,7 +603,12 @@ pub async fn coupon_gate_sold_out_says_when_a_unit_is_pending_too_long(first: Ga
 /// A recorded refusal lives until the request's `expires_at` (on the caller's clock):
 /// replayed just before, answered afresh from then on, under a new expiry.
 pub async fn coupon_gate_recorded_refusal_expires_with_its_expiry(first: Gate, second: Gate) {
-    load(first.as_ref(), &snapshot(coupon(1, 1), &[(1, "k-1")]), at(0)).await;
+    load(
+        first.as_ref(),
+        &snapshot(coupon(1, 1), &[(1, "k-1")]),
+        at(0),
+    )
+    .await;
     let mut refused = request(1, 2, "k-2", at(0));
     refused.expires_at = at(60_000);
     assert_eq!(admit(first.as_ref(), &refused).await, SOLD_OUT);
@@ -588,6 +625,7 @@ pub async fn coupon_gate_recorded_refusal_expires_with_its_expiry(first: Gate, s
     let mut after = request(1, 2, "k-2", at(60_000));
     after.fingerprint = Fingerprint::from_stored("issue:other");
     assert_eq!(admit(second.as_ref(), &after).await, GateAnswer::Admitted);
+    confirm(first.as_ref(), 1, 2, "k-2").await;
 
     // ... and a new refusal lives by its own expiry.
     let late = request(1, 3, "k-3", at(70_000));
@@ -608,7 +646,12 @@ pub async fn coupon_gate_recorded_refusal_expires_with_its_expiry(first: Gate, s
 /// Forget drops the coupon's state (the next admit is `Missing`) but not the refusals it
 /// recorded, which replay once it is loaded again.
 pub async fn coupon_gate_forget_drops_the_state_but_keeps_the_records(first: Gate, second: Gate) {
-    load(first.as_ref(), &snapshot(coupon(1, 1), &[(1, "k-1")]), at(0)).await;
+    load(
+        first.as_ref(),
+        &snapshot(coupon(1, 1), &[(1, "k-1")]),
+        at(0),
+    )
+    .await;
     load(first.as_ref(), &snapshot(coupon(2, 1), &[]), at(0)).await;
     let refused = request(1, 2, "k-2", at(10));
     assert_eq!(admit(first.as_ref(), &refused).await, SOLD_OUT);
@@ -620,7 +663,12 @@ pub async fn coupon_gate_forget_drops_the_state_but_keeps_the_records(first: Gat
     // Other coupons keep theirs.
     assert_eq!(view(first.as_ref(), 2).await.total, 1);
 
-    load(second.as_ref(), &snapshot(coupon(1, 5), &[(1, "k-1")]), at(20)).await;
+    load(
+        second.as_ref(),
+        &snapshot(coupon(1, 5), &[(1, "k-1")]),
+        at(20),
+    )
+    .await;
     assert_eq!(
         admit(first.as_ref(), &request(1, 2, "k-2", at(30))).await,
         replay_of(&refused, &refused.sold_out)
@@ -711,12 +759,18 @@ pub async fn coupon_gate_admits_exactly_the_stock_under_concurrency(first: Gate,
             .expect("the settle task finishes");
     }
     let state = view(second.as_ref(), 1).await;
-    assert_eq!((state.taken, state.issued.len(), state.pending.len()), (10, 10, 0));
+    assert_eq!(
+        (state.taken, state.issued.len(), state.pending.len()),
+        (10, 10, 0)
+    );
 
     let answers = rush(&first, &second, 201..=400, at(20)).await;
     assert_eq!(admitted_in(&answers).len(), 10);
     let state = view(first.as_ref(), 1).await;
-    assert_eq!((state.taken, state.issued.len(), state.pending.len()), (20, 10, 10));
+    assert_eq!(
+        (state.taken, state.issued.len(), state.pending.len()),
+        (20, 10, 10)
+    );
 }
 
 /// A snapshot of 100,000 holders loads in one call, and the gate then knows every one.
@@ -730,7 +784,10 @@ pub async fn coupon_gate_loads_a_large_snapshot(first: Gate, second: Gate) {
     load(first.as_ref(), &snapshot(coupon(1, total), &holders), at(0)).await;
     let state = view(second.as_ref(), 1).await;
     assert_eq!(state.taken, total - 1);
-    assert_eq!(state.issued.len(), usize::try_from(HOLDERS).expect("a count"));
+    assert_eq!(
+        state.issued.len(),
+        usize::try_from(HOLDERS).expect("a count")
+    );
     assert_eq!(
         issued(&state).get(&(77_777, "key-77777".to_owned())),
         Some(&(77_777, "key-77777".to_owned()))
@@ -752,7 +809,12 @@ pub async fn coupon_gate_loads_a_large_snapshot(first: Gate, second: Gate) {
         SOLD_OUT
     );
     // Reloaded with the same snapshot: the fresh pending unit is kept, counted once.
-    load(second.as_ref(), &snapshot(coupon(1, total), &holders), at(20)).await;
+    load(
+        second.as_ref(),
+        &snapshot(coupon(1, total), &holders),
+        at(20),
+    )
+    .await;
     let state = view(first.as_ref(), 1).await;
     assert_eq!(state.taken, total);
     assert_eq!(state.pending.len(), 1);
