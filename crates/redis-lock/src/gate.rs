@@ -99,8 +99,9 @@ impl GateScript {
     }
 
     /// EVALSHA, then EVAL on NOSCRIPT, routed to the slot of the first key (every key of
-    /// a call is in it). Sent as a plain command so that a load can carry its own
-    /// timeout (fred's options reach any command, not its Lua interface).
+    /// a call is in it). Sent as a plain command so that a load or an inspect can carry a
+    /// timeout of its own: fred's per-call options wrap a client, but its Lua interface is
+    /// not implemented for the wrapper.
     async fn run<C>(
         &self,
         client: &C,
