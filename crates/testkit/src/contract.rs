@@ -59,7 +59,7 @@ mod user_repo;
 
 use std::sync::Arc;
 
-use domain::ports::{BalanceStore, IdempotencyRepo, OrderRepo, UserRepo};
+use domain::ports::{BalanceStore, CouponRepo, IdempotencyRepo, OrderRepo, UserRepo};
 
 pub use auditor::{
     AUDIT_LEASE, AUDIT_TTL, AuditBooks, Audited, assert_finds,
@@ -122,6 +122,7 @@ pub use user_repo::{
 pub struct Stores {
     pub users: Arc<dyn UserRepo>,
     pub orders: Arc<dyn OrderRepo>,
+    pub coupons: Arc<dyn CouponRepo>,
     pub idempotency: Arc<dyn IdempotencyRepo>,
     pub balances: Arc<dyn BalanceStore>,
 }
@@ -130,12 +131,13 @@ impl Stores {
     /// Every port of `store`, all sharing the one store.
     pub fn new<S>(store: S) -> Self
     where
-        S: UserRepo + OrderRepo + IdempotencyRepo + BalanceStore + 'static,
+        S: UserRepo + OrderRepo + CouponRepo + IdempotencyRepo + BalanceStore + 'static,
     {
         let store = Arc::new(store);
         Self {
             users: Arc::clone(&store) as Arc<dyn UserRepo>,
             orders: Arc::clone(&store) as Arc<dyn OrderRepo>,
+            coupons: Arc::clone(&store) as Arc<dyn CouponRepo>,
             idempotency: Arc::clone(&store) as Arc<dyn IdempotencyRepo>,
             balances: store,
         }
