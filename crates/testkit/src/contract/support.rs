@@ -243,20 +243,27 @@ pub(crate) fn coupon_payment_step(
     when: DateTime<Utc>,
 ) -> BalanceChange {
     let (charged, discount) = order.amount.less(coupon.discount);
-    let mut change = payment_step(user, order, raw_key, when);
-    change.effect = Effect::Pay {
-        order: order.id,
-        movement: Movement {
-            amount: charged,
-            balance_after: balance(user.balance.get() - charged.get()),
+    let fingerprint = pay::fingerprint(user.id, order.id, Some(coupon.id));
+    let mut key = key_record(raw_key, fingerprint.as_str(), when, DAY_MS);
+    key.operation = OperationKind::Payment;
+    BalanceChange {
+        user_id: user.id,
+        expected_version: user.version,
+        effect: Effect::Pay {
+            order: order.id,
+            movement: Movement {
+                amount: charged,
+                balance_after: balance(user.balance.get() - charged.get()),
+            },
+            coupon: Some(CouponUse {
+                user_coupon: coupon.id,
+                discount,
+            }),
         },
-        coupon: Some(CouponUse {
-            user_coupon: coupon.id,
-            discount,
-        }),
-    };
-    change.key.fingerprint = pay::fingerprint(user.id, order.id, Some(coupon.id));
-    change
+        at: when,
+        key,
+        respond: Box::new(naming_ids),
+    }
 }
 
 /// The user as stored now; it must exist.
