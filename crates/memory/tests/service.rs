@@ -30,7 +30,11 @@ struct DebugEncoder;
 impl ResponseEncoder for DebugEncoder {
     fn encode(&self, outcome: &Outcome) -> StoredResponse {
         let status = match outcome {
-            Outcome::Charged(_) | Outcome::Used(_) | Outcome::Paid(_) | Outcome::Refunded(_) => 200,
+            Outcome::Charged(_)
+            | Outcome::Used(_)
+            | Outcome::Paid(_)
+            | Outcome::Refunded(_)
+            | Outcome::CouponIssued(_) => 200,
             Outcome::Refused(Refusal::OrderAlreadyPaid { .. } | Refusal::OrderCancelled { .. }) => {
                 409
             }
@@ -68,11 +72,13 @@ fn service(clock: Arc<ManualClock>) -> (BalanceService, MemoryStore) {
     let ports = Ports {
         users: Arc::new(store.clone()),
         orders: Arc::new(store.clone()),
+        coupons: Arc::new(store.clone()),
         keys: Arc::new(store.clone()),
         store: Arc::new(store.clone()),
         locks: Arc::new(InProcessLockManager::new()),
         encoder: Arc::new(DebugEncoder),
         clock,
+        gate: None,
     };
     let settings = Settings {
         lock_wait: Duration::from_secs(10),
@@ -210,7 +216,12 @@ impl BalanceCommand {
         match self.clone() {
             Self::Charge { user, amount, key } => Arc::new(Charge { user, amount, key }),
             Self::Use { user, amount, key } => Arc::new(UseBalance { user, amount, key }),
-            Self::Pay { user, order, key } => Arc::new(Pay { user, order, key }),
+            Self::Pay { user, order, key } => Arc::new(Pay {
+                user,
+                order,
+                key,
+                coupon: None,
+            }),
         }
     }
 

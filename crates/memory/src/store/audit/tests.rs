@@ -40,7 +40,11 @@ fn effect(kind: EntryKind, amount: Amount, new_balance: Balance, order: Option<O
     match (kind, order) {
         (EntryKind::Charge, None) => Effect::Charge(movement),
         (EntryKind::Use, None) => Effect::Use(movement),
-        (EntryKind::Payment, Some(order)) => Effect::Pay { order, movement },
+        (EntryKind::Payment, Some(order)) => Effect::Pay {
+            order,
+            movement,
+            coupon: None,
+        },
         other => panic!("no effect is {other:?}"),
     }
 }
@@ -86,7 +90,7 @@ fn pay_change(
         Some(order),
     );
     change.key.operation = OperationKind::Payment;
-    change.key.fingerprint = pay::fingerprint(user(who), order);
+    change.key.fingerprint = pay::fingerprint(user(who), order, None);
     change
 }
 
@@ -189,7 +193,7 @@ async fn books() -> MemoryStore {
 
     assert_eq!((pending.id.get(), order.id.get()), (1, 2));
     assert_eq!(paid.assigned.payment_id, Some(PaymentId::new(1).unwrap()));
-    assert_eq!(paid.assigned.entry_id, EntryId::new(6).unwrap());
+    assert_eq!(paid.assigned.entry_id, EntryId::new(6).ok());
     store
 }
 
