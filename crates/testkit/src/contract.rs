@@ -10,6 +10,16 @@
 //!   [`user_repo_seeding_skips_created_users`],
 //!   [`user_repo_seeding_a_zero_balance_writes_no_entries`];
 //! - [`OrderRepo`](domain::ports::OrderRepo): [`order_repo_creates_and_reads`];
+//! - [`CouponRepo`](domain::ports::CouponRepo): [`coupon_repo_creates_and_reads`], and the
+//!   coupon branches of the atomic step (`contract/coupons.rs`):
+//!   [`balance_store_issue_writes_the_user_coupon`],
+//!   [`balance_store_issue_to_a_holder_is_coupon_changed`],
+//!   [`balance_store_issue_past_the_stock_is_coupon_changed`],
+//!   [`balance_store_concurrent_issues_never_pass_the_stock`],
+//!   [`balance_store_pay_with_a_coupon_uses_it_once`],
+//!   [`balance_store_pay_with_a_foreign_or_expired_coupon_is_coupon_changed`],
+//!   [`balance_store_pay_with_a_coupon_covering_the_order_pays_nothing`],
+//!   [`balance_store_refund_in_full_frees_the_coupon`];
 //! - [`IdempotencyRepo`](domain::ports::IdempotencyRepo):
 //!   [`idempotency_repo_finds_only_live_records_of_their_user`],
 //!   [`idempotency_repo_purges_only_expired_records`],
@@ -50,6 +60,7 @@
 mod auditor;
 mod balance_store;
 mod corrupt;
+mod coupons;
 mod idempotency_repo;
 mod lock_manager;
 mod order_repo;
@@ -59,7 +70,7 @@ mod user_repo;
 
 use std::sync::Arc;
 
-use domain::ports::{BalanceStore, IdempotencyRepo, OrderRepo, UserRepo};
+use domain::ports::{BalanceStore, CouponRepo, IdempotencyRepo, OrderRepo, UserRepo};
 
 pub use auditor::{
     AUDIT_LEASE, AUDIT_TTL, AuditBooks, Audited, assert_finds,
@@ -93,7 +104,16 @@ pub use balance_store::{
     balance_store_replaces_an_expired_record, balance_store_stale_version_writes_nothing,
     balance_store_unknown_user_writes_nothing, balance_store_unpayable_order_writes_nothing,
 };
-pub use corrupt::{Corrupt, ForgedEntry};
+pub use corrupt::{Corrupt, ForgedEntry, ForgedUserCoupon};
+pub use coupons::{
+    balance_store_concurrent_issues_never_pass_the_stock,
+    balance_store_issue_past_the_stock_is_coupon_changed,
+    balance_store_issue_to_a_holder_is_coupon_changed, balance_store_issue_writes_the_user_coupon,
+    balance_store_pay_with_a_coupon_covering_the_order_pays_nothing,
+    balance_store_pay_with_a_coupon_uses_it_once,
+    balance_store_pay_with_a_foreign_or_expired_coupon_is_coupon_changed,
+    balance_store_refund_in_full_frees_the_coupon, coupon_repo_creates_and_reads,
+};
 pub use idempotency_repo::{
     idempotency_repo_finds_only_live_records_of_their_user,
     idempotency_repo_purges_only_expired_records, idempotency_repo_purges_the_oldest_expired_first,
@@ -122,6 +142,7 @@ pub use user_repo::{
 pub struct Stores {
     pub users: Arc<dyn UserRepo>,
     pub orders: Arc<dyn OrderRepo>,
+    pub coupons: Arc<dyn CouponRepo>,
     pub idempotency: Arc<dyn IdempotencyRepo>,
     pub balances: Arc<dyn BalanceStore>,
 }
@@ -130,12 +151,13 @@ impl Stores {
     /// Every port of `store`, all sharing the one store.
     pub fn new<S>(store: S) -> Self
     where
-        S: UserRepo + OrderRepo + IdempotencyRepo + BalanceStore + 'static,
+        S: UserRepo + OrderRepo + CouponRepo + IdempotencyRepo + BalanceStore + 'static,
     {
         let store = Arc::new(store);
         Self {
             users: Arc::clone(&store) as Arc<dyn UserRepo>,
             orders: Arc::clone(&store) as Arc<dyn OrderRepo>,
+            coupons: Arc::clone(&store) as Arc<dyn CouponRepo>,
             idempotency: Arc::clone(&store) as Arc<dyn IdempotencyRepo>,
             balances: store,
         }

@@ -15,8 +15,8 @@ use domain::model::{EntryKind, OrderStatus};
 use domain::operations::{OperationKind, charge, pay, use_balance};
 use domain::outcome::Outcome;
 use domain::ports::{
-    AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, Clock, IdempotencyRepo,
-    KeyRecord, OrderRepo, RefusalRecord, ResponseEncoder, UserRepo,
+    AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, Clock, CouponRepo,
+    IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord, ResponseEncoder, UserRepo,
 };
 use domain::types::{Amount, Balance, EntryId, OrderId, PaymentId, UserId};
 use domain::{BalanceService, Charge, Operation, Ports, Settings};
@@ -46,7 +46,7 @@ impl Audited {
     /// Every port of `store`, its auditor and its corruption hook, all sharing the store.
     pub fn new<S>(store: S) -> Self
     where
-        S: UserRepo + OrderRepo + IdempotencyRepo + BalanceStore + Auditor + Corrupt,
+        S: UserRepo + OrderRepo + CouponRepo + IdempotencyRepo + BalanceStore + Auditor + Corrupt,
         S: Clone + 'static,
     {
         Self {
@@ -153,7 +153,7 @@ fn payment(
     );
     step.effect = effect;
     step.key.operation = operation;
-    step.key.fingerprint = pay::fingerprint(user(who), order);
+    step.key.fingerprint = pay::fingerprint(user(who), order, None);
     step
 }
 
@@ -237,8 +237,8 @@ pub async fn write_audit_books(audited: &Audited) -> AuditBooks {
         pending_order: pending.id,
         paid_order: order.id,
         payment: paid.assigned.payment_id.expect("a payment was written"),
-        payment_entry: paid.assigned.entry_id,
-        newest_of_user_1: used.assigned.entry_id,
+        payment_entry: super::support::entry_of(&paid),
+        newest_of_user_1: super::support::entry_of(&used),
     }
 }
 
@@ -720,11 +720,13 @@ pub async fn auditor_judges_a_reuse_by_its_records_expiry(audited: &Audited) {
         Ports {
             users: Arc::clone(&stores.users),
             orders: Arc::clone(&stores.orders),
+            coupons: Arc::clone(&stores.coupons),
             keys: Arc::clone(&stores.idempotency),
             store: Arc::clone(&stores.balances),
             locks: Arc::new(memory::InProcessLockManager::new()),
             encoder: Arc::new(DebugEncoder),
             clock: Arc::clone(&clock) as Arc<dyn Clock>,
+            gate: None,
         },
         Settings {
             idempotency_ttl: SERVICE_TTL,
