@@ -698,8 +698,8 @@ async fn pair_with_entries(
 
 /// Coupons whose issued count is not the number of their user coupons, or passes their
 /// stock; a user holding two of one coupon (the unique key forbids it: this finds it if the
-/// key was ever lost); and user coupons of a coupon that does not exist. (Worded as the
-/// in-memory audit words them.)
+/// key was ever lost); and, by coupon, user coupons of a coupon that does not exist.
+/// (Worded as the in-memory audit words them.)
 async fn coupon_stock_matches_issued(
     conn: &mut MySqlConnection,
     report: &mut AuditReport,
@@ -747,27 +747,31 @@ async fn coupon_stock_matches_issued(
         breach(
             CHECK,
             format!("coupon {coupon} user {user}"),
-            format!("holds {held} of it: user coupons {ids}"),
+            format!(
+                "user {user} holds {held} of coupon {coupon}, at most 1 allowed: user coupons {ids}"
+            ),
         )
     });
     report.add_found(CHECK, found, listed.collect::<Vec<_>>());
 
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
-        "select uc.id, uc.coupon_id, uc.user_id, count(*) over () \
-         from user_coupons uc left join coupons c on c.id = uc.coupon_id \
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "select u.coupon_id, u.n, count(*) over () \
+         from (select coupon_id, cast(count(*) as signed) as n \
+               from user_coupons group by coupon_id) u \
+         left join coupons c on c.id = u.coupon_id \
          where c.id is null \
-         order by uc.id limit ?",
+         order by u.coupon_id limit ?",
     )
     .bind(LISTED)
     .fetch_all(&mut *conn)
     .await
     .map_err(repo)?;
-    let found = total(&rows, |r| r.3);
-    let listed = rows.into_iter().map(|(held, coupon, user, _)| {
+    let found = total(&rows, |r| r.2);
+    let listed = rows.into_iter().map(|(coupon, held, _)| {
         breach(
             CHECK,
-            format!("user coupon {held}"),
-            format!("of coupon {coupon}, which does not exist (user {user})"),
+            format!("coupon {coupon}"),
+            format!("no such coupon, but {held} user coupons of it"),
         )
     });
     report.add_found(CHECK, found, listed.collect::<Vec<_>>());
