@@ -31,6 +31,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use domain::idempotency::RecordOutcome;
+use domain::model::PaymentStatus;
 use domain::operations::OperationKind;
 use domain::ports::{AuditCheck, AuditReport, Auditor, Breach, RepoError};
 use domain::time::format_rfc3339_millis;
@@ -161,13 +162,12 @@ static KEY_CHECKS: LazyLock<String> = LazyLock::new(|| {
                                  from user_coupons) x \
                           ) w \
                      where (is_entry = 0 and is_coupon = 0 and record_status = 'COMPLETED' \
-                            and ((operation <> '{issue}' \
-                                  and ((outcome = 'APPLIED' and effects <> 1) \
-                                       or (outcome <> 'APPLIED' and effects <> 0))) \
-                                 or (operation = '{issue}' \
-                                     and (effects <> 0 \
-                                          or (outcome = 'APPLIED' and coupons <> 1) \
-                                          or (outcome <> 'APPLIED' and coupons <> 0))))) \
+                            and ((outcome = 'APPLIED' and operation <> '{issue}' \
+                                  and (effects <> 1 or coupons <> 0)) \
+                                 or (outcome = 'APPLIED' and operation = '{issue}' \
+                                     and (effects <> 0 or coupons <> 1)) \
+                                 or (outcome <> 'APPLIED' \
+                                     and (effects <> 0 or coupons <> 0)))) \
                         or (is_entry = 0 and is_coupon = 0 and record_status <> 'COMPLETED' \
                             and at < ?) \
                         or (is_entry = 1 and live_until is not null \
@@ -292,8 +292,8 @@ async fn balance_matches_ledger(
 /// - for each completed record, the entries at its instant: one for a record whose outcome
 ///   is APPLIED, none for a REFUSED one (`RecordHasOneEffect`; a record from an older
 ///   instance without an outcome reads by `convert::record_facts`' rule); a COUPON_ISSUE
-///   record moves no money, so it has no entry, and instead the user coupons of its user,
-///   key and instant: one when APPLIED, none when REFUSED;
+///   record moves no money, so an APPLIED one has no entry and instead exactly one user
+///   coupon of its user, key and instant; every other record has no user coupon;
 /// - for each entry, the earlier entries of its key (by instant, then id), whose records
 ///   must all have expired by its instant (`KeyAppliedOnce`): each entry carries the
 ///   expiry of the record written with it (`key_expires_at`), so the check holds whatever
@@ -366,24 +366,18 @@ async fn key_checks(
         let (slot, breach) = match chk.as_str() {
             "RECORD" => {
                 // What the record says happened, never what its HTTP status suggests.
-                let (what, expected) = if outcome == RecordOutcome::Applied.as_str() {
-                    ("stored success", "exactly 1")
-                } else {
-                    ("stored refusal", "none")
+                let applied = outcome == RecordOutcome::Applied.as_str();
+                let issue = operation == OperationKind::CouponIssue.as_str();
+                let (what, expected) = match (applied, issue) {
+                    (true, false) => ("stored success", "exactly 1 entry and no coupon"),
+                    (true, true) => ("stored coupon issue", "exactly 1 coupon and no entry"),
+                    (false, _) => ("stored refusal", "none"),
                 };
-                let detail = if operation == OperationKind::CouponIssue.as_str() {
-                    format!(
-                        "{what} ({status}) of a coupon issue of {}: {coupons} user coupons and \
-                         {effects} ledger entries with this key and instant, expected {expected} \
-                         and no ledger entry",
-                        at(created)
-                    )
-                } else {
-                    format!(
-                        "{what} ({status}) of {}: {effects} ledger entries with this key and instant, expected {expected}",
-                        at(created)
-                    )
-                };
+                let detail = format!(
+                    "{what} ({status}) of {}: {effects} ledger entries and {coupons} user coupons \
+                     with this key and instant, expected {expected}",
+                    at(created)
+                );
                 (0, breach(AuditCheck::RecordHasOneEffect, subject, detail))
             }
             "KEY" => {
@@ -483,35 +477,41 @@ async fn paid_order_has_one_payment(
     // `PaymentStatus::of` says: something refunded, and all of it; a payment a coupon
     // covered in full took nothing, and stays PAID). The order's amount is what the
     // balance paid plus the coupon's discount.
-    let rows: Vec<OrderRow> = sqlx::query_as(
+    let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select id, order_id, user_id, amount, status, order_user, order_amount, \
                 count(*) over (), expected, discount \
          from (select p.id, p.order_id, p.user_id, p.amount, p.discount, o.status, \
                       o.user_id as order_user, o.amount as order_amount, \
-                      case when p.refunded_total > 0 and p.refunded_total >= p.amount \
-                           then 'REFUNDED' else 'PAID' end as expected \
+                      case when {REFUNDED_IN_FULL_SQL} then 'REFUNDED' else 'PAID' end \
+                          as expected \
                from payments p left join orders o on o.id = p.order_id) x \
          where status is null or status <> expected \
             or order_user <> user_id or order_amount <> amount + discount \
-         order by id limit ?",
-    )
+         order by id limit ?"
+    )))
     .bind(LISTED)
     .fetch_all(&mut *conn)
     .await
     .map_err(repo)?;
     let found = total(&rows, |r| r.7);
     let listed = rows.into_iter().map(
-        |(payment, order, user, amount, status, order_user, order_amount, _, expected, discount)| {
+        |(
+            payment,
+            order,
+            user,
+            amount,
+            status,
+            order_user,
+            order_amount,
+            _,
+            expected,
+            discount,
+        )| {
             let detail = match (status, order_user, order_amount) {
                 (Some(status), Some(order_user), Some(order_amount)) if status == expected => {
-                    let off = if discount == 0 {
-                        String::new()
-                    } else {
-                        format!(" and a discount of {discount}")
-                    };
                     format!(
                         "pays order {order} of user {order_user} for {order_amount}, \
-                         but is user {user}'s for {amount}{off}"
+                         but is user {user}'s for {amount} (with a discount of {discount})"
                     )
                 }
                 (Some(status), ..) => {
@@ -697,8 +697,9 @@ async fn pair_with_entries(
 }
 
 /// Coupons whose issued count is not the number of their user coupons, or passes their
-/// stock; user coupons of a coupon that does not exist; and a user holding two of one
-/// coupon (the unique key forbids it: this finds it if the key was ever lost).
+/// stock; a user holding two of one coupon (the unique key forbids it: this finds it if the
+/// key was ever lost); and, by coupon, user coupons of a coupon that does not exist.
+/// (Worded as the in-memory audit words them.)
 async fn coupon_stock_matches_issued(
     conn: &mut MySqlConnection,
     report: &mut AuditReport,
@@ -724,7 +725,31 @@ async fn coupon_stock_matches_issued(
         breach(
             CHECK,
             format!("coupon {coupon}"),
-            format!("issued {issued} of {stock}, but {held} user coupons were issued"),
+            format!("issued {issued} of {stock}, with {held} user coupons"),
+        )
+    });
+    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
+
+    let rows: Vec<(i64, i64, String, i64)> = sqlx::query_as(
+        "select coupon_id, user_id, ids, count(*) over () \
+         from (select coupon_id, user_id, \
+                      group_concat(id order by id separator ', ') as ids \
+               from user_coupons group by coupon_id, user_id having count(*) > 1) d \
+         order by coupon_id, user_id limit ?",
+    )
+    .bind(LISTED)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(repo)?;
+    let found = total(&rows, |r| r.3);
+    let listed = rows.into_iter().map(|(coupon, user, ids, _)| {
+        let held = ids.split(", ").count();
+        breach(
+            CHECK,
+            format!("coupon {coupon} user {user}"),
+            format!(
+                "user {user} holds {held} of coupon {coupon}, at most 1 allowed: user coupons {ids}"
+            ),
         )
     });
     report.add_found(CHECK, found, listed.collect::<Vec<_>>());
@@ -750,96 +775,68 @@ async fn coupon_stock_matches_issued(
         )
     });
     report.add_found(CHECK, found, listed.collect::<Vec<_>>());
-
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
-        "select coupon_id, user_id, n, count(*) over () \
-         from (select coupon_id, user_id, cast(count(*) as signed) as n \
-               from user_coupons group by coupon_id, user_id having count(*) > 1) d \
-         order by coupon_id, user_id limit ?",
-    )
-    .bind(LISTED)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(repo)?;
-    let found = total(&rows, |r| r.3);
-    let listed = rows.into_iter().map(|(coupon, user, held, _)| {
-        breach(
-            CHECK,
-            format!("coupon {coupon} user {user}"),
-            format!("user {user} holds {held} of coupon {coupon}, at most 1 allowed"),
-        )
-    });
-    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
     Ok(())
 }
 
-/// A payment that holds its coupon: not refunded in full (a payment a coupon covered in
-/// full took nothing and can never be), as [`domain::model::PaymentStatus::of`] says.
-const PAYMENT_LIVE_SQL: &str = "(p.refunded_total < p.amount or p.amount = 0)";
+/// A payment refunded in full, over `payments p`: as [`domain::model::PaymentStatus::of`]
+/// says, something refunded and all of it (a payment a coupon covered in full took nothing,
+/// and never is).
+const REFUNDED_IN_FULL_SQL: &str = "(p.refunded_total > 0 and p.refunded_total >= p.amount)";
 
-/// Used user coupons whose payment is missing, another user's, paid with another coupon
-/// or refunded in full; payments not refunded in full whose coupon does not hold them
-/// (missing, free, or held by another payment); and a discount without a coupon.
+/// Used user coupons whose payment is missing, another user's, names another coupon or is
+/// refunded in full; payments not refunded in full that their user coupon is not used by
+/// (missing, free, or used by another payment); and (a row only this schema can hold) a
+/// discount without a coupon. (Worded as the in-memory audit words them.)
 async fn coupon_use_matches_payment(
     conn: &mut MySqlConnection,
     report: &mut AuditReport,
 ) -> Result<(), RepoError> {
     const CHECK: AuditCheck = AuditCheck::CouponUseMatchesPayment;
 
-    type UsedRow = (
-        i64,
-        i64,
-        i64,
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-        i64,
-    );
+    type UsedRow = (i64, i64, i64, Option<i64>, Option<i64>, Option<i64>, i64);
     let rows: Vec<UsedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select uc.id, uc.user_id, uc.payment_id, p.user_id, p.user_coupon_id, p.amount, \
-                p.refunded_total, count(*) over () \
+        "select uc.id, uc.user_id, uc.payment_id, p.id, p.user_id, p.user_coupon_id, \
+                count(*) over () \
          from user_coupons uc left join payments p on p.id = uc.payment_id \
          where uc.payment_id is not null \
            and (p.id is null or p.user_id <> uc.user_id or p.user_coupon_id is null \
-                or p.user_coupon_id <> uc.id or not {PAYMENT_LIVE_SQL}) \
+                or p.user_coupon_id <> uc.id or {REFUNDED_IN_FULL_SQL}) \
          order by uc.id limit ?"
     )))
     .bind(LISTED)
     .fetch_all(&mut *conn)
     .await
     .map_err(repo)?;
-    let found = total(&rows, |r| r.7);
-    let listed = rows.into_iter().map(
-        |(coupon, user, payment, p_user, p_coupon, amount, refunded, _)| {
-            let detail = match (p_user, amount, refunded) {
-                (Some(p_user), Some(amount), Some(refunded)) => {
-                    if p_user != user {
-                        format!("used by payment {payment}, which is user {p_user}'s, not user {user}'s")
-                    } else if p_coupon != Some(coupon) {
-                        let named = p_coupon
-                            .map_or_else(|| "no coupon".to_owned(), |c| format!("user coupon {c}"));
-                        format!("used by payment {payment}, which names {named}")
-                    } else {
-                        format!(
-                            "used by payment {payment}, which is refunded in full ({refunded} of {amount})"
-                        )
-                    }
+    let found = total(&rows, |r| r.6);
+    let listed = rows
+        .into_iter()
+        .map(|(held, user, payment, exists, payer, names, _)| {
+            let wrong = match (exists, payer, names) {
+                (None, ..) => "which does not exist".to_owned(),
+                (Some(_), Some(payer), _) if payer != user => {
+                    format!("which is user {payer}'s, not user {user}'s")
                 }
-                _ => format!("used by payment {payment}, which does not exist"),
+                (Some(_), _, None) => "which names no coupon".to_owned(),
+                (Some(_), _, Some(named)) if named != held => {
+                    format!("which names user coupon {named}")
+                }
+                (Some(_), ..) => "which is refunded in full".to_owned(),
             };
-            breach(CHECK, format!("user coupon {coupon}"), detail)
-        },
-    );
+            breach(
+                CHECK,
+                format!("user coupon {held}"),
+                format!("used by payment {payment}, {wrong}"),
+            )
+        });
     report.add_found(CHECK, found, listed.collect::<Vec<_>>());
 
-    type PaymentRow = (i64, i64, Option<i64>, i64, Option<i64>, Option<i64>, i64);
+    type PaymentRow = (i64, Option<i64>, i64, i64, Option<i64>, Option<i64>, i64);
     let rows: Vec<PaymentRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select p.id, p.user_id, p.user_coupon_id, p.discount, uc.id, uc.payment_id, \
+        "select p.id, p.user_coupon_id, p.discount, p.refunded_total, uc.id, uc.payment_id, \
                 count(*) over () \
          from payments p left join user_coupons uc on uc.id = p.user_coupon_id \
          where (p.user_coupon_id is null and p.discount <> 0) \
-            or (p.user_coupon_id is not null and {PAYMENT_LIVE_SQL} \
+            or (p.user_coupon_id is not null and not {REFUNDED_IN_FULL_SQL} \
                 and (uc.id is null or uc.payment_id is null or uc.payment_id <> p.id)) \
          order by p.id limit ?"
     )))
@@ -849,20 +846,26 @@ async fn coupon_use_matches_payment(
     .map_err(repo)?;
     let found = total(&rows, |r| r.6);
     let listed = rows.into_iter().map(
-        |(payment, user, coupon, discount, found_coupon, held_by, _)| {
-            let detail = match (coupon, found_coupon, held_by) {
-                (None, ..) => format!("a discount of {discount} without a coupon"),
-                (Some(coupon), None, _) => {
-                    format!("paid with user coupon {coupon}, which does not exist")
+        |(payment, coupon, discount, refunded, exists, used_by, _)| {
+            let detail = match coupon {
+                None => format!("a discount of {discount} without a coupon"),
+                Some(coupon) => {
+                    // Not refunded in full: COMPLETED or PARTIALLY_REFUNDED.
+                    let status = if refunded > 0 {
+                        PaymentStatus::PartiallyRefunded
+                    } else {
+                        PaymentStatus::Completed
+                    };
+                    let found = match (exists, used_by) {
+                        (None, _) => "which does not exist".to_owned(),
+                        (Some(_), None) => "which is not used".to_owned(),
+                        (Some(_), Some(other)) => format!("which payment {other} uses"),
+                    };
+                    format!(
+                        "{} with user coupon {coupon} (not refunded in full), {found}",
+                        status.as_str()
+                    )
                 }
-                (Some(coupon), Some(_), None) => format!(
-                    "paid with user coupon {coupon} (user {user}) and not refunded in full, \
-                     but the coupon is free"
-                ),
-                (Some(coupon), Some(_), Some(other)) => format!(
-                    "paid with user coupon {coupon} and not refunded in full, but the coupon \
-                     is used by payment {other}"
-                ),
             };
             breach(CHECK, format!("payment {payment}"), detail)
         },

@@ -95,11 +95,7 @@ fn user_coupon(row: UserCouponRow) -> anyhow::Result<UserCoupon> {
 
 #[async_trait]
 impl CouponRepo for MySqlStore {
-    async fn create_coupon(
-        &self,
-        new: NewCoupon,
-        now: DateTime<Utc>,
-    ) -> Result<Coupon, RepoError> {
+    async fn create_coupon(&self, new: NewCoupon, now: DateTime<Utc>) -> Result<Coupon, RepoError> {
         let created_at = to_db_time(now);
         // Either end of the window may be far off: past `datetime`'s range, it is stored as
         // the column's last instant (the window reads the same).
@@ -214,7 +210,9 @@ impl CouponRepo for MySqlStore {
             return Ok(None);
         };
         let (id, name, discount, total, issued, starts, ends, days, created, ..) = first.clone();
-        let coupon = coupon((id, name, discount, total, issued, starts, ends, days, created))?;
+        let coupon = coupon((
+            id, name, discount, total, issued, starts, ends, days, created,
+        ))?;
         let holders = rows
             .into_iter()
             .filter_map(|row| match (row.9, row.10) {

@@ -17,8 +17,7 @@ use domain::idempotency::{RecordOutcome, StoredResponse};
 use domain::model::CouponUse;
 use domain::operations::{Effect, IssueEffect, Movement, RefundEffect};
 use domain::ports::{
-    Applied, Assigned, BalanceChange, BalanceStore, KeyRecord, RefusalRecord, Responder,
-    StepError,
+    Applied, Assigned, BalanceChange, BalanceStore, KeyRecord, RefusalRecord, Responder, StepError,
 };
 use domain::types::{OrderId, PaymentId, RefundId, UserCouponId, UserId};
 use sqlx::pool::PoolConnection;

@@ -173,6 +173,16 @@ contracts! {
         auditor_lists_up_to_the_cap_and_counts_in_full,
         auditor_sees_no_false_breach_during_concurrent_writes,
         auditor_judges_a_reuse_by_its_records_expiry,
+        // Coupons
+        auditor_finds_coupon_books_clean,
+        auditor_finds_an_issued_count_off_its_user_coupons,
+        auditor_finds_a_deleted_user_coupon,
+        auditor_finds_a_coupon_issue_turned_refusal,
+        auditor_finds_a_coupon_issue_with_a_ledger_entry,
+        auditor_finds_a_refused_coupon_issue_with_a_coupon,
+        auditor_finds_a_used_coupon_set_free,
+        auditor_finds_a_coupon_used_by_a_payment_not_its_own,
+        auditor_finds_a_deleted_payment_with_a_coupon,
     ],
     locks: [
         lock_is_exclusive,

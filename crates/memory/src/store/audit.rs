@@ -24,7 +24,7 @@
 //! payment does not keep its idempotency key, so payments and PAYMENT ledger entries are
 //! matched by user, amount and instant only (as many of each).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -127,6 +127,9 @@ struct Audit {
     last_user_coupon: i64,
     pairs: Pairs<PaymentId>,
     refund_pairs: Pairs<RefundId>,
+    /// User coupons of coupons that do not exist, by coupon (coupons are never deleted,
+    /// so this is no race).
+    orphan_coupons: BTreeMap<CouponId, u64>,
 }
 
 impl Audit {
@@ -154,6 +157,7 @@ impl Audit {
             last_user_coupon: state.last_user_coupon_id,
             pairs: HashMap::new(),
             refund_pairs: HashMap::new(),
+            orphan_coupons: BTreeMap::new(),
         }
     }
 
@@ -526,14 +530,20 @@ impl Audit {
             self.report.add(breach(
                 CHECK,
                 format!("coupon {} user {user}", coupon.id),
-                format!("holds {} of it: user coupons {}", ids.len(), ids.join(", ")),
+                format!(
+                    "user {user} holds {} of coupon {}, at most 1 allowed: user coupons {}",
+                    ids.len(),
+                    coupon.id,
+                    ids.join(", ")
+                ),
             ));
         }
         rows
     }
 
-    /// User coupons from id `from` on, for one section's work: of a coupon that exists,
-    /// and used only by a live payment of their user that names them.
+    /// User coupons from id `from` on, for one section's work: of a coupon that exists
+    /// (gathered, reported by coupon at the end), and used only by a live payment of
+    /// their user that names them.
     fn user_coupons(&mut self, state: &State, from: i64) -> Option<i64> {
         let end = from.saturating_add(WORK_PER_SECTION as i64);
         for id in from..end.min(self.last_user_coupon.saturating_add(1)) {
@@ -544,14 +554,7 @@ impl Audit {
                 continue;
             };
             if !state.coupons.contains_key(&held.coupon_id) {
-                self.report.add(breach(
-                    AuditCheck::CouponStockMatchesIssued,
-                    format!("user coupon {}", held.id),
-                    format!(
-                        "of coupon {}, which does not exist (user {})",
-                        held.coupon_id, held.user_id
-                    ),
-                ));
+                *self.orphan_coupons.entry(held.coupon_id).or_default() += 1;
             }
             let Some(payment_id) = held.payment else {
                 continue;
@@ -646,6 +649,13 @@ impl Audit {
         );
         let refunds = std::mem::take(&mut self.refund_pairs);
         self.pair(refunds, AuditCheck::RefundsMatchPayment, "refund", "REFUND");
+        for (coupon, held) in std::mem::take(&mut self.orphan_coupons) {
+            self.report.add(breach(
+                AuditCheck::CouponStockMatchesIssued,
+                format!("coupon {coupon}"),
+                format!("no such coupon, but {held} user coupons of it"),
+            ));
+        }
         self.report
     }
 

@@ -68,8 +68,6 @@ pub trait Corrupt: Send + Sync {
     async fn set_refunded_total(&self, id: PaymentId, total: i64);
     /// Sets coupon `id`'s issued count; its user coupons stay.
     async fn set_issued_quantity(&self, id: CouponId, issued: u32);
-    /// Sets coupon `id`'s stock; its issued count and user coupons stay.
-    async fn set_total_quantity(&self, id: CouponId, total: u32);
     /// Deletes user coupon `id`; its coupon's count, its record and a payment naming it
     /// stay.
     async fn delete_user_coupon(&self, id: UserCouponId);
@@ -167,13 +165,6 @@ impl Corrupt for MemoryStore {
     async fn set_issued_quantity(&self, id: CouponId, issued: u32) {
         found(
             self.tamper().set_issued_quantity(id, issued),
-            &format!("coupon {id}"),
-        );
-    }
-
-    async fn set_total_quantity(&self, id: CouponId, total: u32) {
-        found(
-            self.tamper().set_total_quantity(id, total),
             &format!("coupon {id}"),
         );
     }
@@ -391,16 +382,6 @@ impl Corrupt for MySqlStore {
             self.pool(),
             "update coupons set issued_quantity = ? where id = ?",
             &[Bind::Int(i64::from(issued)), Bind::Int(id.get())],
-            &format!("coupon {id}"),
-        )
-        .await;
-    }
-
-    async fn set_total_quantity(&self, id: CouponId, total: u32) {
-        one_row(
-            self.pool(),
-            "update coupons set total_quantity = ? where id = ?",
-            &[Bind::Int(i64::from(total)), Bind::Int(id.get())],
             &format!("coupon {id}"),
         )
         .await;
