@@ -791,6 +791,23 @@ impl CouponRepo for MemoryStore {
         Ok(self.state().user_coupons_of(user, limit))
     }
 
+    async fn coupon_ids(
+        &self,
+        after: Option<CouponId>,
+        limit: u32,
+    ) -> Result<Vec<CouponId>, RepoError> {
+        let state = self.state();
+        let mut ids: Vec<CouponId> = state
+            .coupons
+            .keys()
+            .copied()
+            .filter(|id| after.is_none_or(|after| *id > after))
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(ids)
+    }
+
     async fn gate_snapshot(&self, coupon: CouponId) -> Result<Option<GateSnapshot>, RepoError> {
         Ok(self.state().gate_snapshot(coupon))
     }

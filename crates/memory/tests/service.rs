@@ -529,7 +529,16 @@ async fn a_coupon_rush_issues_exactly_the_stock_once_per_user() {
         .await
         .unwrap();
     let name = domain::types::CouponName::parse("RUSH").unwrap();
-    let new = domain::model::NewCoupon::new(name, amount(100), STOCK, start(), None, 30).unwrap();
+    let new = domain::model::NewCoupon::new(
+        name,
+        amount(100),
+        STOCK,
+        Some(start()),
+        None,
+        Some(30),
+        start(),
+    )
+    .unwrap();
     let coupon = service.create_coupon(new).await.unwrap();
     let issue = move |i: i64| domain::IssueCoupon {
         user: user(1 + i % USERS),

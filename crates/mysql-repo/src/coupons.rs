@@ -191,6 +191,25 @@ impl CouponRepo for MySqlStore {
             .collect::<anyhow::Result<Vec<_>>>()?)
     }
 
+    async fn coupon_ids(
+        &self,
+        after: Option<CouponId>,
+        limit: u32,
+    ) -> Result<Vec<CouponId>, RepoError> {
+        let after = after.map_or(0, CouponId::get);
+        let rows: Vec<(i64,)> = read_retrying!(&self.pool, |db| {
+            sqlx::query_as("select id from coupons where id > ? order by id limit ?")
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(db)
+        })
+        .map_err(repo)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id,)| CouponId::new(id).map_err(|e| anyhow::anyhow!("a stored coupon id: {e}")))
+            .collect::<anyhow::Result<Vec<_>>>()?)
+    }
+
     async fn gate_snapshot(&self, id: CouponId) -> Result<Option<GateSnapshot>, RepoError> {
         // One statement, so one consistent read whatever the isolation level: an issue
         // writes its user coupon and the count in one transaction, so the count and the

@@ -95,9 +95,10 @@ async fn coupon(store: &MySqlStore, discount: i64, total: i64) -> CouponId {
         CouponName::parse("WELCOME").unwrap(),
         amount(discount),
         total,
-        now - chrono::Duration::hours(1),
+        Some(now - chrono::Duration::hours(1)),
         None,
-        30,
+        Some(30),
+        now,
     )
     .unwrap();
     store.create_coupon(new, now).await.unwrap().id

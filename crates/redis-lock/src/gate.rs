@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use domain::idempotency::StoredResponse;
+use domain::idempotency::{Fingerprint, StoredResponse};
 use domain::ports::{
     CouponGate, GateAnswer, GateError, GateRefusal, GateRequest, GateSnapshot, GateView,
 };
@@ -46,6 +46,7 @@ const CONFIRM: &str = include_str!("gate/confirm.lua");
 const GIVE_BACK: &str = include_str!("gate/give_back.lua");
 const LOAD: &str = include_str!("gate/load.lua");
 const INSPECT: &str = include_str!("gate/inspect.lua");
+const RECORD: &str = include_str!("gate/record.lua");
 
 /// How the gate talks to Redis, and when it calls a pending unit stale.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +178,7 @@ pub struct RedisCouponGate {
     give_back: GateScript,
     load: GateScript,
     inspect: GateScript,
+    record: GateScript,
     /// The tasks driving the pool's connections; aborted on drop.
     connections: Vec<ConnectHandle>,
 }
@@ -247,6 +249,7 @@ impl RedisCouponGate {
             give_back: GateScript::new(GIVE_BACK),
             load: GateScript::new(LOAD),
             inspect: GateScript::new(INSPECT),
+            record: GateScript::new(RECORD),
             connections,
         };
         if !gate.wait_until_connected().await {
@@ -377,6 +380,30 @@ impl CouponGate for RedisCouponGate {
         let keys = self.keys(coupon);
         let args = vec![Value::from(user.get()), Value::from(key.as_str())];
         self.run("confirm", &self.confirm, keys.state(), args)
+            .await?;
+        Ok(())
+    }
+
+    async fn record(
+        &self,
+        coupon: CouponId,
+        user: UserId,
+        key: &IdempotencyKey,
+        fingerprint: &Fingerprint,
+        response: &StoredResponse,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), GateError> {
+        let keys = self.keys(coupon);
+        let expires = millis(expires_at);
+        let args = vec![
+            Value::from(fingerprint.as_str()),
+            Value::from(i64::from(response.status)),
+            Value::Bytes(response.body.clone().into()),
+            Value::from(expires),
+            Value::from(expires.saturating_sub(millis(now))),
+        ];
+        self.run("record", &self.record, vec![keys.record(user, key)], args)
             .await?;
         Ok(())
     }

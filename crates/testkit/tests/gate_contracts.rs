@@ -55,6 +55,7 @@ gates! {
     coupon_gate_is_missing_until_loaded,
     coupon_gate_admits_until_sold_out,
     coupon_gate_replays_a_recorded_refusal_byte_for_byte,
+    coupon_gate_records_what_the_database_answered,
     coupon_gate_refuses_a_second_unit_to_a_holder,
     coupon_gate_passes_a_user_with_a_pending_unit,
     coupon_gate_refuses_outside_the_issue_window,

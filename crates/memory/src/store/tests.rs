@@ -311,7 +311,7 @@ fn pay_with(
 async fn a_refused_coupon_step_writes_nothing_at_all_and_builds_no_response() {
     let store = seeded(2, 1_000).await;
     let name = CouponName::parse("ONE").unwrap();
-    let new = NewCoupon::new(name, amount(100), 1, t0(), None, 1).unwrap();
+    let new = NewCoupon::new(name, amount(100), 1, Some(t0()), None, Some(1), t0()).unwrap();
     let coupon = store.create_coupon(new, t0()).await.unwrap();
     let applied = store
         .apply(issue(1, 0, &coupon, "issue", t0()))

@@ -288,6 +288,79 @@ pub async fn coupon_gate_replays_a_recorded_refusal_byte_for_byte(first: Gate, s
     );
 }
 
+/// An answer the database stored under a key, recorded at the gate: the key's replays then
+/// come from the gate with the database's bytes and expiry, even where the gate would have
+/// decided it afresh; a record already there is kept; an expired answer records nothing.
+pub async fn coupon_gate_records_what_the_database_answered(first: Gate, second: Gate) {
+    load(
+        first.as_ref(),
+        &snapshot(coupon(1, 5), &[(1, "k-1")]),
+        at(0),
+    )
+    .await;
+    // The database refused user 1's second key (while the gate passed it).
+    let second_key = request(1, 1, "k-1b", at(10));
+    let stored = response(422, "COUPON_ALREADY_ISSUED", 1, "stored by the database");
+    let expires = at(10) + chrono::Duration::milliseconds(RECORD_MS);
+    let record = |gate: &Gate, response: &StoredResponse, now: DateTime<Utc>, expires| {
+        let gate = Arc::clone(gate);
+        let (fingerprint, response) = (second_key.fingerprint.clone(), response.clone());
+        async move {
+            bounded(
+                "record",
+                gate.record(
+                    coupon_id(1),
+                    user_id(1),
+                    &key("k-1b"),
+                    &fingerprint,
+                    &response,
+                    now,
+                    expires,
+                ),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("record: {e:?}"));
+        }
+    };
+    record(&first, &stored, at(10), expires).await;
+    let replayed = GateAnswer::Replay {
+        response: stored.clone(),
+        expires_at: expires,
+    };
+    assert_eq!(
+        admit(second.as_ref(), &request(1, 1, "k-1b", at(20))).await,
+        replayed
+    );
+    // A second copy does not replace the first.
+    record(&second, &response(422, "OTHER", 1, "x"), at(30), expires).await;
+    assert_eq!(
+        admit(first.as_ref(), &request(1, 1, "k-1b", at(40))).await,
+        replayed
+    );
+    // Another request under the key is a reuse; nothing was counted.
+    let mut reuse = request(1, 1, "k-1b", at(50));
+    reuse.fingerprint = Fingerprint::from_stored("issue:other");
+    assert_eq!(admit(first.as_ref(), &reuse).await, GateAnswer::Reused);
+    assert_eq!(view(first.as_ref(), 1).await.taken, 1);
+    // An answer already expired leaves no record: the gate decides that key itself.
+    let late = request(1, 2, "k-2", at(100));
+    bounded(
+        "record",
+        first.record(
+            coupon_id(1),
+            user_id(2),
+            &key("k-2"),
+            &late.fingerprint,
+            &stored,
+            at(100),
+            at(100),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("record: {e:?}"));
+    assert_eq!(admit(second.as_ref(), &late).await, GateAnswer::Admitted);
+}
+
 /// A user the gate holds as issued: the same key passes (the database replays it), any
 /// other key is refused as already issued, before the issue window and the stock are
 /// looked at.

@@ -100,9 +100,10 @@ pub async fn coupon_repo_creates_and_reads(stores: &Stores) {
         name.clone(),
         amount(1_500),
         100,
-        at(1_001),
+        Some(at(1_001)),
         Some(at(90_000_999)),
-        7,
+        Some(7),
+        at(0),
     )
     .unwrap();
     let first = coupons.create_coupon(windowed, at(5)).await.unwrap();

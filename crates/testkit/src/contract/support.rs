@@ -197,9 +197,10 @@ pub(crate) fn new_coupon(name: &str, discount: i64, total: i64, days: i64) -> Ne
         CouponName::parse(name).expect("a valid coupon name"),
         amount(discount),
         total,
-        t0(),
+        Some(t0()),
         None,
-        days,
+        Some(days),
+        t0(),
     )
     .expect("a valid coupon")
 }

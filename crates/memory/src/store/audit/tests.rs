@@ -322,7 +322,16 @@ async fn audits_during_concurrent_writes_see_no_false_breach() {
 
 fn new_coupon(discount: i64, total: i64) -> NewCoupon {
     let name = CouponName::parse("T").unwrap();
-    NewCoupon::new(name, Amount::from_stored(discount), total, t0(), None, 30).unwrap()
+    NewCoupon::new(
+        name,
+        Amount::from_stored(discount),
+        total,
+        Some(t0()),
+        None,
+        Some(30),
+        t0(),
+    )
+    .unwrap()
 }
 
 /// Issuing `coupon` to `who` at `version`, as the use case would build it.
