@@ -11,9 +11,9 @@
 //! The gate is never the truth. It is built from the database when it is missing, and
 //! rebuilt when it disagrees with it: when the database refuses a request the gate let
 //! through, or when a unit has been pending longer than a step can take (its holder was
-//! killed). A unit is given back only when nothing can have been issued for it (the step
-//! refused or never ran); after an unknown outcome it stays pending, so a retry of that
-//! key goes to the database, which knows.
+//! killed). A unit is given back only when nothing can have been issued for it under its
+//! key, by this request or a duplicate of it (see `nothing_issued`); otherwise it stays
+//! pending, so a retry of that key goes to the database, which knows.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
