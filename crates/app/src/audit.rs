@@ -54,6 +54,13 @@ pub async fn run_once(auditor: &dyn Auditor, settings: &Settings) -> Result<Audi
     })
 }
 
+/// Adds breaches found outside the store's auditor (the coupon gate's) to a run.
+pub fn add_breaches(run: &mut AuditRun, breaches: Vec<domain::ports::Breach>) {
+    for breach in breaches {
+        run.report.add(breach);
+    }
+}
+
 /// Sets the gauges: breaches by check (every check, 0 when clean) and when the run
 /// finished.
 pub fn record(run: &AuditRun) {
@@ -104,13 +111,23 @@ pub fn log(run: &AuditRun) {
 
 /// Audits every `every`, forever: gauges and logs after each run. A run that fails is
 /// logged and leaves the gauges as they were (the last-run time then stops moving).
-pub async fn run_periodically(auditor: Arc<dyn Auditor>, settings: Settings, every: Duration) {
+pub async fn run_periodically(
+    auditor: Arc<dyn Auditor>,
+    service: domain::BalanceService,
+    every: Duration,
+) {
+    let settings = service.settings().clone();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         match run_once(auditor.as_ref(), &settings).await {
-            Ok(run) => {
+            Ok(mut run) => {
+                match service.audit_coupon_gate().await {
+                    Ok(breaches) => add_breaches(&mut run, breaches),
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"),
+                        "audit: could not compare the coupon gate with the database"),
+                }
                 record(&run);
                 log(&run);
             }

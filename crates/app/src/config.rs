@@ -131,6 +131,12 @@ pub struct AuditArgs {
     pub show: usize,
     #[command(flatten)]
     pub db: DatabaseArgs,
+    /// Redis URL: with it, the coupon admission gate is compared with the database too.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<SecretString>,
+    /// Prefix of the service's Redis keys (as `serve`'s `REDIS_KEY_PREFIX`).
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "")]
+    pub redis_key_prefix: String,
     #[command(flatten)]
     pub retention: RetentionArgs,
     #[command(flatten)]

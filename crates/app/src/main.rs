@@ -128,6 +128,24 @@ async fn audit(args: &AuditArgs) -> ExitCode {
         let pool = mysql_repo::connect(url, 1).await?;
         let store = mysql_repo::MySqlStore::new(pool.clone());
         let run = app::audit::run_once(&store, &settings).await;
+        let run = match (run, &args.redis_url) {
+            (Ok(mut run), Some(redis)) => {
+                let gate = redis_lock::RedisCouponGate::connect(
+                    redis.expose_secret(),
+                    &args.redis_key_prefix,
+                    settings.lock_wait.saturating_add(settings.lock_lease),
+                )
+                .await?;
+                let breaches = domain::service::audit_coupon_gate(&store, &gate)
+                    .await
+                    .map_err(|e| {
+                        anyhow::Error::from(e).context("could not audit the coupon gate")
+                    })?;
+                app::audit::add_breaches(&mut run, breaches);
+                Ok(run)
+            }
+            (run, _) => run,
+        };
         pool.close().await;
         run.map_err(|e| anyhow::Error::from(e).context(format!("could not audit the {place}")))
     };

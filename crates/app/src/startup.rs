@@ -152,10 +152,19 @@ pub async fn wire_with_locks(
 async fn gate_from_config(
     config: &Config,
 ) -> anyhow::Result<Option<Arc<dyn domain::ports::CouponGate>>> {
-    let Some(_url) = &config.redis_url else {
+    let Some(url) = &config.redis_url else {
         return Ok(None);
     };
-    Ok(None)
+    let settings = config.settings()?;
+    // A unit pending longer than a step can wait for its lock and hold it is stale.
+    let stale_after = settings.lock_wait.saturating_add(settings.lock_lease);
+    let gate = redis_lock::RedisCouponGate::connect(
+        url.expose_secret(),
+        &config.redis_key_prefix,
+        stale_after,
+    )
+    .await?;
+    Ok(Some(Arc::new(gate)))
 }
 
 /// Readiness of the MySQL store: always required.
@@ -303,7 +312,7 @@ impl Application {
         if config.audit_interval_secs > 0 {
             background.push(tokio::spawn(crate::audit::run_periodically(
                 Arc::clone(&wiring.auditor),
-                wiring.service.settings().clone(),
+                wiring.service.clone(),
                 Duration::from_secs(config.audit_interval_secs),
             )));
         }

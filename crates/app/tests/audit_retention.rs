@@ -40,11 +40,13 @@ async fn the_audit_cli_with_the_default_retention_accepts_keys_reused_after_a_sh
         Ports {
             users: Arc::new(store.clone()),
             orders: Arc::new(store.clone()),
+            coupons: Arc::new(store.clone()),
             keys: Arc::new(store.clone()),
             store: Arc::new(store.clone()),
             locks: Arc::new(memory::InProcessLockManager::new()),
             encoder: Arc::new(JsonEncoder),
             clock: Arc::clone(&clock) as Arc<dyn Clock>,
+            gate: None,
         },
         Settings {
             idempotency_ttl: SERVICE_TTL,

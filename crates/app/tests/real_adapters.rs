@@ -112,11 +112,13 @@ async fn witnessed_app(locks: Option<Arc<dyn LockManager>>) -> Option<(TestApp, 
     let ports = Ports {
         users: Arc::new(store.clone()),
         orders: Arc::new(store.clone()),
+        coupons: Arc::new(store.clone()),
         keys: Arc::new(store.clone()),
         store: Arc::clone(&witness) as Arc<dyn BalanceStore>,
         locks: Arc::clone(&locks),
         encoder: Arc::new(JsonEncoder),
         clock: Arc::new(domain::ports::SystemClock),
+        gate: None,
     };
     let wiring = Wiring {
         service: BalanceService::new(ports, cfg.settings().unwrap()),

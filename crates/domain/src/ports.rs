@@ -547,6 +547,25 @@ pub trait CouponGate: Send + Sync {
         key: &IdempotencyKey,
     ) -> Result<(), GateError>;
 
+    /// Records `response` under (`user`, `key`) until `expires_at`, as if the gate had
+    /// answered it, unless a record is there already: a refusal the database step stored,
+    /// so that its replays come from the gate too (the gate would otherwise decide such a
+    /// key afresh: the same bytes, not marked as a replay).
+    ///
+    /// # Errors
+    /// MUST return [`GateError::Unavailable`] when the backend cannot be reached.
+    #[allow(clippy::too_many_arguments)]
+    async fn record(
+        &self,
+        coupon: CouponId,
+        user: UserId,
+        key: &IdempotencyKey,
+        fingerprint: &Fingerprint,
+        response: &StoredResponse,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), GateError>;
+
     /// Nothing was issued to the admission of `token`: its unit is free again. A unit
     /// not pending under that token (confirmed, given back, or rebuilt away) is left alone.
     ///
@@ -643,7 +662,8 @@ pub enum AuditCheck {
     /// each refund has its REFUND ledger entry (same user, key, amount and instant).
     RefundsMatchPayment,
     /// A coupon's issued count equals its user coupons, is at most its stock, and no user
-    /// holds two of one coupon; each user coupon has its COUPON_ISSUE record.
+    /// holds two of one coupon. (An APPLIED COUPON_ISSUE record's user coupon is
+    /// [`AuditCheck::RecordHasOneEffect`]'s: records expire, user coupons stay.)
     CouponStockMatchesIssued,
     /// A used user coupon belongs to a live payment of its user with that coupon (not
     /// refunded in full), and every payment with a coupon holds it.

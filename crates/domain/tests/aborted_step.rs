@@ -11,8 +11,8 @@ use domain::idempotency::StoredResponse;
 use domain::model::User;
 use domain::outcome::Outcome;
 use domain::ports::{
-    Applied, Assigned, Clock, LockLease, MockBalanceStore, MockIdempotencyRepo, MockLockManager,
-    MockOrderRepo, MockUserRepo, Release, ResponseEncoder, StepError,
+    Applied, Assigned, Clock, LockLease, MockBalanceStore, MockCouponRepo, MockIdempotencyRepo,
+    MockLockManager, MockOrderRepo, MockUserRepo, Release, ResponseEncoder, StepError,
 };
 use domain::types::{Amount, Balance, EntryId, IdempotencyKey, UserId};
 use domain::{BalanceService, Charge, Operation, OperationError, Ports, Settings};
@@ -88,9 +88,10 @@ fn service_with(
             Some(error) => Err(error()),
             None => {
                 let assigned = Assigned {
-                    entry_id: EntryId::new(1).unwrap(),
+                    entry_id: EntryId::new(1).ok(),
                     payment_id: None,
                     refund_id: None,
+                    user_coupon_id: None,
                 };
                 let response = (change.respond)(&assigned);
                 Ok(Applied { assigned, response })
@@ -101,11 +102,13 @@ fn service_with(
         Ports {
             users: Arc::new(users),
             orders: Arc::new(MockOrderRepo::new()),
+            coupons: Arc::new(MockCouponRepo::new()),
             keys: Arc::new(keys),
             store: Arc::new(store),
             locks: Arc::new(locks),
             encoder: Arc::new(TestEncoder),
             clock: Arc::new(FixedClock),
+            gate: None,
         },
         settings,
     );

@@ -83,7 +83,7 @@ fn fingerprint() -> impl Strategy<Value = Fingerprint> {
     prop_oneof![
         (user_id(), amount.clone()).prop_map(|(u, a)| charge::fingerprint(u, a)),
         (user_id(), amount).prop_map(|(u, a)| use_balance::fingerprint(u, a)),
-        (user_id(), order).prop_map(|(u, o)| pay::fingerprint(u, o)),
+        (user_id(), order).prop_map(|(u, o)| pay::fingerprint(u, o, None)),
     ]
 }
 
@@ -324,10 +324,10 @@ proptest! {
         let same = u1 == u2 && x1 == x2;
         prop_assert_eq!(charge::fingerprint(u1, a1) == charge::fingerprint(u2, a2), same);
         prop_assert_eq!(use_balance::fingerprint(u1, a1) == use_balance::fingerprint(u2, a2), same);
-        prop_assert_eq!(pay::fingerprint(u1, o1) == pay::fingerprint(u2, o2), same);
+        prop_assert_eq!(pay::fingerprint(u1, o1, None) == pay::fingerprint(u2, o2, None), same);
         prop_assert_ne!(charge::fingerprint(u1, a1), use_balance::fingerprint(u2, a2));
-        prop_assert_ne!(charge::fingerprint(u1, a1), pay::fingerprint(u2, o2));
-        prop_assert_ne!(use_balance::fingerprint(u1, a1), pay::fingerprint(u2, o2));
+        prop_assert_ne!(charge::fingerprint(u1, a1), pay::fingerprint(u2, o2, None));
+        prop_assert_ne!(use_balance::fingerprint(u1, a1), pay::fingerprint(u2, o2, None));
         let stored = Fingerprint::from_stored(charge::fingerprint(u1, a1).as_str());
         prop_assert_eq!(stored, charge::fingerprint(u1, a1));
     }

@@ -28,9 +28,9 @@ use domain::operations::Effect;
 use domain::outcome::{BalanceReceipt, Outcome, PaymentReceipt, Refusal};
 use domain::ports::{
     Applied, Assigned, BalanceChange, BalanceStore, Clock, IdempotencyRepo, KeyRecord, LockError,
-    LockKey, LockLease, LockManager, MockBalanceStore, MockIdempotencyRepo, MockLockManager,
-    MockOrderRepo, MockUserRepo, OrderRepo, RefusalRecord, Release, RepoError, ResponseEncoder,
-    StepError, UserRepo,
+    LockKey, LockLease, LockManager, MockBalanceStore, MockCouponRepo, MockIdempotencyRepo,
+    MockLockManager, MockOrderRepo, MockUserRepo, OrderRepo, RefusalRecord, Release, RepoError,
+    ResponseEncoder, StepError, UserRepo,
 };
 use domain::types::{
     Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, PaymentId, UserId,
@@ -137,6 +137,7 @@ fn pay(order: i64) -> Command {
         user: user_id(),
         order: order_id(order),
         key: key(),
+        coupon: None,
     })
 }
 
@@ -144,7 +145,7 @@ fn pay(order: i64) -> Command {
 fn pays_order(effect: &Effect) -> Option<OrderId> {
     match effect {
         Effect::Pay { order, .. } => Some(*order),
-        Effect::Charge(_) | Effect::Use(_) | Effect::Refund(_) => None,
+        Effect::Charge(_) | Effect::Use(_) | Effect::Refund(_) | Effect::IssueCoupon(_) => None,
     }
 }
 
@@ -214,9 +215,10 @@ fn stored_bytes() -> StoredResponse {
 /// What a store does on commit: assigns ids and builds the response through `respond`.
 fn commit(change: BalanceChange, entry: i64, payment: Option<i64>) -> Result<Applied, StepError> {
     let assigned = Assigned {
-        entry_id: EntryId::new(entry).unwrap(),
+        entry_id: EntryId::new(entry).ok(),
         payment_id: payment.map(|p| PaymentId::new(p).unwrap()),
         refund_id: None,
+        user_coupon_id: None,
     };
     let response = (change.respond)(&assigned);
     Ok(Applied { assigned, response })
@@ -233,7 +235,11 @@ struct TestEncoder;
 impl ResponseEncoder for TestEncoder {
     fn encode(&self, outcome: &Outcome) -> StoredResponse {
         let status = match outcome {
-            Outcome::Charged(_) | Outcome::Used(_) | Outcome::Paid(_) | Outcome::Refunded(_) => 200,
+            Outcome::Charged(_)
+            | Outcome::Used(_)
+            | Outcome::Paid(_)
+            | Outcome::Refunded(_)
+            | Outcome::CouponIssued(_) => 200,
             Outcome::Refused(Refusal::OrderAlreadyPaid { .. } | Refusal::OrderCancelled { .. }) => {
                 409
             }
@@ -267,11 +273,14 @@ fn service_with(
         Ports {
             users,
             orders,
+            // No use case under test here reads a coupon: any call fails the test.
+            coupons: Arc::new(MockCouponRepo::new()),
             keys,
             store,
             locks,
             encoder: Arc::new(TestEncoder),
             clock: Arc::new(FixedClock(now())),
+            gate: None,
         },
         settings,
     )
@@ -460,9 +469,10 @@ async fn a_charge_takes_the_user_lock_then_reads_applies_and_releases_in_that_or
         .withf(move |c| {
             c.user_id == user_id()
                 && c.expected_version == 4
-                && c.effect.movement().balance_after == Balance::from_stored(12_500)
-                && c.effect.entry_kind() == EntryKind::Charge
-                && c.effect.movement().amount == amount(2_500)
+                && c.effect.movement().map(|m| m.balance_after)
+                    == Some(Balance::from_stored(12_500))
+                && c.effect.entry_kind() == Some(EntryKind::Charge)
+                && c.effect.movement().map(|m| m.amount) == Some(amount(2_500))
                 && c.at == now()
                 && c.key == expected_key
                 && pays_order(&c.effect).is_none()
@@ -549,9 +559,9 @@ async fn a_use_debits_the_balance_read_under_the_lock() {
         .times(1)
         .withf(move |c| {
             c.expected_version == 4
-                && c.effect.movement().balance_after == Balance::from_stored(7_500)
-                && c.effect.entry_kind() == EntryKind::Use
-                && c.effect.movement().amount == amount(2_500)
+                && c.effect.movement().map(|m| m.balance_after) == Some(Balance::from_stored(7_500))
+                && c.effect.entry_kind() == Some(EntryKind::Use)
+                && c.effect.movement().map(|m| m.amount) == Some(amount(2_500))
                 && c.key == expected_key
                 && pays_order(&c.effect).is_none()
         })
@@ -576,7 +586,7 @@ async fn using_the_whole_balance_and_charging_up_to_the_maximum_are_applied() {
     m.store
         .expect_apply()
         .times(1)
-        .withf(|c| c.effect.movement().balance_after == Balance::ZERO)
+        .withf(|c| c.effect.movement().map(|m| m.balance_after) == Some(Balance::ZERO))
         .returning(|c| commit(c, 1, None));
     let got = m.service(settings()).execute(use_balance(2_500)).await;
     assert_eq!(got.expect("applies").response.status, 200);
@@ -588,7 +598,9 @@ async fn using_the_whole_balance_and_charging_up_to_the_maximum_are_applied() {
     m.store
         .expect_apply()
         .times(1)
-        .withf(|c| c.effect.movement().balance_after == Balance::from_stored(MAX_BALANCE))
+        .withf(|c| {
+            c.effect.movement().map(|m| m.balance_after) == Some(Balance::from_stored(MAX_BALANCE))
+        })
         .returning(|c| commit(c, 1, None));
     let got = m.service(settings()).execute(charge(MAX_AMOUNT)).await;
     assert_eq!(got.expect("applies").response.status, 200);
@@ -608,9 +620,10 @@ async fn a_payment_debits_the_orders_amount_and_marks_the_order_paid() {
         .times(1)
         .withf(move |c| {
             c.expected_version == 9
-                && c.effect.movement().balance_after == Balance::from_stored(35_000)
-                && c.effect.entry_kind() == EntryKind::Payment
-                && c.effect.movement().amount == amount(15_000)
+                && c.effect.movement().map(|m| m.balance_after)
+                    == Some(Balance::from_stored(35_000))
+                && c.effect.entry_kind() == Some(EntryKind::Payment)
+                && c.effect.movement().map(|m| m.amount) == Some(amount(15_000))
                 && pays_order(&c.effect) == Some(order_id(11))
                 && c.key == expected_key
         })
@@ -629,6 +642,7 @@ async fn a_payment_debits_the_orders_amount_and_marks_the_order_paid() {
                 amount: amount(15_000),
                 balance: Balance::from_stored(35_000),
                 paid_at: now(),
+                coupon: None,
             })),
             replayed: false,
             expires_at: now() + chrono::Duration::seconds(TTL_SECS),
@@ -866,7 +880,7 @@ async fn an_unreachable_lock_service_with_degrade_goes_on_without_the_lock() {
         .times(1)
         .withf(|c| {
             c.expected_version == 4
-                && c.effect.movement().balance_after == Balance::from_stored(7_500)
+                && c.effect.movement().map(|m| m.balance_after) == Some(Balance::from_stored(7_500))
         })
         .returning(|c| commit(c, 31, None));
     let service = m.service(Settings {
@@ -950,7 +964,8 @@ async fn a_version_conflict_is_retried_from_a_fresh_read() {
         .in_sequence(&mut seq)
         .withf(|c| {
             c.expected_version == 4
-                && c.effect.movement().balance_after == Balance::from_stored(12_500)
+                && c.effect.movement().map(|m| m.balance_after)
+                    == Some(Balance::from_stored(12_500))
         })
         .returning(|_| Err(StepError::VersionConflict));
     // Somebody else wrote first: the retry must decide on what they left.
@@ -965,7 +980,8 @@ async fn a_version_conflict_is_retried_from_a_fresh_read() {
         .in_sequence(&mut seq)
         .withf(|c| {
             c.expected_version == 5
-                && c.effect.movement().balance_after == Balance::from_stored(22_500)
+                && c.effect.movement().map(|m| m.balance_after)
+                    == Some(Balance::from_stored(22_500))
         })
         .returning(|c| commit(c, 31, None));
 
@@ -1043,7 +1059,8 @@ async fn a_refusal_decided_on_a_stale_read_is_decided_again() {
         .in_sequence(&mut seq)
         .withf(|c| {
             c.expected_version == 5
-                && c.effect.movement().balance_after == Balance::from_stored(15_000)
+                && c.effect.movement().map(|m| m.balance_after)
+                    == Some(Balance::from_stored(15_000))
         })
         .returning(|c| commit(c, 31, None));
 

@@ -1,7 +1,7 @@
 //! In-memory adapters of every port: the zero-setup default of a single instance and the
 //! fakes behind the HTTP tests.
 //!
-//! - [`MemoryStore`] implements `UserRepo`, `OrderRepo`, `IdempotencyRepo` and
+//! - [`MemoryStore`] implements `UserRepo`, `OrderRepo`, `CouponRepo`, `IdempotencyRepo` and
 //!   `BalanceStore` over one mutex, so each atomic step is one critical section, and
 //!   `Auditor` (the reconciliation, in short critical sections);
 //! - [`InProcessLockManager`] implements `LockManager` for the tasks of this process only.

@@ -1,5 +1,5 @@
-//! [`MemoryStore`]: users, ledgers, orders, payments and idempotency records in one
-//! mutex-guarded [`State`]. Every port method is one critical section, so the atomic step
+//! [`MemoryStore`]: users, ledgers, orders, payments, coupons and idempotency records in
+//! one mutex-guarded [`State`]. Every port method is one critical section, so the atomic step
 //! is exactly as atomic as a database transaction: it checks everything first, and only
 //! then writes, with nothing that can fail in between.
 
@@ -11,15 +11,17 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::idempotency::{CompletedRecord, RecordOutcome, StoredResponse};
 use domain::model::{
-    EntryKind, HistoryPage, LedgerEntry, Order, OrderStatus, Payment, Refund, User,
+    Coupon, CouponUse, EntryKind, HistoryPage, LedgerEntry, NewCoupon, Order, OrderStatus, Payment,
+    Refund, User, UserCoupon,
 };
-use domain::operations::{Effect, Movement, RefundEffect};
+use domain::operations::{Effect, IssueEffect, RefundEffect};
 use domain::ports::{
-    Applied, Assigned, BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo,
-    RefusalRecord, RepoError, StepError, UserRepo,
+    Applied, Assigned, BalanceChange, BalanceStore, CouponRepo, GateSnapshot, IdempotencyRepo,
+    KeyRecord, OrderRepo, RefusalRecord, RepoError, StepError, UserRepo,
 };
 use domain::types::{
-    Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserId, ValidationError,
+    Amount, Balance, CouponId, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserCouponId,
+    UserId, ValidationError,
 };
 
 /// The in-memory store: every repository port and the atomic step over one shared state.
@@ -80,6 +82,17 @@ struct State {
     /// The records of `keys` ordered by expiry, so a purge visits only what it deletes
     /// instead of scanning every record under the lock.
     expiries: BTreeSet<(DateTime<Utc>, UserId, String)>,
+    coupons: HashMap<CouponId, Coupon>,
+    last_coupon_id: i64,
+    user_coupons: HashMap<UserCouponId, UserCoupon>,
+    last_user_coupon_id: i64,
+    /// At most one user coupon per coupon and user, like the unique `(coupon_id, user_id)`
+    /// of the user_coupons table.
+    holding: HashMap<(CouponId, UserId), UserCouponId>,
+    /// Each coupon's user coupons in id order (the gate's snapshot, the audit's count).
+    issued_of: HashMap<CouponId, Vec<UserCouponId>>,
+    /// Each user's user coupons in id order (listings, newest first, and the audit).
+    coupons_of_user: HashMap<UserId, Vec<UserCouponId>>,
 }
 
 /// The id after `last`, built by the id type's validating constructor.
@@ -223,84 +236,239 @@ impl State {
             key,
             respond,
         } = change;
-        // The one place this store looks at what an effect writes besides the balance.
-        let (pays_order, refunding) = match &effect {
-            Effect::Charge(_) | Effect::Use(_) => (None, None),
-            Effect::Pay { order, .. } => (Some(*order), None),
-            Effect::Refund(refund) => (None, Some(refund)),
-        };
-        let Movement {
-            amount,
-            balance_after: new_balance,
-        } = effect.movement();
 
-        // Every check and every id first: after the first write nothing may fail.
+        // Every check and every id first: after the first write nothing may fail. The
+        // effect's own guards come after the user, version and key, as in a transaction.
         self.check_step(user_id, expected_version, &key, at)?;
         let new_version = expected_version
             .checked_add(1)
             .context("the user's version overflowed")?;
-        if let Some(order) = pays_order {
-            self.check_payable(order, user_id)?;
+        // The one place this store looks at what an effect writes besides the balance.
+        match &effect {
+            Effect::Charge(_) | Effect::Use(_) => {}
+            Effect::Pay { order, coupon, .. } => {
+                self.check_payable(*order, user_id)?;
+                if let Some(coupon) = coupon {
+                    self.check_usable(coupon, user_id, at)?;
+                }
+            }
+            Effect::Refund(refund) => self.check_refundable(refund, user_id)?,
+            Effect::IssueCoupon(issue) => self.check_issuable(issue, user_id)?,
         }
-        if let Some(refund) = refunding {
-            self.check_refundable(refund, user_id)?;
-        }
-        let entry_id = next_id(self.last_entry_id, EntryId::new)?;
-        let payment_id = match pays_order {
-            Some(_) => Some(next_id(self.last_payment_id, PaymentId::new)?),
+        let ledger = effect.ledger();
+        let entry_id = match ledger {
+            Some(_) => Some(next_id(self.last_entry_id, EntryId::new)?),
             None => None,
         };
-        let refund_id = match refunding {
-            Some(_) => Some(next_id(self.last_refund_id, RefundId::new)?),
-            None => None,
+        let payment_id = match effect {
+            Effect::Pay { .. } => Some(next_id(self.last_payment_id, PaymentId::new)?),
+            _ => None,
+        };
+        let refund_id = match effect {
+            Effect::Refund(_) => Some(next_id(self.last_refund_id, RefundId::new)?),
+            _ => None,
+        };
+        let user_coupon_id = match effect {
+            Effect::IssueCoupon(_) => Some(next_id(self.last_user_coupon_id, UserCouponId::new)?),
+            _ => None,
         };
         let assigned = Assigned {
             entry_id,
             payment_id,
             refund_id,
+            user_coupon_id,
         };
         // Called before the writes too, so a panicking encoder leaves nothing half-written.
         let response = respond(&assigned);
 
         if let Some(user) = self.users.get_mut(&user_id) {
-            user.balance = new_balance;
+            // An effect without a ledger entry (issuing) leaves the balance, not the version.
+            if let Some((_, movement)) = ledger {
+                user.balance = movement.balance_after;
+            }
             user.version = new_version;
         }
-        self.ledgers.entry(user_id).or_default().push(LedgerEntry {
-            id: entry_id,
-            user_id,
-            kind: effect.entry_kind(),
-            amount,
-            balance_after: new_balance,
-            idempotency_key: Some(key.key.clone()),
-            created_at: at,
-        });
-        self.key_expiry.insert(entry_id, key.expires_at);
-        self.last_entry_id = entry_id.get();
-        if let (Some(order_id), Some(payment_id)) = (pays_order, payment_id) {
-            if let Some(order) = self.orders.get_mut(&order_id) {
-                order.status = OrderStatus::Paid;
-            }
-            self.payments.insert(
-                payment_id,
-                Payment {
+        if let (Some((kind, movement)), Some(entry_id)) = (ledger, entry_id) {
+            self.ledgers.entry(user_id).or_default().push(LedgerEntry {
+                id: entry_id,
+                user_id,
+                kind,
+                amount: movement.amount,
+                balance_after: movement.balance_after,
+                idempotency_key: Some(key.key.clone()),
+                created_at: at,
+            });
+            self.key_expiry.insert(entry_id, key.expires_at);
+            self.last_entry_id = entry_id.get();
+        }
+        match (&effect, payment_id, refund_id, user_coupon_id) {
+            (
+                Effect::Pay {
+                    order,
+                    movement,
+                    coupon,
+                },
+                Some(payment_id),
+                _,
+                _,
+            ) => {
+                let payment = Payment {
                     id: payment_id,
-                    order_id,
+                    order_id: *order,
                     user_id,
-                    amount,
-                    balance_after: new_balance,
+                    amount: movement.amount,
+                    balance_after: movement.balance_after,
                     paid_at: at,
                     refunded_total: 0,
-                },
-            );
-            self.payment_of_order.insert(order_id, payment_id);
-            self.last_payment_id = payment_id.get();
-        }
-        if let (Some(refund), Some(refund_id)) = (refunding, refund_id) {
-            self.write_refund(refund, refund_id, user_id, at);
+                    coupon: *coupon,
+                };
+                self.write_payment(payment);
+            }
+            (Effect::Refund(refund), _, Some(refund_id), _) => {
+                self.write_refund(refund, refund_id, user_id, at);
+            }
+            (Effect::IssueCoupon(issue), _, _, Some(id)) => {
+                self.write_issue(issue, id, user_id, &key.key, at);
+            }
+            _ => {}
         }
         self.put_record(user_id, key, RecordOutcome::Applied, response.clone());
         Ok(Applied { assigned, response })
+    }
+
+    /// `CouponChanged` unless the coupon exists, has a unit left and `user` holds none of
+    /// it (the guarded update of the coupons row and the unique key of user_coupons).
+    fn check_issuable(&self, issue: &IssueEffect, user: UserId) -> Result<(), StepError> {
+        let left = self
+            .coupons
+            .get(&issue.coupon)
+            .is_some_and(|coupon| coupon.issued_quantity < coupon.total_quantity);
+        if !left || self.holding.contains_key(&(issue.coupon, user)) {
+            return Err(StepError::CouponChanged);
+        }
+        Ok(())
+    }
+
+    /// `CouponChanged` unless the user coupon is `user`'s, used by no payment and not
+    /// expired at `at` (the guarded update of the user_coupons row).
+    fn check_usable(
+        &self,
+        coupon: &CouponUse,
+        user: UserId,
+        at: DateTime<Utc>,
+    ) -> Result<(), StepError> {
+        let usable = self
+            .user_coupons
+            .get(&coupon.user_coupon)
+            .is_some_and(|found| {
+                found.user_id == user && found.payment.is_none() && at < found.expires_at
+            });
+        if !usable {
+            return Err(StepError::CouponChanged);
+        }
+        Ok(())
+    }
+
+    /// Writes a payment: its row, its order PAID and its user coupon USED by it. Checked
+    /// by [`State::check_payable`] and [`State::check_usable`] first; nothing here fails.
+    fn write_payment(&mut self, payment: Payment) {
+        if let Some(order) = self.orders.get_mut(&payment.order_id) {
+            order.status = OrderStatus::Paid;
+        }
+        if let Some(used) = payment.coupon
+            && let Some(coupon) = self.user_coupons.get_mut(&used.user_coupon)
+        {
+            coupon.payment = Some(payment.id);
+        }
+        self.payment_of_order.insert(payment.order_id, payment.id);
+        self.last_payment_id = payment.id.get();
+        self.payments.insert(payment.id, payment);
+    }
+
+    /// Writes one unit of a coupon to `user`: the user coupon and the coupon's count.
+    /// Checked by [`State::check_issuable`] first; nothing here fails.
+    fn write_issue(
+        &mut self,
+        issue: &IssueEffect,
+        id: UserCouponId,
+        user: UserId,
+        key: &IdempotencyKey,
+        at: DateTime<Utc>,
+    ) {
+        if let Some(coupon) = self.coupons.get_mut(&issue.coupon) {
+            coupon.issued_quantity += 1;
+        }
+        self.insert_user_coupon(UserCoupon {
+            id,
+            coupon_id: issue.coupon,
+            user_id: user,
+            discount: issue.discount,
+            payment: None,
+            issued_at: at,
+            expires_at: issue.expires_at,
+            idempotency_key: key.clone(),
+        });
+    }
+
+    /// Adds a user coupon with the highest id yet to the table and its indexes (pushing
+    /// keeps them in id order); the first of a (coupon, user) is the one `holding` names.
+    fn insert_user_coupon(&mut self, coupon: UserCoupon) {
+        let id = coupon.id;
+        self.holding
+            .entry((coupon.coupon_id, coupon.user_id))
+            .or_insert(id);
+        self.issued_of.entry(coupon.coupon_id).or_default().push(id);
+        self.coupons_of_user
+            .entry(coupon.user_id)
+            .or_default()
+            .push(id);
+        self.last_user_coupon_id = self.last_user_coupon_id.max(id.get());
+        self.user_coupons.insert(id, coupon);
+    }
+
+    fn create_coupon(&mut self, new: NewCoupon, now: DateTime<Utc>) -> anyhow::Result<Coupon> {
+        let id = next_id(self.last_coupon_id, CouponId::new)?;
+        let coupon = Coupon {
+            id,
+            name: new.name,
+            discount: new.discount,
+            total_quantity: new.total_quantity,
+            issued_quantity: 0,
+            issue_starts_at: new.issue_starts_at,
+            issue_ends_at: new.issue_ends_at,
+            valid_for_days: new.valid_for_days,
+            created_at: now,
+        };
+        self.coupons.insert(id, coupon.clone());
+        self.last_coupon_id = id.get();
+        Ok(coupon)
+    }
+
+    /// The user's coupons, newest first, at most `limit`.
+    fn user_coupons_of(&self, user: UserId, limit: u32) -> Vec<UserCoupon> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        self.coupons_of_user
+            .get(&user)
+            .into_iter()
+            .flat_map(|ids| ids.iter().rev())
+            .filter_map(|id| self.user_coupons.get(id))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// The coupon and every user it was issued to, with the key, in the order of issue.
+    fn gate_snapshot(&self, id: CouponId) -> Option<GateSnapshot> {
+        let coupon = self.coupons.get(&id)?.clone();
+        let holders = self
+            .issued_of
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.user_coupons.get(id))
+            .map(|held| (held.user_id, held.idempotency_key.clone()))
+            .collect();
+        Some(GateSnapshot { coupon, holders })
     }
 
     /// `OrderNotPending` unless `order` is this user's PENDING order without a payment; an
@@ -347,8 +515,8 @@ impl State {
     }
 
     /// Writes what a refund changes besides the balance: its row, the payment's refunded
-    /// total and, once the payment is refunded in full, its order REFUNDED. Checked by
-    /// [`State::check_refundable`] first; nothing here fails.
+    /// total and, once the payment is refunded in full, its order REFUNDED and its user
+    /// coupon free again. Checked by [`State::check_refundable`] first; nothing here fails.
     fn write_refund(
         &mut self,
         refund: &RefundEffect,
@@ -357,13 +525,22 @@ impl State {
         at: DateTime<Utc>,
     ) {
         let refunded_total = refund.refunded_after();
+        let mut coupon = None;
         if let Some(payment) = self.payments.get_mut(&refund.payment) {
             payment.refunded_total = refunded_total;
+            coupon = payment.coupon.map(|used| used.user_coupon);
         }
-        if refund.completes_payment()
-            && let Some(order) = self.orders.get_mut(&refund.order)
-        {
-            order.status = OrderStatus::Refunded;
+        if refund.completes_payment() {
+            if let Some(order) = self.orders.get_mut(&refund.order) {
+                order.status = OrderStatus::Refunded;
+            }
+            // The payment row names its coupon; only a coupon this payment holds is freed
+            // (`... where payment_id = ?`).
+            if let Some(held) = coupon.and_then(|id| self.user_coupons.get_mut(&id))
+                && held.payment == Some(refund.payment)
+            {
+                held.payment = None;
+            }
         }
         self.refunds
             .entry(refund.payment)
@@ -576,6 +753,63 @@ impl OrderRepo for MemoryStore {
 
     async fn cancel_order(&self, id: OrderId) -> Result<Option<Order>, RepoError> {
         Ok(self.state().cancel_order(id))
+    }
+}
+
+#[async_trait]
+impl CouponRepo for MemoryStore {
+    async fn create_coupon(
+        &self,
+        coupon: NewCoupon,
+        now: DateTime<Utc>,
+    ) -> Result<Coupon, RepoError> {
+        Ok(self.state().create_coupon(coupon, now)?)
+    }
+
+    async fn get_coupon(&self, id: CouponId) -> Result<Option<Coupon>, RepoError> {
+        Ok(self.state().coupons.get(&id).cloned())
+    }
+
+    async fn get_user_coupon(&self, id: UserCouponId) -> Result<Option<UserCoupon>, RepoError> {
+        Ok(self.state().user_coupons.get(&id).cloned())
+    }
+
+    async fn holding(
+        &self,
+        coupon: CouponId,
+        user: UserId,
+    ) -> Result<Option<UserCoupon>, RepoError> {
+        let state = self.state();
+        Ok(state
+            .holding
+            .get(&(coupon, user))
+            .and_then(|id| state.user_coupons.get(id))
+            .cloned())
+    }
+
+    async fn user_coupons(&self, user: UserId, limit: u32) -> Result<Vec<UserCoupon>, RepoError> {
+        Ok(self.state().user_coupons_of(user, limit))
+    }
+
+    async fn coupon_ids(
+        &self,
+        after: Option<CouponId>,
+        limit: u32,
+    ) -> Result<Vec<CouponId>, RepoError> {
+        let state = self.state();
+        let mut ids: Vec<CouponId> = state
+            .coupons
+            .keys()
+            .copied()
+            .filter(|id| after.is_none_or(|after| *id > after))
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(ids)
+    }
+
+    async fn gate_snapshot(&self, coupon: CouponId) -> Result<Option<GateSnapshot>, RepoError> {
+        Ok(self.state().gate_snapshot(coupon))
     }
 }
 

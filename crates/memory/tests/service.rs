@@ -30,7 +30,11 @@ struct DebugEncoder;
 impl ResponseEncoder for DebugEncoder {
     fn encode(&self, outcome: &Outcome) -> StoredResponse {
         let status = match outcome {
-            Outcome::Charged(_) | Outcome::Used(_) | Outcome::Paid(_) | Outcome::Refunded(_) => 200,
+            Outcome::Charged(_)
+            | Outcome::Used(_)
+            | Outcome::Paid(_)
+            | Outcome::Refunded(_)
+            | Outcome::CouponIssued(_) => 200,
             Outcome::Refused(Refusal::OrderAlreadyPaid { .. } | Refusal::OrderCancelled { .. }) => {
                 409
             }
@@ -68,11 +72,13 @@ fn service(clock: Arc<ManualClock>) -> (BalanceService, MemoryStore) {
     let ports = Ports {
         users: Arc::new(store.clone()),
         orders: Arc::new(store.clone()),
+        coupons: Arc::new(store.clone()),
         keys: Arc::new(store.clone()),
         store: Arc::new(store.clone()),
         locks: Arc::new(InProcessLockManager::new()),
         encoder: Arc::new(DebugEncoder),
         clock,
+        gate: None,
     };
     let settings = Settings {
         lock_wait: Duration::from_secs(10),
@@ -210,7 +216,12 @@ impl BalanceCommand {
         match self.clone() {
             Self::Charge { user, amount, key } => Arc::new(Charge { user, amount, key }),
             Self::Use { user, amount, key } => Arc::new(UseBalance { user, amount, key }),
-            Self::Pay { user, order, key } => Arc::new(Pay { user, order, key }),
+            Self::Pay { user, order, key } => Arc::new(Pay {
+                user,
+                order,
+                key,
+                coupon: None,
+            }),
         }
     }
 
@@ -500,4 +511,89 @@ async fn concurrent_requests_lose_no_update_and_apply_each_key_once() {
     let report = audit(&store, clock.now()).await;
     assert!(report.is_clean(), "{report:#?}");
     assert_eq!(report.users, 2);
+}
+
+/// The coupon rush on the in-memory store, without a gate: 240 concurrent issue requests
+/// of 60 users (four keys each) for a stock of 20 issue exactly 20, to 20 different
+/// users; every other request is refused as sold out or already issued; each key replays
+/// its answer byte for byte, and the books audit clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coupon_rush_issues_exactly_the_stock_once_per_user() {
+    const USERS: i64 = 60;
+    const TRIES: i64 = 4;
+    const STOCK: i64 = 20;
+    let clock = Arc::new(ManualClock(Mutex::new(start())));
+    let (service, store) = service(Arc::clone(&clock));
+    service
+        .seed_users(60, Balance::new(OPENING, &limits()).unwrap())
+        .await
+        .unwrap();
+    let name = domain::types::CouponName::parse("RUSH").unwrap();
+    let new = domain::model::NewCoupon::new(
+        name,
+        amount(100),
+        STOCK,
+        Some(start()),
+        None,
+        Some(30),
+        start(),
+    )
+    .unwrap();
+    let coupon = service.create_coupon(new).await.unwrap();
+    let issue = move |i: i64| domain::IssueCoupon {
+        user: user(1 + i % USERS),
+        coupon: coupon.id,
+        key: key(&format!("rush-{i}")),
+    };
+    let tasks: Vec<_> = (0..USERS * TRIES)
+        .map(|i| {
+            let service = service.clone();
+            tokio::spawn(async move { (i, service.issue_coupon(issue(i)).await) })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (i, result) = task.await.unwrap();
+        let execution = result.unwrap_or_else(|e| panic!("request {i}: {e:?}"));
+        assert!(!execution.replayed, "request {i} ran once");
+        let body = String::from_utf8(execution.response.body.clone()).unwrap();
+        match execution.response.status {
+            200 => winners.push(1 + i % USERS),
+            422 => assert!(
+                body.contains("CouponSoldOut") || body.contains("CouponAlreadyIssued"),
+                "request {i}: {body}"
+            ),
+            other => panic!("request {i}: {other} {body}"),
+        }
+        answers.push((i, execution.response));
+    }
+    winners.sort_unstable();
+    let count = winners.len();
+    winners.dedup();
+    assert_eq!(
+        (count, winners.len()),
+        (20, 20),
+        "the stock, to distinct users"
+    );
+    assert_eq!(service.coupon(coupon.id).await.unwrap().issued_quantity, 20);
+    for (i, response) in answers {
+        let again = service.issue_coupon(issue(i)).await.unwrap();
+        assert!(again.replayed, "request {i} replays");
+        assert_eq!(
+            again.response, response,
+            "request {i} replays byte for byte"
+        );
+    }
+    for id in 1..=USERS {
+        let held = service.user_coupons(user(id)).await.unwrap().items.len();
+        assert_eq!(
+            held,
+            usize::from(winners.binary_search(&id).is_ok()),
+            "user {id}"
+        );
+    }
+    let report = audit(&store, clock.now()).await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!((report.coupons, report.user_coupons), (1, 20));
 }

@@ -17,6 +17,10 @@
 //! `count(*) over`) and derived tables work on MySQL 8 and MariaDB 10.11 alike; nothing
 //! here uses `RETURNING` or JSON.
 //!
+//! The user coupons join that sort too (a coupon issue's record has its user coupon where
+//! other records have their ledger entry); the coupon checks are a few passes over
+//! `coupons`, `user_coupons` (mostly its unique (coupon_id, user_id) alone) and `payments`.
+//!
 //! Cost: a few sequential passes over `ledger_entries`, `idempotency_records` and
 //! `payments` and one sort of the keyed rows; about 20 s for a million ledger entries and
 //! a million records on a small, busy MariaDB (128 MB buffer pool, two shared cores).
@@ -27,6 +31,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use domain::idempotency::RecordOutcome;
+use domain::model::PaymentStatus;
+use domain::operations::OperationKind;
 use domain::ports::{AuditCheck, AuditReport, Auditor, Breach, RepoError};
 use domain::time::format_rfc3339_millis;
 use sqlx::{Connection as _, MySqlConnection};
@@ -110,7 +116,7 @@ static ORPHAN_LEDGERS: LazyLock<String> = LazyLock::new(|| {
 static KEY_CHECKS: LazyLock<String> = LazyLock::new(|| {
     format!(
         "select chk, user_id, k, at, status, outcome, record_status, effects, prev_at, \
-                live_until, id, found \
+                live_until, id, found, operation, coupons \
          from (select b.*, \
                       row_number() over (partition by chk order by user_id, k, at, id) as rn, \
                       count(*) over (partition by chk) as found \
@@ -120,10 +126,14 @@ static KEY_CHECKS: LazyLock<String> = LazyLock::new(|| {
                             user_id, k, at, cast(status as signed) as status, outcome, \
                             record_status, \
                             cast(effects as signed) as effects, prev_at, live_until, \
-                            cast(id as signed) as id \
+                            cast(id as signed) as id, operation, \
+                            cast(coupons as signed) as coupons \
                      from (select user_id, k, at, status, outcome, record_status, is_entry, id, \
+                                  operation, is_coupon, \
                                   sum(is_entry) over (partition by user_id, k, at) \
                                       as effects, \
+                                  sum(is_coupon) over (partition by user_id, k, at) \
+                                      as coupons, \
                                   max(case is_entry when 1 then at end) \
                                       over (partition by user_id, k order by at, id \
                                       rows between unbounded preceding and 1 preceding) \
@@ -138,21 +148,33 @@ static KEY_CHECKS: LazyLock<String> = LazyLock::new(|| {
                                         response_status as status, {outcome} as outcome, \
                                         status as record_status, \
                                         0 as is_entry, 0 as id, \
-                                        cast(null as datetime(3)) as key_expires_at \
+                                        cast(null as datetime(3)) as key_expires_at, \
+                                        coalesce(operation, '') as operation, \
+                                        0 as is_coupon \
                                  from idempotency_records \
                                  union all \
                                  select user_id, idempotency_key, created_at, 0, '', '', 1, id, \
-                                        key_expires_at \
-                                 from ledger_entries where idempotency_key is not null) x \
+                                        key_expires_at, '', 0 \
+                                 from ledger_entries where idempotency_key is not null \
+                                 union all \
+                                 select user_id, idempotency_key, issued_at, 0, '', '', 0, id, \
+                                        null, '', 1 \
+                                 from user_coupons) x \
                           ) w \
-                     where (is_entry = 0 and record_status = 'COMPLETED' \
-                            and ((outcome = 'APPLIED' and effects <> 1) \
-                                 or (outcome <> 'APPLIED' and effects <> 0))) \
-                        or (is_entry = 0 and record_status <> 'COMPLETED' and at < ?) \
+                     where (is_entry = 0 and is_coupon = 0 and record_status = 'COMPLETED' \
+                            and ((outcome = 'APPLIED' and operation <> '{issue}' \
+                                  and (effects <> 1 or coupons <> 0)) \
+                                 or (outcome = 'APPLIED' and operation = '{issue}' \
+                                     and (effects <> 0 or coupons <> 1)) \
+                                 or (outcome <> 'APPLIED' \
+                                     and (effects <> 0 or coupons <> 0)))) \
+                        or (is_entry = 0 and is_coupon = 0 and record_status <> 'COMPLETED' \
+                            and at < ?) \
                         or (is_entry = 1 and live_until is not null \
                             and at < live_until)) b) c \
          where rn <= ? order by chk, rn",
-        outcome = OUTCOME_SQL
+        outcome = OUTCOME_SQL,
+        issue = OperationKind::CouponIssue.as_str(),
     )
 });
 
@@ -168,6 +190,8 @@ async fn audit_in(
     key_checks(conn, &mut report, key_ttl, lease, now).await?;
     paid_order_has_one_payment(conn, &mut report).await?;
     refunds_match_payment(conn, &mut report).await?;
+    coupon_stock_matches_issued(conn, &mut report).await?;
+    coupon_use_matches_payment(conn, &mut report).await?;
     Ok(report)
 }
 
@@ -194,11 +218,13 @@ fn breach(check: AuditCheck, subject: String, detail: String) -> Breach {
 }
 
 async fn count_rows(conn: &mut MySqlConnection, report: &mut AuditReport) -> Result<(), RepoError> {
-    let (users, entries, records, orders, payments, refunds): (i64, i64, i64, i64, i64, i64) =
+    type Counts = (i64, i64, i64, i64, i64, i64, i64, i64);
+    let (users, entries, records, orders, payments, refunds, coupons, user_coupons): Counts =
         sqlx::query_as(
             "select (select count(*) from users), (select count(*) from ledger_entries), \
              (select count(*) from idempotency_records), (select count(*) from orders), \
-             (select count(*) from payments), (select count(*) from refunds)",
+             (select count(*) from payments), (select count(*) from refunds), \
+             (select count(*) from coupons), (select count(*) from user_coupons)",
         )
         .fetch_one(&mut *conn)
         .await
@@ -209,6 +235,8 @@ async fn count_rows(conn: &mut MySqlConnection, report: &mut AuditReport) -> Res
     report.orders = count(orders);
     report.payments = count(payments);
     report.refunds = count(refunds);
+    report.coupons = count(coupons);
+    report.user_coupons = count(user_coupons);
     Ok(())
 }
 
@@ -263,7 +291,9 @@ async fn balance_matches_ledger(
 ///
 /// - for each completed record, the entries at its instant: one for a record whose outcome
 ///   is APPLIED, none for a REFUSED one (`RecordHasOneEffect`; a record from an older
-///   instance without an outcome reads by `convert::record_facts`' rule);
+///   instance without an outcome reads by `convert::record_facts`' rule); a COUPON_ISSUE
+///   record moves no money, so an APPLIED one has no entry and instead exactly one user
+///   coupon of its user, key and instant; every other record has no user coupon;
 /// - for each entry, the earlier entries of its key (by instant, then id), whose records
 ///   must all have expired by its instant (`KeyAppliedOnce`): each entry carries the
 ///   expiry of the record written with it (`key_expires_at`), so the check holds whatever
@@ -302,6 +332,8 @@ async fn key_checks(
         Option<NaiveDateTime>,
         i64,
         i64,
+        String,
+        i64,
     );
     let rows: Vec<Row> = sqlx::query_as(KEY_CHECKS.as_str())
         .bind(ttl_micros)
@@ -326,19 +358,24 @@ async fn key_checks(
         live_until,
         id,
         total,
+        operation,
+        coupons,
     ) in rows
     {
         let subject = format!("user {user} key {key}");
         let (slot, breach) = match chk.as_str() {
             "RECORD" => {
                 // What the record says happened, never what its HTTP status suggests.
-                let (what, expected) = if outcome == RecordOutcome::Applied.as_str() {
-                    ("stored success", "exactly 1")
-                } else {
-                    ("stored refusal", "none")
+                let applied = outcome == RecordOutcome::Applied.as_str();
+                let issue = operation == OperationKind::CouponIssue.as_str();
+                let (what, expected) = match (applied, issue) {
+                    (true, false) => ("stored success", "exactly 1 entry and no coupon"),
+                    (true, true) => ("stored coupon issue", "exactly 1 coupon and no entry"),
+                    (false, _) => ("stored refusal", "none"),
                 };
                 let detail = format!(
-                    "{what} ({status}) of {}: {effects} ledger entries with this key and instant, expected {expected}",
+                    "{what} ({status}) of {}: {effects} ledger entries and {coupons} user coupons \
+                     with this key and instant, expected {expected}",
                     at(created)
                 );
                 (0, breach(AuditCheck::RecordHasOneEffect, subject, detail))
@@ -393,7 +430,8 @@ fn key_applied_twice(
 }
 
 /// PAID or REFUNDED orders without a payment; payments whose order is missing, not the
-/// payment's user and amount, or not in the status the payment gives it (REFUNDED exactly
+/// payment's user and amount (what the balance paid plus the coupon's discount), or not in
+/// the status the payment gives it (REFUNDED exactly
 /// when the payment is refunded in full, else PAID); payments without exactly one PAYMENT
 /// ledger entry of the same user, key, amount and instant, and PAYMENT entries without a
 /// payment.
@@ -433,32 +471,47 @@ async fn paid_order_has_one_payment(
         Option<i64>,
         i64,
         String,
+        i64,
     );
-    // The order's status its payment gives it: REFUNDED once refunded in full.
-    let rows: Vec<OrderRow> = sqlx::query_as(
+    // The order's status its payment gives it: REFUNDED once refunded in full (as
+    // `PaymentStatus::of` says: something refunded, and all of it; a payment a coupon
+    // covered in full took nothing, and stays PAID). The order's amount is what the
+    // balance paid plus the coupon's discount.
+    let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select id, order_id, user_id, amount, status, order_user, order_amount, \
-                count(*) over (), expected \
-         from (select p.id, p.order_id, p.user_id, p.amount, o.status, \
+                count(*) over (), expected, discount \
+         from (select p.id, p.order_id, p.user_id, p.amount, p.discount, o.status, \
                       o.user_id as order_user, o.amount as order_amount, \
-                      case when p.refunded_total >= p.amount then 'REFUNDED' else 'PAID' end \
+                      case when {REFUNDED_IN_FULL_SQL} then 'REFUNDED' else 'PAID' end \
                           as expected \
                from payments p left join orders o on o.id = p.order_id) x \
          where status is null or status <> expected \
-            or order_user <> user_id or order_amount <> amount \
-         order by id limit ?",
-    )
+            or order_user <> user_id or order_amount <> amount + discount \
+         order by id limit ?"
+    )))
     .bind(LISTED)
     .fetch_all(&mut *conn)
     .await
     .map_err(repo)?;
     let found = total(&rows, |r| r.7);
     let listed = rows.into_iter().map(
-        |(payment, order, user, amount, status, order_user, order_amount, _, expected)| {
+        |(
+            payment,
+            order,
+            user,
+            amount,
+            status,
+            order_user,
+            order_amount,
+            _,
+            expected,
+            discount,
+        )| {
             let detail = match (status, order_user, order_amount) {
                 (Some(status), Some(order_user), Some(order_amount)) if status == expected => {
                     format!(
                         "pays order {order} of user {order_user} for {order_amount}, \
-                         but is user {user}'s for {amount}"
+                         but is user {user}'s for {amount} (with a discount of {discount})"
                     )
                 }
                 (Some(status), ..) => {
@@ -640,5 +693,183 @@ async fn pair_with_entries(
         },
     );
     report.add_found(check, found, listed.collect::<Vec<_>>());
+    Ok(())
+}
+
+/// Coupons whose issued count is not the number of their user coupons, or passes their
+/// stock; a user holding two of one coupon (the unique key forbids it: this finds it if the
+/// key was ever lost); and, by coupon, user coupons of a coupon that does not exist.
+/// (Worded as the in-memory audit words them.)
+async fn coupon_stock_matches_issued(
+    conn: &mut MySqlConnection,
+    report: &mut AuditReport,
+) -> Result<(), RepoError> {
+    const CHECK: AuditCheck = AuditCheck::CouponStockMatchesIssued;
+
+    // The user coupons are counted from the unique (coupon_id, user_id) alone.
+    let rows: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "select c.id, c.total_quantity, c.issued_quantity, coalesce(u.n, 0), count(*) over () \
+         from coupons c \
+         left join (select coupon_id, cast(count(*) as signed) as n \
+                    from user_coupons group by coupon_id) u on u.coupon_id = c.id \
+         where c.issued_quantity <> coalesce(u.n, 0) \
+            or c.issued_quantity > c.total_quantity or c.issued_quantity < 0 \
+         order by c.id limit ?",
+    )
+    .bind(LISTED)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(repo)?;
+    let found = total(&rows, |r| r.4);
+    let listed = rows.into_iter().map(|(coupon, stock, issued, held, _)| {
+        breach(
+            CHECK,
+            format!("coupon {coupon}"),
+            format!("issued {issued} of {stock}, with {held} user coupons"),
+        )
+    });
+    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
+
+    let rows: Vec<(i64, i64, String, i64)> = sqlx::query_as(
+        "select coupon_id, user_id, ids, count(*) over () \
+         from (select coupon_id, user_id, \
+                      group_concat(id order by id separator ', ') as ids \
+               from user_coupons group by coupon_id, user_id having count(*) > 1) d \
+         order by coupon_id, user_id limit ?",
+    )
+    .bind(LISTED)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(repo)?;
+    let found = total(&rows, |r| r.3);
+    let listed = rows.into_iter().map(|(coupon, user, ids, _)| {
+        let held = ids.split(", ").count();
+        breach(
+            CHECK,
+            format!("coupon {coupon} user {user}"),
+            format!(
+                "user {user} holds {held} of coupon {coupon}, at most 1 allowed: user coupons {ids}"
+            ),
+        )
+    });
+    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
+
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "select u.coupon_id, u.n, count(*) over () \
+         from (select coupon_id, cast(count(*) as signed) as n \
+               from user_coupons group by coupon_id) u \
+         left join coupons c on c.id = u.coupon_id \
+         where c.id is null \
+         order by u.coupon_id limit ?",
+    )
+    .bind(LISTED)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(repo)?;
+    let found = total(&rows, |r| r.2);
+    let listed = rows.into_iter().map(|(coupon, held, _)| {
+        breach(
+            CHECK,
+            format!("coupon {coupon}"),
+            format!("no such coupon, but {held} user coupons of it"),
+        )
+    });
+    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
+    Ok(())
+}
+
+/// A payment refunded in full, over `payments p`: as [`domain::model::PaymentStatus::of`]
+/// says, something refunded and all of it (a payment a coupon covered in full took nothing,
+/// and never is).
+const REFUNDED_IN_FULL_SQL: &str = "(p.refunded_total > 0 and p.refunded_total >= p.amount)";
+
+/// Used user coupons whose payment is missing, another user's, names another coupon or is
+/// refunded in full; payments not refunded in full that their user coupon is not used by
+/// (missing, free, or used by another payment); and (a row only this schema can hold) a
+/// discount without a coupon. (Worded as the in-memory audit words them.)
+async fn coupon_use_matches_payment(
+    conn: &mut MySqlConnection,
+    report: &mut AuditReport,
+) -> Result<(), RepoError> {
+    const CHECK: AuditCheck = AuditCheck::CouponUseMatchesPayment;
+
+    type UsedRow = (i64, i64, i64, Option<i64>, Option<i64>, Option<i64>, i64);
+    let rows: Vec<UsedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select uc.id, uc.user_id, uc.payment_id, p.id, p.user_id, p.user_coupon_id, \
+                count(*) over () \
+         from user_coupons uc left join payments p on p.id = uc.payment_id \
+         where uc.payment_id is not null \
+           and (p.id is null or p.user_id <> uc.user_id or p.user_coupon_id is null \
+                or p.user_coupon_id <> uc.id or {REFUNDED_IN_FULL_SQL}) \
+         order by uc.id limit ?"
+    )))
+    .bind(LISTED)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(repo)?;
+    let found = total(&rows, |r| r.6);
+    let listed = rows
+        .into_iter()
+        .map(|(held, user, payment, exists, payer, names, _)| {
+            let wrong = match (exists, payer, names) {
+                (None, ..) => "which does not exist".to_owned(),
+                (Some(_), Some(payer), _) if payer != user => {
+                    format!("which is user {payer}'s, not user {user}'s")
+                }
+                (Some(_), _, None) => "which names no coupon".to_owned(),
+                (Some(_), _, Some(named)) if named != held => {
+                    format!("which names user coupon {named}")
+                }
+                (Some(_), ..) => "which is refunded in full".to_owned(),
+            };
+            breach(
+                CHECK,
+                format!("user coupon {held}"),
+                format!("used by payment {payment}, {wrong}"),
+            )
+        });
+    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
+
+    type PaymentRow = (i64, Option<i64>, i64, i64, Option<i64>, Option<i64>, i64);
+    let rows: Vec<PaymentRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select p.id, p.user_coupon_id, p.discount, p.refunded_total, uc.id, uc.payment_id, \
+                count(*) over () \
+         from payments p left join user_coupons uc on uc.id = p.user_coupon_id \
+         where (p.user_coupon_id is null and p.discount <> 0) \
+            or (p.user_coupon_id is not null and not {REFUNDED_IN_FULL_SQL} \
+                and (uc.id is null or uc.payment_id is null or uc.payment_id <> p.id)) \
+         order by p.id limit ?"
+    )))
+    .bind(LISTED)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(repo)?;
+    let found = total(&rows, |r| r.6);
+    let listed = rows.into_iter().map(
+        |(payment, coupon, discount, refunded, exists, used_by, _)| {
+            let detail = match coupon {
+                None => format!("a discount of {discount} without a coupon"),
+                Some(coupon) => {
+                    // Not refunded in full: COMPLETED or PARTIALLY_REFUNDED.
+                    let status = if refunded > 0 {
+                        PaymentStatus::PartiallyRefunded
+                    } else {
+                        PaymentStatus::Completed
+                    };
+                    let found = match (exists, used_by) {
+                        (None, _) => "which does not exist".to_owned(),
+                        (Some(_), None) => "which is not used".to_owned(),
+                        (Some(_), Some(other)) => format!("which payment {other} uses"),
+                    };
+                    format!(
+                        "{} with user coupon {coupon} (not refunded in full), {found}",
+                        status.as_str()
+                    )
+                }
+            };
+            breach(CHECK, format!("payment {payment}"), detail)
+        },
+    );
+    report.add_found(CHECK, found, listed.collect::<Vec<_>>());
     Ok(())
 }

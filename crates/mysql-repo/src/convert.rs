@@ -6,7 +6,9 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, SubsecRound, Utc};
 use domain::idempotency::{RecordOutcome, StoredResponse, legacy_operation, legacy_outcome};
 use domain::model::EntryKind;
 use domain::operations::OperationKind;
-use domain::types::{EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserId};
+use domain::types::{
+    CouponId, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserCouponId, UserId,
+};
 
 /// A `datetime(3)` value: UTC, truncated to milliseconds. The domain truncates already;
 /// doing it again here makes MySQL (which rounds extra digits) and MariaDB (which
@@ -62,6 +64,19 @@ pub(crate) fn refund_id(raw: impl TryInto<i64>) -> anyhow::Result<RefundId> {
 
 pub(crate) fn entry_id(raw: impl TryInto<i64>) -> anyhow::Result<EntryId> {
     id_from_db(raw, "ledger entry id", EntryId::new)
+}
+
+pub(crate) fn coupon_id(raw: impl TryInto<i64>) -> anyhow::Result<CouponId> {
+    id_from_db(raw, "coupon id", CouponId::new)
+}
+
+pub(crate) fn user_coupon_id(raw: impl TryInto<i64>) -> anyhow::Result<UserCouponId> {
+    id_from_db(raw, "user coupon id", UserCouponId::new)
+}
+
+/// A count or a number of days stored as a signed `int`; the domain counts in `u32`.
+pub(crate) fn quantity_from_db(raw: i64, what: &str) -> anyhow::Result<u32> {
+    u32::try_from(raw).map_err(|_| anyhow!("stored {what} {raw} is out of range"))
 }
 
 /// The `version` column is a signed bigint; the domain counts in `u64`.

@@ -1,7 +1,8 @@
 //! sqlx adapters of the repository ports for MySQL 8 and MariaDB 10.11, and the migrator.
 //!
 //! [`MySqlStore`] implements [`UserRepo`](domain::ports::UserRepo),
-//! [`OrderRepo`](domain::ports::OrderRepo), [`IdempotencyRepo`](domain::ports::IdempotencyRepo),
+//! [`OrderRepo`](domain::ports::OrderRepo), [`CouponRepo`](domain::ports::CouponRepo),
+//! [`IdempotencyRepo`](domain::ports::IdempotencyRepo),
 //! [`BalanceStore`](domain::ports::BalanceStore) and [`Auditor`](domain::ports::Auditor) (a
 //! read-only reconciliation in one consistent snapshot). Every atomic step is one method and one
 //! database transaction; nothing here lets a transaction span two port calls.
@@ -15,6 +16,7 @@ mod retry;
 
 mod audit;
 mod convert;
+mod coupons;
 mod error;
 mod idempotency;
 mod orders;

@@ -3,12 +3,14 @@
 use anyhow::anyhow;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use domain::model::{Order, OrderStatus, Payment, PaymentStatus, Refund};
+use domain::model::{CouponUse, Order, OrderStatus, Payment, PaymentStatus, Refund};
 use domain::ports::{OrderRepo, RepoError};
 use domain::types::{Amount, Balance, OrderId, PaymentId, RefundReason, UserId};
 
 use crate::MySqlStore;
-use crate::convert::{from_db_time, order_id, payment_id, refund_id, to_db_time, user_id};
+use crate::convert::{
+    from_db_time, order_id, payment_id, refund_id, to_db_time, user_coupon_id, user_id,
+};
 use crate::error::repo;
 
 /// A refunds row as read: id, order_id, user_id, amount, balance_after, refunded_total,
@@ -23,6 +25,20 @@ type RefundRow = (
     Option<String>,
     NaiveDateTime,
     i64,
+);
+
+/// A payments row as read: id, order_id, user_id, amount, balance_after, paid_at,
+/// refunded_total, discount, user_coupon_id.
+type PaymentRow = (
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    NaiveDateTime,
+    i64,
+    i64,
+    Option<i64>,
 );
 
 #[async_trait]
@@ -78,19 +94,39 @@ impl OrderRepo for MySqlStore {
     }
 
     async fn get_payment(&self, id: PaymentId) -> Result<Option<Payment>, RepoError> {
-        let row: Option<(i64, i64, i64, i64, i64, NaiveDateTime, i64)> =
-            read_retrying!(&self.pool, |db| {
-                sqlx::query_as(
-                    "select id, order_id, user_id, amount, balance_after, paid_at, refunded_total \
-                     from payments where id = ?",
-                )
-                .bind(id.get())
-                .fetch_optional(db)
-            })
-            .map_err(repo)?;
-        let Some((id, order, user, amount, balance_after, paid_at, refunded_total)) = row else {
+        let row: Option<PaymentRow> = read_retrying!(&self.pool, |db| {
+            sqlx::query_as(
+                "select id, order_id, user_id, amount, balance_after, paid_at, refunded_total, \
+                 discount, user_coupon_id \
+                 from payments where id = ?",
+            )
+            .bind(id.get())
+            .fetch_optional(db)
+        })
+        .map_err(repo)?;
+        let Some((
+            id,
+            order,
+            user,
+            amount,
+            balance_after,
+            paid_at,
+            refunded_total,
+            discount,
+            user_coupon,
+        )) = row
+        else {
             return Ok(None);
         };
+        // Written together by the step: a coupon and the discount it gave, or neither.
+        let coupon = user_coupon
+            .map(|raw| {
+                Ok::<_, anyhow::Error>(CouponUse {
+                    user_coupon: user_coupon_id(raw)?,
+                    discount: Amount::from_stored(discount),
+                })
+            })
+            .transpose()?;
         Ok(Some(Payment {
             id: payment_id(id)?,
             order_id: order_id(order)?,
@@ -99,6 +135,7 @@ impl OrderRepo for MySqlStore {
             balance_after: Balance::from_stored(balance_after),
             paid_at: from_db_time(paid_at),
             refunded_total,
+            coupon,
         }))
     }
 

@@ -1,25 +1,32 @@
 //! `BalanceStore`: the atomic step. Each method is one transaction: the users row (guarded
 //! by its version), the ledger entry, the order and payment (or the payment, order and
-//! refund), and the key's completed record commit together or not at all.
+//! refund), the user coupon (or the coupon's issued count), and the key's completed record
+//! commit together or not at all.
 //!
 //! Row locks are always taken in the same order (users row first, then the payment row,
-//! then the order row, then the new rows), so steps of one user queue behind its row instead of deadlocking.
+//! then the order row, then the new rows and the user's own coupon), so steps of one user
+//! queue behind its row instead of deadlocking. An issue is the exception that proves the
+//! rule: the coupons row is shared by every user of a rush, so it is updated last, and
+//! its lock is held only from that update to the commit.
 //! A deadlock that InnoDB still reports (gap locks in a rare path) is a lock conflict,
 //! which the step answers as a version conflict so the use case retries it.
 
 use async_trait::async_trait;
 use chrono::NaiveDateTime;
 use domain::idempotency::{RecordOutcome, StoredResponse};
-use domain::operations::{Effect, Movement, RefundEffect};
+use domain::model::CouponUse;
+use domain::operations::{Effect, IssueEffect, Movement, RefundEffect};
 use domain::ports::{
-    Applied, Assigned, BalanceChange, BalanceStore, KeyRecord, RefusalRecord, StepError,
+    Applied, Assigned, BalanceChange, BalanceStore, KeyRecord, RefusalRecord, Responder, StepError,
 };
-use domain::types::{OrderId, PaymentId, RefundId, UserId};
+use domain::types::{OrderId, PaymentId, RefundId, UserCouponId, UserId};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection as _, MySql, MySqlConnection, Transaction};
 
 use crate::MySqlStore;
-use crate::convert::{entry_id, payment_id, refund_id, to_db_expiry, to_db_time, version_to_db};
+use crate::convert::{
+    entry_id, payment_id, refund_id, to_db_expiry, to_db_time, user_coupon_id, version_to_db,
+};
 use crate::error::{self, Classified, classify, commit, step};
 use crate::retry::tested_connection;
 use crate::sql;
@@ -116,13 +123,31 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
     // its ledger entry.
     let (pays_order, refunding) = match &effect {
         Effect::Charge(_) | Effect::Use(_) => (None, None),
-        Effect::Pay { order, .. } => (Some(*order), None),
+        Effect::Pay { order, coupon, .. } => (Some((*order, *coupon)), None),
         Effect::Refund(refund) => (None, Some(refund)),
+        Effect::IssueCoupon(issue) => {
+            let issuing = IssueStep {
+                user: user_id,
+                expected_version,
+                issue,
+                at: to_db_time(at),
+                key: &key,
+            };
+            return issue_coupon(conn, issuing, respond).await;
+        }
     };
-    let Movement {
-        amount,
-        balance_after: new_balance,
-    } = effect.movement();
+    let Some((
+        kind,
+        Movement {
+            amount,
+            balance_after: new_balance,
+        },
+    )) = effect.ledger()
+    else {
+        return Err(StepError::Unexpected(anyhow::anyhow!(
+            "an effect that moves money has no ledger entry: {effect:?}"
+        )));
+    };
     let at = to_db_time(at);
 
     // The optimistic guard: only the version that was read may be replaced. The row lock
@@ -140,12 +165,13 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
     }
 
     let payment_id = match pays_order {
-        Some(order) => {
+        Some((order, coupon)) => {
             let payment = NewPayment {
                 amount: amount.get(),
                 balance_after: new_balance.get(),
                 paid_at: at,
                 key: key.key.as_str(),
+                coupon,
             };
             Some(pay_order(conn, order, user_id, &payment).await?)
         }
@@ -158,7 +184,7 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
 
     let entry = sqlx::query(sql::INSERT_LEDGER_ENTRY)
         .bind(user_id.get())
-        .bind(effect.entry_kind().as_str())
+        .bind(kind.as_str())
         .bind(amount.get())
         .bind(new_balance.get())
         .bind(key.key.as_str())
@@ -169,9 +195,10 @@ async fn apply_in(conn: &mut MySqlConnection, change: BalanceChange) -> Result<A
         .map_err(step)?;
 
     let assigned = Assigned {
-        entry_id: entry_id(entry.last_insert_id())?,
+        entry_id: Some(entry_id(entry.last_insert_id())?),
         payment_id,
         refund_id,
+        user_coupon_id: None,
     };
     let response = respond(&assigned);
     put_record(conn, user_id, &key, RecordOutcome::Applied, &response).await?;
@@ -204,6 +231,83 @@ async fn refuse_in(conn: &mut MySqlConnection, refusal: &RefusalRecord) -> Resul
     .await
 }
 
+/// What an issue writes, borrowed from the change.
+struct IssueStep<'a> {
+    user: UserId,
+    expected_version: u64,
+    issue: &'a IssueEffect,
+    at: NaiveDateTime,
+    key: &'a KeyRecord,
+}
+
+/// One unit of a coupon to the user, in the order that keeps the hot coupons row locked
+/// for the shortest time: the users row's version (guarded, the balance unchanged; no
+/// ledger entry), the user coupon (its unique (coupon, user) refuses a second one), the
+/// key's record, and only then the coupon's issued count, guarded by the stock. Every
+/// request of a rush updates that one row, so its lock queues them; taken last, it is held
+/// only from the update to the commit, and everything before it runs in parallel.
+async fn issue_coupon(
+    conn: &mut MySqlConnection,
+    issuing: IssueStep<'_>,
+    respond: Responder,
+) -> Result<Applied, StepError> {
+    let IssueStep {
+        user,
+        expected_version,
+        issue,
+        at,
+        key,
+    } = issuing;
+    let bumped = sqlx::query(sql::BUMP_VERSION)
+        .bind(at)
+        .bind(user.get())
+        .bind(version_to_db(expected_version)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(step)?;
+    if bumped.rows_affected() == 0 {
+        return Err(missing_or_moved(conn, user).await);
+    }
+
+    let inserted = sqlx::query(sql::INSERT_USER_COUPON)
+        .bind(issue.coupon.get())
+        .bind(user.get())
+        .bind(issue.discount.get())
+        .bind(at)
+        .bind(to_db_expiry(issue.expires_at))
+        .bind(key.key.as_str())
+        .execute(&mut *conn)
+        .await;
+    let user_coupon = match inserted.map_err(classify) {
+        Ok(done) => user_coupon_id(done.last_insert_id())?,
+        // The unique (coupon_id, user_id): this user was issued one since the decision
+        // (payment_id is null here, so its unique key cannot be the one).
+        Err(Classified::Duplicate(_)) => return Err(StepError::CouponChanged),
+        Err(other) => return Err(other.into_step()),
+    };
+
+    let assigned = Assigned {
+        entry_id: None,
+        payment_id: None,
+        refund_id: None,
+        user_coupon_id: Some(user_coupon),
+    };
+    let response = respond(&assigned);
+    put_record(conn, user, key, RecordOutcome::Applied, &response).await?;
+
+    let counted = sqlx::query(sql::COUNT_ISSUED)
+        .bind(issue.coupon.get())
+        .execute(&mut *conn)
+        .await
+        .map_err(step)?;
+    if counted.rows_affected() == 0 {
+        // Sold out since the decision (or the coupon is gone): the rollback takes the
+        // user coupon and the record back with it.
+        return Err(StepError::CouponChanged);
+    }
+    Ok(Applied { assigned, response })
+}
+
 /// After a guarded update matched nothing: the user is gone or its version moved on.
 async fn missing_or_moved(conn: &mut MySqlConnection, user: UserId) -> StepError {
     let found: Result<Option<(i64,)>, _> = sqlx::query_as(sql::USER_EXISTS)
@@ -223,10 +327,13 @@ struct NewPayment<'a> {
     balance_after: i64,
     paid_at: NaiveDateTime,
     key: &'a str,
+    coupon: Option<CouponUse>,
 }
 
-/// Marks `order` PAID and writes its payment row; `OrderNotPending` when it was paid (or
-/// is not this user's PENDING order) by the time the step runs.
+/// Marks `order` PAID and writes its payment row, and with a coupon marks the user coupon
+/// used by it; `OrderNotPending` when the order was paid (or is not this user's PENDING
+/// order) by the time the step runs, `CouponChanged` when the user coupon is no longer
+/// this user's, free and unexpired.
 async fn pay_order(
     conn: &mut MySqlConnection,
     order: OrderId,
@@ -249,8 +356,9 @@ async fn pay_order(
 
     let inserted = sqlx::query(
         "insert into payments \
-         (order_id, user_id, amount, balance_after, paid_at, idempotency_key) \
-         values (?, ?, ?, ?, ?, ?)",
+         (order_id, user_id, amount, balance_after, paid_at, idempotency_key, discount, \
+          user_coupon_id) \
+         values (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(order.get())
     .bind(user.get())
@@ -258,15 +366,37 @@ async fn pay_order(
     .bind(payment.balance_after)
     .bind(payment.paid_at)
     .bind(payment.key)
+    .bind(payment.coupon.map_or(0, |used| used.discount.get()))
+    .bind(payment.coupon.map(|used| used.user_coupon.get()))
     .execute(&mut *conn)
     .await;
-    match inserted.map_err(classify) {
-        Ok(done) => Ok(payment_id(done.last_insert_id())?),
+    let paid = match inserted.map_err(classify) {
+        Ok(done) => payment_id(done.last_insert_id())?,
         // The unique order_id: a payment row exists although the order was PENDING, so
         // the order is not payable; the database refuses a second payment either way.
-        Err(Classified::Duplicate(_)) => Err(StepError::OrderNotPending),
-        Err(other) => Err(other.into_step()),
+        Err(Classified::Duplicate(_)) => return Err(StepError::OrderNotPending),
+        Err(other) => return Err(other.into_step()),
+    };
+
+    if let Some(used) = payment.coupon {
+        // Only this user's coupon, free and unexpired at the payment's instant: a payment
+        // that committed first with it, or its expiry since the decision, refuses this one.
+        let taken = sqlx::query(
+            "update user_coupons set payment_id = ? \
+             where id = ? and user_id = ? and payment_id is null and expires_at > ?",
+        )
+        .bind(paid.get())
+        .bind(used.user_coupon.get())
+        .bind(user.get())
+        .bind(payment.paid_at)
+        .execute(&mut *conn)
+        .await
+        .map_err(step)?;
+        if taken.rows_affected() == 0 {
+            return Err(StepError::CouponChanged);
+        }
     }
+    Ok(paid)
 }
 
 /// Raises the payment's refunded total (only over the total the refund was decided on, and
@@ -314,6 +444,9 @@ async fn refund_payment(
                 refund.payment
             )));
         }
+        if let Some(coupon) = refund.coupon {
+            free_coupon(conn, refund, coupon).await?;
+        }
     }
     let inserted = sqlx::query(
         "insert into refunds \
@@ -338,6 +471,34 @@ async fn refund_payment(
         Err(Classified::Duplicate(_)) => Err(StepError::PaymentChanged),
         Err(other) => Err(other.into_step()),
     }
+}
+
+/// A payment refunded in full lets its coupon go: free again (AVAILABLE, or EXPIRED once
+/// past its expiry, which the status reads from `expires_at`).
+async fn free_coupon(
+    conn: &mut MySqlConnection,
+    refund: &RefundEffect,
+    coupon: UserCouponId,
+) -> Result<(), StepError> {
+    let freed =
+        sqlx::query("update user_coupons set payment_id = null where id = ? and payment_id = ?")
+            .bind(coupon.get())
+            .bind(refund.payment.get())
+            .execute(&mut *conn)
+            .await
+            .map_err(step)?;
+    if freed.rows_affected() == 0 {
+        // Not a race either (only this payment's last refund frees what it holds): the
+        // coupon is not held by its payment. The refund itself is right and goes on; the
+        // coupon is left as it is (free already, or another payment's), and the audit
+        // names the payment.
+        tracing::warn!(
+            payment = %refund.payment,
+            user_coupon = %coupon,
+            "the payment refunded in full does not hold its coupon; the coupon is left as it is"
+        );
+    }
+    Ok(())
 }
 
 /// Writes the key's completed record, replacing an expired one.

@@ -35,12 +35,13 @@ async fn assert_schema_complete(db: &TestDatabase) {
     assert_eq!(applied as usize, mysql_repo::MIGRATOR.migrations.len());
     let (tables,): (i64,) = sqlx::query_as(
         "select count(*) from information_schema.tables where table_schema = database() \
-         and table_name in ('users', 'ledger_entries', 'idempotency_records', 'orders', 'payments')",
+         and table_name in ('users', 'ledger_entries', 'idempotency_records', 'orders', 'payments', \
+                            'refunds', 'coupons', 'user_coupons')",
     )
     .fetch_one(db.pool())
     .await
     .unwrap();
-    assert_eq!(tables, 5);
+    assert_eq!(tables, 8);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -66,6 +66,8 @@ fn service(store: &MySqlStore) -> (BalanceService, Arc<CountingStore>) {
     let ports = Ports {
         users: Arc::new(store.clone()),
         orders: Arc::new(store.clone()),
+        coupons: Arc::new(store.clone()),
+        gate: None,
         keys: Arc::new(store.clone()),
         store: Arc::clone(&steps) as Arc<dyn BalanceStore>,
         locks: Arc::new(memory::InProcessLockManager::new()),

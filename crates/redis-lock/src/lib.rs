@@ -1,4 +1,5 @@
-//! The fred (Redis) adapter of the [`LockManager`] port.
+//! The fred (Redis) adapters of the [`LockManager`] port and (in the `gate` module,
+//! [`RedisCouponGate`]) of the `CouponGate` port. The lock:
 //!
 //! - **acquire**: `SET {prefix}{key} {token} NX PX {lease}` with a random token; while the
 //!   key is held elsewhere, retried with jittered exponential backoff until the wait runs
@@ -16,6 +17,7 @@
 //!   and the two share a slot; see [`KeyLayout`].
 
 mod backoff;
+mod gate;
 mod local;
 
 use std::fmt;
@@ -34,6 +36,7 @@ use fred::types::scripts::Script;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
+pub use crate::gate::{GATE_REDIS_ERRORS_TOTAL, RedisCouponGate, RedisGateConfig};
 pub use crate::local::HandoffPolicy;
 use crate::local::{Chain, Claim, KeyQueues, ReleaseStep};
 
@@ -223,61 +226,21 @@ impl RedisLockManager {
         key_prefix: &str,
         config: RedisLockConfig,
     ) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            config.pool_size >= 1,
-            "the Redis pool needs at least one connection"
-        );
-        // The URL is not logged or put in the error: it may carry the password.
-        let redis_config = Config {
-            // Retry the first connection like any later one instead of failing start-up.
-            fail_fast: false,
-            ..Config::from_url(url).context("invalid Redis URL")?
-        };
-        let layout = if redis_config.server.is_clustered() {
-            // A brace in the prefix would start the hash tag there: every user's lock in
-            // one slot, or (with `{}`) no tag at all and the marker in another slot.
-            anyhow::ensure!(
-                !key_prefix.contains(['{', '}']),
-                "on a Redis Cluster the key prefix must not contain '{{' or '}}'"
-            );
+        let (pool, clustered) = build_pool(
+            url,
+            key_prefix,
+            &PoolSettings {
+                connect_timeout: config.connect_timeout,
+                command_timeout: config.command_timeout,
+                reconnect_max_delay: config.reconnect_max_delay,
+                pool_size: config.pool_size,
+            },
+        )?;
+        let layout = if clustered {
             KeyLayout::HashTagged
         } else {
             KeyLayout::Plain
         };
-        let reconnect_max_ms =
-            u32::try_from(config.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX);
-        let pool = Builder::from_config(redis_config)
-            .with_connection_config(|connection| {
-                connection.connection_timeout = config.connect_timeout;
-                connection.internal_command_timeout = config.connect_timeout;
-                // One attempt: a SET NX replayed after a lost reply would find our own key and
-                // wait for it. An unknown outcome is cleaned up instead (see `UnconfirmedSet`).
-                connection.max_command_attempts = 1;
-                // A half-open connection (no RST, e.g. a network partition) would otherwise
-                // time out every command until TCP gives up after minutes; close it and
-                // reconnect, so calls fail fast on the connection state instead.
-                connection.unresponsive = UnresponsiveConfig {
-                    max_timeout: Some(config.command_timeout.saturating_mul(2)),
-                    interval: (config.command_timeout / 2).max(Duration::from_millis(10)),
-                };
-                // Lock commands are tiny request/reply pairs: Nagle would only delay them.
-                connection.tcp = TcpConfig {
-                    nodelay: Some(true),
-                    ..TcpConfig::default()
-                };
-            })
-            .with_performance_config(|performance| {
-                performance.default_command_timeout = config.command_timeout;
-            })
-            // max_attempts 0: never give up, or the manager would stay down after an outage.
-            .set_policy(ReconnectPolicy::new_exponential(
-                0,
-                100,
-                reconnect_max_ms,
-                2,
-            ))
-            .build_pool(config.pool_size)
-            .context("invalid Redis configuration")?;
 
         let connections = pool.connect_pool();
         let (orphans, mut parked) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
@@ -536,6 +499,84 @@ impl RedisLockManager {
             .map_err(|e| redis_error("release", e))?;
         Outcome::from_reply("release", deleted)
     }
+}
+
+/// How a pool of connections to Redis is opened: the part of [`RedisLockConfig`] (and of
+/// the coupon gate's config) that is about the connection.
+pub(crate) struct PoolSettings {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) command_timeout: Duration,
+    pub(crate) reconnect_max_delay: Duration,
+    pub(crate) pool_size: usize,
+}
+
+/// A pool on the Redis at `url`, not connected yet, and whether it is a cluster. Every
+/// adapter of this crate talks to Redis through one of these: one attempt per command,
+/// bounded commands, half-open connections dropped, reconnection forever.
+///
+/// # Errors
+/// When `url` is not a valid Redis URL or the configuration is invalid (on a cluster,
+/// a key prefix with a brace, which would change the hash tag).
+pub(crate) fn build_pool(
+    url: &str,
+    key_prefix: &str,
+    config: &PoolSettings,
+) -> anyhow::Result<(Pool, bool)> {
+    anyhow::ensure!(
+        config.pool_size >= 1,
+        "the Redis pool needs at least one connection"
+    );
+    // The URL is not logged or put in the error: it may carry the password.
+    let redis_config = Config {
+        // Retry the first connection like any later one instead of failing start-up.
+        fail_fast: false,
+        ..Config::from_url(url).context("invalid Redis URL")?
+    };
+    let clustered = redis_config.server.is_clustered();
+    if clustered {
+        // A brace in the prefix would start the hash tag there: every key in one slot,
+        // or (with `{}`) no tag at all and keys that must share a slot in different ones.
+        anyhow::ensure!(
+            !key_prefix.contains(['{', '}']),
+            "on a Redis Cluster the key prefix must not contain '{{' or '}}'"
+        );
+    }
+    let reconnect_max_ms =
+        u32::try_from(config.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX);
+    let pool = Builder::from_config(redis_config)
+        .with_connection_config(|connection| {
+            connection.connection_timeout = config.connect_timeout;
+            connection.internal_command_timeout = config.connect_timeout;
+            // One attempt: a SET NX replayed after a lost reply would find our own key and
+            // wait for it (an unknown outcome is cleaned up instead, see `UnconfirmedSet`),
+            // and a gate script replayed would count twice what it ran once.
+            connection.max_command_attempts = 1;
+            // A half-open connection (no RST, e.g. a network partition) would otherwise
+            // time out every command until TCP gives up after minutes; close it and
+            // reconnect, so calls fail fast on the connection state instead.
+            connection.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(config.command_timeout.saturating_mul(2)),
+                interval: (config.command_timeout / 2).max(Duration::from_millis(10)),
+            };
+            // Lock and gate commands are small request/reply pairs: Nagle would only delay them.
+            connection.tcp = TcpConfig {
+                nodelay: Some(true),
+                ..TcpConfig::default()
+            };
+        })
+        .with_performance_config(|performance| {
+            performance.default_command_timeout = config.command_timeout;
+        })
+        // max_attempts 0: never give up, or the adapter would stay down after an outage.
+        .set_policy(ReconnectPolicy::new_exponential(
+            0,
+            100,
+            reconnect_max_ms,
+            2,
+        ))
+        .build_pool(config.pool_size)
+        .context("invalid Redis configuration")?;
+    Ok((pool, clustered))
 }
 
 /// What the [`ACQUIRE`] or [`RELEASE`] script did (their answers 0, 1 and 2).

@@ -10,6 +10,16 @@
 //!   [`user_repo_seeding_skips_created_users`],
 //!   [`user_repo_seeding_a_zero_balance_writes_no_entries`];
 //! - [`OrderRepo`](domain::ports::OrderRepo): [`order_repo_creates_and_reads`];
+//! - [`CouponRepo`](domain::ports::CouponRepo): [`coupon_repo_creates_and_reads`], and the
+//!   coupon branches of the atomic step (`contract/coupons.rs`):
+//!   [`balance_store_issue_writes_the_user_coupon`],
+//!   [`balance_store_issue_to_a_holder_is_coupon_changed`],
+//!   [`balance_store_issue_past_the_stock_is_coupon_changed`],
+//!   [`balance_store_concurrent_issues_never_pass_the_stock`],
+//!   [`balance_store_pay_with_a_coupon_uses_it_once`],
+//!   [`balance_store_pay_with_a_foreign_or_expired_coupon_is_coupon_changed`],
+//!   [`balance_store_pay_with_a_coupon_covering_the_order_pays_nothing`],
+//!   [`balance_store_refund_in_full_frees_the_coupon`];
 //! - [`IdempotencyRepo`](domain::ports::IdempotencyRepo):
 //!   [`idempotency_repo_finds_only_live_records_of_their_user`],
 //!   [`idempotency_repo_purges_only_expired_records`],
@@ -30,7 +40,8 @@
 //!   [`balance_store_concurrent_applies_of_different_users_all_succeed`];
 //! - [`Auditor`](domain::ports::Auditor), over books written through the ports and then
 //!   corrupted through [`Corrupt`] (`contract/auditor.rs` lists them: clean books, one
-//!   corruption per breach, the cap, concurrent writes, retention);
+//!   corruption per breach, the cap, concurrent writes, retention, and the same for
+//!   coupons: [`write_coupon_books`] and the `auditor_finds_*coupon*` suites);
 //! - [`LockManager`](domain::ports::LockManager): [`lock_is_exclusive`],
 //!   [`lock_waiter_acquires_soon_after_release`],
 //!   [`lock_lease_expiry_frees_the_key_but_not_for_the_old_holder`],
@@ -50,6 +61,7 @@
 mod auditor;
 mod balance_store;
 mod corrupt;
+mod coupons;
 mod idempotency_repo;
 mod lock_manager;
 mod order_repo;
@@ -57,15 +69,21 @@ mod refunds;
 mod support;
 mod user_repo;
 
+/// The `CouponGate` suites, by their path: `contract::coupon_gate::coupon_gate_…`.
+pub mod coupon_gate;
+
 use std::sync::Arc;
 
-use domain::ports::{BalanceStore, IdempotencyRepo, OrderRepo, UserRepo};
+use domain::ports::{BalanceStore, CouponRepo, IdempotencyRepo, OrderRepo, UserRepo};
 
 pub use auditor::{
-    AUDIT_LEASE, AUDIT_TTL, AuditBooks, Audited, assert_finds,
+    AUDIT_LEASE, AUDIT_TTL, AuditBooks, Audited, CouponBooks, assert_finds,
     auditor_accepts_two_payments_of_one_amount_in_one_millisecond, auditor_changes_nothing,
-    auditor_finds_a_bumped_balance, auditor_finds_a_deleted_ledger_entry,
-    auditor_finds_a_deleted_payment, auditor_finds_a_key_applied_twice_within_its_retention,
+    auditor_finds_a_bumped_balance, auditor_finds_a_coupon_issue_turned_refusal,
+    auditor_finds_a_coupon_issue_with_a_ledger_entry,
+    auditor_finds_a_coupon_used_by_a_payment_not_its_own, auditor_finds_a_deleted_ledger_entry,
+    auditor_finds_a_deleted_payment, auditor_finds_a_deleted_payment_with_a_coupon,
+    auditor_finds_a_deleted_user_coupon, auditor_finds_a_key_applied_twice_within_its_retention,
     auditor_finds_a_newest_entry_that_disagrees_with_the_balance,
     auditor_finds_a_paid_order_without_a_payment,
     auditor_finds_a_payment_of_an_order_that_is_not_paid,
@@ -73,14 +91,16 @@ pub use auditor::{
     auditor_finds_a_refunded_payment_whose_order_is_still_paid,
     auditor_finds_a_refunded_total_its_refunds_do_not_add_up_to,
     auditor_finds_a_refusal_turned_success, auditor_finds_a_refusal_with_an_effect,
-    auditor_finds_a_second_entry_of_one_key_at_one_instant, auditor_finds_an_empty_store_clean,
-    auditor_finds_books_written_through_the_ports_clean,
+    auditor_finds_a_refused_coupon_issue_with_a_coupon,
+    auditor_finds_a_second_entry_of_one_key_at_one_instant, auditor_finds_a_used_coupon_set_free,
+    auditor_finds_an_empty_store_clean, auditor_finds_an_issued_count_off_its_user_coupons,
+    auditor_finds_books_written_through_the_ports_clean, auditor_finds_coupon_books_clean,
     auditor_finds_ledger_entries_of_a_missing_user, auditor_finds_refunded_books_clean,
     auditor_goes_by_the_recorded_outcome_not_the_status,
     auditor_judges_a_reuse_by_its_records_expiry, auditor_lists_up_to_the_cap_and_counts_in_full,
     auditor_sees_no_false_breach_during_concurrent_writes,
     balance_store_refuses_to_complete_a_refund_of_an_order_not_paid, breaches, sec,
-    write_audit_books,
+    write_audit_books, write_coupon_books,
 };
 pub use balance_store::{
     balance_store_a_replaced_record_lives_by_its_own_expiry,
@@ -93,7 +113,16 @@ pub use balance_store::{
     balance_store_replaces_an_expired_record, balance_store_stale_version_writes_nothing,
     balance_store_unknown_user_writes_nothing, balance_store_unpayable_order_writes_nothing,
 };
-pub use corrupt::{Corrupt, ForgedEntry};
+pub use corrupt::{Corrupt, ForgedEntry, ForgedUserCoupon};
+pub use coupons::{
+    balance_store_concurrent_issues_never_pass_the_stock,
+    balance_store_issue_past_the_stock_is_coupon_changed,
+    balance_store_issue_to_a_holder_is_coupon_changed, balance_store_issue_writes_the_user_coupon,
+    balance_store_pay_with_a_coupon_covering_the_order_pays_nothing,
+    balance_store_pay_with_a_coupon_uses_it_once,
+    balance_store_pay_with_a_foreign_or_expired_coupon_is_coupon_changed,
+    balance_store_refund_in_full_frees_the_coupon, coupon_repo_creates_and_reads,
+};
 pub use idempotency_repo::{
     idempotency_repo_finds_only_live_records_of_their_user,
     idempotency_repo_purges_only_expired_records, idempotency_repo_purges_the_oldest_expired_first,
@@ -122,6 +151,7 @@ pub use user_repo::{
 pub struct Stores {
     pub users: Arc<dyn UserRepo>,
     pub orders: Arc<dyn OrderRepo>,
+    pub coupons: Arc<dyn CouponRepo>,
     pub idempotency: Arc<dyn IdempotencyRepo>,
     pub balances: Arc<dyn BalanceStore>,
 }
@@ -130,12 +160,13 @@ impl Stores {
     /// Every port of `store`, all sharing the one store.
     pub fn new<S>(store: S) -> Self
     where
-        S: UserRepo + OrderRepo + IdempotencyRepo + BalanceStore + 'static,
+        S: UserRepo + OrderRepo + CouponRepo + IdempotencyRepo + BalanceStore + 'static,
     {
         let store = Arc::new(store);
         Self {
             users: Arc::clone(&store) as Arc<dyn UserRepo>,
             orders: Arc::clone(&store) as Arc<dyn OrderRepo>,
+            coupons: Arc::clone(&store) as Arc<dyn CouponRepo>,
             idempotency: Arc::clone(&store) as Arc<dyn IdempotencyRepo>,
             balances: store,
         }

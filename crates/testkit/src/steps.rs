@@ -27,7 +27,12 @@ pub fn effect(
         (EntryKind::Charge, None) => (Effect::Charge(movement), OperationKind::Charge),
         (EntryKind::Use, None) => (Effect::Use(movement), OperationKind::Use),
         (EntryKind::Payment, Some(order)) => {
-            (Effect::Pay { order, movement }, OperationKind::Payment)
+            let pay = Effect::Pay {
+                order,
+                movement,
+                coupon: None,
+            };
+            (pay, OperationKind::Payment)
         }
         other => panic!("no operation writes {other:?}"),
     }

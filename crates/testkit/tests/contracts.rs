@@ -1,9 +1,9 @@
 //! The port contract suites of `testkit::contract`, run against every adapter by one
 //! macro, [`contracts!`], from one list of suite names per kind of adapter:
 //!
-//! - each store suite (`UserRepo`, `OrderRepo`, `IdempotencyRepo`, `BalanceStore`) and
-//!   each `Auditor` suite as `memory::<suite>` (the in-memory store, always) and
-//!   `mysql::<suite>` (MySQL from testkit's harness: `TEST_DATABASE_URL`, else
+//! - each store suite (`UserRepo`, `OrderRepo`, `CouponRepo`, `IdempotencyRepo`,
+//!   `BalanceStore`) and each `Auditor` suite as `memory::<suite>` (the in-memory store,
+//!   always) and `mysql::<suite>` (MySQL from testkit's harness: `TEST_DATABASE_URL`, else
 //!   testcontainers, else skipped, saying so, and failed under `CI=true`);
 //! - each `LockManager` suite as `in_process_lock::<suite>` (always), `redis_lock::<suite>`
 //!   (Redis from the harness, as MySQL) and `redis_cluster_lock::<suite>` (a Redis Cluster
@@ -137,6 +137,16 @@ contracts! {
         balance_store_refund_guarded_by_the_payment_writes_nothing,
         order_repo_cancels_only_pending_orders,
         user_repo_balance_at_reads_the_ledger,
+        // Coupons: CouponRepo and the coupon branches of the atomic step
+        coupon_repo_creates_and_reads,
+        balance_store_issue_writes_the_user_coupon,
+        balance_store_issue_to_a_holder_is_coupon_changed,
+        balance_store_issue_past_the_stock_is_coupon_changed,
+        balance_store_concurrent_issues_never_pass_the_stock,
+        balance_store_pay_with_a_coupon_uses_it_once,
+        balance_store_pay_with_a_foreign_or_expired_coupon_is_coupon_changed,
+        balance_store_pay_with_a_coupon_covering_the_order_pays_nothing,
+        balance_store_refund_in_full_frees_the_coupon,
     ],
     auditors: [
         balance_store_refuses_to_complete_a_refund_of_an_order_not_paid,
@@ -163,6 +173,16 @@ contracts! {
         auditor_lists_up_to_the_cap_and_counts_in_full,
         auditor_sees_no_false_breach_during_concurrent_writes,
         auditor_judges_a_reuse_by_its_records_expiry,
+        // Coupons
+        auditor_finds_coupon_books_clean,
+        auditor_finds_an_issued_count_off_its_user_coupons,
+        auditor_finds_a_deleted_user_coupon,
+        auditor_finds_a_coupon_issue_turned_refusal,
+        auditor_finds_a_coupon_issue_with_a_ledger_entry,
+        auditor_finds_a_refused_coupon_issue_with_a_coupon,
+        auditor_finds_a_used_coupon_set_free,
+        auditor_finds_a_coupon_used_by_a_payment_not_its_own,
+        auditor_finds_a_deleted_payment_with_a_coupon,
     ],
     locks: [
         lock_is_exclusive,

@@ -11,9 +11,9 @@
 //! The gate is never the truth. It is built from the database when it is missing, and
 //! rebuilt when it disagrees with it: when the database refuses a request the gate let
 //! through, or when a unit has been pending longer than a step can take (its holder was
-//! killed). A unit is given back only when nothing can have been issued for it (the step
-//! refused or never ran); after an unknown outcome it stays pending, so a retry of that
-//! key goes to the database, which knows.
+//! killed). A unit is given back only when nothing can have been issued for it under its
+//! key, by this request or a duplicate of it (see `nothing_issued`); otherwise it stays
+//! pending, so a retry of that key goes to the database, which knows.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -239,10 +239,26 @@ impl BalanceService {
         gate: &dyn CouponGate,
         op: IssueCoupon,
     ) -> Result<Execution, OperationError> {
-        let (coupon, user, key) = (op.coupon, op.user, op.key.clone());
+        let (coupon, user, key, fingerprint) =
+            (op.coupon, op.user, op.key.clone(), op.fingerprint());
         let (execution, outcome) = self.run(Arc::new(op)).await?;
-        if outcome == RecordOutcome::Applied {
-            settle(gate.confirm(coupon, user, &key).await);
+        match outcome {
+            RecordOutcome::Applied => settle(gate.confirm(coupon, user, &key).await),
+            RecordOutcome::Refused => {
+                let now = self.ports.clock.now();
+                settle(
+                    gate.record(
+                        coupon,
+                        user,
+                        &key,
+                        &fingerprint,
+                        &execution.response,
+                        now,
+                        execution.expires_at,
+                    )
+                    .await,
+                );
+            }
         }
         Ok(execution)
     }
@@ -256,16 +272,41 @@ impl BalanceService {
         op: IssueCoupon,
         request: &GateRequest,
     ) -> Result<Execution, OperationError> {
-        let (coupon, user, key) = (op.coupon, op.user, op.key.clone());
+        let (coupon, user, key, fingerprint) =
+            (op.coupon, op.user, op.key.clone(), op.fingerprint());
         let result = self.run(Arc::new(op)).await;
         match &result {
             Ok((_, RecordOutcome::Applied)) => settle(gate.confirm(coupon, user, &key).await),
-            Ok((_, RecordOutcome::Refused)) => {
+            Ok((execution, RecordOutcome::Refused)) => {
                 // The database refused what the gate let through: they disagree (or the
-                // key was refused before, without the gate). Rebuilt at the next request.
-                settle(gate.give_back(coupon, user, &request.token).await);
+                // key was refused before, without the gate). The refusal is recorded there
+                // for the key's replays, and the gate rebuilt from the database.
+                let now = self.ports.clock.now();
+                settle(
+                    gate.record(
+                        coupon,
+                        user,
+                        &key,
+                        &fingerprint,
+                        &execution.response,
+                        now,
+                        execution.expires_at,
+                    )
+                    .await,
+                );
+                // A user the database says holds one (issued under another key, by a step
+                // that has not confirmed it yet) keeps its unit: giving it back would let
+                // that user's next key be told "sold out" until the confirm.
+                if execution.response != request.already_issued {
+                    settle(gate.give_back(coupon, user, &request.token).await);
+                }
                 metrics::counter!(m::COUPON_GATE_DISAGREED_TOTAL).increment(1);
-                settle(gate.forget(coupon).await);
+                // Rebuilt in place (not dropped): units other requests hold pending stay,
+                // so none of those users is told "sold out" meanwhile.
+                if let Err(e) = self.rebuild_gate(gate, coupon).await {
+                    tracing::warn!(coupon = %coupon, error = %format!("{e:#}"),
+                        "could not rebuild the coupon gate after it disagreed with the database");
+                }
             }
             Err(e) if nothing_issued(e) => {
                 settle(gate.give_back(coupon, user, &request.token).await);
@@ -378,16 +419,15 @@ pub fn gate_breaches(snapshot: &GateSnapshot, view: &GateView) -> Vec<Breach> {
     found
 }
 
-/// Errors after which no unit can have been issued for the request: the step refused it
-/// before any write, or never ran.
+/// Errors after which no unit can have been issued under the request's key, by this
+/// request or by a duplicate of it: the user or the coupon does not exist, or the key
+/// belongs to another request. (Not "in use" or a lock timeout: a duplicate with the same
+/// key may be running the step on this or another instance, and its unit is that one; it
+/// stays pending until the duplicate settles it or a rebuild does.)
 fn nothing_issued(e: &OperationError) -> bool {
     matches!(
         e,
-        OperationError::UserNotFound
-            | OperationError::CouponNotFound
-            | OperationError::KeyInUse
-            | OperationError::KeyReused
-            | OperationError::LockTimeout
+        OperationError::UserNotFound | OperationError::CouponNotFound | OperationError::KeyReused
     )
 }
 

@@ -12,7 +12,11 @@
 //! - an order and its payment, a payment and its order, likewise;
 //! - payments are paired with PAYMENT ledger entries among the rows that existed when the
 //!   audit began: both are immutable and their ids grow, so the ids handed out by then
-//!   mark that instant exactly, whenever each row is read.
+//!   mark that instant exactly, whenever each row is read;
+//! - a user's coupons are read with its records (an issue writes both in one step), a
+//!   coupon with all its user coupons (and its count), a user coupon with the payment
+//!   that uses it and a payment with its user coupon (a payment, and a refund that
+//!   completes one, write both in one step).
 //!
 //! The counters are taken when the audit begins. Two checks read less here than on MySQL,
 //! because the in-memory store keeps less: no in-flight state is ever stored (claims live
@@ -20,16 +24,19 @@
 //! payment does not keep its idempotency key, so payments and PAYMENT ledger entries are
 //! matched by user, amount and instant only (as many of each).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::idempotency::RecordOutcome;
-use domain::model::{EntryKind, OrderStatus, PaymentStatus, User};
+use domain::model::{Coupon, EntryKind, OrderStatus, Payment, PaymentStatus, User, UserCoupon};
+use domain::operations::OperationKind;
 use domain::ports::{AuditCheck, AuditReport, Auditor, Breach, RepoError};
 use domain::time::format_rfc3339_millis;
-use domain::types::{EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserId};
+use domain::types::{
+    CouponId, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserCouponId, UserId,
+};
 
 use super::{MemoryStore, State};
 
@@ -67,6 +74,16 @@ impl Auditor for MemoryStore {
             next = audit.payments(&self.state(), from);
             tokio::time::sleep(PAUSE).await;
         }
+        let mut next = Some(1);
+        while let Some(from) = next {
+            next = audit.coupons(&self.state(), from);
+            tokio::time::sleep(PAUSE).await;
+        }
+        let mut next = Some(1);
+        while let Some(from) = next {
+            next = audit.user_coupons(&self.state(), from);
+            tokio::time::sleep(PAUSE).await;
+        }
         Ok(audit.finish())
     }
 }
@@ -81,6 +98,12 @@ fn breach(check: AuditCheck, subject: String, detail: String) -> Breach {
 
 fn at(t: DateTime<Utc>) -> String {
     format_rfc3339_millis(t)
+}
+
+/// What the order a payment pays is for: what the balance paid and the coupon's discount.
+fn charged_for(payment: &Payment) -> i64 {
+    let discount = payment.coupon.map_or(0, |used| used.discount.get());
+    payment.amount.get().saturating_add(discount)
 }
 
 /// What a payment and its PAYMENT ledger entry share (and a refund and its REFUND entry).
@@ -100,8 +123,13 @@ struct Audit {
     last_payment: i64,
     last_refund: i64,
     last_entry: i64,
+    last_coupon: i64,
+    last_user_coupon: i64,
     pairs: Pairs<PaymentId>,
     refund_pairs: Pairs<RefundId>,
+    /// User coupons of coupons that do not exist, by coupon (coupons are never deleted,
+    /// so this is no race).
+    orphan_coupons: BTreeMap<CouponId, u64>,
 }
 
 impl Audit {
@@ -113,6 +141,8 @@ impl Audit {
             orders: state.orders.len() as u64,
             payments: state.payments.len() as u64,
             refunds: state.refunds.values().map(Vec::len).sum::<usize>() as u64,
+            coupons: state.coupons.len() as u64,
+            user_coupons: state.user_coupons.len() as u64,
             ..AuditReport::default()
         };
         Self {
@@ -123,8 +153,11 @@ impl Audit {
             last_payment: state.last_payment_id,
             last_refund: state.last_refund_id,
             last_entry: state.last_entry_id,
+            last_coupon: state.last_coupon_id,
+            last_user_coupon: state.last_user_coupon_id,
             pairs: HashMap::new(),
             refund_pairs: HashMap::new(),
+            orphan_coupons: BTreeMap::new(),
         }
     }
 
@@ -232,7 +265,20 @@ impl Audit {
             }
         }
 
-        // RecordHasOneEffect
+        // RecordHasOneEffect: a step's effect is its ledger entry, or for a coupon issue
+        // its user coupon (and no entry); both carry the key and the step's instant.
+        let coupons: Vec<&UserCoupon> = state
+            .coupons_of_user
+            .get(&user.id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| state.user_coupons.get(id))
+            .collect();
+        let mut issued: Vec<(&IdempotencyKey, DateTime<Utc>)> = coupons
+            .iter()
+            .map(|coupon| (&coupon.idempotency_key, coupon.issued_at))
+            .collect();
+        issued.sort_unstable();
         let records = state.keys.get(&user.id);
         let mut wrong: Vec<_> = records
             .into_iter()
@@ -242,31 +288,38 @@ impl Audit {
                 let this = (&record.key, record.created_at);
                 let effects = keyed.partition_point(|(key, t, _)| (*key, *t) <= this)
                     - keyed.partition_point(|(key, t, _)| (*key, *t) < this);
+                let held = issued.partition_point(|(key, t)| (*key, *t) <= this)
+                    - issued.partition_point(|(key, t)| (*key, *t) < this);
                 let status = record.response.status;
                 // What the record says happened, never what its HTTP status suggests.
                 let success = record.outcome == RecordOutcome::Applied;
-                let ok = if success { effects == 1 } else { effects == 0 };
-                (!ok).then_some((record, status, success, effects))
+                let issue = record.operation == OperationKind::CouponIssue;
+                let ok = match (success, issue) {
+                    (true, false) => effects == 1 && held == 0,
+                    (true, true) => effects == 0 && held == 1,
+                    (false, _) => effects == 0 && held == 0,
+                };
+                (!ok).then_some((record, status, success, issue, effects, held))
             })
             .collect();
         wrong.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
-        for (record, status, success, effects) in wrong {
-            let (what, expected) = if success {
-                ("stored success", "exactly 1")
-            } else {
-                ("stored refusal", "none")
+        for (record, status, success, issue, effects, held) in wrong {
+            let (what, expected) = match (success, issue) {
+                (true, false) => ("stored success", "exactly 1 entry and no coupon"),
+                (true, true) => ("stored coupon issue", "exactly 1 coupon and no entry"),
+                (false, _) => ("stored refusal", "none"),
             };
             self.report.add(breach(
                 AuditCheck::RecordHasOneEffect,
                 format!("user {} key {}", user.id, record.key),
                 format!(
-                    "{what} ({status}) of {}: {effects} ledger entries with this key and instant, expected {expected}",
+                    "{what} ({status}) of {}: {effects} ledger entries and {held} user coupons with this key and instant, expected {expected}",
                     at(record.created_at)
                 ),
             ));
         }
 
-        entries.len() + records.map_or(0, HashMap::len)
+        entries.len() + records.map_or(0, HashMap::len) + coupons.len()
     }
 
     /// Ledger entries of users that do not exist.
@@ -340,6 +393,7 @@ impl Audit {
                 .0
                 .push(payment.id);
             self.refunds_of(state, payment);
+            self.coupon_of(state, payment);
             let order_id = payment.order_id;
             // The order is REFUNDED exactly when the payment is refunded in full.
             let expected = if payment.status() == PaymentStatus::Refunded {
@@ -358,11 +412,16 @@ impl Audit {
                     )
                 }
                 Some(order)
-                    if order.user_id != payment.user_id || order.amount != payment.amount =>
+                    if order.user_id != payment.user_id
+                        || order.amount.get() != charged_for(payment) =>
                 {
                     format!(
-                        "pays order {order_id} of user {} for {}, but is user {}'s for {}",
-                        order.user_id, order.amount, payment.user_id, payment.amount
+                        "pays order {order_id} of user {} for {}, but is user {}'s for {} (with a discount of {})",
+                        order.user_id,
+                        order.amount,
+                        payment.user_id,
+                        payment.amount,
+                        charged_for(payment) - payment.amount.get()
                     )
                 }
                 Some(_) => match state.payment_of_order.get(&order_id) {
@@ -386,10 +445,152 @@ impl Audit {
         (end <= self.last_payment).then_some(end)
     }
 
+    /// `CouponUseMatchesPayment` from the payment's side: a payment with a coupon that is
+    /// not refunded in full is what its user coupon is used by.
+    fn coupon_of(&mut self, state: &State, payment: &Payment) {
+        let Some(used) = payment.coupon else {
+            return;
+        };
+        if payment.status() == PaymentStatus::Refunded {
+            return;
+        }
+        let held = state.user_coupons.get(&used.user_coupon);
+        if held.and_then(|coupon| coupon.payment) == Some(payment.id) {
+            return;
+        }
+        let found = match held {
+            None => "which does not exist".to_owned(),
+            Some(coupon) => match coupon.payment {
+                None => "which is not used".to_owned(),
+                Some(other) => format!("which payment {other} uses"),
+            },
+        };
+        self.report.add(breach(
+            AuditCheck::CouponUseMatchesPayment,
+            format!("payment {}", payment.id),
+            format!(
+                "{} with user coupon {} (not refunded in full), {found}",
+                payment.status().as_str(),
+                used.user_coupon
+            ),
+        ));
+    }
+
+    /// Coupons from id `from` on, for one section's work: each read whole with its user
+    /// coupons (`CouponStockMatchesIssued`).
+    fn coupons(&mut self, state: &State, from: i64) -> Option<i64> {
+        let mut work = 0;
+        let mut id = from;
+        while id <= self.last_coupon {
+            if work >= WORK_PER_SECTION {
+                return Some(id);
+            }
+            if let Some(coupon) = CouponId::new(id).ok().and_then(|id| state.coupons.get(&id)) {
+                work += self.coupon(state, coupon);
+            }
+            work += 1;
+            id += 1;
+        }
+        None
+    }
+
+    /// The checks of one coupon; returns how many rows it looked at.
+    fn coupon(&mut self, state: &State, coupon: &Coupon) -> usize {
+        const CHECK: AuditCheck = AuditCheck::CouponStockMatchesIssued;
+        let issued: Vec<&UserCoupon> = state
+            .issued_of
+            .get(&coupon.id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| state.user_coupons.get(id))
+            .collect();
+        let rows = issued.len();
+        let count = u64::from(coupon.issued_quantity);
+        if count != rows as u64 || coupon.issued_quantity > coupon.total_quantity {
+            self.report.add(breach(
+                CHECK,
+                format!("coupon {}", coupon.id),
+                format!(
+                    "issued {} of {}, with {rows} user coupons",
+                    coupon.issued_quantity, coupon.total_quantity
+                ),
+            ));
+        }
+        let mut per_user: HashMap<UserId, Vec<UserCouponId>> = HashMap::new();
+        for held in &issued {
+            per_user.entry(held.user_id).or_default().push(held.id);
+        }
+        let mut twice: Vec<_> = per_user
+            .into_iter()
+            .filter(|(_, ids)| ids.len() > 1)
+            .collect();
+        twice.sort_unstable();
+        for (user, ids) in twice {
+            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            self.report.add(breach(
+                CHECK,
+                format!("coupon {} user {user}", coupon.id),
+                format!(
+                    "user {user} holds {} of coupon {}, at most 1 allowed: user coupons {}",
+                    ids.len(),
+                    coupon.id,
+                    ids.join(", ")
+                ),
+            ));
+        }
+        rows
+    }
+
+    /// User coupons from id `from` on, for one section's work: of a coupon that exists
+    /// (gathered, reported by coupon at the end), and used only by a live payment of
+    /// their user that names them.
+    fn user_coupons(&mut self, state: &State, from: i64) -> Option<i64> {
+        let end = from.saturating_add(WORK_PER_SECTION as i64);
+        for id in from..end.min(self.last_user_coupon.saturating_add(1)) {
+            let Some(held) = UserCouponId::new(id)
+                .ok()
+                .and_then(|id| state.user_coupons.get(&id))
+            else {
+                continue;
+            };
+            if !state.coupons.contains_key(&held.coupon_id) {
+                *self.orphan_coupons.entry(held.coupon_id).or_default() += 1;
+            }
+            let Some(payment_id) = held.payment else {
+                continue;
+            };
+            let wrong = match state.payments.get(&payment_id) {
+                None => Some("which does not exist".to_owned()),
+                Some(payment) if payment.user_id != held.user_id => Some(format!(
+                    "which is user {}'s, not user {}'s",
+                    payment.user_id, held.user_id
+                )),
+                Some(payment) if payment.coupon.map(|used| used.user_coupon) != Some(held.id) => {
+                    Some(match payment.coupon {
+                        None => "which names no coupon".to_owned(),
+                        Some(used) => format!("which names user coupon {}", used.user_coupon),
+                    })
+                }
+                Some(payment) if payment.status() == PaymentStatus::Refunded => {
+                    Some("which is refunded in full".to_owned())
+                }
+                Some(_) => None,
+            };
+            if let Some(wrong) = wrong {
+                self.report.add(breach(
+                    AuditCheck::CouponUseMatchesPayment,
+                    format!("user coupon {}", held.id),
+                    format!("used by payment {payment_id}, {wrong}"),
+                ));
+            }
+        }
+        (end <= self.last_user_coupon).then_some(end)
+    }
+
     /// The payment's refunds (read in the same section as the payment, and written in one
     /// with it): they add up to its refunded total, which is within its amount, and are
     /// its user's and order's; gathers the refunds to pair with their REFUND entries.
-    fn refunds_of(&mut self, state: &State, payment: &domain::model::Payment) {
+    fn refunds_of(&mut self, state: &State, payment: &Payment) {
         const CHECK: AuditCheck = AuditCheck::RefundsMatchPayment;
         let refunds = state
             .refunds
@@ -448,6 +649,13 @@ impl Audit {
         );
         let refunds = std::mem::take(&mut self.refund_pairs);
         self.pair(refunds, AuditCheck::RefundsMatchPayment, "refund", "REFUND");
+        for (coupon, held) in std::mem::take(&mut self.orphan_coupons) {
+            self.report.add(breach(
+                AuditCheck::CouponStockMatchesIssued,
+                format!("coupon {coupon}"),
+                format!("no such coupon, but {held} user coupons of it"),
+            ));
+        }
         self.report
     }
 

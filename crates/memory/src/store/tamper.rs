@@ -2,15 +2,18 @@
 //! contract suites (`testkit::contract`) can corrupt the in-memory books the way a bug
 //! would, as they corrupt MySQL's with raw SQL. Each write changes exactly the one thing
 //! it names and keeps the store's own indexes consistent with it (the ledger sorted by id,
-//! `payment_of_order` mirroring `payments`), so the audit sees the corruption and nothing
-//! else. Each returns whether its subject existed.
+//! `payment_of_order` mirroring `payments`, the user coupons' indexes mirroring them), so
+//! the audit sees the corruption and nothing else. Each returns whether its subject
+//! existed.
 
 use std::sync::MutexGuard;
 
 use chrono::{DateTime, Utc};
 use domain::idempotency::RecordOutcome;
-use domain::model::{EntryKind, LedgerEntry, OrderStatus};
-use domain::types::{Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
+use domain::model::{EntryKind, LedgerEntry, OrderStatus, UserCoupon};
+use domain::types::{
+    Amount, Balance, CouponId, EntryId, IdempotencyKey, OrderId, PaymentId, UserCouponId, UserId,
+};
 
 use super::{MemoryStore, State, next_id};
 
@@ -137,6 +140,84 @@ impl Tamper<'_> {
             .payments
             .get_mut(&id)
             .map(|payment| payment.refunded_total = total)
+            .is_some()
+    }
+
+    /// Sets coupon `id`'s issued count; its user coupons stay.
+    pub fn set_issued_quantity(&mut self, id: CouponId, issued: u32) -> bool {
+        self.0
+            .coupons
+            .get_mut(&id)
+            .map(|coupon| coupon.issued_quantity = issued)
+            .is_some()
+    }
+
+    /// Sets coupon `id`'s stock; its count and user coupons stay.
+    pub fn set_total_quantity(&mut self, id: CouponId, total: u32) -> bool {
+        self.0
+            .coupons
+            .get_mut(&id)
+            .map(|coupon| coupon.total_quantity = total)
+            .is_some()
+    }
+
+    /// Deletes user coupon `id`; its coupon's count, its record and any payment that
+    /// names it stay.
+    pub fn delete_user_coupon(&mut self, id: UserCouponId) -> bool {
+        let state = &mut *self.0;
+        let Some(gone) = state.user_coupons.remove(&id) else {
+            return false;
+        };
+        let holder = (gone.coupon_id, gone.user_id);
+        if state.holding.get(&holder) == Some(&id) {
+            state.holding.remove(&holder);
+            // A second coupon of the same user (only ever tampered in) holds it now.
+            let next = state
+                .issued_of
+                .get(&gone.coupon_id)
+                .into_iter()
+                .flatten()
+                .filter(|other| **other != id)
+                .find(|other| {
+                    state
+                        .user_coupons
+                        .get(other)
+                        .is_some_and(|c| c.user_id == gone.user_id)
+                })
+                .copied();
+            if let Some(next) = next {
+                state.holding.insert(holder, next);
+            }
+        }
+        if let Some(ids) = state.issued_of.get_mut(&gone.coupon_id) {
+            ids.retain(|other| *other != id);
+        }
+        if let Some(ids) = state.coupons_of_user.get_mut(&gone.user_id) {
+            ids.retain(|other| *other != id);
+        }
+        true
+    }
+
+    /// Adds a user coupon no step wrote, with the next id (a second one of a (coupon,
+    /// user) included: a row MySQL's unique key cannot hold); its coupon's count stays.
+    /// Returns its id.
+    pub fn insert_user_coupon(&mut self, mut coupon: UserCoupon) -> Option<UserCouponId> {
+        let id = next_id(self.0.last_user_coupon_id, UserCouponId::new).ok()?;
+        coupon.id = id;
+        self.0.insert_user_coupon(coupon);
+        Some(id)
+    }
+
+    /// Sets which payment uses user coupon `id` (`None`: free); the payments stay.
+    pub fn set_user_coupon_payment(
+        &mut self,
+        id: UserCouponId,
+        payment: Option<PaymentId>,
+    ) -> bool {
+        self.0
+            .user_coupons
+            .get_mut(&id)
+            .map(|coupon| coupon.payment = payment)
             .is_some()
     }
 

@@ -7,13 +7,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Duration, Utc};
 use domain::idempotency::{Fingerprint, StoredResponse};
-use domain::model::{EntryKind, OrderStatus};
-use domain::operations::{Effect, Movement, OperationKind};
+use domain::model::{Coupon, CouponUse, EntryKind, NewCoupon, Order, OrderStatus, UserCoupon};
+use domain::operations::{Effect, IssueEffect, Movement, OperationKind};
 use domain::ports::{
-    BalanceChange, BalanceStore, IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord, StepError,
-    UserRepo,
+    BalanceChange, BalanceStore, CouponRepo, IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord,
+    StepError, UserRepo,
 };
-use domain::types::{Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
+use domain::types::{
+    Amount, Balance, CouponId, CouponName, EntryId, IdempotencyKey, OrderId, PaymentId,
+    UserCouponId, UserId,
+};
 use proptest::prelude::*;
 
 use super::MemoryStore;
@@ -39,7 +42,11 @@ fn effect(kind: EntryKind, amount: Amount, new_balance: Balance, order: Option<O
     match (kind, order) {
         (EntryKind::Charge, None) => Effect::Charge(movement),
         (EntryKind::Use, None) => Effect::Use(movement),
-        (EntryKind::Payment, Some(order)) => Effect::Pay { order, movement },
+        (EntryKind::Payment, Some(order)) => Effect::Pay {
+            order,
+            movement,
+            coupon: None,
+        },
         other => panic!("no effect is {other:?}"),
     }
 }
@@ -73,7 +80,7 @@ fn naming_ids(assigned: &domain::ports::Assigned) -> StoredResponse {
         status: 200,
         body: format!(
             "entry={} payment={:?}",
-            assigned.entry_id,
+            assigned.entry_id.map_or(0, EntryId::get),
             assigned.payment_id.map(PaymentId::get)
         )
         .into_bytes(),
@@ -166,15 +173,23 @@ async fn seeded(users: u32, each: i64) -> MemoryStore {
 /// Applies `change` and insists that it fails with `expected`, writes nothing and never
 /// asks for a response.
 async fn assert_refused_without_a_trace(store: &MemoryStore, change: Change, expected: &str) {
+    assert_step_refused_without_a_trace(store, change.build(), expected).await;
+}
+
+/// [`assert_refused_without_a_trace`] for a step built by hand.
+async fn assert_step_refused_without_a_trace(
+    store: &MemoryStore,
+    mut change: BalanceChange,
+    expected: &str,
+) {
     let before = store.snapshot();
     let asked = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&asked);
-    let result = store
-        .apply(change.build_with(Box::new(move |assigned| {
-            flag.store(true, Ordering::SeqCst);
-            naming_ids(assigned)
-        })))
-        .await;
+    change.respond = Box::new(move |assigned| {
+        flag.store(true, Ordering::SeqCst);
+        naming_ids(assigned)
+    });
+    let result = store.apply(change).await;
     match result {
         Err(e) => assert_eq!(format!("{e:?}"), expected),
         Ok(applied) => panic!("expected {expected}, got {applied:?}"),
@@ -240,6 +255,104 @@ async fn a_refused_step_writes_nothing_at_all_and_builds_no_response() {
     for (change, expected) in refusals {
         assert_refused_without_a_trace(&store, change, expected).await;
     }
+}
+
+/// Issuing one unit of `coupon` to `who` at `version`, under `raw`, at `at`.
+fn issue(who: i64, version: u64, coupon: &Coupon, raw: &str, at: DateTime<Utc>) -> BalanceChange {
+    let mut key = key_record(raw, at, secs(60));
+    key.operation = OperationKind::CouponIssue;
+    BalanceChange {
+        user_id: user(who),
+        expected_version: version,
+        effect: Effect::IssueCoupon(IssueEffect {
+            coupon: coupon.id,
+            discount: coupon.discount,
+            expires_at: coupon.expiry_for(at),
+        }),
+        at,
+        key,
+        respond: Box::new(naming_ids),
+    }
+}
+
+/// Paying `order` by `who` (holding `funds`, at `version`) with `coupon`, at `at`.
+fn pay_with(
+    who: i64,
+    version: u64,
+    funds: i64,
+    order: &Order,
+    coupon: &UserCoupon,
+    at: DateTime<Utc>,
+) -> BalanceChange {
+    let (charged, discount) = order.amount.less(coupon.discount);
+    let mut change = Change::charge(who, version, 1, 1, "pay-with")
+        .at(at)
+        .build();
+    change.key.operation = OperationKind::Payment;
+    change.effect = Effect::Pay {
+        order: order.id,
+        movement: Movement {
+            amount: charged,
+            balance_after: balance(funds - charged.get()),
+        },
+        coupon: Some(CouponUse {
+            user_coupon: coupon.id,
+            discount,
+        }),
+    };
+    change
+}
+
+/// Every refused coupon step (a second unit to a holder, a unit past the stock or of no
+/// coupon, another user's coupon, an expired one, a used one) leaves the whole state as it
+/// was, private indexes included, and builds no response; the ids it would have taken
+/// go to the next step that succeeds.
+#[tokio::test]
+async fn a_refused_coupon_step_writes_nothing_at_all_and_builds_no_response() {
+    let store = seeded(2, 1_000).await;
+    let name = CouponName::parse("ONE").unwrap();
+    let new = NewCoupon::new(name, amount(100), 1, Some(t0()), None, Some(1), t0()).unwrap();
+    let coupon = store.create_coupon(new, t0()).await.unwrap();
+    let applied = store
+        .apply(issue(1, 0, &coupon, "issue", t0()))
+        .await
+        .unwrap();
+    assert_eq!(applied.assigned.user_coupon_id, UserCouponId::new(1).ok());
+    let held = store.holding(coupon.id, user(1)).await.unwrap().unwrap();
+    let mine = store
+        .create_order(user(1), amount(300), t0())
+        .await
+        .unwrap();
+    let theirs = store
+        .create_order(user(2), amount(300), t0())
+        .await
+        .unwrap();
+    let mut nothing = coupon.clone();
+    nothing.id = CouponId::new(9).unwrap();
+
+    let refusals = [
+        issue(1, 1, &coupon, "again", t0()),
+        issue(2, 0, &coupon, "sold-out", t0()),
+        issue(2, 0, &nothing, "no-coupon", t0()),
+        pay_with(2, 0, 1_000, &theirs, &held, t0()),
+        pay_with(1, 1, 1_000, &mine, &held, held.expires_at),
+    ];
+    for change in refusals {
+        assert_step_refused_without_a_trace(&store, change, "CouponChanged").await;
+    }
+
+    let paid = store
+        .apply(pay_with(1, 1, 1_000, &mine, &held, t0()))
+        .await
+        .unwrap();
+    assert_eq!(paid.assigned.payment_id, PaymentId::new(1).ok());
+    let other = store
+        .create_order(user(1), amount(300), t0())
+        .await
+        .unwrap();
+    let mut used_again = pay_with(1, 2, 800, &other, &held, t0());
+    used_again.key = key_record("used-again", t0(), secs(60));
+    assert_step_refused_without_a_trace(&store, used_again, "CouponChanged").await;
 }
 
 /// A refused refusal (stale version, live key, nobody) leaves the whole state as it was.
@@ -359,7 +472,7 @@ async fn ids_are_dense_and_follow_creation_order() {
         .apply(Change::payment(1, 0, first.id.get(), 5, 995).build())
         .await
         .unwrap();
-    assert_eq!(applied.assigned.entry_id, EntryId::new(4).unwrap());
+    assert_eq!(applied.assigned.entry_id, EntryId::new(4).ok());
     assert_eq!(applied.assigned.payment_id, PaymentId::new(1).ok());
     assert_eq!(applied.response.body, b"entry=4 payment=Some(1)");
 

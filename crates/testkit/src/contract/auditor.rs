@@ -12,17 +12,17 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use domain::idempotency::{Fingerprint, RecordOutcome, StoredResponse};
 use domain::model::{EntryKind, OrderStatus};
-use domain::operations::{OperationKind, charge, pay, use_balance};
+use domain::operations::{OperationKind, charge, coupon_issue, pay, use_balance};
 use domain::outcome::Outcome;
 use domain::ports::{
-    AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, Clock, IdempotencyRepo,
-    KeyRecord, OrderRepo, RefusalRecord, ResponseEncoder, UserRepo,
+    AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, Clock, CouponRepo,
+    IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord, ResponseEncoder, UserRepo,
 };
-use domain::types::{Amount, Balance, EntryId, OrderId, PaymentId, UserId};
+use domain::types::{Amount, Balance, CouponId, EntryId, OrderId, PaymentId, UserCouponId, UserId};
 use domain::{BalanceService, Charge, Operation, Ports, Settings};
 
 use super::Stores;
-use super::corrupt::{Corrupt, ForgedEntry};
+use super::corrupt::{Corrupt, ForgedEntry, ForgedUserCoupon};
 use super::support::{Watch, at, bounded, key, user_id};
 
 /// The idempotency retention the books are written and audited with.
@@ -46,7 +46,7 @@ impl Audited {
     /// Every port of `store`, its auditor and its corruption hook, all sharing the store.
     pub fn new<S>(store: S) -> Self
     where
-        S: UserRepo + OrderRepo + IdempotencyRepo + BalanceStore + Auditor + Corrupt,
+        S: UserRepo + OrderRepo + CouponRepo + IdempotencyRepo + BalanceStore + Auditor + Corrupt,
         S: Clone + 'static,
     {
         Self {
@@ -153,7 +153,7 @@ fn payment(
     );
     step.effect = effect;
     step.key.operation = operation;
-    step.key.fingerprint = pay::fingerprint(user(who), order);
+    step.key.fingerprint = pay::fingerprint(user(who), order, None);
     step
 }
 
@@ -237,8 +237,8 @@ pub async fn write_audit_books(audited: &Audited) -> AuditBooks {
         pending_order: pending.id,
         paid_order: order.id,
         payment: paid.assigned.payment_id.expect("a payment was written"),
-        payment_entry: paid.assigned.entry_id,
-        newest_of_user_1: used.assigned.entry_id,
+        payment_entry: super::support::entry_of(&paid),
+        newest_of_user_1: super::support::entry_of(&used),
     }
 }
 
@@ -720,11 +720,13 @@ pub async fn auditor_judges_a_reuse_by_its_records_expiry(audited: &Audited) {
         Ports {
             users: Arc::clone(&stores.users),
             orders: Arc::clone(&stores.orders),
+            coupons: Arc::clone(&stores.coupons),
             keys: Arc::clone(&stores.idempotency),
             store: Arc::clone(&stores.balances),
             locks: Arc::new(memory::InProcessLockManager::new()),
             encoder: Arc::new(DebugEncoder),
             clock: Arc::clone(&clock) as Arc<dyn Clock>,
+            gate: None,
         },
         Settings {
             idempotency_ttl: SERVICE_TTL,
@@ -925,4 +927,360 @@ pub async fn balance_store_refuses_to_complete_a_refund_of_an_order_not_paid(aud
         ))
         .await
         .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Coupons
+// ---------------------------------------------------------------------------------------
+
+/// What [`write_coupon_books`] wrote: the ids a corruption names.
+#[derive(Debug, Clone)]
+pub struct CouponBooks {
+    /// Stock 3, issued to users 1 (`i-1`) and 2 (`i-2`).
+    pub coupon: CouponId,
+    /// Stock 1, issued to user 3 (`i-3`), sold out.
+    pub sold_out: CouponId,
+    /// User 1's coupon, used by `paid`.
+    pub used: UserCouponId,
+    /// User 1's payment of 700 for an order of 1,000 with `used` (300 off), and its order.
+    pub paid: PaymentId,
+    pub paid_order: OrderId,
+    pub paid_entry: EntryId,
+    /// User 2's coupon, free again: the payment it paid is refunded in full.
+    pub freed: UserCouponId,
+    /// User 2's payment with `freed`, refunded in full.
+    pub refunded: PaymentId,
+    /// User 3's payment of 0 for an order of 200 with its coupon of `sold_out` (500 off).
+    pub covered: PaymentId,
+    /// Payments without a coupon: user 1's (`q-1`) and user 2's (`q-2`).
+    pub plain_of_user_1: PaymentId,
+    pub plain_of_user_2: PaymentId,
+}
+
+/// Coupons issued, used and freed through the ports, on a new, empty store: seeded users
+/// 1..3 (10,000 each); two coupons; user 1 pays with its coupon; user 2 pays with its
+/// coupon and is refunded in full; user 3's coupon pays a whole order (a payment of 0), and
+/// it has a stored refusal of a coupon issue (`r-3`); users 1 and 2 each pay an order
+/// without a coupon.
+pub async fn write_coupon_books(audited: &Audited) -> CouponBooks {
+    use super::support::{
+        coupon_payment_step, current, issue_step, new_coupon, payment_step, refund_step,
+    };
+    let stores = &audited.stores;
+    let users = stores.users.as_ref();
+    stores
+        .users
+        .seed_users(3, Balance::from_stored(10_000), sec(0))
+        .await
+        .unwrap();
+    let coupon = stores
+        .coupons
+        .create_coupon(new_coupon("A", 300, 3, 30), sec(0))
+        .await
+        .unwrap();
+    let sold_out = stores
+        .coupons
+        .create_coupon(new_coupon("B", 500, 1, 30), sec(0))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for (who, of, raw) in [
+        (1, &coupon, "i-1"),
+        (2, &coupon, "i-2"),
+        (3, &sold_out, "i-3"),
+    ] {
+        let now = current(users, user(who)).await;
+        let applied = stores
+            .balances
+            .apply(issue_step(&now, of, raw, sec(1)))
+            .await
+            .unwrap();
+        let id = applied.assigned.user_coupon_id.expect("a user coupon");
+        held.push(stores.coupons.get_user_coupon(id).await.unwrap().unwrap());
+    }
+    let now = current(users, user(3)).await;
+    stores
+        .balances
+        .record_refusal(RefusalRecord {
+            user_id: now.id,
+            expected_version: now.version,
+            key: key_record(
+                "r-3",
+                OperationKind::CouponIssue,
+                coupon_issue::fingerprint(now.id, coupon.id),
+                sec(2),
+            ),
+            response: StoredResponse {
+                status: 409,
+                body: b"{\"code\":\"COUPON_SOLD_OUT\"}".to_vec(),
+            },
+        })
+        .await
+        .unwrap();
+
+    // Each user pays an order with its coupon.
+    let mut paid = Vec::new();
+    for (who, amount, raw) in [(1, 1_000, "p-1"), (2, 500, "p-2"), (3, 200, "p-3")] {
+        let order = stores
+            .orders
+            .create_order(user(who), Amount::from_stored(amount), sec(2))
+            .await
+            .unwrap();
+        let now = current(users, user(who)).await;
+        let coupon = &held[usize::try_from(who - 1).unwrap()];
+        let applied = stores
+            .balances
+            .apply(coupon_payment_step(&now, &order, coupon, raw, sec(3)))
+            .await
+            .unwrap();
+        paid.push((order.id, applied));
+    }
+    let refunded = paid[1].1.assigned.payment_id.expect("a payment");
+    let payment = stores.orders.get_payment(refunded).await.unwrap().unwrap();
+    let now = current(users, user(2)).await;
+    stores
+        .balances
+        .apply(refund_step(&now, &payment, 200, 0, "f-2", sec(4)))
+        .await
+        .unwrap();
+
+    let mut plain = Vec::new();
+    for (who, raw) in [(1, "q-1"), (2, "q-2")] {
+        let order = stores
+            .orders
+            .create_order(user(who), Amount::from_stored(50), sec(4))
+            .await
+            .unwrap();
+        let now = current(users, user(who)).await;
+        let applied = stores
+            .balances
+            .apply(payment_step(&now, &order, raw, sec(5)))
+            .await
+            .unwrap();
+        plain.push(applied.assigned.payment_id.expect("a payment"));
+    }
+
+    CouponBooks {
+        coupon: coupon.id,
+        sold_out: sold_out.id,
+        used: held[0].id,
+        paid: paid[0].1.assigned.payment_id.expect("a payment"),
+        paid_order: paid[0].0,
+        paid_entry: super::support::entry_of(&paid[0].1),
+        freed: held[1].id,
+        refunded,
+        covered: paid[2].1.assigned.payment_id.expect("a payment"),
+        plain_of_user_1: plain[0],
+        plain_of_user_2: plain[1],
+    }
+}
+
+/// Writes the coupon books and proves they audit clean.
+async fn clean_coupon_books(audited: &Audited) -> CouponBooks {
+    let books = write_coupon_books(audited).await;
+    let report = audited.audit().await;
+    assert!(
+        report.is_clean(),
+        "the coupon books start clean: {report:#?}"
+    );
+    books
+}
+
+/// Coupons issued, used, covering a whole order and freed by a refund audit clean, with
+/// every row counted: an order paid with a coupon is paid by the balance's part and the
+/// discount together, a payment of 0 has its PAYMENT entry of 0, a coupon issue's record
+/// has its user coupon and no ledger entry.
+pub async fn auditor_finds_coupon_books_clean(audited: &Audited) {
+    let books = write_coupon_books(audited).await;
+    let report = audited.audit().await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!((report.coupons, report.user_coupons), (2, 3));
+    assert_eq!((report.users, report.orders, report.payments), (3, 5, 5));
+    // 3 openings, 5 payments (one of 0) and the refund; issuing writes none.
+    assert_eq!((report.ledger_entries, report.refunds), (9, 1));
+    // i-1..3, r-3, p-1..3, f-2, q-1, q-2.
+    assert_eq!(report.records, 10);
+    let covered = audited
+        .stores
+        .orders
+        .get_payment(books.covered)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(covered.amount.get(), 0, "the coupon covered the order");
+}
+
+/// `CouponStockMatchesIssued`: an issued count that is not the number of user coupons
+/// (still within the stock).
+pub async fn auditor_finds_an_issued_count_off_its_user_coupons(audited: &Audited) {
+    let books = clean_coupon_books(audited).await;
+    audited.corrupt.set_issued_quantity(books.coupon, 3).await;
+    assert_finds(
+        audited,
+        &[found(
+            AuditCheck::CouponStockMatchesIssued,
+            format!("coupon {}", books.coupon),
+        )],
+    )
+    .await;
+    audited.corrupt.set_issued_quantity(books.coupon, 1).await;
+    assert_finds(
+        audited,
+        &[found(
+            AuditCheck::CouponStockMatchesIssued,
+            format!("coupon {}", books.coupon),
+        )],
+    )
+    .await;
+}
+
+/// A deleted user coupon: its coupon counts one more than it holds, and its issue's
+/// record has no effect (the payment it paid is refunded in full: nothing else).
+pub async fn auditor_finds_a_deleted_user_coupon(audited: &Audited) {
+    let books = clean_coupon_books(audited).await;
+    audited.corrupt.delete_user_coupon(books.freed).await;
+    assert_finds(
+        audited,
+        &[
+            found(
+                AuditCheck::CouponStockMatchesIssued,
+                format!("coupon {}", books.coupon),
+            ),
+            found(AuditCheck::RecordHasOneEffect, "user 2 key i-2"),
+        ],
+    )
+    .await;
+}
+
+/// `RecordHasOneEffect`: a coupon issue stored as refused whose coupon was issued all
+/// the same.
+pub async fn auditor_finds_a_coupon_issue_turned_refusal(audited: &Audited) {
+    clean_coupon_books(audited).await;
+    audited
+        .corrupt
+        .set_record_outcome(user(2), "i-2", RecordOutcome::Refused)
+        .await;
+    assert_finds(
+        audited,
+        &[found(AuditCheck::RecordHasOneEffect, "user 2 key i-2")],
+    )
+    .await;
+}
+
+/// `RecordHasOneEffect`: a coupon issue that also moved money (a ledger entry of its key
+/// and instant, the balance kept in step with it).
+pub async fn auditor_finds_a_coupon_issue_with_a_ledger_entry(audited: &Audited) {
+    clean_coupon_books(audited).await;
+    let balance = super::support::current(audited.stores.users.as_ref(), user(2))
+        .await
+        .balance
+        .get();
+    audited
+        .corrupt
+        .insert_entry(ForgedEntry {
+            user: user(2),
+            kind: EntryKind::Charge,
+            amount: 5,
+            balance_after: balance + 5,
+            key: Some(key("i-2")),
+            at: sec(1),
+        })
+        .await;
+    audited.corrupt.set_balance(user(2), balance + 5).await;
+    assert_finds(
+        audited,
+        &[found(AuditCheck::RecordHasOneEffect, "user 2 key i-2")],
+    )
+    .await;
+}
+
+/// `RecordHasOneEffect`: a refused coupon issue whose coupon was issued all the same (the
+/// coupon's count kept in step with it).
+pub async fn auditor_finds_a_refused_coupon_issue_with_a_coupon(audited: &Audited) {
+    let books = clean_coupon_books(audited).await;
+    audited
+        .corrupt
+        .insert_user_coupon(ForgedUserCoupon {
+            coupon: books.coupon,
+            user: user(3),
+            discount: 300,
+            payment: None,
+            issued_at: sec(2),
+            expires_at: sec(2) + chrono::Duration::days(30),
+            key: key("r-3"),
+        })
+        .await;
+    audited.corrupt.set_issued_quantity(books.coupon, 3).await;
+    assert_finds(
+        audited,
+        &[found(AuditCheck::RecordHasOneEffect, "user 3 key r-3")],
+    )
+    .await;
+}
+
+/// `CouponUseMatchesPayment`: a coupon set free while the payment it paid stands.
+pub async fn auditor_finds_a_used_coupon_set_free(audited: &Audited) {
+    let books = clean_coupon_books(audited).await;
+    audited
+        .corrupt
+        .set_user_coupon_payment(books.used, None)
+        .await;
+    assert_finds(
+        audited,
+        &[found(
+            AuditCheck::CouponUseMatchesPayment,
+            format!("payment {}", books.paid),
+        )],
+    )
+    .await;
+}
+
+/// `CouponUseMatchesPayment`: a coupon used by a payment that no longer holds it (refunded
+/// in full), by one that names no coupon, and by another user's.
+pub async fn auditor_finds_a_coupon_used_by_a_payment_not_its_own(audited: &Audited) {
+    let books = clean_coupon_books(audited).await;
+    let subject = format!("user coupon {}", books.freed);
+    for payment in [books.refunded, books.plain_of_user_2, books.plain_of_user_1] {
+        audited
+            .corrupt
+            .set_user_coupon_payment(books.freed, Some(payment))
+            .await;
+        let report = audited.audit().await;
+        assert_eq!(
+            breaches(&report),
+            BTreeSet::from([(AuditCheck::CouponUseMatchesPayment, subject.clone())]),
+            "used by payment {payment}: {report:#?}"
+        );
+        assert_eq!(report.total_found(), 1, "{report:#?}");
+        audited
+            .corrupt
+            .set_user_coupon_payment(books.freed, None)
+            .await;
+        assert!(audited.audit().await.is_clean());
+    }
+}
+
+/// A deleted payment with a coupon: its order and PAYMENT entry lose it, and its coupon is
+/// used by a payment that does not exist.
+pub async fn auditor_finds_a_deleted_payment_with_a_coupon(audited: &Audited) {
+    let books = clean_coupon_books(audited).await;
+    audited.corrupt.delete_payment(books.paid).await;
+    assert_finds(
+        audited,
+        &[
+            found(
+                AuditCheck::PaidOrderHasOnePayment,
+                format!("order {}", books.paid_order),
+            ),
+            found(
+                AuditCheck::PaidOrderHasOnePayment,
+                format!("ledger entry {}", books.paid_entry),
+            ),
+            found(
+                AuditCheck::CouponUseMatchesPayment,
+                format!("user coupon {}", books.used),
+            ),
+        ],
+    )
+    .await;
 }

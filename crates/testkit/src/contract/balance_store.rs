@@ -13,8 +13,9 @@ use tokio::sync::Barrier;
 
 use super::Stores;
 use super::support::{
-    DAY_MS, Watch, amount, apply_ok, at, balance, bounded, current, full_history, funded_user, key,
-    key_record, ledger_sum, naming_ids, order_id, payment_step, payments, step, t0, user_id,
+    DAY_MS, Watch, amount, apply_ok, at, balance, bounded, current, entry_of, full_history,
+    funded_user, key, key_record, ledger_sum, naming_ids, order_id, payment_step, payments, step,
+    t0, user_id,
 };
 
 /// The order's status as stored, `None` when there is no such order.
@@ -63,7 +64,7 @@ pub async fn balance_store_apply_writes_everything_together(stores: &Stores) {
         }
     );
     let charge = LedgerEntry {
-        id: applied.assigned.entry_id,
+        id: entry_of(&applied),
         user_id: user.id,
         kind: EntryKind::Charge,
         amount: amount(1_000),
@@ -97,7 +98,7 @@ pub async fn balance_store_apply_writes_everything_together(stores: &Stores) {
         .apply(step(&after, EntryKind::Use, 400, "u1", at(2_000)))
         .await
         .unwrap();
-    assert!(used.assigned.entry_id > charge.id, "entry ids increase");
+    assert!(entry_of(&used) > charge.id, "entry ids increase");
     assert_eq!(used.response, naming_ids(&used.assigned));
     let after_use = current(users, user.id).await;
     assert_eq!((after_use.balance.get(), after_use.version), (600, 2));
@@ -110,7 +111,7 @@ pub async fn balance_store_apply_writes_everything_together(stores: &Stores) {
             ledger[0].amount.get(),
             ledger[0].balance_after.get()
         ),
-        (used.assigned.entry_id, EntryKind::Use, 400, 600)
+        (entry_of(&used), EntryKind::Use, 400, 600)
     );
     assert_eq!(ledger_sum(&ledger), after_use.balance.get());
     let record = stores
@@ -185,6 +186,7 @@ pub async fn balance_store_payment_pays_the_order_once(stores: &Stores) {
             balance_after: balance(700),
             paid_at: at(2_000),
             refunded_total: 0,
+            coupon: None,
         })
     );
     let after = current(users, user.id).await;
@@ -193,7 +195,7 @@ pub async fn balance_store_payment_pays_the_order_once(stores: &Stores) {
     assert_eq!(
         ledger[0],
         LedgerEntry {
-            id: applied.assigned.entry_id,
+            id: entry_of(&applied),
             user_id: user.id,
             kind: EntryKind::Payment,
             amount: amount(300),
@@ -692,7 +694,7 @@ pub async fn balance_store_concurrent_applies_on_one_version_let_exactly_one_win
     assert_eq!(after.version, user.version + 1, "one write");
     let ledger = full_history(stores.users.as_ref(), user.id).await;
     assert_eq!(ledger.len(), 2, "the funding and the winner: {ledger:?}");
-    assert_eq!(ledger[0].id, applied.assigned.entry_id);
+    assert_eq!(ledger[0].id, entry_of(&applied));
     assert_eq!(ledger[0].idempotency_key, Some(key(&winner)));
     assert_eq!(ledger[0].balance_after, after.balance);
     assert_eq!(ledger_sum(&ledger), after.balance.get());

@@ -7,8 +7,10 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use domain::idempotency::RecordOutcome;
-use domain::model::{EntryKind, OrderStatus};
-use domain::types::{EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
+use domain::model::{EntryKind, OrderStatus, UserCoupon};
+use domain::types::{
+    Amount, CouponId, EntryId, IdempotencyKey, OrderId, PaymentId, UserCouponId, UserId,
+};
 use memory::MemoryStore;
 use mysql_repo::MySqlStore;
 use sqlx::{AssertSqlSafe, MySqlPool};
@@ -22,6 +24,18 @@ pub struct ForgedEntry {
     pub balance_after: i64,
     pub key: Option<IdempotencyKey>,
     pub at: DateTime<Utc>,
+}
+
+/// A user coupon no step wrote.
+#[derive(Debug, Clone)]
+pub struct ForgedUserCoupon {
+    pub coupon: CouponId,
+    pub user: UserId,
+    pub discount: i64,
+    pub payment: Option<PaymentId>,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub key: IdempotencyKey,
 }
 
 /// Writes that no port makes, each changing exactly the one thing it names (and nothing
@@ -52,6 +66,15 @@ pub trait Corrupt: Send + Sync {
     async fn delete_payment(&self, id: PaymentId);
     /// Sets payment `id`'s refunded total; its refunds stay.
     async fn set_refunded_total(&self, id: PaymentId, total: i64);
+    /// Sets coupon `id`'s issued count; its user coupons stay.
+    async fn set_issued_quantity(&self, id: CouponId, issued: u32);
+    /// Deletes user coupon `id`; its coupon's count, its record and a payment naming it
+    /// stay.
+    async fn delete_user_coupon(&self, id: UserCouponId);
+    /// Adds `coupon` with the next id; its coupon's count stays. Returns the id.
+    async fn insert_user_coupon(&self, coupon: ForgedUserCoupon) -> UserCouponId;
+    /// Sets the payment user coupon `id` is used by (`None`: free); every payment stays.
+    async fn set_user_coupon_payment(&self, id: UserCouponId, payment: Option<PaymentId>);
 }
 
 /// Fails the test when `found` is false: the corruption named a row that is not there.
@@ -136,6 +159,52 @@ impl Corrupt for MemoryStore {
         found(
             self.tamper().set_refunded_total(id, total),
             &format!("payment {id}"),
+        );
+    }
+
+    async fn set_issued_quantity(&self, id: CouponId, issued: u32) {
+        found(
+            self.tamper().set_issued_quantity(id, issued),
+            &format!("coupon {id}"),
+        );
+    }
+
+    async fn delete_user_coupon(&self, id: UserCouponId) {
+        found(
+            self.tamper().delete_user_coupon(id),
+            &format!("user coupon {id}"),
+        );
+    }
+
+    async fn insert_user_coupon(&self, coupon: ForgedUserCoupon) -> UserCouponId {
+        let ForgedUserCoupon {
+            coupon,
+            user,
+            discount,
+            payment,
+            issued_at,
+            expires_at,
+            key,
+        } = coupon;
+        self.tamper()
+            .insert_user_coupon(UserCoupon {
+                // The store gives it the next id.
+                id: UserCouponId::new(1).expect("a positive id"),
+                coupon_id: coupon,
+                user_id: user,
+                discount: Amount::from_stored(discount),
+                payment,
+                issued_at,
+                expires_at,
+                idempotency_key: key,
+            })
+            .expect("a user coupon id is left")
+    }
+
+    async fn set_user_coupon_payment(&self, id: UserCouponId, payment: Option<PaymentId>) {
+        found(
+            self.tamper().set_user_coupon_payment(id, payment),
+            &format!("user coupon {id}"),
         );
     }
 }
@@ -306,5 +375,59 @@ impl Corrupt for MySqlStore {
             &format!("payment {id}"),
         )
         .await;
+    }
+
+    async fn set_issued_quantity(&self, id: CouponId, issued: u32) {
+        one_row(
+            self.pool(),
+            "update coupons set issued_quantity = ? where id = ?",
+            &[Bind::Int(i64::from(issued)), Bind::Int(id.get())],
+            &format!("coupon {id}"),
+        )
+        .await;
+    }
+
+    async fn delete_user_coupon(&self, id: UserCouponId) {
+        one_row(
+            self.pool(),
+            "delete from user_coupons where id = ?",
+            &[Bind::Int(id.get())],
+            &format!("user coupon {id}"),
+        )
+        .await;
+    }
+
+    async fn insert_user_coupon(&self, coupon: ForgedUserCoupon) -> UserCouponId {
+        let done = sqlx::query(
+            "insert into user_coupons \
+             (coupon_id, user_id, discount, payment_id, issued_at, expires_at, idempotency_key) \
+             values (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(coupon.coupon.get())
+        .bind(coupon.user.get())
+        .bind(coupon.discount)
+        .bind(coupon.payment.map(PaymentId::get))
+        .bind(coupon.issued_at.naive_utc())
+        .bind(coupon.expires_at.naive_utc())
+        .bind(coupon.key.as_str())
+        .execute(self.pool())
+        .await
+        .unwrap_or_else(|e| panic!("inserting {coupon:?}: {e}"));
+        let id = i64::try_from(done.last_insert_id()).expect("an id in range");
+        UserCouponId::new(id).expect("a positive user coupon id")
+    }
+
+    async fn set_user_coupon_payment(&self, id: UserCouponId, payment: Option<PaymentId>) {
+        let changed = sqlx::query("update user_coupons set payment_id = ? where id = ?")
+            .bind(payment.map(PaymentId::get))
+            .bind(id.get())
+            .execute(self.pool())
+            .await
+            .unwrap_or_else(|e| panic!("setting user coupon {id}'s payment: {e}"))
+            .rows_affected();
+        assert_eq!(
+            changed, 1,
+            "nothing to corrupt: user coupon {id} does not exist"
+        );
     }
 }

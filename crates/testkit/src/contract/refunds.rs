@@ -7,8 +7,8 @@ use domain::ports::StepError;
 
 use super::Stores;
 use super::support::{
-    Watch, amount, apply_ok, at, balance, current, full_history, funded_user, key, payment_step,
-    refund_step,
+    Watch, amount, apply_ok, at, balance, current, entry_of, full_history, funded_user, key,
+    payment_step, refund_step,
 };
 
 /// A user funded with 1,000 who paid an order of 300: the user (balance 700) and the payment.
@@ -62,7 +62,7 @@ pub async fn balance_store_refund_writes_everything_together(stores: &Stores) {
             ledger[0].created_at
         ),
         (
-            first.assigned.entry_id,
+            entry_of(&first),
             EntryKind::Refund,
             amount(100),
             balance(800),

@@ -6,11 +6,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use domain::idempotency::{CompletedRecord, Fingerprint, StoredResponse};
-use domain::model::{EntryKind, LedgerEntry, Order, Payment, User};
-use domain::operations::{Effect, Movement, OperationKind, RefundEffect};
-use domain::ports::{Applied, Assigned, BalanceChange, KeyRecord, UserRepo};
+use domain::model::{
+    Coupon, CouponUse, EntryKind, LedgerEntry, NewCoupon, Order, Payment, User, UserCoupon,
+};
+use domain::operations::{
+    Effect, IssueEffect, Movement, OperationKind, RefundEffect, coupon_issue, pay,
+};
+use domain::ports::{Applied, Assigned, BalanceChange, GateSnapshot, KeyRecord, UserRepo};
 use domain::types::{
-    Amount, Balance, IdempotencyKey, Limits, OrderId, PaymentId, RefundReason, UserId,
+    Amount, Balance, CouponId, CouponName, EntryId, IdempotencyKey, Limits, OrderId, PaymentId,
+    RefundReason, UserId,
 };
 
 use super::Stores;
@@ -70,12 +75,15 @@ pub(crate) fn key_record(
 /// The response a step stores: it names the ids the store assigned, and its body is not
 /// valid UTF-8 (a zero byte and 0xFF), so only a byte-exact store gives it back unchanged.
 pub(crate) fn naming_ids(assigned: &Assigned) -> StoredResponse {
+    fn named(id: Option<impl std::fmt::Display>) -> String {
+        id.map_or_else(|| "none".to_owned(), |id| id.to_string())
+    }
     let mut body = format!(
-        "entry={};payment={}",
-        assigned.entry_id,
-        assigned
-            .payment_id
-            .map_or_else(|| "none".to_owned(), |p| p.to_string())
+        "entry={};payment={};refund={};coupon={}",
+        named(assigned.entry_id),
+        named(assigned.payment_id),
+        named(assigned.refund_id),
+        named(assigned.user_coupon_id),
     )
     .into_bytes();
     body.extend_from_slice(&[0x00, 0xff, b'\n']);
@@ -129,7 +137,8 @@ pub(crate) fn payment_step(
     let mut change = step(user, EntryKind::Use, order.amount.get(), raw_key, when);
     change.effect = Effect::Pay {
         order: order.id,
-        movement: change.effect.movement(),
+        movement: movement_of(&change),
+        coupon: None,
     };
     change.key.operation = OperationKind::Payment;
     change.key.fingerprint =
@@ -151,10 +160,11 @@ pub(crate) fn refund_step(
     change.effect = Effect::Refund(RefundEffect {
         payment: payment.id,
         order: payment.order_id,
-        movement: change.effect.movement(),
+        movement: movement_of(&change),
         payment_amount: payment.amount,
         refunded_before,
         reason: RefundReason::parse("contract").ok(),
+        coupon: payment.coupon.map(|used| used.user_coupon),
     });
     change.key.operation = OperationKind::Refund;
     change.key.fingerprint = Fingerprint::from_stored(format!(
@@ -162,6 +172,99 @@ pub(crate) fn refund_step(
         user.id, payment.id
     ));
     change
+}
+
+/// The movement of a step built by [`step`] (a charge or a use: it has one).
+fn movement_of(change: &BalanceChange) -> Movement {
+    change
+        .effect
+        .movement()
+        .expect("a charge or a use moves money")
+}
+
+/// The ledger entry a step that moves money wrote.
+pub(crate) fn entry_of(applied: &Applied) -> EntryId {
+    applied
+        .assigned
+        .entry_id
+        .expect("a step that moves money writes a ledger entry")
+}
+
+/// A coupon to create: `discount` off, `total` in stock, issuing open from [`t0`] on for
+/// good, each unit usable for `days` days.
+pub(crate) fn new_coupon(name: &str, discount: i64, total: i64, days: i64) -> NewCoupon {
+    NewCoupon::new(
+        CouponName::parse(name).expect("a valid coupon name"),
+        amount(discount),
+        total,
+        Some(t0()),
+        None,
+        Some(days),
+        t0(),
+    )
+    .expect("a valid coupon")
+}
+
+/// Issuing one unit of `coupon` to `user` at `when`, under `raw_key`, as the use case
+/// builds it from `user`'s current state.
+pub(crate) fn issue_step(
+    user: &User,
+    coupon: &Coupon,
+    raw_key: &str,
+    when: DateTime<Utc>,
+) -> BalanceChange {
+    let mut key = key_record(
+        raw_key,
+        coupon_issue::fingerprint(user.id, coupon.id).as_str(),
+        when,
+        DAY_MS,
+    );
+    key.operation = OperationKind::CouponIssue;
+    BalanceChange {
+        user_id: user.id,
+        expected_version: user.version,
+        effect: Effect::IssueCoupon(IssueEffect {
+            coupon: coupon.id,
+            discount: coupon.discount,
+            expires_at: coupon.expiry_for(when),
+        }),
+        at: when,
+        key,
+        respond: Box::new(naming_ids),
+    }
+}
+
+/// A payment of `order` by its user with `coupon` (its discount off, never below 0), as
+/// the use case builds it; the user must hold enough for the rest.
+pub(crate) fn coupon_payment_step(
+    user: &User,
+    order: &Order,
+    coupon: &UserCoupon,
+    raw_key: &str,
+    when: DateTime<Utc>,
+) -> BalanceChange {
+    let (charged, discount) = order.amount.less(coupon.discount);
+    let fingerprint = pay::fingerprint(user.id, order.id, Some(coupon.id));
+    let mut key = key_record(raw_key, fingerprint.as_str(), when, DAY_MS);
+    key.operation = OperationKind::Payment;
+    BalanceChange {
+        user_id: user.id,
+        expected_version: user.version,
+        effect: Effect::Pay {
+            order: order.id,
+            movement: Movement {
+                amount: charged,
+                balance_after: balance(user.balance.get() - charged.get()),
+            },
+            coupon: Some(CouponUse {
+                user_coupon: coupon.id,
+                discount,
+            }),
+        },
+        at: when,
+        key,
+        respond: Box::new(naming_ids),
+    }
 }
 
 /// The user as stored now; it must exist.
@@ -230,15 +333,22 @@ pub(crate) struct Watch<'a> {
 /// Everything [`Watch`] names, as stored at one moment.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Snapshot {
-    users: Vec<(Option<User>, Vec<LedgerEntry>)>,
+    /// Each user with its ledger and its coupons.
+    users: Vec<(Option<User>, Vec<LedgerEntry>, Vec<UserCoupon>)>,
     records: Vec<Option<CompletedRecord>>,
     orders: Vec<Option<Order>>,
     /// Payments 1..=[`PAYMENT_IDS_WATCHED`]: a fresh store's payments all have ids in there.
     payments: Vec<Option<Payment>>,
+    /// Coupons 1..=[`COUPON_IDS_WATCHED`] with their holders (sorted), likewise.
+    coupons: Vec<Option<GateSnapshot>>,
 }
 
 /// How many payment ids a snapshot looks at.
 pub(crate) const PAYMENT_IDS_WATCHED: i64 = 20;
+/// How many coupon ids a snapshot looks at.
+pub(crate) const COUPON_IDS_WATCHED: i64 = 5;
+/// More coupons than any suite issues to one user.
+const COUPONS_PER_USER_WATCHED: u32 = 100;
 
 impl Watch<'_> {
     /// Reads everything watched; records as live at `now`.
@@ -246,7 +356,16 @@ impl Watch<'_> {
         let mut users = Vec::new();
         for id in &self.users {
             let user = stores.users.get_user(*id).await.expect("get_user");
-            users.push((user, full_history(stores.users.as_ref(), *id).await));
+            let coupons = stores
+                .coupons
+                .user_coupons(*id, COUPONS_PER_USER_WATCHED)
+                .await
+                .expect("user_coupons");
+            users.push((
+                user,
+                full_history(stores.users.as_ref(), *id).await,
+                coupons,
+            ));
         }
         let mut records = Vec::new();
         for (user, raw) in &self.keys {
@@ -261,11 +380,17 @@ impl Watch<'_> {
         for id in &self.orders {
             orders.push(stores.orders.get_order(*id).await.expect("get_order"));
         }
+        let mut coupons = Vec::new();
+        for raw in 1..=COUPON_IDS_WATCHED {
+            let id = CouponId::new(raw).expect("a positive coupon id");
+            coupons.push(gate_snapshot(stores, id).await);
+        }
         Snapshot {
             users,
             records,
             orders,
             payments: payments(stores).await,
+            coupons,
         }
     }
 }
@@ -278,6 +403,17 @@ pub(crate) async fn payments(stores: &Stores) -> Vec<Option<Payment>> {
         found.push(stores.orders.get_payment(id).await.expect("get_payment"));
     }
     found
+}
+
+/// The coupon and its holders as stored, the holders sorted (the port names no order).
+pub(crate) async fn gate_snapshot(stores: &Stores, id: CouponId) -> Option<GateSnapshot> {
+    let mut found = stores
+        .coupons
+        .gate_snapshot(id)
+        .await
+        .expect("gate_snapshot")?;
+    found.holders.sort();
+    Some(found)
 }
 
 /// Awaits `future`, failing the test instead of hanging it when an adapter deadlocks.

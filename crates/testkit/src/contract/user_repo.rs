@@ -5,7 +5,7 @@ use domain::types::{Balance, EntryId};
 
 use super::Stores;
 use super::support::{
-    amount, apply_ok, at, balance, current, full_history, key, ledger_sum, t0, user_id,
+    amount, apply_ok, at, balance, current, entry_of, full_history, key, ledger_sum, t0, user_id,
 };
 
 /// `create_user` hands out increasing ids, each user with balance 0, version 0 and the
@@ -70,7 +70,7 @@ pub async fn user_repo_pages_history_newest_first(stores: &Stores) {
         let applied = apply_ok(stores, me, kind, value, &raw, when).await;
         running += kind.sign() * value;
         mine.push(LedgerEntry {
-            id: applied.assigned.entry_id,
+            id: entry_of(&applied),
             user_id: me,
             kind,
             amount: amount(value),
@@ -80,7 +80,7 @@ pub async fn user_repo_pages_history_newest_first(stores: &Stores) {
         });
         if i % 2 == 0 {
             let applied = apply_ok(stores, other, EntryKind::Charge, 1, &raw, when).await;
-            theirs.push(applied.assigned.entry_id);
+            theirs.push(entry_of(&applied));
         }
     }
     for pair in mine.windows(2) {

@@ -10,13 +10,19 @@ use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
 use domain::idempotency::{Fingerprint, StoredResponse};
-use domain::model::EntryKind;
-use domain::operations::{Effect, Movement, OperationKind, charge, pay, use_balance};
-use domain::ports::{
-    AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, KeyRecord, OrderRepo,
-    RefusalRecord, UserRepo,
+use domain::model::{Coupon, CouponUse, EntryKind, NewCoupon};
+use domain::operations::{
+    Effect, IssueEffect, Movement, OperationKind, RefundEffect, charge, coupon_issue, pay,
+    use_balance,
 };
-use domain::types::{Amount, Balance, EntryId, IdempotencyKey, OrderId, PaymentId, UserId};
+use domain::ports::{
+    AuditCheck, AuditReport, Auditor, BalanceChange, BalanceStore, CouponRepo, KeyRecord,
+    OrderRepo, RefusalRecord, UserRepo,
+};
+use domain::types::{
+    Amount, Balance, CouponId, CouponName, EntryId, IdempotencyKey, OrderId, PaymentId,
+    UserCouponId, UserId,
+};
 
 use super::super::{MemoryStore, State};
 
@@ -40,7 +46,11 @@ fn effect(kind: EntryKind, amount: Amount, new_balance: Balance, order: Option<O
     match (kind, order) {
         (EntryKind::Charge, None) => Effect::Charge(movement),
         (EntryKind::Use, None) => Effect::Use(movement),
-        (EntryKind::Payment, Some(order)) => Effect::Pay { order, movement },
+        (EntryKind::Payment, Some(order)) => Effect::Pay {
+            order,
+            movement,
+            coupon: None,
+        },
         other => panic!("no effect is {other:?}"),
     }
 }
@@ -86,7 +96,7 @@ fn pay_change(
         Some(order),
     );
     change.key.operation = OperationKind::Payment;
-    change.key.fingerprint = pay::fingerprint(user(who), order);
+    change.key.fingerprint = pay::fingerprint(user(who), order, None);
     change
 }
 
@@ -189,7 +199,7 @@ async fn books() -> MemoryStore {
 
     assert_eq!((pending.id.get(), order.id.get()), (1, 2));
     assert_eq!(paid.assigned.payment_id, Some(PaymentId::new(1).unwrap()));
-    assert_eq!(paid.assigned.entry_id, EntryId::new(6).unwrap());
+    assert_eq!(paid.assigned.entry_id, EntryId::new(6).ok());
     store
 }
 
@@ -303,5 +313,260 @@ async fn audits_during_concurrent_writes_see_no_false_breach() {
     assert!(report.is_clean(), "{report:#?}");
     assert_eq!(report.ledger_entries, 6 + 6 * 60);
     assert_eq!(report.payments, 6 * 20);
+    assert!(audits > 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Coupons
+// ---------------------------------------------------------------------------------------
+
+fn new_coupon(discount: i64, total: i64) -> NewCoupon {
+    let name = CouponName::parse("T").unwrap();
+    NewCoupon::new(
+        name,
+        Amount::from_stored(discount),
+        total,
+        Some(t0()),
+        None,
+        Some(30),
+        t0(),
+    )
+    .unwrap()
+}
+
+/// Issuing `coupon` to `who` at `version`, as the use case would build it.
+fn issue_change(
+    who: i64,
+    version: u64,
+    coupon: &Coupon,
+    key: &str,
+    now: DateTime<Utc>,
+) -> BalanceChange {
+    let mut change = change(who, version, EntryKind::Charge, 1, 0, key, now);
+    change.effect = Effect::IssueCoupon(IssueEffect {
+        coupon: coupon.id,
+        discount: coupon.discount,
+        expires_at: coupon.expiry_for(now),
+    });
+    change.key.operation = OperationKind::CouponIssue;
+    change.key.fingerprint = coupon_issue::fingerprint(user(who), coupon.id);
+    change
+}
+
+/// Coupon 1 (stock 3) issued to users 1 (`i-1`) and 2 (`i-2`), coupon 2 (stock 1) to
+/// user 3 (`i-3`); users 1..3 seeded.
+async fn coupon_books() -> MemoryStore {
+    let store = MemoryStore::new();
+    store
+        .seed_users(3, Balance::from_stored(1_000), at(0))
+        .await
+        .unwrap();
+    let first = store
+        .create_coupon(new_coupon(300, 3), at(0))
+        .await
+        .unwrap();
+    let second = store
+        .create_coupon(new_coupon(300, 1), at(0))
+        .await
+        .unwrap();
+    for (who, coupon, key) in [(1, &first, "i-1"), (2, &first, "i-2"), (3, &second, "i-3")] {
+        store
+            .apply(issue_change(who, 0, coupon, key, at(1)))
+            .await
+            .unwrap();
+    }
+    assert_eq!((first.id.get(), second.id.get()), (1, 2));
+    store
+}
+
+/// [`corrupted_finds`] over [`coupon_books`].
+async fn coupon_corrupted_finds(corrupt: impl FnOnce(&mut State), expected: &[(AuditCheck, &str)]) {
+    let store = coupon_books().await;
+    let report = audit(&store).await;
+    assert!(report.is_clean(), "the books start clean: {report:#?}");
+    assert_eq!((report.coupons, report.user_coupons), (2, 3));
+    corrupt(&mut store.state());
+    let report = audit(&store).await;
+    let expected: BTreeSet<_> = expected
+        .iter()
+        .map(|(check, subject)| (*check, (*subject).to_owned()))
+        .collect();
+    assert_eq!(breaches(&report), expected, "{report:#?}");
+    assert_eq!(report.total_found(), expected.len() as u64, "{report:#?}");
+}
+
+fn coupon(raw: i64) -> CouponId {
+    CouponId::new(raw).unwrap()
+}
+
+/// A second coupon of one kind for one user (under a key of no record, the count kept in
+/// step): a row MySQL's unique (coupon_id, user_id) cannot even hold.
+#[tokio::test]
+async fn a_user_holding_two_of_one_coupon_is_found() {
+    coupon_corrupted_finds(
+        |state| {
+            let held = state.holding[&(coupon(1), user(1))];
+            let mut second = state.user_coupons[&held].clone();
+            second.id = UserCouponId::new(4).unwrap();
+            second.idempotency_key = IdempotencyKey::parse("x").unwrap();
+            state.insert_user_coupon(second);
+            if let Some(found) = state.coupons.get_mut(&coupon(1)) {
+                found.issued_quantity = 3;
+            }
+        },
+        &[(AuditCheck::CouponStockMatchesIssued, "coupon 1 user 1")],
+    )
+    .await;
+}
+
+/// More issued than the stock, the count matching the user coupons (MySQL's check
+/// constraint forbids the row).
+#[tokio::test]
+async fn more_issued_than_the_stock_is_found() {
+    coupon_corrupted_finds(
+        |state| {
+            if let Some(found) = state.coupons.get_mut(&coupon(1)) {
+                found.total_quantity = 1;
+            }
+        },
+        &[(AuditCheck::CouponStockMatchesIssued, "coupon 1")],
+    )
+    .await;
+}
+
+/// User coupons of a coupon that does not exist (coupons are never deleted).
+#[tokio::test]
+async fn user_coupons_of_a_missing_coupon_are_found() {
+    coupon_corrupted_finds(
+        |state| {
+            state.coupons.remove(&coupon(2));
+        },
+        &[(AuditCheck::CouponStockMatchesIssued, "coupon 2")],
+    )
+    .await;
+}
+
+/// Issues, payments with coupons and refunds that free them, committing between the
+/// audit's sections, never show up as a breach: a user's coupons are read with its
+/// records, a coupon with its user coupons, a user coupon with its payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audits_during_concurrent_coupon_steps_see_no_false_breach() {
+    const WRITERS: i64 = 6;
+    const ROUNDS: u64 = 10;
+    let store = MemoryStore::new();
+    store
+        .seed_users(6, Balance::from_stored(100_000), at(0))
+        .await
+        .unwrap();
+    let mut coupons = Vec::new();
+    for _ in 0..ROUNDS {
+        coupons.push(
+            store
+                .create_coupon(new_coupon(3, 100), at(0))
+                .await
+                .unwrap(),
+        );
+    }
+    let coupons = std::sync::Arc::new(coupons);
+    let writers: Vec<_> = (1..=WRITERS)
+        .map(|who| {
+            let (store, coupons) = (store.clone(), std::sync::Arc::clone(&coupons));
+            tokio::spawn(async move {
+                let mut balance = 100_000;
+                let mut version = 0;
+                for (round, coupon) in coupons.iter().enumerate() {
+                    let now = at(1) + Duration::milliseconds(i64::try_from(round).unwrap());
+                    let issued = store
+                        .apply(issue_change(
+                            who,
+                            version,
+                            coupon,
+                            &format!("i-{round}"),
+                            now,
+                        ))
+                        .await
+                        .unwrap();
+                    version += 1;
+                    let held = issued.assigned.user_coupon_id.unwrap();
+                    let order = store
+                        .create_order(user(who), Amount::from_stored(5), now)
+                        .await
+                        .unwrap();
+                    balance -= 2;
+                    let mut pay = pay_change(
+                        who,
+                        version,
+                        order.id,
+                        2,
+                        balance,
+                        &format!("p-{round}"),
+                        now,
+                    );
+                    if let Effect::Pay { coupon, .. } = &mut pay.effect {
+                        *coupon = Some(CouponUse {
+                            user_coupon: held,
+                            discount: Amount::from_stored(3),
+                        });
+                    }
+                    let paid = store.apply(pay).await.unwrap();
+                    version += 1;
+                    tokio::task::yield_now().await;
+                    if round % 2 == 0 {
+                        balance += 2;
+                        let mut refund = change(
+                            who,
+                            version,
+                            EntryKind::Charge,
+                            2,
+                            balance,
+                            &format!("f-{round}"),
+                            now,
+                        );
+                        refund.key.operation = OperationKind::Refund;
+                        refund.effect = Effect::Refund(RefundEffect {
+                            payment: paid.assigned.payment_id.unwrap(),
+                            order: order.id,
+                            movement: Movement {
+                                amount: Amount::from_stored(2),
+                                balance_after: Balance::from_stored(balance),
+                            },
+                            payment_amount: Amount::from_stored(2),
+                            refunded_before: 0,
+                            reason: None,
+                            coupon: Some(held),
+                        });
+                        store.apply(refund).await.unwrap();
+                        version += 1;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let mut audits = 0;
+    while !writers.iter().all(tokio::task::JoinHandle::is_finished) {
+        let report = audit(&store).await;
+        assert!(report.is_clean(), "{report:#?}");
+        audits += 1;
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let report = audit(&store).await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!(report.user_coupons, 6 * ROUNDS);
+    assert_eq!(report.payments, 6 * ROUNDS);
+    assert_eq!(report.refunds, 6 * ROUNDS / 2);
+    let freed = store
+        .state()
+        .user_coupons
+        .values()
+        .filter(|c| c.payment.is_none())
+        .count();
+    assert_eq!(
+        freed as u64,
+        6 * ROUNDS / 2,
+        "each full refund freed its coupon"
+    );
     assert!(audits > 0);
 }
