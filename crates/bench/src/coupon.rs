@@ -3,13 +3,13 @@
 //! report the service's issuing next to what the database alone does with the same write
 //! on the same machine.
 //!
-//! One issue ([`Step::Bare`], the write itself): `BEGIN`; the user coupon's row
-//! ([`INSERT_USER_COUPON`], unique per coupon and user); the guarded count
-//! ([`COUNT_ISSUED`]: it only rises below the stock); `COMMIT`. [`Step::Service`] is the
-//! MySQL adapter's whole step (mysql-repo's `sql.rs`, migration 0009): the user's row read
-//! first ([`sql::SELECT_USER`]), then `BEGIN`; its version moved on ([`BUMP_VERSION`]); the
-//! user coupon; the key's stored answer ([`sql::INSERT_KEY_RECORD`]); the guarded count;
-//! `COMMIT`. [`Order`] says where the count goes: last (the adapter's choice: the coupon's
+//! The statements are the adapter's own text ([`mysql_repo::sql`], migration 0009). One
+//! issue ([`Step::Bare`], the write itself): `BEGIN`; the user coupon's row
+//! ([`sql::INSERT_USER_COUPON`], unique per coupon and user); the guarded count
+//! ([`sql::COUNT_ISSUED`]: it only rises below the stock); `COMMIT`. [`Step::Service`] is
+//! the MySQL adapter's whole step: the user's row read first ([`sql::SELECT_USER`]), then
+//! `BEGIN`; its version moved on ([`sql::BUMP_VERSION`]); the user coupon; the key's stored
+//! answer ([`sql::INSERT_KEY_RECORD`]); the guarded count; `COMMIT`. [`Order`] says where the count goes: last (the adapter's choice: the coupon's
 //! row lock, which every concurrent issue queues on, is held only from that update to the
 //! commit) or first (held over every other statement of the step).
 //!
@@ -35,22 +35,6 @@ use sqlx::{MySqlConnection, MySqlPool};
 use tokio::sync::Mutex;
 
 use crate::Latency;
-
-/// The guarded count (migration 0009): a unit is taken only while one is left. Binds:
-/// coupon id. The same text as mysql-repo's `sql::COUNT_ISSUED`.
-pub const COUNT_ISSUED: &str = "update coupons set issued_quantity = issued_quantity + 1 \
-     where id = ? and issued_quantity < total_quantity";
-
-/// The user coupon of an issue. Binds: coupon_id, user_id, discount, issued_at, expires_at,
-/// idempotency_key. The same text as mysql-repo's `sql::INSERT_USER_COUPON`.
-pub const INSERT_USER_COUPON: &str = "insert into user_coupons \
-     (coupon_id, user_id, discount, issued_at, expires_at, idempotency_key) \
-     values (?, ?, ?, ?, ?, ?)";
-
-/// The user's version moved on, the balance left as it is. Binds: updated_at, id, version.
-/// The same text as mysql-repo's `sql::BUMP_VERSION`.
-pub const BUMP_VERSION: &str = "update users set version = version + 1, updated_at = ? \
-     where id = ? and version = ?";
 
 /// A coupon of the baseline's own, open now. Binds: name, discount, total_quantity,
 /// issue_starts_at, created_at.
@@ -523,7 +507,7 @@ impl Worker {
         let now = Utc::now().trunc_subsecs(3);
         let at = now.naive_utc();
         if let Some((_, version, _)) = read {
-            let moved = sqlx::query(BUMP_VERSION)
+            let moved = sqlx::query(sql::BUMP_VERSION)
                 .bind(at)
                 .bind(user)
                 .bind(version)
@@ -541,7 +525,7 @@ impl Worker {
             sqlx::query(sql::INSERT_KEY_RECORD)
                 .bind(user)
                 .bind(key)
-                .bind(format!("coupon_issue:coupon={coupon}:user={user}"))
+                .bind(format!("coupon_issue:user={user}:coupon={coupon}"))
                 .bind("COUPON_ISSUE")
                 .bind("APPLIED")
                 .bind(200_u16)
@@ -559,7 +543,7 @@ impl Worker {
 }
 
 async fn take_unit(conn: &mut MySqlConnection, coupon: i64) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(COUNT_ISSUED)
+    let done = sqlx::query(sql::COUNT_ISSUED)
         .bind(coupon)
         .execute(&mut *conn)
         .await?;
@@ -573,7 +557,7 @@ async fn insert_user_coupon(
     key: &str,
     at: NaiveDateTime,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(INSERT_USER_COUPON)
+    sqlx::query(sql::INSERT_USER_COUPON)
         .bind(coupon)
         .bind(user)
         .bind(DISCOUNT)
