@@ -275,6 +275,9 @@ def rush_figures(r: dict) -> dict:
         "retries": counts.get("issue_retries", 0),
         "latency": res["latency_ms"],
         "exit": res.get("exit_code"),
+        # The same calls as the service timed them (from the request's arrival to its answer).
+        "server_mean_ms": r["service_counters"].get("http_request_duration_seconds_issue_mean_ms"),
+        "server_within_50ms_pct": r["service_counters"].get("issue_within_50ms_pct"),
     }
 
 
@@ -293,6 +296,9 @@ def coupon_targets(runs: list[dict]) -> list[tuple[str, str, str, str]]:
         p99 = med(f["latency"]["p99"] for f in rush)
         rows.append(("coupon rush: p99 of the issue calls (median of runs)", f"≤ {TARGETS['coupon_p99_ms']:g} ms",
                      fmt(p99, 1, " ms"), verdict(p99 is not None and p99 <= TARGETS["coupon_p99_ms"])))
+        inside = med(f["server_within_50ms_pct"] for f in rush)
+        rows.append(("coupon rush: issue calls the service itself answered within 50 ms (its histogram, median)",
+                     "(k6's figure above is the target)", fmt(inside, 1, "%"), "–"))
     if late:
         refusals = [sum(r["result"]["counts"].get(k, 0) for k in ("rush_users_sold_out", "rush_users_already_issued"))
                     for r in late]
@@ -317,11 +323,15 @@ def coupon_section(runs: list[dict]) -> list[str]:
       "sending it again with the same key on a 5xx, a 409 or a network error until they get 200 or 422. Teardown "
       "reads the coupon's `issuedQuantity` and every user's coupons. Latency is of every issue call (retries "
       "included); requests/s is the issue calls over the rush's own window (first send to last answer); "
-      "\"issued/s\" is the units over first send to the last unit.")
+      "\"issued/s\" is the units over first send to the last unit. \"In the service\" is the same calls as the "
+      "service's own histogram timed them (`http_request_duration_seconds` of the issue route: from the request's "
+      "arrival to its answer), its mean and the share it counted within 50 ms; the rest of k6's figure is the time "
+      "the request waited to be sent and read, on the same two cores as 1,000 VUs.")
     w("")
     w("| run | 200s | issuedQuantity | holders listed | books | issue calls | req/s | p50 | p95 | p99 | max (ms) | "
-      "5xx | lock timeouts | sold out | other answers | retries | last unit after (ms) | issued/s | k6 exit |")
-    w("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "in the service: mean ms | ≤ 50 ms | 5xx | lock timeouts | sold out | other answers | retries | "
+      "last unit after (ms) | issued/s | k6 exit |")
+    w("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rush = []
     for r in runs_of(runs, "coupon-rush", "k6"):
         f = rush_figures(r)
@@ -329,7 +339,8 @@ def coupon_section(runs: list[dict]) -> list[str]:
         l = f["latency"]
         w(f"| {r['label']} | {f['issued']} | {fmt(f['issued_quantity'])} | {fmt(f['holders'])} | "
           f"{'exact' if f['exact'] else '**NOT exact**'} | {fmt(f['requests'])} | {fmt(f['rps'], 0)} | "
-          f"{fmt(l['p50'], 2)} | {fmt(l['p95'], 2)} | {fmt(l['p99'], 2)} | {fmt(l['max'], 1)} | {f['5xx']} | "
+          f"{fmt(l['p50'], 2)} | {fmt(l['p95'], 2)} | {fmt(l['p99'], 2)} | {fmt(l['max'], 1)} | "
+          f"{fmt(f['server_mean_ms'], 2)} | {fmt(f['server_within_50ms_pct'], 1, '%')} | {f['5xx']} | "
           f"{f['lock_timeouts']} | {f['sold_out']} | {f['already'] + f['not_open'] + f['unexpected'] + f['unanswered']} | "
           f"{f['retries']} | {fmt(f['last_unit_ms'])} | {fmt(f['issue_rate'], 0)} | {f['exit']} |")
     w("")
@@ -373,8 +384,8 @@ def coupon_section(runs: list[dict]) -> list[str]:
           "without the database.")
         w("")
         w("| run | refusals (sold out + already issued) | gate answered | Questions during | Com_stmt_execute during | "
-          "Questions in the idle window | seconds | p50 | p99 (ms) | 5xx | k6 exit |")
-        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "Questions in the idle window | seconds | p50 | p99 (ms) | in the service: mean ms | ≤ 50 ms | 5xx | k6 exit |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in late:
             res = r["result"]
             c = res["counts"]
@@ -382,7 +393,9 @@ def coupon_section(runs: list[dict]) -> list[str]:
             w(f"| {r['label']} | {c.get('rush_users_sold_out', 0)} + {c.get('rush_users_already_issued', 0)} | "
               f"{fmt(r['service_counters'].get('coupon_gate_answered_total'))} | {st['Questions']} | "
               f"{st['Com_stmt_execute']} | {idle['Questions']} | {res['statements_window_s']:g} | "
-              f"{fmt(res['latency_ms']['p50'], 2)} | {fmt(res['latency_ms']['p99'], 2)} | {c.get('issue_5xx', 0)} | "
+              f"{fmt(res['latency_ms']['p50'], 2)} | {fmt(res['latency_ms']['p99'], 2)} | "
+              f"{fmt(r['service_counters'].get('http_request_duration_seconds_issue_mean_ms'), 2)} | "
+              f"{fmt(r['service_counters'].get('issue_within_50ms_pct'), 1, '%')} | {c.get('issue_5xx', 0)} | "
               f"{res.get('exit_code')} |")
         w("")
     cmds = []
