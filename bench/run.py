@@ -23,8 +23,8 @@ MariaDB, Redis and the load client, and the service's RSS (sampled every 250 ms)
 writes docs/benchmarks.md, docs/benchmarks/*.png and docs/benchmarks/*.json, stops the
 service and drops the database, failure or not.
 
-    python3 bench/run.py            # the full run (about 16 minutes)
-    python3 bench/run.py --quick    # short runs and k6 at TIME_SCALE=0.1 (about 4 minutes)
+    python3 bench/run.py            # the full run (about 21 minutes)
+    python3 bench/run.py --quick    # short runs and k6 at TIME_SCALE=0.1 (about 5 minutes)
 
 Layout, as chaos/ has it: this file is the driver (arguments, tools, build, the order of
 set-up, scenarios, report and tear-down); `lib/` holds the pieces every benchmark shares
