@@ -12,6 +12,10 @@ local Redis (a key prefix of its own), and runs, in this order:
                 optimistic collapse) against `wrk -c32 HOT_USER=1`
   4. k6 balance-charge.js, the original's full profile (6.5 min, up to 1000 VUs)
   5. k6 hot-user.js, payment-process.js and mixed.js at a moderate scale
+  6. coupon-rush: k6 coupon-rush.js (users 1..1000 seeded first, 1000 VUs at once on one
+                coupon of 100) against `coupon-baseline` (the issue's write on the database
+                alone), interleaved; then the refusals after the sell-out with MariaDB's
+                statement counters read around them
 
 Baseline and service runs of a scenario are interleaved (B S B S B) and the medians
 reported. Around every run it reads the service's /metrics, the CPU time of the service,
@@ -46,7 +50,7 @@ import sys
 import time
 
 from lib.bench import Bench
-from lib.common import BASELINE_BIN, OUT, SERVICE_BIN, build, ensure_tools, wait_quiet
+from lib.common import BASELINE_BIN, COUPON_BASELINE_BIN, OUT, SERVICE_BIN, build, ensure_tools, wait_quiet
 from lib.k6 import stage_table
 from lib.plots import plot_k6, plot_wrk
 from lib.report import machine_info, runs_of, write_report
@@ -60,7 +64,7 @@ def interrupted(signum, frame):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs, k6 at TIME_SCALE=0.1 (development)")
-    ap.add_argument("--only", help="comma-separated subset: idle,spread,hot,charge,k6-hot,payment,mixed")
+    ap.add_argument("--only", help="comma-separated subset: idle,spread,hot,charge,k6-hot,payment,mixed,coupon-rush")
     ap.add_argument("--port", type=int, help="the service's port (default: a free one)")
     ap.add_argument("--db-max-connections", type=int, help="DB_MAX_CONNECTIONS of the service (default: unset, its own default)")
     ap.add_argument("--rust-log", default="warn", help="RUST_LOG of the service (default: warn)")
@@ -82,7 +86,7 @@ def main() -> int:
     ensure_tools()
     if not args.skip_build:
         build()
-    for b in (SERVICE_BIN, BASELINE_BIN):
+    for b in (SERVICE_BIN, BASELINE_BIN, COUPON_BASELINE_BIN):
         if not b.exists():
             raise RuntimeError(f"{b} is missing: build it (cargo build --release -p app -p bench)")
     if args.wait_quiet:

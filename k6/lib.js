@@ -194,6 +194,23 @@ export function cancel(orderId, tags, responseCallback) {
   return http.request(r.method, r.url, r.body, r.params);
 }
 
+// POST /api/coupons (an admin operation: API_TOKEN, when the service has one, is the admin's).
+export function createCoupon(coupon, tags) {
+  return http.post(`${BASE_URL}/api/coupons`, JSON.stringify(coupon), {
+    headers: headers(),
+    tags: Object.assign({ name: 'create coupon' }, tags || {}),
+  });
+}
+
+// POST /api/coupons/{id}/issue for a user under a key (placed per KEY_IN).
+export function issueCoupon(couponId, userId, key, tags, responseCallback, timeout) {
+  const extra = { tags: Object.assign({ name: 'issue' }, tags || {}) };
+  if (responseCallback) extra.responseCallback = responseCallback;
+  if (timeout) extra.timeout = timeout;
+  const { body, params } = keyed({ userId }, key, extra);
+  return http.post(`${BASE_URL}/api/coupons/${couponId}/issue`, body, params);
+}
+
 export function get(path, name, tags) {
   return http.get(`${BASE_URL}${path}`, { headers: headers(), tags: Object.assign({ name }, tags || {}) });
 }

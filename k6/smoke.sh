@@ -73,10 +73,12 @@ run hot-user NO_LATENCY_THRESHOLDS=1 VUS=4 DURATION=3s "${k6run[@]}" "$here/hot-
 run payment-process "${common[@]}" "${k6run[@]}" "$here/payment-process.js"
 run "payment-process PARALLEL=1" "${common[@]}" PARALLEL=1 "${k6run[@]}" "$here/payment-process.js"
 run mixed "${common[@]}" TIME_SCALE="$(awk -v s="$scale" 'BEGIN { print s * 2.5 }')" "${k6run[@]}" "$here/mixed.js"
+# The rush at a small scale: 50 of the seeded users at once on a coupon of 10.
+run coupon-rush NO_LATENCY_THRESHOLDS=1 VUS=50 STOCK=10 START_DELAY_MS=200 "${k6run[@]}" "$here/coupon-rush.js"
 
 echo
 if [ "${#failed[@]}" -ne 0 ]; then
   echo "== k6 smoke FAILED ($((SECONDS - total_start)) s): ${failed[*]}" >&2
   exit 1
 fi
-echo "== k6 smoke passed: 5 runs in $((SECONDS - total_start)) s"
+echo "== k6 smoke passed: 6 runs in $((SECONDS - total_start)) s"

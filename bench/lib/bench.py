@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lib.common import (BASELINE_BIN, K6_DIR, REDIS_URL, ROOT, SEED_BALANCE, SERVICE_BIN, USERS, WRK_SCRIPT, db_url,
-                        drop_redis_prefix, free_port, log, run, sql, wait_quiet, wrk_env, wrk_json)
+from lib.common import (BASELINE_BIN, COUPON_BASELINE_BIN, K6_DIR, REDIS_URL, ROOT, SEED_BALANCE, SERVICE_BIN, USERS,
+                        WRK_SCRIPT, db_url, drop_redis_prefix, free_port, log, run, sql, wait_quiet, wrk_env, wrk_json)
 from lib.k6 import k6_report, k6_series
 from lib.meter import CpuMeter, RssSampler
 from lib.service import Service, metric_delta
@@ -127,6 +127,19 @@ class Bench:
         report = json.loads(res.stdout.strip().splitlines()[-1])
         report["tool"] = "baseline"
         report["command"] = shlex.join(["target/release/baseline", "--database-url", "mysql://root@127.0.0.1:3306/bench_…"] + cmd[3:])
+        return report
+
+    def coupon_baseline(self, conns: int, secs: float, users: int, extra=()) -> dict:
+        """`coupon-baseline`: a coupon issue's write straight to the database, every
+        connection on one coupon (crates/bench/src/coupon.rs)."""
+        cmd = [
+            str(COUPON_BASELINE_BIN), "--database-url", db_url(self.db), "--connections", str(conns),
+            "--duration", str(secs), "--warmup", str(self.warmup), "--users", str(users), "--json", *extra,
+        ]
+        res = run(cmd, timeout=secs + self.warmup + 120)
+        report = json.loads(res.stdout.strip().splitlines()[-1])
+        report["tool"] = "baseline"
+        report["command"] = shlex.join(["target/release/coupon-baseline", "--database-url", "mysql://root@127.0.0.1:3306/bench_…"] + cmd[3:])
         return report
 
     def wrk(self, conns: int, secs: float, hot: bool) -> dict:

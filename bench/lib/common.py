@@ -27,6 +27,7 @@ WRK_SCRIPT = ROOT / "bench" / "wrk" / "charge.lua"
 K6_DIR = ROOT / "k6"
 SERVICE_BIN = ROOT / "target" / "release" / "balance-service"
 BASELINE_BIN = ROOT / "target" / "release" / "baseline"
+COUPON_BASELINE_BIN = ROOT / "target" / "release" / "coupon-baseline"
 
 MYSQL_HOST, MYSQL_PORT, MYSQL_USER = "127.0.0.1", 3306, "root"
 REDIS_URL = "redis://127.0.0.1:6379"
@@ -41,6 +42,8 @@ TARGETS = {
     "hot_ratio": 0.50,
     "idle_p50_ratio": 2.0,
     "rss_mib": 100.0,
+    "coupon_issued": 100,
+    "coupon_p99_ms": 50.0,
 }
 
 

@@ -13,7 +13,8 @@ from lib.meter import RssSampler
 def k6_report(summary: dict) -> dict:
     m = summary["metrics"]
     # The script's main request when it has a `name` sub-metric, else every request.
-    key = "http_req_duration{name:charge}" if "http_req_duration{name:charge}" in m else "http_req_duration"
+    key = next((k for k in ("http_req_duration{name:charge}", "http_req_duration{name:issue}") if k in m),
+               "http_req_duration")
     d = m.get(key, {})
     checks = m.get("checks", {})
     failed = m.get("http_req_failed", {})
@@ -25,6 +26,11 @@ def k6_report(summary: dict) -> dict:
     gauges = {k: v.get("value") for k, v in m.items() if k.startswith("server_")}
     counts = {k: v.get("count") for k, v in m.items() if "count" in v and k not in ("data_sent", "data_received")}
     rates = {k: v.get("value") for k, v in m.items() if "passes" in v}
+    # Every other Gauge and Trend of the script (coupon-rush.js reports its books and its
+    # timing so), by name.
+    values = {k: v.get("value") for k, v in m.items() if "value" in v and "passes" not in v and not k.startswith("server_")}
+    trends = {k: {s: v.get(s) for s in ("min", "med", "avg", "p(95)", "p(99)", "max")} for k, v in m.items()
+              if "med" in v and not k.startswith("http_req_") and k != "iteration_duration"}
     return {
         "tool": "k6",
         "latency_metric": key,
@@ -42,6 +48,8 @@ def k6_report(summary: dict) -> dict:
         "server_gauges": gauges,
         "counts": counts,
         "rates": rates,
+        "values": values,
+        "trends": trends,
     }
 
 

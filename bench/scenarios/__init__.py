@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-MODULES = ["idle", "spread", "hot", "balance_charge", "k6_hot_user", "payment_process", "mixed"]
+MODULES = ["idle", "spread", "hot", "balance_charge", "k6_hot_user", "payment_process", "mixed", "coupon_rush"]
 
 
 def all_scenarios() -> list[ModuleType]:

@@ -85,8 +85,13 @@ def sql_audit(sc: Scenario, db: Any) -> list[str]:
     for r in q("select l.user_id, count(*) from ledger_entries l left join users u on u.id = l.user_id "
                "where u.id is null group by l.user_id"):
         breaches.append(f"balance_matches_ledger: {r[1]} entries of missing user {r[0]}")
+    coupons = bool(q("select 1 from information_schema.tables where table_schema = database() "
+                     "and table_name = 'user_coupons'"))
+    # A coupon issue's record pairs with its user coupon, not with a ledger entry (below).
+    not_issue = " where coalesce(operation, '') <> 'COUPON_ISSUE'" if coupons else ""
     for r in q("select user_id, k, max(status), sum(is_entry) from ("
                " select user_id, idempotency_key k, response_status status, 0 is_entry from idempotency_records"
+               f"{not_issue}"
                " union all select user_id, idempotency_key, 0, 1 from ledger_entries where idempotency_key is not null"
                ") x group by user_id, k having (max(status) between 200 and 299 and sum(is_entry) <> 1) "
                "or (max(status) not between 200 and 299 and sum(is_entry) <> 0)"):
@@ -140,6 +145,29 @@ def sql_audit(sc: Scenario, db: Any) -> list[str]:
                "from refunds) x where refunded_total <> prev + amount"):
         breaches.append(f"refunds_match_payment: payment {r[0]} refund {r[1]} of {r[2]} brings the total to {r[3]} "
                         f"from {r[4]}")
+    if coupons:
+        breaches += sql_audit_coupons(q)
+    return breaches
+
+
+def sql_audit_coupons(q: Any) -> list[str]:
+    """The coupons' books: each coupon's count is its user coupons and within its stock, one
+    per user, and each issue's stored answer pairs with its user coupon (a 200 with exactly
+    one, under the same user and key; a refusal with none)."""
+    breaches = []
+    for r in q("select c.id, c.total_quantity, c.issued_quantity, count(u.id) from coupons c "
+               "left join user_coupons u on u.coupon_id = c.id group by c.id, c.total_quantity, c.issued_quantity "
+               "having c.issued_quantity <> count(u.id) or count(u.id) > c.total_quantity or c.issued_quantity < 0"):
+        breaches.append(f"coupon_stock_matches_issued: coupon {r[0]} stock {r[1]} issued_quantity {r[2]}, {r[3]} rows")
+    for r in q("select coupon_id, user_id, count(*) from user_coupons group by coupon_id, user_id having count(*) > 1"):
+        breaches.append(f"coupon_stock_matches_issued: user {r[1]} holds {r[2]} of coupon {r[0]}")
+    for r in q("select user_id, k, max(status), sum(is_row) from ("
+               " select user_id, idempotency_key k, response_status status, 0 is_row from idempotency_records"
+               " where operation = 'COUPON_ISSUE'"
+               " union all select user_id, idempotency_key, 0, 1 from user_coupons"
+               ") x group by user_id, k having (max(status) between 200 and 299 and sum(is_row) <> 1) "
+               "or (max(status) not between 200 and 299 and sum(is_row) <> 0)"):
+        breaches.append(f"coupon_record_has_its_row: user {r[0]} key {r[1]} status {r[2]} user coupons {r[3]}")
     return breaches
 
 
@@ -217,7 +245,7 @@ def check_scenario(sc: Scenario) -> list[tuple[str, bool, str]]:
         if ok is not None:
             checks.append((label + "balance-service audit clean", ok, out))
         breaches = sql_audit(sc, db)
-        add(label + "audit checks in SQL clean", breaches, "6 checks (refunds too), 0 breaches")
+        add(label + "audit checks in SQL clean", breaches, "6 checks (refunds and coupons too), 0 breaches")
 
         ledger: dict[tuple[int, str], list[tuple[str, int, int]]] = collections.defaultdict(list)
         for user, key, kind, amount, eid in db.sql(

@@ -40,7 +40,7 @@ class Op:
     # `key` only names it in the records and in X-Request-Id.
     key: str
     user: int  # for a refund, the payment's user (whose key space the key is in)
-    kind: str  # charge | use | payment | refund | cancel
+    kind: str  # charge | use | payment | refund | cancel | issue (a coupon rush's: lib/rush.py)
     # For a payment, the order's amount; for a refund, the amount asked (None: the rest).
     amount: int | None
     order: int | None
@@ -48,6 +48,7 @@ class Op:
     group: str  # load, a refund's plan (refund:partial, …), a cancellation's (cancel:race, …), or a storm
     payment: int | None = None  # the payment a refund is of
     reason: str | None = None  # a refund's reason (not part of its fingerprint)
+    coupon: int | None = None  # the coupon an issue is of
     tries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     final: dict[str, Any] | None = None
 
@@ -75,6 +76,9 @@ class Op:
         if self.kind == "payment":
             payload: dict[str, Any] = {"orderId": self.order, "userId": self.user}
             path = "/api/payments"
+        elif self.kind == "issue":
+            payload = {"userId": self.user}
+            path = f"/api/coupons/{self.coupon}/issue"
         elif self.kind == "refund":
             payload = {}
             if self.amount is not None:
@@ -397,7 +401,7 @@ class Scenario:
         r = sh([str(BIN), "migrate"], env=clean_env(base_env), check=False)
         if r.returncode != 0:
             raise RuntimeError(f"migrate failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
-        r = sh([str(BIN), "seed", "--users", str(USERS), "--balance", str(SEED_BALANCE)],
+        r = sh([str(BIN), "seed", "--users", str(max(USERS, s.seed_users)), "--balance", str(SEED_BALANCE)],
                env=clean_env(base_env), check=False)
         if r.returncode != 0:
             raise RuntimeError(f"seed failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
@@ -479,3 +483,5 @@ class Spec:
     # The lock on a Redis Cluster of the scenario's own (scripts/redis-cluster.sh) instead of
     # one Redis; `Scenario.cluster` then holds it and `Scenario.redis` is None.
     redis_cluster: bool = False
+    # Users seeded beyond the load's USERS (a coupon rush's crowd: lib/rush.py); 0: USERS.
+    seed_users: int = 0

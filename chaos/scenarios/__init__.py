@@ -26,6 +26,8 @@ MODULES = [
     "redis_cluster_kill_fail",
     "galera_kill9_node",
     "galera_sigstop_node",
+    "coupon_rush_kill9_instance",
+    "coupon_rush_redis_kill",
 ]
 
 

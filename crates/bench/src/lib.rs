@@ -14,6 +14,8 @@
 //!   INSERT; INSERT; COMMIT`. It is what the database can do for one hot user when charges
 //!   queue on the row instead of racing.
 
+pub mod coupon;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
