@@ -152,8 +152,16 @@ pub fn render_text(run: &AuditRun, show: usize) -> String {
     );
     let _ = writeln!(
         out,
-        "looked at {} users, {} ledger entries, {} idempotency records, {} orders, {} payments",
-        report.users, report.ledger_entries, report.records, report.orders, report.payments
+        "looked at {} users, {} ledger entries, {} idempotency records, {} orders, {} payments, \
+         {} refunds, {} coupons, {} user coupons",
+        report.users,
+        report.ledger_entries,
+        report.records,
+        report.orders,
+        report.payments,
+        report.refunds,
+        report.coupons,
+        report.user_coupons
     );
     out.push('\n');
     let width = AuditCheck::ALL
@@ -198,7 +206,8 @@ pub fn render_text(run: &AuditRun, show: usize) -> String {
 ///
 /// ```json
 /// {"clean":false,"at":"…","keyRetentionSecs":86400,"lockLeaseMs":30000,
-///  "counts":{"users":3,"ledgerEntries":9,"records":5,"orders":2,"payments":1},
+///  "counts":{"users":3,"ledgerEntries":9,"records":5,"orders":2,"payments":1,"refunds":0,
+///            "coupons":1,"userCoupons":1},
 ///  "totalBreaches":1,
 ///  "checks":[{"check":"balance_matches_ledger","breaches":1,
 ///             "listed":[{"subject":"user 1","detail":"…"}]}, …]}
@@ -226,6 +235,9 @@ pub fn render_json(run: &AuditRun) -> String {
             "records": report.records,
             "orders": report.orders,
             "payments": report.payments,
+            "refunds": report.refunds,
+            "coupons": report.coupons,
+            "userCoupons": report.user_coupons,
         },
         "totalBreaches": report.total_found(),
         "checks": checks,
@@ -283,7 +295,9 @@ mod tests {
     fn a_broken_report_shows_the_first_breaches_and_how_many_more() {
         let text = render_text(&run(broken()), 3);
         assert!(
-            text.contains("key_applied_once            12 breaches\n"),
+            text.lines()
+                .any(|line| line.starts_with("key_applied_once  ")
+                    && line.ends_with("  12 breaches")),
             "{text}"
         );
         assert!(

@@ -400,6 +400,8 @@ mod tests {
                     "IDEMPOTENCY_TTL_SECS",
                     "LOCK_LEASE_MS",
                     "LOG_FORMAT",
+                    "REDIS_KEY_PREFIX",
+                    "REDIS_URL",
                     "RUST_LOG",
                 ],
             ),

@@ -375,6 +375,44 @@ async fn every_issue_refusal_is_stored_and_replayed(backend: Backend) {
         .as_i64()
         .unwrap();
     refused(closed, user, "COUPON_NOT_OPEN").await;
+    // A refused key is the user's like any other: a charge under it is a reuse, and the
+    // request looked up by it is the refusal.
+    let refused_key = new_key();
+    let (status, _, body) = bytes(issue(&app, closed, user, &refused_key).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, code, ..) = problem(app.charge(user, 100, &refused_key).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "IDEMPOTENCY_KEY_REUSED")
+    );
+    let looked_up: Value = app
+        .get(&format!("/api/users/{user}/requests/{refused_key}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            looked_up["operation"].as_str(),
+            looked_up["status"].as_u64()
+        ),
+        (Some("COUPON_ISSUE"), Some(422))
+    );
+    assert_eq!(
+        looked_up["response"],
+        serde_json::from_slice::<Value>(&body).unwrap()
+    );
+    // And a key a charge used is a reuse for an issue, whatever the gate would answer.
+    let charged_key = new_key();
+    assert_eq!(
+        app.charge(user, 100, &charged_key).await.status(),
+        StatusCode::OK
+    );
+    let (status, code, ..) = problem(issue(&app, closed, user, &charged_key).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "IDEMPOTENCY_KEY_REUSED")
+    );
     assert_eq!(issued_quantity(&app, early).await, 0);
     assert_eq!(issued_quantity(&app, closed).await, 0);
 
@@ -395,8 +433,13 @@ async fn every_issue_refusal_is_stored_and_replayed(backend: Backend) {
         issue(&app, fresh, user, &key).await.status(),
         StatusCode::OK
     );
-    // That key is this coupon's now: for another coupon it is reused. (Where a gate
-    // would refuse that coupon anyway, it answers its refusal instead: see docs/api.md.)
+    // That key is this coupon's now: for another coupon it is reused, one the gate would
+    // refuse (not open) and one it would admit alike.
+    let (status, code, ..) = problem(issue(&app, early, user, &key).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "IDEMPOTENCY_KEY_REUSED")
+    );
     let open = open_coupon(&app, 1, 5).await;
     let (status, code, ..) = problem(issue(&app, open, user, &key).await).await;
     assert_eq!(

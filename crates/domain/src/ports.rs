@@ -273,6 +273,21 @@ pub trait IdempotencyRepo: Send + Sync {
         now: DateTime<Utc>,
     ) -> Result<Option<CompletedRecord>, RepoError>;
 
+    /// Stores a refusal that was decided without a balance step (by the coupon gate) as
+    /// the completed record of (`user`, `key`), marked REFUSED, replacing an expired one;
+    /// one statement, no lock and no users row. When a live record of that key exists,
+    /// nothing is written and that record is returned: the key was answered before (a
+    /// replay, or another request: reused), and that answer stands.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn insert_refusal(
+        &self,
+        user: UserId,
+        key: &KeyRecord,
+        response: &StoredResponse,
+    ) -> Result<Option<CompletedRecord>, RepoError>;
+
     /// Deletes at most `limit` records that expired at or before `now`, the oldest expiry
     /// first; returns how many. Safe to run from every instance at once.
     ///
@@ -457,9 +472,9 @@ pub struct GateRequest {
     /// Names this admission, so only it can give its unit back.
     pub token: String,
     pub now: DateTime<Utc>,
-    /// The expiry of a refusal the gate records now.
+    /// When the record of this request's answer expires.
     pub expires_at: DateTime<Utc>,
-    /// The bytes of each refusal the gate may record and answer.
+    /// The bytes of each refusal the gate may answer.
     pub sold_out: StoredResponse,
     pub already_issued: StoredResponse,
     pub not_open: StoredResponse,
@@ -485,7 +500,8 @@ pub enum GateAnswer {
     /// issued or pending, or a pending one under another key): run the database step
     /// without a reservation; confirm if it issued.
     Pass,
-    /// The gate recorded this refusal under the key, now; `stale` says a unit has been
+    /// The gate refuses the request (and records nothing: the service stores the refusal
+    /// in the database, then [`CouponGate::record`]s it); `stale` says a unit has been
     /// pending longer than it should (its holder may be gone), so the gate should be
     /// rebuilt before it is trusted with a sold-out answer.
     Refused { refusal: GateRefusal, stale: bool },
@@ -528,8 +544,8 @@ pub struct GateView {
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait CouponGate: Send + Sync {
-    /// Decides `request` atomically: replay or reuse of a key it answered, pass, a refusal
-    /// (recorded under the key until `expires_at`), or a unit reserved under the token.
+    /// Decides `request` atomically: replay or reuse of a key it has a record of, pass, a
+    /// refusal (not recorded), or a unit reserved under the token.
     ///
     /// # Errors
     /// MUST return [`GateError::Unavailable`] when the backend cannot be reached.

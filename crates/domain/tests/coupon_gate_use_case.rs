@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use mockall::Sequence;
 use mockall::predicate::eq;
 
-use domain::idempotency::{CompletedRecord, RecordOutcome, StoredResponse};
+use domain::idempotency::{CompletedRecord, Fingerprint, RecordOutcome, StoredResponse};
 use domain::model::{Coupon, User, UserCoupon};
 use domain::operations::Effect;
 use domain::outcome::{IssuedCoupon, Outcome, Refusal};
@@ -537,6 +537,29 @@ impl Mocks {
         self
     }
 
+    /// A refusal the gate decided is stored as the key's record in the database, once,
+    /// with the request's bytes, answering `earlier` (`None`: inserted).
+    fn refusal_stored(
+        &mut self,
+        response: StoredResponse,
+        earlier: Option<CompletedRecord>,
+    ) -> &mut Self {
+        self.keys
+            .expect_insert_refusal()
+            .times(1)
+            .withf(move |user, record, bytes| {
+                *user == user_id() && *record == key_record() && *bytes == response
+            })
+            .return_once(move |_, _, _| Ok(earlier));
+        self
+    }
+
+    /// As [`Mocks::refusal_stored`], inserted, and then cached at the gate.
+    fn refusal_stored_and_cached(&mut self, response: StoredResponse) -> &mut Self {
+        self.refusal_stored(response.clone(), None)
+            .recorded(response, Ok(()))
+    }
+
     /// Nothing at the gate besides `admit`: no settle, no rebuild.
     fn gate_left_alone(&mut self) -> &mut Self {
         self.never_confirmed()
@@ -708,8 +731,20 @@ async fn a_known_user_is_not_looked_up_again() {
             refusal: GateRefusal::SoldOut,
             stale: false,
         }))
-        .gate_left_alone()
+        .never_confirmed()
+        .never_given_back()
+        .not_rebuilt()
         .step_not_run();
+    mocks
+        .keys
+        .expect_insert_refusal()
+        .times(2)
+        .returning(|_, _, _| Ok(None));
+    mocks
+        .gate
+        .expect_record()
+        .times(2)
+        .returning(|_, _, _, _, _, _, _| Ok(()));
     let service = mocks.service(LockUnavailablePolicy::Degrade);
 
     for _ in 0..2 {
@@ -724,6 +759,8 @@ async fn a_known_user_is_not_looked_up_again() {
 // The gate's own answers
 // ---------------------------------------------------------------------------------------
 
+/// A refusal the gate decides is stored in the database first (one insert, no lock, no
+/// step), then cached at the gate; the answer is the request's own pre-encoded bytes.
 #[tokio::test]
 async fn a_gate_refusal_answers_the_requests_pre_encoded_bytes_and_touches_nothing_else() {
     for (refusal, bytes) in [
@@ -732,14 +769,39 @@ async fn a_gate_refusal_answers_the_requests_pre_encoded_bytes_and_touches_nothi
         (GateRefusal::NotOpen, not_open()),
     ] {
         let mut mocks = Mocks::default();
+        let mut seq = Sequence::new();
         mocks
             .user_read(1)
             .admits(Ok(GateAnswer::Refused {
                 refusal,
                 stale: false,
             }))
-            .gate_left_alone()
+            .never_confirmed()
+            .never_given_back()
+            .not_rebuilt()
             .step_not_run();
+        mocks
+            .keys
+            .expect_insert_refusal()
+            .times(1)
+            .in_sequence(&mut seq)
+            .withf({
+                let bytes = bytes.clone();
+                move |user, record, stored| {
+                    *user == user_id() && *record == key_record() && *stored == bytes
+                }
+            })
+            .return_once(|_, _, _| Ok(None));
+        mocks
+            .gate
+            .expect_record()
+            .times(1)
+            .in_sequence(&mut seq)
+            .withf({
+                let bytes = bytes.clone();
+                move |_, _, _, _, stored, _, expires_at| *stored == bytes && *expires_at == expiry()
+            })
+            .return_once(|_, _, _, _, _, _, _| Ok(()));
         mocks.locks.expect_release().never();
         let service = mocks.service(LockUnavailablePolicy::Degrade);
 
@@ -814,7 +876,7 @@ async fn a_missing_gate_is_rebuilt_from_the_database_then_asked_again() {
         )
         .never_confirmed()
         .never_given_back()
-        .never_recorded()
+        .refusal_stored_and_cached(not_open())
         .step_not_run();
     let service = mocks.service(LockUnavailablePolicy::Degrade);
 
@@ -887,17 +949,100 @@ async fn a_stale_refusal_rebuilds_the_gate_then_asks_again_once() {
     mocks
         .admits_in(&mut seq, stale())
         .rebuilt(&mut seq, Ok(()))
-        // Still stale after the rebuild: answered, not rebuilt again.
+        // Still stale after the rebuild: answered (and only this final answer stored),
+        // not rebuilt again.
         .admits_in(&mut seq, stale())
         .never_confirmed()
         .never_given_back()
-        .never_recorded()
+        .refusal_stored_and_cached(sold_out())
         .step_not_run();
     let service = mocks.service(LockUnavailablePolicy::Degrade);
 
     let execution = service.issue_coupon(issue()).await.unwrap();
 
     assert_eq!(execution, fresh(sold_out()));
+}
+
+/// A key the database answered before keeps that answer when the gate would refuse it:
+/// replayed (its bytes and expiry) for the same request, reused for another; nothing is
+/// cached at the gate.
+#[tokio::test]
+async fn a_gate_refusal_of_a_key_the_database_answered_keeps_the_databases_answer() {
+    let earlier_until = now() + chrono::Duration::minutes(9);
+    let earlier = |fingerprint: Fingerprint| CompletedRecord {
+        user_id: user_id(),
+        key: key(),
+        fingerprint,
+        operation: OperationKind::CouponIssue,
+        outcome: RecordOutcome::Applied,
+        response: issued(),
+        created_at: now() - chrono::Duration::minutes(1),
+        expires_at: earlier_until,
+    };
+    let refused = || {
+        Ok(GateAnswer::Refused {
+            refusal: GateRefusal::SoldOut,
+            stale: false,
+        })
+    };
+
+    let mut mocks = Mocks::default();
+    mocks
+        .user_read(1)
+        .admits(refused())
+        .refusal_stored(sold_out(), Some(earlier(issue().fingerprint())))
+        .gate_left_alone()
+        .step_not_run();
+    let service = mocks.service(LockUnavailablePolicy::Degrade);
+    assert_eq!(
+        service.issue_coupon(issue()).await.unwrap(),
+        Execution {
+            response: issued(),
+            replayed: true,
+            expires_at: earlier_until,
+        }
+    );
+    drop(service);
+
+    let mut mocks = Mocks::default();
+    mocks
+        .user_read(1)
+        .admits(refused())
+        .refusal_stored(
+            sold_out(),
+            Some(earlier(Fingerprint::from_stored("charge:user=7:amount=5"))),
+        )
+        .gate_left_alone()
+        .step_not_run();
+    let service = mocks.service(LockUnavailablePolicy::Degrade);
+    assert!(matches!(
+        service.issue_coupon(issue()).await,
+        Err(OperationError::KeyReused)
+    ));
+}
+
+/// The database cannot store the gate's refusal: 503, and nothing cached at the gate.
+#[tokio::test]
+async fn a_gate_refusal_the_database_cannot_store_is_unavailable() {
+    let mut mocks = Mocks::default();
+    mocks
+        .user_read(1)
+        .admits(Ok(GateAnswer::Refused {
+            refusal: GateRefusal::NotOpen,
+            stale: false,
+        }))
+        .gate_left_alone()
+        .step_not_run();
+    mocks
+        .keys
+        .expect_insert_refusal()
+        .times(1)
+        .return_once(|_, _, _| Err(RepoError::Unavailable(down())));
+    let service = mocks.service(LockUnavailablePolicy::Degrade);
+    assert!(matches!(
+        service.issue_coupon(issue()).await,
+        Err(OperationError::Unavailable(_))
+    ));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -824,6 +824,20 @@ impl IdempotencyRepo for MemoryStore {
         Ok(self.state().live_record(user, key.as_str(), now).cloned())
     }
 
+    async fn insert_refusal(
+        &self,
+        user: UserId,
+        key: &KeyRecord,
+        response: &StoredResponse,
+    ) -> Result<Option<CompletedRecord>, RepoError> {
+        let mut state = self.state();
+        if let Some(live) = state.live_record(user, key.key.as_str(), key.created_at) {
+            return Ok(Some(live.clone()));
+        }
+        state.put_record(user, key.clone(), RecordOutcome::Refused, response.clone());
+        Ok(None)
+    }
+
     async fn purge_expired(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {
         Ok(self.state().purge_expired(now, limit))
     }

@@ -3,8 +3,8 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use domain::idempotency::{CompletedRecord, Fingerprint};
-use domain::ports::{IdempotencyRepo, RepoError};
+use domain::idempotency::{CompletedRecord, Fingerprint, RecordOutcome, StoredResponse};
+use domain::ports::{IdempotencyRepo, KeyRecord, RepoError, StepError};
 use domain::types::{IdempotencyKey, UserId};
 
 use crate::MySqlStore;
@@ -59,6 +59,38 @@ impl IdempotencyRepo for MySqlStore {
             created_at: from_db_time(created_at),
             expires_at: from_db_time(expires_at),
         }))
+    }
+
+    async fn insert_refusal(
+        &self,
+        user: UserId,
+        key: &KeyRecord,
+        response: &StoredResponse,
+    ) -> Result<Option<CompletedRecord>, RepoError> {
+        // Autocommit statements on one connection: the insert, and only when it meets an
+        // expired record of the key, that record's delete and the insert again (as the
+        // balance step writes its record). A live record stays, and is the answer.
+        for _ in 0..2 {
+            let mut conn = self.pool.acquire().await.map_err(repo)?;
+            match crate::step::put_record(&mut conn, user, key, RecordOutcome::Refused, response)
+                .await
+            {
+                Ok(()) => return Ok(None),
+                Err(StepError::KeyTaken) => {}
+                Err(StepError::Unavailable(cause) | StepError::Aborted(cause)) => {
+                    return Err(RepoError::Unavailable(cause));
+                }
+                Err(other) => return Err(RepoError::Unexpected(anyhow::Error::new(other))),
+            }
+            drop(conn);
+            if let Some(live) = self.find(user, &key.key, key.created_at).await? {
+                return Ok(Some(live));
+            }
+            // It expired between the insert and the read: insert again.
+        }
+        Err(RepoError::Unavailable(anyhow::anyhow!(
+            "the record of a key kept expiring while a refusal was stored under it"
+        )))
     }
 
     async fn purge_expired(&self, now: DateTime<Utc>, limit: u32) -> Result<u64, RepoError> {

@@ -508,7 +508,7 @@ async fn free_coupon(
 /// and under REPEATABLE READ that search takes a gap lock which makes concurrent steps of
 /// other users wait on (or deadlock with) each other's inserts into the same gap. Deleting
 /// a row that exists locks only that row.
-async fn put_record(
+pub(crate) async fn put_record(
     conn: &mut MySqlConnection,
     user: UserId,
     key: &KeyRecord,

@@ -359,7 +359,9 @@ impl CouponGate for RedisCouponGate {
             Value::from(request.token.as_str()),
             Value::from(now),
             Value::from(expires),
-            Value::from(expires.saturating_sub(now)),
+            // No record: a refusal is recorded (`record`) once the database has it, so the
+            // gate never holds an answer the database does not.
+            Value::from(0),
             Value::from(stale_before),
         ];
         args.extend(response(&request.sold_out));

@@ -125,6 +125,7 @@ pub use coupons::{
 };
 pub use idempotency_repo::{
     idempotency_repo_finds_only_live_records_of_their_user,
+    idempotency_repo_inserts_a_refusal_only_where_the_key_is_free,
     idempotency_repo_purges_only_expired_records, idempotency_repo_purges_the_oldest_expired_first,
 };
 pub use lock_manager::{

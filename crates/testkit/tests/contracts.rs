@@ -118,6 +118,7 @@ contracts! {
         idempotency_repo_finds_only_live_records_of_their_user,
         idempotency_repo_purges_only_expired_records,
         idempotency_repo_purges_the_oldest_expired_first,
+        idempotency_repo_inserts_a_refusal_only_where_the_key_is_free,
         // BalanceStore
         balance_store_apply_writes_everything_together,
         balance_store_payment_pays_the_order_once,

@@ -56,6 +56,7 @@ gates! {
     coupon_gate_admits_until_sold_out,
     coupon_gate_replays_a_recorded_refusal_byte_for_byte,
     coupon_gate_records_what_the_database_answered,
+    coupon_gate_admission_records_nothing,
     coupon_gate_refuses_a_second_unit_to_a_holder,
     coupon_gate_passes_a_user_with_a_pending_unit,
     coupon_gate_refuses_outside_the_issue_window,
@@ -170,13 +171,26 @@ mod adapter {
             gate.admit(&request(7, "k-7", 5, 1)).await.unwrap(),
             GateAnswer::Admitted
         );
+        let refused = request(8, "k-8", 6, 60_000);
         assert_eq!(
-            gate.admit(&request(8, "k-8", 6, 60_000)).await.unwrap(),
+            gate.admit(&refused).await.unwrap(),
             GateAnswer::Refused {
                 refusal: GateRefusal::SoldOut,
                 stale: false
             }
         );
+        // As the service does once the database holds the refusal.
+        gate.record(
+            refused.coupon,
+            refused.user,
+            &refused.key,
+            &refused.fingerprint,
+            &refused.sold_out,
+            refused.now,
+            refused.expires_at,
+        )
+        .await
+        .unwrap();
 
         let client = redis.client().await;
         let base = format!("{}{{coupon:42}}", redis.prefix);

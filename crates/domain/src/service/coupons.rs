@@ -23,13 +23,13 @@ use chrono::{DateTime, Utc};
 
 use super::{BalanceService, Execution, LockUnavailablePolicy};
 use crate::error::OperationError;
-use crate::idempotency::RecordOutcome;
+use crate::idempotency::{Admission, KeyState, RecordOutcome, StoredResponse};
 use crate::model::{Coupon, NewCoupon, UserCoupon};
 use crate::operations::{IssueCoupon, Operation};
 use crate::outcome::{Outcome, Refusal};
 use crate::ports::{
     AuditCheck, Breach, CouponGate, CouponRepo, GateAnswer, GateError, GateRefusal, GateRequest,
-    GateSnapshot, GateView,
+    GateSnapshot, GateView, KeyRecord,
 };
 use crate::telemetry as m;
 use crate::types::{CouponId, IdempotencyKey, UserId};
@@ -112,15 +112,13 @@ impl BalanceService {
                     metrics::counter!(m::COUPON_GATE_ANSWERED_TOTAL, "answer" => refusal_label(refusal))
                         .increment(1);
                     let response = match refusal {
-                        GateRefusal::SoldOut => request.sold_out,
-                        GateRefusal::AlreadyIssued => request.already_issued,
-                        GateRefusal::NotOpen => request.not_open,
+                        GateRefusal::SoldOut => request.sold_out.clone(),
+                        GateRefusal::AlreadyIssued => request.already_issued.clone(),
+                        GateRefusal::NotOpen => request.not_open.clone(),
                     };
-                    return Ok(Execution {
-                        response,
-                        replayed: false,
-                        expires_at: request.expires_at,
-                    });
+                    return self
+                        .store_gate_refusal(gate.as_ref(), &op, &request, response)
+                        .await;
                 }
                 GateAnswer::Replay {
                     response,
@@ -141,6 +139,77 @@ impl BalanceService {
                 }
                 GateAnswer::Admitted => {
                     return self.issue_reserved(gate.as_ref(), op, &request).await;
+                }
+            }
+        }
+    }
+
+    /// Stores the gate's refusal as the key's record in the database (one insert: no lock,
+    /// no users row, no coupon row), so the key is answered the same way whatever answers
+    /// it next: the gate, the database step (Redis down), or the gate again after Redis
+    /// lost its keys; and is a reuse for any other request. Then caches it at the gate, so
+    /// its replays need no database round trip. A key the database answered before keeps
+    /// that answer.
+    async fn store_gate_refusal(
+        &self,
+        gate: &dyn CouponGate,
+        op: &IssueCoupon,
+        request: &GateRequest,
+        response: StoredResponse,
+    ) -> Result<Execution, OperationError> {
+        let record = KeyRecord {
+            key: op.key.clone(),
+            fingerprint: request.fingerprint.clone(),
+            operation: op.kind(),
+            created_at: request.now,
+            expires_at: request.expires_at,
+        };
+        match self
+            .ports
+            .keys
+            .insert_refusal(op.user, &record, &response)
+            .await?
+        {
+            None => {
+                metrics::counter!(m::OPERATIONS_REFUSED_TOTAL, "operation" => op.kind().label())
+                    .increment(1);
+                settle(
+                    gate.record(
+                        op.coupon,
+                        op.user,
+                        &op.key,
+                        &request.fingerprint,
+                        &response,
+                        request.now,
+                        request.expires_at,
+                    )
+                    .await,
+                );
+                Ok(Execution {
+                    response,
+                    replayed: false,
+                    expires_at: request.expires_at,
+                })
+            }
+            Some(earlier) => {
+                let expires_at = earlier.expires_at;
+                match KeyState::Completed(earlier).admit(&request.fingerprint, request.now) {
+                    Admission::Replay(response) => {
+                        metrics::counter!(m::IDEMPOTENT_REPLAYS_TOTAL, "operation" => op.kind().label())
+                            .increment(1);
+                        Ok(Execution {
+                            response,
+                            replayed: true,
+                            expires_at,
+                        })
+                    }
+                    Admission::Reused => {
+                        metrics::counter!(m::IDEMPOTENCY_REUSED_TOTAL, "operation" => op.kind().label())
+                            .increment(1);
+                        Err(OperationError::KeyReused)
+                    }
+                    // A live record is never free nor in flight; answer as busy, safely.
+                    Admission::Run | Admission::InUse => Err(OperationError::KeyInUse),
                 }
             }
         }

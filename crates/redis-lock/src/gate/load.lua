@@ -5,8 +5,11 @@
 -- ARGV[4] stale_before_ms: units pending since then (or later) are kept
 -- ARGV[5], ARGV[6], ...: the snapshot's holders, as user, key pairs
 --
--- Holders: the snapshot's, issued; plus the fresh pending units of users the snapshot
--- does not hold (their steps may still commit), with their token and admission time.
+-- Holders: the snapshot's, issued; plus the users the gate already holds as issued that the
+-- snapshot lacks (an issued holder is only ever written after its commit, so it is true;
+-- the snapshot was read before that commit, or the loads of two rebuilds crossed); plus
+-- the fresh pending units of users held by neither (their steps may still commit), with
+-- their token and admission time.
 -- taken: the number of holders. Recorded refusals are not touched. Answers taken.
 
 local gate, holders, pending = KEYS[1], KEYS[2], KEYS[3]
@@ -18,6 +21,15 @@ for i = 1, #fresh, 2 do
   local held = redis.call('HGET', holders, fresh[i])
   if held and string.sub(held, 1, 2) == 'P|' then
     kept[#kept + 1] = {fresh[i], fresh[i + 1], held}
+  end
+end
+
+-- The issued holders, before the state is dropped.
+local confirmed = {}
+local all = redis.call('HGETALL', holders)
+for i = 1, #all, 2 do
+  if string.sub(all[i + 1], 1, 2) == 'I|' then
+    confirmed[#confirmed + 1] = {all[i], all[i + 1]}
   end
 end
 
@@ -35,6 +47,10 @@ for i = 5, #ARGV - 1, 2 do
 end
 if #batch > 0 then
   redis.call('HSET', holders, unpack(batch))
+end
+
+for _, holder in ipairs(confirmed) do
+  redis.call('HSETNX', holders, holder[1], holder[2])
 end
 
 for _, unit in ipairs(kept) do

@@ -106,10 +106,68 @@ fn request(coupon: i64, user: i64, raw_key: &str, now: DateTime<Utc>) -> GateReq
     }
 }
 
+/// An admission as the service makes it: a refusal it answers (not a stale one, which it
+/// asks again about after a rebuild) is stored in the database and then recorded at the
+/// gate with the request's bytes.
 async fn admit(gate: &dyn CouponGate, request: &GateRequest) -> GateAnswer {
+    let answer = admit_only(gate, request).await;
+    if let GateAnswer::Refused {
+        refusal,
+        stale: false,
+    } = &answer
+    {
+        let response = match refusal {
+            GateRefusal::SoldOut => &request.sold_out,
+            GateRefusal::AlreadyIssued => &request.already_issued,
+            GateRefusal::NotOpen => &request.not_open,
+        };
+        bounded(
+            "record",
+            gate.record(
+                request.coupon,
+                request.user,
+                &request.key,
+                &request.fingerprint,
+                response,
+                request.now,
+                request.expires_at,
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("record of {request:?}: {e:?}"));
+    }
+    answer
+}
+
+/// The gate's admission alone.
+async fn admit_only(gate: &dyn CouponGate, request: &GateRequest) -> GateAnswer {
     bounded("admit", gate.admit(request))
         .await
         .unwrap_or_else(|e| panic!("admit of {request:?}: {e:?}"))
+}
+
+/// A refusal is not recorded by the admission itself (the database has it first): until
+/// it is recorded, the same request is decided again, and a refusal that noticed a stale
+/// unit leaves nothing behind to replay after the rebuild.
+pub async fn coupon_gate_admission_records_nothing(first: Gate, second: Gate) {
+    load(first.as_ref(), &snapshot(coupon(1, 1), &[]), at(0)).await;
+    let holder = request(1, 1, "k-1", at(0));
+    assert_eq!(
+        admit_only(first.as_ref(), &holder).await,
+        GateAnswer::Admitted
+    );
+    let refused = request(1, 2, "k-2", at(10));
+    assert_eq!(admit_only(first.as_ref(), &refused).await, SOLD_OUT);
+    assert_eq!(admit_only(second.as_ref(), &refused).await, SOLD_OUT);
+    let mut reuse = request(1, 2, "k-2", at(20));
+    reuse.fingerprint = Fingerprint::from_stored("issue:other");
+    assert_eq!(admit_only(first.as_ref(), &reuse).await, SOLD_OUT);
+    // A unit freed meanwhile (its step refused) goes to that very key.
+    give_back(first.as_ref(), 1, 1, &holder.token).await;
+    assert_eq!(
+        admit_only(second.as_ref(), &request(1, 2, "k-2", at(40))).await,
+        GateAnswer::Admitted
+    );
 }
 
 async fn load(gate: &dyn CouponGate, snapshot: &GateSnapshot, now: DateTime<Utc>) {
@@ -169,8 +227,10 @@ fn replay_of(request: &GateRequest, response: &StoredResponse) -> GateAnswer {
     }
 }
 
-/// Without a load the gate has nothing: every admit is `Missing`, confirm and give-back
-/// create nothing, inspect says `None`; a load creates exactly the coupon's state.
+/// Without a load the gate has nothing: every admit is `Missing`, give-back creates
+/// nothing, inspect says `None`; a confirm keeps only its issued holder, which the load
+/// keeps though its snapshot lacks it (read before that unit's commit); a load creates
+/// exactly the coupon's state.
 pub async fn coupon_gate_is_missing_until_loaded(first: Gate, second: Gate) {
     let r = request(1, 10, "k-10", at(0));
     assert_eq!(admit(first.as_ref(), &r).await, GateAnswer::Missing);
@@ -186,10 +246,10 @@ pub async fn coupon_gate_is_missing_until_loaded(first: Gate, second: Gate) {
         view(second.as_ref(), 1).await,
         GateView {
             total: 5,
-            taken: 1,
+            taken: 2,
             issue_starts_at: t0(),
             issue_ends_at: Some(at(60_000)),
-            issued: vec![(user_id(20), key("k-20"))],
+            issued: vec![(user_id(10), key("k-10")), (user_id(20), key("k-20"))],
             pending: Vec::new(),
         }
     );
@@ -237,12 +297,9 @@ pub async fn coupon_gate_admits_until_sold_out(first: Gate, second: Gate) {
 /// their expiry) from either gate, even once the refusal no longer holds; another request
 /// under the key is a reuse; other keys are answered afresh.
 pub async fn coupon_gate_replays_a_recorded_refusal_byte_for_byte(first: Gate, second: Gate) {
-    load(
-        first.as_ref(),
-        &snapshot(coupon(1, 1), &[(1, "k-1")]),
-        at(0),
-    )
-    .await;
+    load(first.as_ref(), &snapshot(coupon(1, 1), &[]), at(0)).await;
+    let holder = request(1, 1, "k-1", at(0));
+    assert_eq!(admit(first.as_ref(), &holder).await, GateAnswer::Admitted);
     let refused = request(1, 2, "k-2", at(100));
     assert_eq!(admit(first.as_ref(), &refused).await, SOLD_OUT);
 
@@ -258,9 +315,9 @@ pub async fn coupon_gate_replays_a_recorded_refusal_byte_for_byte(first: Gate, s
     reuse.fingerprint = Fingerprint::from_stored("issue:other");
     assert_eq!(admit(first.as_ref(), &reuse).await, GateAnswer::Reused);
 
-    // A unit freed (the database took the holder's back): the key still replays its
-    // refusal, while a new key of the same user is admitted.
-    load(first.as_ref(), &snapshot(coupon(1, 1), &[]), at(7_000)).await;
+    // A unit freed (the holder's step refused, its unit given back): the key still
+    // replays its refusal, while a new key of the same user is admitted.
+    give_back(first.as_ref(), 1, 1, &holder.token).await;
     assert_eq!(admit(second.as_ref(), &retry).await, replayed);
     assert_eq!(
         admit(second.as_ref(), &request(1, 2, "k-2b", at(7_000))).await,
@@ -540,8 +597,10 @@ pub async fn coupon_gate_give_back_frees_exactly_its_own_unit(first: Gate, secon
 }
 
 /// A load replaces the state with the snapshot's holders (issued, whatever the gate held
-/// for them) and keeps the units pending for less than the stale-after of users the
-/// snapshot does not hold, with their tokens and admission times; stale ones are dropped.
+/// for them), keeps the users the gate held as issued that the snapshot lacks (written only
+/// after a commit, so true: the snapshot was read before it), and keeps the units pending
+/// for less than the stale-after of users held by neither, with their tokens and admission
+/// times; stale ones are dropped.
 pub async fn coupon_gate_load_keeps_fresh_pending_units_and_drops_stale_ones(
     first: Gate,
     second: Gate,
@@ -559,8 +618,8 @@ pub async fn coupon_gate_load_keeps_fresh_pending_units_and_drops_stale_ones(
     for r in [&stale, &edge, &fresh, &committed] {
         assert_eq!(admit(first.as_ref(), r).await, GateAnswer::Admitted);
     }
-    // User 4's step committed, user 9 lost the coupon in the database (the gate is never
-    // the truth), the stock grew; loaded at 15 s: user 1 has been pending for 14 s.
+    // User 4's step committed; user 9, issued, is not in this snapshot (read before its
+    // commit); the stock grew; loaded at 15 s: user 1 has been pending for 14 s.
     let mut grown = coupon(1, 20);
     grown.issue_ends_at = Some(at(90_000));
     load(
@@ -572,11 +631,15 @@ pub async fn coupon_gate_load_keeps_fresh_pending_units_and_drops_stale_ones(
     let state = view(first.as_ref(), 1).await;
     assert_eq!(
         (state.total, state.taken, state.issue_ends_at),
-        (20, 4, Some(at(90_000)))
+        (20, 5, Some(at(90_000)))
     );
     assert_eq!(
         issued(&state),
-        BTreeSet::from([(4, "k-4".to_owned()), (7, "k-7".to_owned())])
+        BTreeSet::from([
+            (4, "k-4".to_owned()),
+            (7, "k-7".to_owned()),
+            (9, "k-9".to_owned())
+        ])
     );
     assert_eq!(
         pending(&state),
@@ -587,19 +650,19 @@ pub async fn coupon_gate_load_keeps_fresh_pending_units_and_drops_stale_ones(
     give_back(first.as_ref(), 1, 3, &fresh.token).await;
     give_back(first.as_ref(), 1, 1, &stale.token).await;
     let state = view(second.as_ref(), 1).await;
-    assert_eq!(state.taken, 3);
+    assert_eq!(state.taken, 4);
     assert_eq!(pending(&state), BTreeSet::from([(2, at(5_000))]));
-    // User 9 is no holder any more.
+    // User 9 is still a holder: another key of it is already issued.
     assert_eq!(
         admit(first.as_ref(), &request(1, 9, "k-9b", at(20_000))).await,
-        GateAnswer::Admitted
+        ALREADY_ISSUED
     );
-    // Loading an empty snapshot later drops everything pending and issued.
+    // Loading an empty snapshot later drops everything pending, and no issued holder.
     load(first.as_ref(), &snapshot(coupon(1, 20), &[]), at(1_000_000)).await;
     let state = view(second.as_ref(), 1).await;
     assert_eq!(
         (state.taken, state.issued.len(), state.pending.len()),
-        (0, 0, 0)
+        (3, 3, 0)
     );
 }
 
@@ -676,12 +739,9 @@ pub async fn coupon_gate_sold_out_says_when_a_unit_is_pending_too_long(first: Ga
 /// A recorded refusal lives until the request's `expires_at` (on the caller's clock):
 /// replayed just before, answered afresh from then on, under a new expiry.
 pub async fn coupon_gate_recorded_refusal_expires_with_its_expiry(first: Gate, second: Gate) {
-    load(
-        first.as_ref(),
-        &snapshot(coupon(1, 1), &[(1, "k-1")]),
-        at(0),
-    )
-    .await;
+    load(first.as_ref(), &snapshot(coupon(1, 1), &[]), at(0)).await;
+    let holder = request(1, 1, "k-1", at(0));
+    assert_eq!(admit(first.as_ref(), &holder).await, GateAnswer::Admitted);
     let mut refused = request(1, 2, "k-2", at(0));
     refused.expires_at = at(60_000);
     assert_eq!(admit(first.as_ref(), &refused).await, SOLD_OUT);
@@ -694,7 +754,7 @@ pub async fn coupon_gate_recorded_refusal_expires_with_its_expiry(first: Gate, s
     );
 
     // Expired: the key is free. Another request under it is answered afresh...
-    load(first.as_ref(), &snapshot(coupon(1, 1), &[]), at(60_000)).await;
+    give_back(first.as_ref(), 1, 1, &holder.token).await;
     let mut after = request(1, 2, "k-2", at(60_000));
     after.fingerprint = Fingerprint::from_stored("issue:other");
     assert_eq!(admit(second.as_ref(), &after).await, GateAnswer::Admitted);

@@ -276,3 +276,87 @@ pub async fn idempotency_repo_purges_the_oldest_expired_first(stores: &Stores) {
     assert!(!left(alice, "last").await);
     assert!(left(bob, "live").await, "a live record is never purged");
 }
+
+/// `insert_refusal` stores a refusal decided without a step (the coupon gate's) as the
+/// key's REFUSED record, in the key space of its user only; a live record of the key (of a
+/// step, or an earlier refusal) stays and is returned instead; an expired one is replaced.
+pub async fn idempotency_repo_inserts_a_refusal_only_where_the_key_is_free(stores: &Stores) {
+    let keys = stores.idempotency.as_ref();
+    let alice = stores.users.create_user(t0()).await.unwrap();
+    let bob = stores.users.create_user(t0()).await.unwrap();
+    let sold_out = StoredResponse {
+        status: 422,
+        body: b"{\"code\":\"COUPON_SOLD_OUT\"}".to_vec(),
+    };
+    let mut record = key_record("g", "coupon_issue:alice", at(0), 10_000);
+    record.operation = OperationKind::CouponIssue;
+    let inserted = bounded(
+        "insert_refusal",
+        keys.insert_refusal(alice.id, &record, &sold_out),
+    )
+    .await
+    .unwrap();
+    assert_eq!(inserted, None);
+    let stored = CompletedRecord {
+        user_id: alice.id,
+        key: key("g"),
+        fingerprint: Fingerprint::from_stored("coupon_issue:alice"),
+        operation: OperationKind::CouponIssue,
+        outcome: RecordOutcome::Refused,
+        response: sold_out.clone(),
+        created_at: at(0),
+        expires_at: at(10_000),
+    };
+    assert_eq!(
+        keys.find(alice.id, &key("g"), at(1)).await.unwrap(),
+        Some(stored.clone())
+    );
+    // Bob's key space is his own.
+    assert_eq!(keys.find(bob.id, &key("g"), at(1)).await.unwrap(), None);
+
+    // A second refusal under the key, even of another request: the first stands.
+    let mut other = key_record("g", "coupon_issue:other", at(5), 10_000);
+    other.operation = OperationKind::CouponIssue;
+    let answer = StoredResponse {
+        status: 422,
+        body: b"other".to_vec(),
+    };
+    assert_eq!(
+        keys.insert_refusal(alice.id, &other, &answer)
+            .await
+            .unwrap(),
+        Some(stored.clone())
+    );
+    // A key a step wrote stands too, and is what the step stored.
+    let change = step(&bob, EntryKind::Charge, 100, "c", at(0));
+    let applied = stores.balances.apply(change).await.unwrap();
+    let mut refused = key_record("c", "coupon_issue:bob", at(10), 10_000);
+    refused.operation = OperationKind::CouponIssue;
+    let earlier = keys
+        .insert_refusal(bob.id, &refused, &sold_out)
+        .await
+        .unwrap()
+        .expect("the charge's record stands");
+    assert_eq!(
+        (earlier.outcome, earlier.response),
+        (RecordOutcome::Applied, applied.response)
+    );
+    // Expired: replaced by the new refusal.
+    let mut later = key_record("g", "coupon_issue:later", at(10_000), 5_000);
+    later.operation = OperationKind::CouponIssue;
+    assert_eq!(
+        keys.insert_refusal(alice.id, &later, &answer)
+            .await
+            .unwrap(),
+        None
+    );
+    let found = keys.find(alice.id, &key("g"), at(10_001)).await.unwrap();
+    assert_eq!(
+        found.map(|r| (r.fingerprint, r.response, r.expires_at)),
+        Some((
+            Fingerprint::from_stored("coupon_issue:later"),
+            answer,
+            at(15_000)
+        ))
+    );
+}
