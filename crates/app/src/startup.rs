@@ -144,6 +144,18 @@ pub async fn wire_with_locks(
     })
 }
 
+/// Rebuilds every coupon's admission gate from the database once, at start (a gate an
+/// earlier run left in Redis may be out of date); issues meanwhile go through the gate as
+/// it is, which the database step checks anyway.
+async fn rebuild_coupon_gates(service: BalanceService) {
+    match service.rebuild_coupon_gates().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(coupons = n, "coupon gates rebuilt from the database"),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"),
+            "could not rebuild the coupon gates at start; each is rebuilt when it is next found missing or stale"),
+    }
+}
+
 /// The coupon admission gate on the Redis of `REDIS_URL` (with the lock's key prefix), or
 /// none without Redis: then every issue is decided by the database step alone.
 ///
@@ -309,6 +321,7 @@ impl Application {
             background.push(tokio::spawn(telemetry::run_upkeep(handle)));
         }
         background.push(tokio::spawn(purge_expired_keys(wiring.service.clone())));
+        background.push(tokio::spawn(rebuild_coupon_gates(wiring.service.clone())));
         if config.audit_interval_secs > 0 {
             background.push(tokio::spawn(crate::audit::run_periodically(
                 Arc::clone(&wiring.auditor),

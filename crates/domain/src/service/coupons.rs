@@ -387,6 +387,36 @@ impl BalanceService {
 }
 
 impl BalanceService {
+    /// Rebuilds the gate of every coupon from the database (at start: a gate left by an
+    /// earlier run may be out of date), keeping what a rebuild keeps (issued holders, units
+    /// pending for less than a step can take). Returns how many were rebuilt; no gate, none.
+    ///
+    /// # Errors
+    /// The database cannot be read (a gate that cannot be written is logged and skipped:
+    /// it is rebuilt when it is next asked).
+    pub async fn rebuild_coupon_gates(&self) -> Result<u64, OperationError> {
+        let Some(gate) = self.ports.gate.clone() else {
+            return Ok(0);
+        };
+        let mut rebuilt = 0;
+        let mut after = None;
+        loop {
+            let ids = self.ports.coupons.coupon_ids(after, 500).await?;
+            let Some(last) = ids.last().copied() else {
+                return Ok(rebuilt);
+            };
+            after = Some(last);
+            for id in ids {
+                match self.rebuild_gate(gate.as_ref(), id).await {
+                    Ok(()) => rebuilt += 1,
+                    // Deleted meanwhile cannot happen (coupons are never deleted); skip it.
+                    Err(OperationError::CouponNotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
     /// [`audit_coupon_gate`] over this service's store and gate; no gate, no breaches.
     ///
     /// # Errors
