@@ -1,5 +1,6 @@
 //! `IdempotencyRepo`: the read side and the purge of completed records. Records are
-//! written only inside a balance step ([`crate::step`]).
+//! written inside a balance step ([`crate::step`]), and for a refusal the coupon gate
+//! decided, on their own (`insert_refusal`).
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
