@@ -9,7 +9,6 @@ use domain::IssueCoupon;
 use domain::model::NewCoupon;
 use domain::time::{parse_instant, truncate_to_millis};
 use domain::types::{CouponId, CouponName, UserId};
-use tracing::Instrument;
 
 use crate::AppState;
 use crate::auth::Principal;
@@ -17,8 +16,8 @@ use crate::body;
 use crate::dto::{
     CouponRequest, CouponResponse, IssueRequest, UserCouponResponse, UserCouponsResponse,
 };
-use crate::problem::{ApiError, read_error};
-use crate::routes::{ApiResult, json, path_id, stored};
+use crate::problem::read_error;
+use crate::routes::{ApiResult, detached, json, path_id};
 
 /// Create a coupon (an administrator's operation).
 #[utoipa::path(
@@ -115,11 +114,7 @@ pub async fn issue_coupon(
     let op = IssueCoupon { user, coupon, key };
     // On its own task, as every keyed change: a client that goes away must not cancel the
     // step half-way (between the commit and the gate's settling, say).
-    let span = tracing::Span::current();
-    let execution = tokio::spawn(async move { service.issue_coupon(op).await }.instrument(span))
-        .await
-        .map_err(|e| ApiError::from(domain::OperationError::Unexpected(e.into())))??;
-    Ok(stored(execution))
+    detached(async move { service.issue_coupon(op).await }).await
 }
 
 /// A user's coupons, newest first.

@@ -99,9 +99,17 @@ pub(crate) fn stored(execution: Execution) -> HttpResponse {
 /// half-way (between commit and lock release, say).
 async fn execute(state: &AppState, command: Arc<dyn Operation>) -> ApiResult {
     let service = state.service.clone();
+    detached(async move { service.execute(command).await }).await
+}
+
+/// Runs a keyed change on its own task and sends its stored answer.
+pub(crate) async fn detached<F>(change: F) -> ApiResult
+where
+    F: std::future::Future<Output = Result<Execution, OperationError>> + Send + 'static,
+{
     // The task keeps the request's span, so its log lines carry the request id too.
     let span = tracing::Span::current();
-    let execution = tokio::spawn(async move { service.execute(command).await }.instrument(span))
+    let execution = tokio::spawn(change.instrument(span))
         .await
         .map_err(|e| ApiError::from(domain::OperationError::Unexpected(e.into())))??;
     Ok(stored(execution))
