@@ -125,6 +125,7 @@ pub struct BalanceService {
     settings: Settings,
     claims: ClaimRegistry,
     known_users: known_users::KnownUsers,
+    rebuilds: coupons::Rebuilds,
 }
 
 /// What one attempt decided, from one read of the user (and what the operation reads).
@@ -140,6 +141,7 @@ impl BalanceService {
             settings,
             claims: ClaimRegistry::new(),
             known_users: known_users::KnownUsers::default(),
+            rebuilds: coupons::Rebuilds::default(),
         }
     }
 

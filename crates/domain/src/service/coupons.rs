@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
@@ -33,6 +33,23 @@ use crate::ports::{
 };
 use crate::telemetry as m;
 use crate::types::{CouponId, IdempotencyKey, UserId};
+
+/// The rebuilds of each coupon's gate in this instance, one at a time, and when the last
+/// one finished.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Rebuilds {
+    coupons: Arc<std::sync::Mutex<HashMap<CouponId, Arc<tokio::sync::Mutex<Option<Instant>>>>>>,
+}
+
+impl Rebuilds {
+    fn slot(&self, coupon: CouponId) -> Arc<tokio::sync::Mutex<Option<Instant>>> {
+        let mut coupons = self
+            .coupons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(coupons.entry(coupon).or_default())
+    }
+}
 
 /// The most coupons of one user a listing returns.
 pub const MAX_LISTED_COUPONS: u32 = 1_000;
@@ -95,6 +112,7 @@ impl BalanceService {
         let request = self.gate_request(&op);
         let mut rebuilt = false;
         loop {
+            let asked = Instant::now();
             let answer = match gate.admit(&request).await {
                 Ok(answer) => answer,
                 Err(e) => return self.without_gate(op, e).await,
@@ -102,7 +120,9 @@ impl BalanceService {
             match answer {
                 GateAnswer::Missing | GateAnswer::Refused { stale: true, .. } if !rebuilt => {
                     rebuilt = true;
-                    self.rebuild_gate(gate.as_ref(), op.coupon).await?;
+                    let missing = answer == GateAnswer::Missing;
+                    self.rebuild_gate_once(gate.as_ref(), op.coupon, asked, missing)
+                        .await?;
                 }
                 // Dropped again since the rebuild: the database answers this one.
                 GateAnswer::Missing | GateAnswer::Pass => {
@@ -255,6 +275,28 @@ impl BalanceService {
         self.settings
             .lock_wait
             .saturating_add(self.settings.lock_lease)
+    }
+
+    /// Rebuilds the gate unless, for a gate found `missing`, another request of this
+    /// instance finished rebuilding it after `asked` (then it is there: the requests that
+    /// find a gate missing together, after Redis lost its keys in a rush, wait for one
+    /// rebuild instead of each reading every holder from the database). A stale unit is
+    /// always rebuilt for afresh: the rebuild must read the database after it was seen.
+    async fn rebuild_gate_once(
+        &self,
+        gate: &dyn CouponGate,
+        coupon: CouponId,
+        asked: Instant,
+        missing: bool,
+    ) -> Result<(), OperationError> {
+        let slot = self.rebuilds.slot(coupon);
+        let mut finished = slot.lock().await;
+        if missing && finished.is_some_and(|at| at >= asked) {
+            return Ok(());
+        }
+        let result = self.rebuild_gate(gate, coupon).await;
+        *finished = Some(Instant::now());
+        result
     }
 
     async fn rebuild_gate(
