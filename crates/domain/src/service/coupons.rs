@@ -38,11 +38,14 @@ use crate::types::{CouponId, IdempotencyKey, UserId};
 /// one finished.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Rebuilds {
-    coupons: Arc<std::sync::Mutex<HashMap<CouponId, Arc<tokio::sync::Mutex<Option<Instant>>>>>>,
+    coupons: Arc<std::sync::Mutex<HashMap<CouponId, RebuildSlot>>>,
 }
 
+/// One coupon's rebuilds: held while one runs; when the last one finished.
+type RebuildSlot = Arc<tokio::sync::Mutex<Option<Instant>>>;
+
 impl Rebuilds {
-    fn slot(&self, coupon: CouponId) -> Arc<tokio::sync::Mutex<Option<Instant>>> {
+    fn slot(&self, coupon: CouponId) -> RebuildSlot {
         let mut coupons = self
             .coupons
             .lock()
