@@ -472,15 +472,9 @@ pub struct GateRequest {
     /// Names this admission, so only it can give its unit back.
     pub token: String,
     pub now: DateTime<Utc>,
-    /// When the record of this request's answer expires.
-    pub expires_at: DateTime<Utc>,
-    /// The bytes of each refusal the gate may answer.
-    pub sold_out: StoredResponse,
-    pub already_issued: StoredResponse,
-    pub not_open: StoredResponse,
 }
 
-/// Which refusal the gate answered (and recorded under the request's key).
+/// Which refusal the gate decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GateRefusal {
     SoldOut,

@@ -344,29 +344,15 @@ impl CouponGate for RedisCouponGate {
         }
         let keys = self.keys(request.coupon);
         let now = millis(request.now);
-        let expires = millis(request.expires_at);
         let stale_before = now.saturating_sub(duration_millis(self.config.stale_after));
-        let response = |r: &StoredResponse| {
-            [
-                Value::from(i64::from(r.status)),
-                Value::Bytes(r.body.clone().into()),
-            ]
-        };
-        let mut args = vec![
+        let args = vec![
             Value::from(request.user.get()),
             Value::from(request.key.as_str()),
             Value::from(request.fingerprint.as_str()),
             Value::from(request.token.as_str()),
             Value::from(now),
-            Value::from(expires),
-            // No record: a refusal is recorded (`record`) once the database has it, so the
-            // gate never holds an answer the database does not.
-            Value::from(0),
             Value::from(stale_before),
         ];
-        args.extend(response(&request.sold_out));
-        args.extend(response(&request.already_issued));
-        args.extend(response(&request.not_open));
         let mut redis_keys = keys.state();
         redis_keys.push(keys.record(request.user, &request.key));
         let reply = self.run("admit", &self.admit, redis_keys, args).await?;

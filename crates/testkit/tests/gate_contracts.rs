@@ -117,23 +117,14 @@ mod adapter {
         }
     }
 
-    fn request(user: i64, raw_key: &str, now_ms: i64, ttl_ms: i64) -> GateRequest {
-        let now = coupon(1).issue_starts_at + chrono::Duration::milliseconds(now_ms);
-        let refusal = |code: &str| StoredResponse {
-            status: 409,
-            body: code.as_bytes().to_vec(),
-        };
+    fn request(user: i64, raw_key: &str, now_ms: i64) -> GateRequest {
         GateRequest {
             coupon: CouponId::new(42).unwrap(),
             user: UserId::new(user).unwrap(),
             key: IdempotencyKey::parse(raw_key).unwrap(),
             fingerprint: Fingerprint::from_stored("fp"),
             token: "tok".to_owned(),
-            now,
-            expires_at: now + chrono::Duration::milliseconds(ttl_ms),
-            sold_out: refusal("SOLD_OUT"),
-            already_issued: refusal("ALREADY_ISSUED"),
-            not_open: refusal("NOT_OPEN"),
+            now: coupon(1).issue_starts_at + chrono::Duration::milliseconds(now_ms),
         }
     }
 
@@ -160,18 +151,14 @@ mod adapter {
             coupon: coupon(1),
             holders: Vec::new(),
         };
-        gate.load(
-            &snapshot,
-            request(1, "k", 0, 0).now,
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+        gate.load(&snapshot, request(1, "k", 0).now, Duration::from_secs(10))
+            .await
+            .unwrap();
         assert_eq!(
-            gate.admit(&request(7, "k-7", 5, 1)).await.unwrap(),
+            gate.admit(&request(7, "k-7", 5)).await.unwrap(),
             GateAnswer::Admitted
         );
-        let refused = request(8, "k-8", 6, 60_000);
+        let refused = request(8, "k-8", 6);
         assert_eq!(
             gate.admit(&refused).await.unwrap(),
             GateAnswer::Refused {
@@ -185,9 +172,12 @@ mod adapter {
             refused.user,
             &refused.key,
             &refused.fingerprint,
-            &refused.sold_out,
+            &StoredResponse {
+                status: 409,
+                body: b"SOLD_OUT".to_vec(),
+            },
             refused.now,
-            refused.expires_at,
+            refused.now + chrono::Duration::milliseconds(60_000),
         )
         .await
         .unwrap();
@@ -226,7 +216,7 @@ mod adapter {
             coupon: coupon(2),
             holders: Vec::new(),
         };
-        let first = request(1, "k-1", 0, 60_000);
+        let first = request(1, "k-1", 0);
         gate.load(&snapshot, first.now, Duration::from_secs(10))
             .await
             .unwrap();
@@ -235,11 +225,11 @@ mod adapter {
         redis.kill();
         assert_unavailable(
             "admit while down",
-            fast("admit", gate.admit(&request(2, "k-2", 1, 60_000))).await,
+            fast("admit", gate.admit(&request(2, "k-2", 1))).await,
         );
 
         redis.restart();
-        let second = request(2, "k-2", 2, 60_000);
+        let second = request(2, "k-2", 2);
         let answer = fast("recovery", async {
             loop {
                 match gate.admit(&second).await {
@@ -283,7 +273,7 @@ mod adapter {
             coupon: coupon(1),
             holders: Vec::new(),
         };
-        let request = request(1, "k-1", 0, 1_000);
+        let request = request(1, "k-1", 0);
         let (id, user) = (request.coupon, request.user);
         assert_unavailable("admit", fast("admit", gate.admit(&request)).await);
         assert_unavailable(

@@ -134,11 +134,7 @@ impl BalanceService {
                 GateAnswer::Refused { refusal, .. } => {
                     metrics::counter!(m::COUPON_GATE_ANSWERED_TOTAL, "answer" => refusal_label(refusal))
                         .increment(1);
-                    let response = match refusal {
-                        GateRefusal::SoldOut => request.sold_out.clone(),
-                        GateRefusal::AlreadyIssued => request.already_issued.clone(),
-                        GateRefusal::NotOpen => request.not_open.clone(),
-                    };
+                    let response = self.gate_refusal_bytes(op.coupon, refusal);
                     return self
                         .store_gate_refusal(gate.as_ref(), &op, &request, response)
                         .await;
@@ -180,12 +176,13 @@ impl BalanceService {
         request: &GateRequest,
         response: StoredResponse,
     ) -> Result<Execution, OperationError> {
+        let expires_at = self.record_expiry(request.now);
         let record = KeyRecord {
             key: op.key.clone(),
             fingerprint: request.fingerprint.clone(),
             operation: op.kind(),
             created_at: request.now,
-            expires_at: request.expires_at,
+            expires_at,
         };
         match self
             .ports
@@ -204,14 +201,14 @@ impl BalanceService {
                         &request.fingerprint,
                         &response,
                         request.now,
-                        request.expires_at,
+                        expires_at,
                     )
                     .await,
                 );
                 Ok(Execution {
                     response,
                     replayed: false,
-                    expires_at: request.expires_at,
+                    expires_at,
                 })
             }
             Some(earlier) => {
@@ -250,26 +247,26 @@ impl BalanceService {
     }
 
     fn gate_request(&self, op: &IssueCoupon) -> GateRequest {
-        let now = self.ports.clock.now();
-        let encode = |refusal: Refusal| self.ports.encoder.encode(&Outcome::Refused(refusal));
         GateRequest {
             coupon: op.coupon,
             user: op.user,
             key: op.key.clone(),
             fingerprint: op.fingerprint(),
             token: uuid::Uuid::new_v4().simple().to_string(),
-            now,
-            expires_at: self.record_expiry(now),
-            sold_out: encode(Refusal::CouponSoldOut {
-                coupon_id: op.coupon,
-            }),
-            already_issued: encode(Refusal::CouponAlreadyIssued {
-                coupon_id: op.coupon,
-            }),
-            not_open: encode(Refusal::CouponNotOpen {
-                coupon_id: op.coupon,
-            }),
+            now: self.ports.clock.now(),
         }
+    }
+
+    /// The stored bytes of a refusal of `coupon` the gate decided (encoded only once it
+    /// is decided: an admitted request never needs them).
+    fn gate_refusal_bytes(&self, coupon: CouponId, refusal: GateRefusal) -> StoredResponse {
+        let coupon_id = coupon;
+        let refusal = match refusal {
+            GateRefusal::SoldOut => Refusal::CouponSoldOut { coupon_id },
+            GateRefusal::AlreadyIssued => Refusal::CouponAlreadyIssued { coupon_id },
+            GateRefusal::NotOpen => Refusal::CouponNotOpen { coupon_id },
+        };
+        self.ports.encoder.encode(&Outcome::Refused(refusal))
     }
 
     /// How long a unit may stay pending before the gate treats its holder as gone: the
@@ -411,7 +408,8 @@ impl BalanceService {
                 // A user the database says holds one (issued under another key, by a step
                 // that has not confirmed it yet) keeps its unit: giving it back would let
                 // that user's next key be told "sold out" until the confirm.
-                if execution.response != request.already_issued {
+                let already = self.gate_refusal_bytes(coupon, GateRefusal::AlreadyIssued);
+                if execution.response != already {
                     settle(gate.give_back(coupon, user, &request.token).await);
                 }
                 metrics::counter!(m::COUPON_GATE_DISAGREED_TOTAL).increment(1);

@@ -3,14 +3,11 @@
 -- KEYS[1] gate     hash: total, taken, starts_ms, ends_ms (-1: never closes)
 -- KEYS[2] holders  hash: user -> 'I|key' (issued) or 'P|key|token' (pending)
 -- KEYS[3] pending  zset: user by admission ms
--- KEYS[4] record   hash: fp, status, body, expires_ms (a refusal recorded under the key)
+-- KEYS[4] record   hash: fp, status, body, expires_ms (an answer recorded under the key by
+--                  record.lua, once the database holds it; this script records nothing)
 --
 -- ARGV[1] user       ARGV[2] key         ARGV[3] fingerprint   ARGV[4] token
--- ARGV[5] now_ms     ARGV[6] expires_ms  ARGV[7] record_ttl_ms (<= 0: record nothing)
--- ARGV[8] stale_before_ms (a unit pending since before this is stale)
--- ARGV[9],  ARGV[10] status and body of SOLD_OUT
--- ARGV[11], ARGV[12] status and body of ALREADY_ISSUED
--- ARGV[13], ARGV[14] status and body of NOT_OPEN
+-- ARGV[5] now_ms     ARGV[6] stale_before_ms (a unit pending since before this is stale)
 --
 -- Answers {'missing'} | {'replay', status, body, expires_ms} | {'reused'} | {'pass'}
 --       | {'refused', kind, stale (0 or 1)} | {'admitted'}.
@@ -36,12 +33,7 @@ if r[1] then
   redis.call('DEL', record)
 end
 
-local function refuse(status, body, kind, stale)
-  if tonumber(ARGV[7]) > 0 then
-    redis.call('HSET', record, 'fp', fingerprint, 'status', status, 'body', body,
-      'expires_ms', ARGV[6])
-    redis.call('PEXPIRE', record, ARGV[7])
-  end
+local function refuse(kind, stale)
   return {'refused', kind, stale}
 end
 
@@ -51,20 +43,20 @@ if held then
   if string.sub(held, 1, 2) ~= 'I|' or string.sub(held, 3) == key then
     return {'pass'}
   end
-  return refuse(ARGV[11], ARGV[12], 'already_issued', 0)
+  return refuse('already_issued', 0)
 end
 
 local starts, ends = tonumber(g[3]), tonumber(g[4])
 if now < starts or (ends >= 0 and now >= ends) then
-  return refuse(ARGV[13], ARGV[14], 'not_open', 0)
+  return refuse('not_open', 0)
 end
 
 if tonumber(g[2]) >= tonumber(g[1]) then
   local stale = 0
-  if #redis.call('ZRANGEBYSCORE', pending, '-inf', '(' .. ARGV[8], 'LIMIT', 0, 1) > 0 then
+  if #redis.call('ZRANGEBYSCORE', pending, '-inf', '(' .. ARGV[6], 'LIMIT', 0, 1) > 0 then
     stale = 1
   end
-  return refuse(ARGV[9], ARGV[10], 'sold_out', stale)
+  return refuse('sold_out', stale)
 end
 
 redis.call('HINCRBY', gate, 'taken', 1)

@@ -88,17 +88,45 @@ fn response(status: u16, code: &str, user: i64, raw_key: &str) -> StoredResponse
     StoredResponse { status, body }
 }
 
+/// A request to the gate with what the service keeps beside it: the bytes of each refusal
+/// (its user and key in them, and bytes no text encoding keeps) and when a record of its
+/// answer expires. Derefs to the [`GateRequest`] the gate is given.
+#[derive(Debug, Clone)]
+struct Ask {
+    request: GateRequest,
+    expires_at: DateTime<Utc>,
+    sold_out: StoredResponse,
+    already_issued: StoredResponse,
+    not_open: StoredResponse,
+}
+
+impl std::ops::Deref for Ask {
+    type Target = GateRequest;
+
+    fn deref(&self) -> &GateRequest {
+        &self.request
+    }
+}
+
+impl std::ops::DerefMut for Ask {
+    fn deref_mut(&mut self) -> &mut GateRequest {
+        &mut self.request
+    }
+}
+
 /// A request of `user` under `raw_key` for a unit of `coupon` at `now`: its fingerprint
 /// names the user and key (a reuse changes it), its token is fresh, its refusals live for
 /// [`RECORD_MS`].
-fn request(coupon: i64, user: i64, raw_key: &str, now: DateTime<Utc>) -> GateRequest {
-    GateRequest {
-        coupon: coupon_id(coupon),
-        user: user_id(user),
-        key: key(raw_key),
-        fingerprint: Fingerprint::from_stored(format!("issue:{coupon}:{user}")),
-        token: uuid::Uuid::new_v4().simple().to_string(),
-        now,
+fn request(coupon: i64, user: i64, raw_key: &str, now: DateTime<Utc>) -> Ask {
+    Ask {
+        request: GateRequest {
+            coupon: coupon_id(coupon),
+            user: user_id(user),
+            key: key(raw_key),
+            fingerprint: Fingerprint::from_stored(format!("issue:{coupon}:{user}")),
+            token: uuid::Uuid::new_v4().simple().to_string(),
+            now,
+        },
         expires_at: now + chrono::Duration::milliseconds(RECORD_MS),
         sold_out: response(409, "COUPON_SOLD_OUT", user, raw_key),
         already_issued: response(409, "COUPON_ALREADY_ISSUED", user, raw_key),
@@ -109,7 +137,7 @@ fn request(coupon: i64, user: i64, raw_key: &str, now: DateTime<Utc>) -> GateReq
 /// An admission as the service makes it: a refusal it answers (not a stale one, which it
 /// asks again about after a rebuild) is stored in the database and then recorded at the
 /// gate with the request's bytes.
-async fn admit(gate: &dyn CouponGate, request: &GateRequest) -> GateAnswer {
+async fn admit(gate: &dyn CouponGate, request: &Ask) -> GateAnswer {
     let answer = admit_only(gate, request).await;
     if let GateAnswer::Refused {
         refusal,
@@ -220,7 +248,7 @@ fn pending(view: &GateView) -> BTreeSet<(i64, DateTime<Utc>)> {
         .collect()
 }
 
-fn replay_of(request: &GateRequest, response: &StoredResponse) -> GateAnswer {
+fn replay_of(request: &Ask, response: &StoredResponse) -> GateAnswer {
     GateAnswer::Replay {
         response: response.clone(),
         expires_at: request.expires_at,
@@ -826,7 +854,7 @@ async fn rush(
             let request = request(1, user, &format!("k-{user}"), now);
             tokio::spawn(async move {
                 let answer = admit(gate.as_ref(), &request).await;
-                (request, answer)
+                (request.request, answer)
             })
         })
         .collect();
