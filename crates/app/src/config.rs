@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use domain::types::Limits;
-use domain::{LockUnavailablePolicy, Settings};
+use domain::{GroupCommit, LockUnavailablePolicy, Settings};
 use secrecy::{ExposeSecret, SecretString};
 
 /// The largest integer a JSON number carries exactly to every client (2^53 − 1, IEEE
@@ -213,6 +213,17 @@ pub struct Config {
     pub lock_wait_ms: u64,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    /// Group commit: charges and uses that queue while a transaction commits share the next one.
+    #[arg(long, env = "GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub group_commit: bool,
+    /// Group commit across users: one queue for the instance, so users ready at once share a transaction (which then waits on its slowest row); false: a queue per user.
+    #[arg(long, env = "GROUP_COMMIT_ACROSS_USERS", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub group_commit_across_users: bool,
+    /// The most requests one group-commit transaction carries.
+    #[arg(long, env = "GROUP_COMMIT_MAX", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub group_commit_max: u32,
     /// Retries of a balance change after a lost optimistic race.
     #[arg(long, env = "OPTIMISTIC_RETRIES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub optimistic_retries: u32,
@@ -352,6 +363,14 @@ impl Config {
             },
             idempotency_ttl: Duration::from_secs(self.retention.idempotency_ttl_secs),
             limits,
+            group_commit: if self.group_commit {
+                GroupCommit::On {
+                    max_batch: self.group_commit_max as usize,
+                    across_users: self.group_commit_across_users,
+                }
+            } else {
+                GroupCommit::Off
+            },
         })
     }
 }

@@ -15,7 +15,7 @@ use app::startup::{self, Wiring};
 use async_trait::async_trait;
 use common::{Backend, TestApp, config, new_key};
 use domain::ports::{
-    Applied, BalanceChange, BalanceStore, LockError, LockKey, LockLease, LockManager,
+    Applied, BalanceChange, BalanceStore, BatchStep, LockError, LockKey, LockLease, LockManager,
     RefusalRecord, Release, StepError,
 };
 use domain::{BalanceService, Ports};
@@ -66,6 +66,27 @@ impl BalanceStore for LockWitness {
 
     async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError> {
         self.inner.record_refusal(refusal).await
+    }
+
+    /// A batch holds the lock of every user in it, from before the write to after the
+    /// commit, as a single step does.
+    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError> {
+        self.steps.fetch_add(batch.len(), Ordering::SeqCst);
+        for user in &batch.users {
+            if !self.lock_held(user.user_id).await {
+                self.unlocked.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let result = self.inner.apply_batch(batch).await;
+        for user in &batch.users {
+            if !self.lock_held(user.user_id).await {
+                self.unlocked.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        if matches!(result, Err(StepError::VersionConflict)) {
+            self.conflicts.fetch_add(1, Ordering::SeqCst);
+        }
+        result
     }
 }
 

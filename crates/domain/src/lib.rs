@@ -15,4 +15,4 @@ pub mod types;
 
 pub use error::OperationError;
 pub use operations::{Charge, IssueCoupon, Operation, OperationKind, Pay, Refund, UseBalance};
-pub use service::{BalanceService, Execution, LockUnavailablePolicy, Ports, Settings};
+pub use service::{BalanceService, Execution, GroupCommit, LockUnavailablePolicy, Ports, Settings};

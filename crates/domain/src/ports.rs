@@ -8,8 +8,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::idempotency::{CompletedRecord, Fingerprint, StoredResponse};
-use crate::model::{Coupon, HistoryPage, NewCoupon, Order, Payment, Refund, User, UserCoupon};
-use crate::operations::{Effect, OperationKind};
+use crate::model::{
+    Coupon, EntryKind, HistoryPage, NewCoupon, Order, Payment, Refund, User, UserCoupon,
+};
+use crate::operations::{Effect, Movement, OperationKind};
 use crate::outcome::Outcome;
 use crate::types::{
     Amount, Balance, CouponId, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserCouponId,
@@ -118,6 +120,13 @@ pub trait UserRepo: Send + Sync {
     /// # Errors
     /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
     async fn get_user(&self, id: UserId) -> Result<Option<User>, RepoError>;
+
+    /// The committed state of those of `ids` that exist, in any order, read together (one
+    /// round trip): what a batch of balance changes decides on.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn get_users(&self, ids: &[UserId]) -> Result<Vec<User>, RepoError>;
 
     /// The user's ledger entries with an id below `before` (all when `None`), newest first,
     /// at most `limit`; `next` is set when older entries remain.
@@ -273,6 +282,17 @@ pub trait IdempotencyRepo: Send + Sync {
         now: DateTime<Utc>,
     ) -> Result<Option<CompletedRecord>, RepoError>;
 
+    /// [`IdempotencyRepo::find`] for many keys at once (one round trip): the live
+    /// completed records among `keys`, in any order.
+    ///
+    /// # Errors
+    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
+    async fn find_many(
+        &self,
+        keys: &[(UserId, IdempotencyKey)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<CompletedRecord>, RepoError>;
+
     /// Stores a refusal that was decided without a balance step (by the coupon gate) as
     /// the completed record of (`user`, `key`), marked REFUSED, replacing an expired one;
     /// one statement, no lock and no users row. When a live record of that key exists,
@@ -366,6 +386,63 @@ pub struct RefusalRecord {
     pub response: StoredResponse,
 }
 
+/// Many balance changes of one or more users, decided together under their locks and
+/// written in one transaction (group commit): each user's row once (guarded by the version
+/// the batch read), every ledger entry and every key's record, committed all together or
+/// not at all. Only changes that move money with nothing but a ledger entry (charges and
+/// uses) are batched, and their responses name no id the store assigns, so they are built
+/// before the step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchStep {
+    /// The instant every write of the batch is made at.
+    pub at: DateTime<Utc>,
+    /// One entry per user, in ascending id order (the order rows are locked in).
+    pub users: Vec<UserBatch>,
+}
+
+/// One user's part of a [`BatchStep`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserBatch {
+    pub user_id: UserId,
+    /// The version the batch read; the row is written only while it is still this one,
+    /// and moves on by one (also when every request of the user was refused: the
+    /// refusals were decided on that version).
+    pub expected_version: u64,
+    /// The balance after the last of `writes` (the balance read when none moves money).
+    pub balance_after: Balance,
+    /// The user's requests in the order they were decided.
+    pub writes: Vec<BatchWrite>,
+}
+
+/// One request of a [`UserBatch`]: its key's record and, when it applied, its ledger entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchWrite {
+    pub key: KeyRecord,
+    /// The ledger entry of an applied change; `None` for a refusal (stored REFUSED).
+    pub ledger: Option<(EntryKind, Movement)>,
+    pub response: StoredResponse,
+}
+
+impl BatchWrite {
+    pub fn outcome(&self) -> crate::idempotency::RecordOutcome {
+        match self.ledger {
+            Some(_) => crate::idempotency::RecordOutcome::Applied,
+            None => crate::idempotency::RecordOutcome::Refused,
+        }
+    }
+}
+
+impl BatchStep {
+    /// How many requests the batch writes.
+    pub fn len(&self) -> usize {
+        self.users.iter().map(|user| user.writes.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
     /// The users row is no longer at `expected_version`: somebody else wrote it first.
@@ -448,6 +525,21 @@ pub trait BalanceStore: Send + Sync {
     /// # Errors
     /// As [`BalanceStore::apply`], for the version, the key and the user.
     async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError>;
+
+    /// Writes `batch` in one transaction: every user's row (balance and version), every
+    /// ledger entry (in the batch's order) and every key's record (APPLIED with its
+    /// ledger entry, REFUSED without one); nothing at all when an error is returned.
+    ///
+    /// # Errors
+    /// - MUST return [`StepError::VersionConflict`] (or [`StepError::UserNotFound`]) when a
+    ///   users row is missing or not at its `expected_version`;
+    /// - MUST return [`StepError::KeyTaken`] when a live record exists for one of the
+    ///   keys; MAY return it for an expired one too (the use case then runs the batch's
+    ///   requests one by one, and each of those replaces an expired record);
+    /// - MUST return [`StepError::Unavailable`] when the store cannot be reached or the
+    ///   commit failed with an unknown outcome; MAY return [`StepError::Aborted`] only
+    ///   when nothing was committed.
+    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError>;
 }
 
 // ---------------------------------------------------------------------------------------

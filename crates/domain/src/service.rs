@@ -39,6 +39,7 @@ use crate::types::{
     Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, PaymentId, UserId,
 };
 
+mod batch;
 mod coupons;
 mod known_users;
 
@@ -62,6 +63,22 @@ pub enum LockUnavailablePolicy {
     Fail,
 }
 
+/// Whether charges and uses share transactions (`GROUP_COMMIT`; see the `batch` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupCommit {
+    /// Every request is its own transaction.
+    #[default]
+    Off,
+    /// Requests that queue while a batch commits are written together in the next one,
+    /// at most `max_batch` of them. Each user has its own queue, so a batch holds up only
+    /// its own user; with `across_users`, one queue per instance, so the users ready at
+    /// once share one transaction (and wait on its slowest row).
+    On {
+        max_batch: usize,
+        across_users: bool,
+    },
+}
+
 /// The knobs of the use cases (the spec's configuration table).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -71,6 +88,7 @@ pub struct Settings {
     pub on_lock_unavailable: LockUnavailablePolicy,
     pub idempotency_ttl: Duration,
     pub limits: Limits,
+    pub group_commit: GroupCommit,
 }
 
 impl Default for Settings {
@@ -82,6 +100,7 @@ impl Default for Settings {
             on_lock_unavailable: LockUnavailablePolicy::Degrade,
             idempotency_ttl: Duration::from_secs(86_400),
             limits: Limits::default(),
+            group_commit: GroupCommit::Off,
         }
     }
 }
@@ -126,6 +145,7 @@ pub struct BalanceService {
     claims: ClaimRegistry,
     known_users: known_users::KnownUsers,
     rebuilds: coupons::Rebuilds,
+    committer: batch::Committer,
 }
 
 /// What one attempt decided, from one read of the user (and what the operation reads).
@@ -142,6 +162,7 @@ impl BalanceService {
             claims: ClaimRegistry::new(),
             known_users: known_users::KnownUsers::default(),
             rebuilds: coupons::Rebuilds::default(),
+            committer: batch::Committer::default(),
         }
     }
 
@@ -164,6 +185,11 @@ impl BalanceService {
     /// Keys this instance is running right now.
     pub fn in_flight(&self) -> usize {
         self.claims.in_flight()
+    }
+
+    /// Requests waiting for their batch (group commit), not counting the running one.
+    pub fn queued(&self) -> usize {
+        self.committer.queued()
     }
 
     // -----------------------------------------------------------------------------------
@@ -345,6 +371,11 @@ impl BalanceService {
     /// `KeyReused`, `LockTimeout`, `Unavailable` and `Unexpected`. Business refusals are
     /// `Ok` with their stored problem response.
     pub async fn execute(&self, op: Arc<dyn Operation>) -> Result<Execution, OperationError> {
+        if let GroupCommit::On { .. } = self.settings.group_commit
+            && op.batchable()
+        {
+            return self.submit(op).await;
+        }
         self.run(op).await.map(|(execution, _)| execution)
     }
 
@@ -448,21 +479,31 @@ impl BalanceService {
                 metrics::counter!(m::LOCK_TIMEOUTS_TOTAL).increment(1);
                 Err(OperationError::LockTimeout)
             }
-            Err(LockError::Unavailable(cause)) => match self.settings.on_lock_unavailable {
-                LockUnavailablePolicy::Degrade => {
-                    metrics::counter!(m::LOCK_DEGRADED_TOTAL).increment(1);
-                    tracing::warn!(lock = key.as_str(), error = %cause,
-                        "lock service unavailable: going on under the database guard alone");
-                    Ok(None)
-                }
-                LockUnavailablePolicy::Fail => {
-                    metrics::counter!(m::LOCK_UNAVAILABLE_TOTAL).increment(1);
-                    tracing::warn!(lock = key.as_str(), error = %cause,
-                        "lock service unavailable: refusing the balance change");
-                    Err(OperationError::Unavailable(cause))
-                }
-            },
+            Err(LockError::Unavailable(cause)) => self.lock_unavailable(&key, cause),
             Err(LockError::Unexpected(cause)) => Err(OperationError::Unexpected(cause)),
+        }
+    }
+
+    /// What `LOCK_ON_REDIS_DOWN` says when the lock service cannot be reached: `Ok(None)`,
+    /// go on under the database guard alone, or 503.
+    fn lock_unavailable(
+        &self,
+        key: &LockKey,
+        cause: anyhow::Error,
+    ) -> Result<Option<HeldLock>, OperationError> {
+        match self.settings.on_lock_unavailable {
+            LockUnavailablePolicy::Degrade => {
+                metrics::counter!(m::LOCK_DEGRADED_TOTAL).increment(1);
+                tracing::warn!(lock = key.as_str(), error = %cause,
+                    "lock service unavailable: going on under the database guard alone");
+                Ok(None)
+            }
+            LockUnavailablePolicy::Fail => {
+                metrics::counter!(m::LOCK_UNAVAILABLE_TOTAL).increment(1);
+                tracing::warn!(lock = key.as_str(), error = %cause,
+                    "lock service unavailable: refusing the balance change");
+                Err(OperationError::Unavailable(cause))
+            }
         }
     }
 

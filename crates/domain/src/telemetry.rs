@@ -44,3 +44,11 @@ pub const COUPON_GATE_REBUILDS_TOTAL: &str = "coupon_gate_rebuilds_total";
 pub const COUPON_GATE_DISAGREED_TOTAL: &str = "coupon_gate_disagreed_total";
 /// Issues that ran under the database guard alone because the gate could not be asked.
 pub const COUPON_GATE_BYPASSED_TOTAL: &str = "coupon_gate_bypassed_total";
+/// Requests per group-commit transaction (histogram).
+pub const BATCH_SIZE: &str = "balance_batch_size";
+/// Group-commit transactions run (counter; its rate is batches per second).
+pub const BATCHES_TOTAL: &str = "balance_batches_total";
+/// Seconds a request waited in the queue before its batch began (histogram).
+pub const BATCH_QUEUED_SECONDS: &str = "balance_batch_queued_seconds";
+/// Batches whose transaction failed and whose requests were then run one by one (counter).
+pub const BATCH_FALLBACKS_TOTAL: &str = "balance_batch_fallbacks_total";

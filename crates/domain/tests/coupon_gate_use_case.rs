@@ -78,6 +78,7 @@ fn settings(policy: LockUnavailablePolicy) -> Settings {
         on_lock_unavailable: policy,
         idempotency_ttl: Duration::from_secs(TTL_SECS.unsigned_abs()),
         limits: Limits::default(),
+        ..Settings::default()
     }
 }
 

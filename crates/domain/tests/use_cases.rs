@@ -27,17 +27,17 @@ use domain::model::{EntryKind, Order, OrderStatus, User};
 use domain::operations::Effect;
 use domain::outcome::{BalanceReceipt, Outcome, PaymentReceipt, Refusal};
 use domain::ports::{
-    Applied, Assigned, BalanceChange, BalanceStore, Clock, IdempotencyRepo, KeyRecord, LockError,
-    LockKey, LockLease, LockManager, MockBalanceStore, MockCouponRepo, MockIdempotencyRepo,
-    MockLockManager, MockOrderRepo, MockUserRepo, OrderRepo, RefusalRecord, Release, RepoError,
-    ResponseEncoder, StepError, UserRepo,
+    Applied, Assigned, BalanceChange, BalanceStore, BatchStep, Clock, IdempotencyRepo, KeyRecord,
+    LockError, LockKey, LockLease, LockManager, MockBalanceStore, MockCouponRepo,
+    MockIdempotencyRepo, MockLockManager, MockOrderRepo, MockUserRepo, OrderRepo, RefusalRecord,
+    Release, RepoError, ResponseEncoder, StepError, UserRepo,
 };
 use domain::types::{
     Amount, Balance, EntryId, IdempotencyKey, Limits, OrderId, PageLimit, PaymentId, UserId,
 };
 use domain::{
-    BalanceService, Charge, Execution, LockUnavailablePolicy, Operation, OperationError, Pay,
-    Ports, Settings, UseBalance,
+    BalanceService, Charge, Execution, GroupCommit, LockUnavailablePolicy, Operation,
+    OperationError, Pay, Ports, Settings, UseBalance,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -67,6 +67,7 @@ fn settings() -> Settings {
         on_lock_unavailable: LockUnavailablePolicy::Degrade,
         idempotency_ttl: Duration::from_secs(TTL_SECS.unsigned_abs()),
         limits: limits(),
+        group_commit: GroupCommit::Off,
     }
 }
 
@@ -1563,6 +1564,11 @@ impl BalanceStore for StuckStore {
     }
 
     async fn record_refusal(&self, _refusal: RefusalRecord) -> Result<(), StepError> {
+        self.entered.notify_one();
+        std::future::pending().await
+    }
+
+    async fn apply_batch(&self, _batch: &BatchStep) -> Result<(), StepError> {
         self.entered.notify_one();
         std::future::pending().await
     }

@@ -16,8 +16,8 @@ use domain::model::{
 };
 use domain::operations::{Effect, IssueEffect, RefundEffect};
 use domain::ports::{
-    Applied, Assigned, BalanceChange, BalanceStore, CouponRepo, GateSnapshot, IdempotencyRepo,
-    KeyRecord, OrderRepo, RefusalRecord, RepoError, StepError, UserRepo,
+    Applied, Assigned, BalanceChange, BalanceStore, BatchStep, CouponRepo, GateSnapshot,
+    IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord, RepoError, StepError, UserRepo,
 };
 use domain::types::{
     Amount, Balance, CouponId, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserCouponId,
@@ -579,6 +579,73 @@ impl State {
         Some(order.clone())
     }
 
+    /// Every check first (each user at its version, every key free or expired), then
+    /// every write: all of the batch or none of it.
+    fn apply_batch(&mut self, batch: &BatchStep) -> Result<(), StepError> {
+        for user in &batch.users {
+            let found = self
+                .users
+                .get(&user.user_id)
+                .ok_or(StepError::UserNotFound)?;
+            if found.version != user.expected_version {
+                return Err(StepError::VersionConflict);
+            }
+            user.expected_version
+                .checked_add(1)
+                .context("the user's version overflowed")?;
+            for write in &user.writes {
+                if self
+                    .live_record(user.user_id, write.key.key.as_str(), batch.at)
+                    .is_some()
+                {
+                    return Err(StepError::KeyTaken);
+                }
+            }
+        }
+        let entries = batch
+            .users
+            .iter()
+            .flat_map(|u| &u.writes)
+            .filter(|w| w.ledger.is_some());
+        let last_entry = self
+            .last_entry_id
+            .checked_add(entries.count() as i64)
+            .context("ledger entry ids ran out")?;
+        EntryId::new(last_entry).context("ledger entry ids ran out")?;
+        for user in &batch.users {
+            if let Some(row) = self.users.get_mut(&user.user_id) {
+                row.balance = user.balance_after;
+                row.version = user.expected_version.saturating_add(1);
+            }
+            for write in &user.writes {
+                if let Some((kind, movement)) = write.ledger {
+                    let id = next_id(self.last_entry_id, EntryId::new)?;
+                    self.ledgers
+                        .entry(user.user_id)
+                        .or_default()
+                        .push(LedgerEntry {
+                            id,
+                            user_id: user.user_id,
+                            kind,
+                            amount: movement.amount,
+                            balance_after: movement.balance_after,
+                            idempotency_key: Some(write.key.key.clone()),
+                            created_at: batch.at,
+                        });
+                    self.key_expiry.insert(id, write.key.expires_at);
+                    self.last_entry_id = id.get();
+                }
+                self.put_record(
+                    user.user_id,
+                    write.key.clone(),
+                    write.outcome(),
+                    write.response.clone(),
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn record_refusal(&mut self, refusal: RefusalRecord) -> Result<(), StepError> {
         let RefusalRecord {
             user_id,
@@ -693,6 +760,14 @@ impl UserRepo for MemoryStore {
 
     async fn get_user(&self, id: UserId) -> Result<Option<User>, RepoError> {
         Ok(self.state().users.get(&id).cloned())
+    }
+
+    async fn get_users(&self, ids: &[UserId]) -> Result<Vec<User>, RepoError> {
+        let state = self.state();
+        Ok(ids
+            .iter()
+            .filter_map(|id| state.users.get(id).cloned())
+            .collect())
     }
 
     async fn history(
@@ -824,6 +899,18 @@ impl IdempotencyRepo for MemoryStore {
         Ok(self.state().live_record(user, key.as_str(), now).cloned())
     }
 
+    async fn find_many(
+        &self,
+        keys: &[(UserId, IdempotencyKey)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<CompletedRecord>, RepoError> {
+        let state = self.state();
+        Ok(keys
+            .iter()
+            .filter_map(|(user, key)| state.live_record(*user, key.as_str(), now).cloned())
+            .collect())
+    }
+
     async fn insert_refusal(
         &self,
         user: UserId,
@@ -851,6 +938,10 @@ impl BalanceStore for MemoryStore {
 
     async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError> {
         self.state().record_refusal(refusal)
+    }
+
+    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError> {
+        self.state().apply_batch(batch)
     }
 }
 

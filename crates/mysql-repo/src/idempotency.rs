@@ -62,6 +62,14 @@ impl IdempotencyRepo for MySqlStore {
         }))
     }
 
+    async fn find_many(
+        &self,
+        keys: &[(UserId, IdempotencyKey)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<CompletedRecord>, RepoError> {
+        crate::batch::find_many(&self.pool, keys, now).await
+    }
+
     async fn insert_refusal(
         &self,
         user: UserId,

@@ -15,6 +15,7 @@
 mod retry;
 
 mod audit;
+mod batch;
 mod convert;
 mod coupons;
 mod error;

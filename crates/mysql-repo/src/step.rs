@@ -17,7 +17,8 @@ use domain::idempotency::{RecordOutcome, StoredResponse};
 use domain::model::CouponUse;
 use domain::operations::{Effect, IssueEffect, Movement, RefundEffect};
 use domain::ports::{
-    Applied, Assigned, BalanceChange, BalanceStore, KeyRecord, RefusalRecord, Responder, StepError,
+    Applied, Assigned, BalanceChange, BalanceStore, BatchStep, KeyRecord, RefusalRecord, Responder,
+    StepError,
 };
 use domain::types::{OrderId, PaymentId, RefundId, UserCouponId, UserId};
 use sqlx::pool::PoolConnection;
@@ -57,6 +58,10 @@ impl BalanceStore for MySqlStore {
         let mut conn = tested_connection(&self.pool).await.map_err(step)?;
         let tx = conn.begin().await.map_err(step)?;
         refuse_tx(tx, &refusal).await
+    }
+
+    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError> {
+        crate::batch::apply_batch(&self.pool, batch).await
     }
 }
 

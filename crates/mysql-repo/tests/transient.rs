@@ -14,7 +14,7 @@ use domain::idempotency::StoredResponse;
 use domain::operations::{Effect, Movement, OperationKind, charge};
 use domain::outcome::Outcome;
 use domain::ports::{
-    Applied, Auditor, BalanceChange, BalanceStore, Clock, IdempotencyRepo, KeyRecord,
+    Applied, Auditor, BalanceChange, BalanceStore, BatchStep, Clock, IdempotencyRepo, KeyRecord,
     RefusalRecord, ResponseEncoder, StepError, SystemClock, UserRepo,
 };
 use domain::types::{Amount, Balance, IdempotencyKey, UserId};
@@ -55,6 +55,11 @@ impl BalanceStore for CountingStore {
     async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError> {
         self.started.fetch_add(1, Ordering::SeqCst);
         self.inner.record_refusal(refusal).await
+    }
+
+    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        self.inner.apply_batch(batch).await
     }
 }
 

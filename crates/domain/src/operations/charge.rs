@@ -38,6 +38,10 @@ impl Operation for Charge {
         fingerprint(self.user, self.amount)
     }
 
+    fn batchable(&self) -> bool {
+        true
+    }
+
     fn decide(&self, state: &State, limits: &Limits) -> Result<Effect, Decline> {
         let balance = state.user.balance;
         Movement::of(EntryKind::Charge, balance, self.amount, limits)

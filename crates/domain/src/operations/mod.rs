@@ -299,6 +299,14 @@ pub trait Operation: Send + Sync + std::fmt::Debug {
         Reads::default()
     }
 
+    /// Whether requests of this operation may share a transaction with others (group
+    /// commit): true only for an operation that reads nothing but the user, whose effect
+    /// moves money with nothing but its ledger entry, and whose outcome names no id the
+    /// store assigns (its response can be built before the step).
+    fn batchable(&self) -> bool {
+        false
+    }
+
     /// Pure: what to write on `state`, or why not.
     ///
     /// # Errors

@@ -38,6 +38,10 @@ impl Operation for UseBalance {
         fingerprint(self.user, self.amount)
     }
 
+    fn batchable(&self) -> bool {
+        true
+    }
+
     fn decide(&self, state: &State, limits: &Limits) -> Result<Effect, Decline> {
         let balance = state.user.balance;
         Movement::of(EntryKind::Use, balance, self.amount, limits)

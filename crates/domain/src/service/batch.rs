@@ -1,0 +1,835 @@
+//! Group commit: charges and uses that queue while a transaction commits are written
+//! together in the next one.
+//!
+//! Every batchable request ([`Operation::batchable`]: charges and uses) claims its key
+//! in this instance, as any request does, and joins one queue. When no batch is running,
+//! the request's own batch starts at once, alone: nothing waits for company, there is no
+//! timer. While a batch runs, arrivals queue; when it has committed, the next batch takes
+//! everything queued (at most `max_batch`):
+//!
+//! 1. **locks**: the lock of each of its users is tried at once, all sent together (one
+//!    round trip on a pipelined connection; on a cluster each to its slot's node). A user
+//!    whose lock is held elsewhere leaves the batch: its requests wait for that one lock
+//!    on their own, holding no other (so two batches never wait on each other);
+//! 2. **read**: the users and the keys' records, two queries, side by side;
+//! 3. **decide**: each request in arrival order against its user's running balance; a
+//!    replay answers its stored record, a refusal is stored for that request alone, a
+//!    second request with a key already in the batch waits for the first and replays it;
+//! 4. **write** one transaction ([`crate::ports::BalanceStore::apply_batch`]): each
+//!    user's row once, guarded by the version read in 2, every ledger entry and record;
+//! 5. **answer** each request, then release the locks (held across the commit).
+//!
+//! A transaction that fails does not fail the requests in it: they are run again one by
+//! one under the same locks, on the ordinary path (fresh read, own retries), and each gets
+//! the answer it would have got alone. Only a commit of unknown outcome (the store
+//! unreachable) is answered 503 to all: the batch may have committed, and each client's
+//! retry with its key replays or runs afresh, as after any 503.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_util::future::{join, join_all};
+use tokio::sync::oneshot;
+
+use super::{BalanceService, Execution, GroupCommit, HeldLock};
+use crate::claims::Claim;
+use crate::error::OperationError;
+use crate::idempotency::{
+    Admission, CompletedRecord, Fingerprint, KeyState, RecordOutcome, StoredResponse,
+};
+use crate::model::User;
+use crate::operations::{AppliedEffect, Decline, Operation, State};
+use crate::outcome::Outcome;
+use crate::ports::{
+    Assigned, BatchStep, BatchWrite, KeyRecord, LockError, LockKey, ResponseEncoder, StepError,
+    UserBatch,
+};
+use crate::telemetry as m;
+use crate::types::{IdempotencyKey, Limits, UserId};
+
+type Reply = Result<Execution, OperationError>;
+
+/// A request waiting for its batch.
+#[derive(Debug)]
+struct Pending {
+    op: Arc<dyn Operation>,
+    fingerprint: Fingerprint,
+    /// The key's in-flight claim: held until the request is answered.
+    _claim: Claim,
+    queued_at: Instant,
+    reply: oneshot::Sender<Reply>,
+}
+
+impl Pending {
+    fn answer(self, reply: Reply) {
+        let Pending {
+            _claim: claim,
+            reply: answered,
+            ..
+        } = self;
+        // The key is free again before the client hears of it, so its retry (or a lookup)
+        // right after the answer finds the record, not the request in flight.
+        drop(claim);
+        // The client may have gone away; what was written stays written and replays.
+        let _ = answered.send(reply);
+    }
+}
+
+/// Which queue a request joins: its user's own, or (across users) the instance's one.
+type Lane = Option<UserId>;
+
+/// The queues of this instance's batches, one per lane; a lane with no entry has no drain.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Committer {
+    lanes: Arc<Mutex<HashMap<Lane, VecDeque<Pending>>>>,
+}
+
+impl Committer {
+    fn lanes(&self) -> MutexGuard<'_, HashMap<Lane, VecDeque<Pending>>> {
+        // Only short, non-panicking sections hold it; poisoned, the map is still consistent.
+        self.lanes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `pending` in `lane`; true when the lane has no drain, so the caller starts one.
+    fn push(&self, lane: Lane, pending: Pending) -> bool {
+        let mut lanes = self.lanes();
+        let mut started = false;
+        let queue = lanes.entry(lane).or_insert_with(|| {
+            started = true;
+            VecDeque::new()
+        });
+        queue.push_back(pending);
+        started
+    }
+
+    /// The lane's next batch: what queued, at most `max`; when nothing did, the lane and
+    /// its drain end (in the same critical section, so a request queued after this starts
+    /// a new one).
+    fn next_batch(&self, lane: Lane, max: usize) -> Vec<Pending> {
+        let mut lanes = self.lanes();
+        let Some(queue) = lanes.get_mut(&lane) else {
+            return Vec::new();
+        };
+        if queue.is_empty() {
+            lanes.remove(&lane);
+            return Vec::new();
+        }
+        let take = queue.len().min(max.max(1));
+        queue.drain(..take).collect()
+    }
+
+    /// The lane's drain stopped without finishing (a panic): nobody takes its queue.
+    fn abandon(&self, lane: Lane) -> Vec<Pending> {
+        self.lanes()
+            .remove(&lane)
+            .map(Vec::from)
+            .unwrap_or_default()
+    }
+
+    pub(super) fn queued(&self) -> usize {
+        self.lanes().values().map(VecDeque::len).sum()
+    }
+}
+
+/// Answers what is queued if the drain ends by a panic, so no request waits forever and
+/// the next one starts a new drain.
+struct DrainGuard {
+    committer: Committer,
+    lane: Lane,
+    finished: bool,
+}
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            for pending in self.committer.abandon(self.lane) {
+                pending.answer(Err(OperationError::Unexpected(anyhow::anyhow!(
+                    "the batch runner stopped before this request's batch"
+                ))));
+            }
+        }
+    }
+}
+
+/// What trying a user's lock without waiting found.
+enum TryLock {
+    /// Ours (`None`: the lock service is down and the policy goes on without it).
+    Held(Option<HeldLock>),
+    /// Held by somebody else.
+    Busy,
+}
+
+/// How a request of a batch is answered.
+#[derive(Debug)]
+enum Answer {
+    /// Decided without a write: a replay, a reused key, a missing user.
+    Now(Reply),
+    /// Its record (and ledger entry) is in the batch's transaction.
+    Written {
+        response: StoredResponse,
+        outcome: RecordOutcome,
+    },
+    /// Its key is written by an earlier request of the batch (at this index), with the
+    /// same fingerprint: it replays that one's answer.
+    SameAs(usize),
+}
+
+impl BalanceService {
+    /// The path of a batchable request: claim, queue, wait for the batch's answer.
+    pub(super) async fn submit(&self, op: Arc<dyn Operation>) -> Reply {
+        let fingerprint = op.fingerprint();
+        let user = op.user();
+        let claim = self
+            .claims
+            .claim(op.user(), op.key(), &fingerprint)
+            .map_err(|refusal| self.refused_admission(op.kind(), refusal))?;
+        let (reply, answered) = oneshot::channel();
+        let pending = Pending {
+            op,
+            fingerprint,
+            _claim: claim,
+            queued_at: Instant::now(),
+            reply,
+        };
+        let lane = match self.settings.group_commit {
+            GroupCommit::On {
+                across_users: true, ..
+            } => None,
+            _ => Some(user),
+        };
+        if self.committer.push(lane, pending) {
+            // Spawned, so a client that goes away cancels nothing of a batch.
+            let service = self.clone();
+            tokio::spawn(async move { service.drain(lane).await });
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(OperationError::Unexpected(anyhow::anyhow!(
+                "the request's batch ended without answering it"
+            )))
+        })
+    }
+
+    fn max_batch(&self) -> usize {
+        match self.settings.group_commit {
+            GroupCommit::On { max_batch, .. } => max_batch,
+            GroupCommit::Off => 1,
+        }
+    }
+
+    /// Runs the lane's batches until nothing is queued in it.
+    async fn drain(self, lane: Lane) {
+        let mut guard = DrainGuard {
+            committer: self.committer.clone(),
+            lane,
+            finished: false,
+        };
+        loop {
+            let batch = self.committer.next_batch(lane, self.max_batch());
+            if batch.is_empty() {
+                guard.finished = true;
+                return;
+            }
+            self.commit_batch(batch).await;
+        }
+    }
+
+    async fn commit_batch(&self, batch: Vec<Pending>) {
+        metrics::histogram!(m::BATCH_SIZE).record(batch.len() as f64);
+        metrics::counter!(m::BATCHES_TOTAL).increment(1);
+        let mut by_user: BTreeMap<UserId, Vec<Pending>> = BTreeMap::new();
+        for pending in batch {
+            metrics::histogram!(m::BATCH_QUEUED_SECONDS)
+                .record(pending.queued_at.elapsed().as_secs_f64());
+            by_user.entry(pending.op.user()).or_default().push(pending);
+        }
+        let tried = join_all(by_user.keys().map(|user| self.try_lock_user(*user))).await;
+        let mut ready = Vec::with_capacity(by_user.len());
+        let mut locks = Vec::with_capacity(by_user.len());
+        for ((user, group), tried) in by_user.into_iter().zip(tried) {
+            match tried {
+                Ok(TryLock::Held(lock)) => {
+                    ready.push(group);
+                    locks.extend(lock);
+                }
+                Ok(TryLock::Busy) => {
+                    // Held by another instance (or a request here that is not batched):
+                    // these wait for that lock alone, holding no other.
+                    let service = self.clone();
+                    tokio::spawn(async move { service.commit_alone(user, group).await });
+                }
+                Err(error) => answer_all(group, &error),
+            }
+        }
+        self.commit_locked(ready, locks).await;
+    }
+
+    /// One user's requests whose lock was busy: waited for as any request waits for it.
+    async fn commit_alone(&self, user: UserId, group: Vec<Pending>) {
+        match self.lock_user(user).await {
+            Ok(lock) => {
+                self.commit_locked(vec![group], lock.into_iter().collect())
+                    .await
+            }
+            Err(error) => answer_all(group, &error),
+        }
+    }
+
+    /// Takes the user's lock if it is free, without waiting.
+    async fn try_lock_user(&self, user: UserId) -> Result<TryLock, OperationError> {
+        let key = LockKey::user_balance(user);
+        let acquired = self
+            .ports
+            .locks
+            .acquire(&key, Duration::ZERO, self.settings.lock_lease)
+            .await;
+        match acquired {
+            Ok(lease) => {
+                metrics::counter!(m::LOCK_ACQUIRED_TOTAL).increment(1);
+                Ok(TryLock::Held(Some(HeldLock {
+                    locks: Arc::clone(&self.ports.locks),
+                    lease: Some(lease),
+                })))
+            }
+            Err(LockError::Timeout) => Ok(TryLock::Busy),
+            Err(LockError::Unavailable(cause)) => {
+                self.lock_unavailable(&key, cause).map(TryLock::Held)
+            }
+            Err(LockError::Unexpected(cause)) => Err(OperationError::Unexpected(cause)),
+        }
+    }
+
+    /// Reads, decides, writes and answers `groups` (one per user, ascending) under `locks`,
+    /// then releases them.
+    async fn commit_locked(&self, groups: Vec<Vec<Pending>>, locks: Vec<HeldLock>) {
+        if !groups.is_empty() {
+            self.write_and_answer(groups.into_iter().flatten().collect())
+                .await;
+        }
+        join_all(locks.into_iter().map(HeldLock::release)).await;
+    }
+
+    async fn write_and_answer(&self, batch: Vec<Pending>) {
+        let now = self.ports.clock.now();
+        let mut ids: Vec<UserId> = batch.iter().map(|p| p.op.user()).collect();
+        ids.dedup();
+        let keys: Vec<(UserId, IdempotencyKey)> = batch
+            .iter()
+            .map(|p| (p.op.user(), p.op.key().clone()))
+            .collect();
+        let (users, records) = join(
+            self.ports.users.get_users(&ids),
+            self.ports.keys.find_many(&keys, now),
+        )
+        .await;
+        let (users, records) = match (users, records) {
+            (Ok(users), Ok(records)) => (users, records),
+            (Err(e), _) | (_, Err(e)) => {
+                let error = OperationError::from(e);
+                return answer_all(batch, &error);
+            }
+        };
+        let expires_at = self.record_expiry(now);
+        let decided = {
+            let items: Vec<(&dyn Operation, &Fingerprint)> = batch
+                .iter()
+                .map(|p| (p.op.as_ref(), &p.fingerprint))
+                .collect();
+            plan(
+                &items,
+                &Read {
+                    users,
+                    records,
+                    now,
+                    expires_at,
+                },
+                &self.settings.limits,
+                self.ports.encoder.as_ref(),
+            )
+        };
+        let (step, answers) = decided;
+        if step.is_empty() {
+            return self.answer(batch, answers, expires_at);
+        }
+        match self.ports.store.apply_batch(&step).await {
+            Ok(()) => self.answer(batch, answers, expires_at),
+            Err(StepError::Unavailable(cause)) => {
+                // The commit's outcome is unknown: every written request may have happened.
+                let error = OperationError::Unavailable(cause);
+                for (pending, answer) in batch.into_iter().zip(answers) {
+                    match answer {
+                        Answer::Now(reply) => pending.answer(reply),
+                        Answer::Written { .. } | Answer::SameAs(_) => {
+                            pending.answer(Err(again(&error)));
+                        }
+                    }
+                }
+            }
+            Err(failed) => {
+                metrics::counter!(m::BATCH_FALLBACKS_TOTAL).increment(1);
+                tracing::info!(requests = step.len(), error = %failed,
+                    "the batch's transaction failed; running its requests one by one");
+                self.one_by_one(batch, answers).await;
+            }
+        }
+    }
+
+    /// Answers a committed batch.
+    fn answer(&self, batch: Vec<Pending>, answers: Vec<Answer>, expires_at: DateTime<Utc>) {
+        let responses: Vec<Option<StoredResponse>> = answers
+            .iter()
+            .map(|answer| match answer {
+                Answer::Written { response, .. } => Some(response.clone()),
+                _ => None,
+            })
+            .collect();
+        for (pending, answer) in batch.into_iter().zip(answers) {
+            let label = pending.op.kind().label();
+            let reply = match answer {
+                Answer::Now(reply) => reply,
+                Answer::Written { response, outcome } => {
+                    let counter = match outcome {
+                        RecordOutcome::Applied => m::OPERATIONS_APPLIED_TOTAL,
+                        RecordOutcome::Refused => m::OPERATIONS_REFUSED_TOTAL,
+                    };
+                    metrics::counter!(counter, "operation" => label).increment(1);
+                    Ok(Execution {
+                        response,
+                        replayed: false,
+                        expires_at,
+                    })
+                }
+                Answer::SameAs(first) => match responses.get(first).cloned().flatten() {
+                    Some(response) => {
+                        metrics::counter!(m::IDEMPOTENT_REPLAYS_TOTAL, "operation" => label)
+                            .increment(1);
+                        Ok(Execution {
+                            response,
+                            replayed: true,
+                            expires_at,
+                        })
+                    }
+                    None => Err(OperationError::Unexpected(anyhow::anyhow!(
+                        "a duplicate in a batch points at no written request"
+                    ))),
+                },
+            };
+            pending.answer(reply);
+        }
+    }
+
+    /// After a failed batch transaction: each written request again, alone, on the
+    /// ordinary path (its own fresh read and retries) under the locks still held; users
+    /// side by side, each user's requests in order.
+    async fn one_by_one(&self, batch: Vec<Pending>, answers: Vec<Answer>) {
+        let mut by_user: BTreeMap<UserId, Vec<Pending>> = BTreeMap::new();
+        for (pending, answer) in batch.into_iter().zip(answers) {
+            match answer {
+                Answer::Now(reply) => pending.answer(reply),
+                Answer::Written { .. } | Answer::SameAs(_) => {
+                    by_user.entry(pending.op.user()).or_default().push(pending);
+                }
+            }
+        }
+        join_all(by_user.into_values().map(|group| async move {
+            for pending in group {
+                let reply = self
+                    .apply_with_retries(&pending.op, &pending.fingerprint)
+                    .await
+                    .map(|(execution, _)| execution);
+                pending.answer(reply);
+            }
+        }))
+        .await;
+    }
+}
+
+/// Answers every request of `group` with (a copy of) `error`.
+fn answer_all(group: Vec<Pending>, error: &OperationError) {
+    for pending in group {
+        pending.answer(Err(again(error)));
+    }
+}
+
+/// The same failure for another request of the batch (the errors carry no clone).
+fn again(error: &OperationError) -> OperationError {
+    match error {
+        OperationError::UserNotFound => OperationError::UserNotFound,
+        OperationError::OrderNotFound => OperationError::OrderNotFound,
+        OperationError::PaymentNotFound => OperationError::PaymentNotFound,
+        OperationError::CouponNotFound => OperationError::CouponNotFound,
+        OperationError::RequestNotFound => OperationError::RequestNotFound,
+        OperationError::OrderAlreadyPaid => OperationError::OrderAlreadyPaid,
+        OperationError::KeyInUse => OperationError::KeyInUse,
+        OperationError::KeyReused => OperationError::KeyReused,
+        OperationError::LockTimeout => OperationError::LockTimeout,
+        OperationError::Unavailable(cause) => {
+            OperationError::Unavailable(anyhow::anyhow!("{cause:#}"))
+        }
+        OperationError::Unexpected(cause) => {
+            OperationError::Unexpected(anyhow::anyhow!("{cause:#}"))
+        }
+    }
+}
+
+/// What a batch decides on: its users and its keys' live records, read under its locks.
+struct Read {
+    users: Vec<User>,
+    records: Vec<CompletedRecord>,
+    now: DateTime<Utc>,
+    /// When the records the batch writes expire.
+    expires_at: DateTime<Utc>,
+}
+
+/// Decides a batch: `items` in order (ascending user, each user's in arrival order)
+/// against each user's running balance. Returns what to write and how to answer each item
+/// (aligned with `items`). Pure, apart from the metrics of the answers it decides alone.
+fn plan(
+    items: &[(&dyn Operation, &Fingerprint)],
+    read: &Read,
+    limits: &Limits,
+    encoder: &dyn ResponseEncoder,
+) -> (BatchStep, Vec<Answer>) {
+    let users: HashMap<UserId, &User> = read.users.iter().map(|u| (u.id, u)).collect();
+    let records: HashMap<(UserId, &str), &CompletedRecord> = read
+        .records
+        .iter()
+        .map(|r| ((r.user_id, r.key.as_str()), r))
+        .collect();
+    let mut written: HashMap<(UserId, &str), (usize, &Fingerprint)> = HashMap::new();
+    let mut step = BatchStep {
+        at: read.now,
+        users: Vec::new(),
+    };
+    let mut answers = Vec::with_capacity(items.len());
+    // The user being decided, with its running balance.
+    let mut running: Option<(User, UserBatch)> = None;
+
+    for (index, (op, fingerprint)) in items.iter().enumerate() {
+        let user_id = op.user();
+        if running.as_ref().is_some_and(|(user, _)| user.id != user_id) {
+            close(&mut step, running.take());
+        }
+        if running.is_none() {
+            running = users.get(&user_id).map(|user| {
+                let batch = UserBatch {
+                    user_id,
+                    expected_version: user.version,
+                    balance_after: user.balance,
+                    writes: Vec::new(),
+                };
+                ((*user).clone(), batch)
+            });
+        }
+        let Some((user, batch)) = running.as_mut() else {
+            answers.push(Answer::Now(Err(OperationError::UserNotFound)));
+            continue;
+        };
+        let slot = (user_id, op.key().as_str());
+        if let Some(record) = records.get(&slot) {
+            let state = KeyState::Completed((*record).clone());
+            match state.admit(fingerprint, read.now) {
+                Admission::Run => {}
+                Admission::Replay(response) => {
+                    metrics::counter!(m::IDEMPOTENT_REPLAYS_TOTAL, "operation" => op.kind().label())
+                        .increment(1);
+                    answers.push(Answer::Now(Ok(Execution {
+                        response,
+                        replayed: true,
+                        expires_at: record.expires_at,
+                    })));
+                    continue;
+                }
+                Admission::Reused | Admission::InUse => {
+                    metrics::counter!(m::IDEMPOTENCY_REUSED_TOTAL, "operation" => op.kind().label())
+                        .increment(1);
+                    answers.push(Answer::Now(Err(OperationError::KeyReused)));
+                    continue;
+                }
+            }
+        }
+        if let Some((first, first_fingerprint)) = written.get(&slot) {
+            answers.push(if first_fingerprint == fingerprint {
+                Answer::SameAs(*first)
+            } else {
+                metrics::counter!(m::IDEMPOTENCY_REUSED_TOTAL, "operation" => op.kind().label())
+                    .increment(1);
+                Answer::Now(Err(OperationError::KeyReused))
+            });
+            continue;
+        }
+        let state = State {
+            user: user.clone(),
+            order: None,
+            payment: None,
+            coupon: None,
+            holding: None,
+            user_coupon: None,
+            now: read.now,
+        };
+        let (ledger, response) = match op.decide(&state, limits) {
+            Ok(effect) => {
+                let Some(ledger) = effect.ledger() else {
+                    answers.push(Answer::Now(Err(OperationError::Unexpected(
+                        anyhow::anyhow!(
+                            "a batched operation decided an effect without a ledger entry"
+                        ),
+                    ))));
+                    continue;
+                };
+                let response = encoder.encode(&op.outcome(&AppliedEffect {
+                    user: user_id,
+                    effect,
+                    at: read.now,
+                    assigned: Assigned {
+                        entry_id: None,
+                        payment_id: None,
+                        refund_id: None,
+                        user_coupon_id: None,
+                    },
+                }));
+                user.balance = ledger.1.balance_after;
+                (Some(ledger), response)
+            }
+            Err(Decline::Refused(refusal)) => (None, encoder.encode(&Outcome::Refused(refusal))),
+            Err(Decline::OrderNotFound) => {
+                answers.push(Answer::Now(Err(OperationError::OrderNotFound)));
+                continue;
+            }
+            Err(Decline::PaymentNotFound) => {
+                answers.push(Answer::Now(Err(OperationError::PaymentNotFound)));
+                continue;
+            }
+            Err(Decline::CouponNotFound) => {
+                answers.push(Answer::Now(Err(OperationError::CouponNotFound)));
+                continue;
+            }
+        };
+        let write = BatchWrite {
+            key: KeyRecord {
+                key: op.key().clone(),
+                fingerprint: (*fingerprint).clone(),
+                operation: op.kind(),
+                created_at: read.now,
+                expires_at: read.expires_at,
+            },
+            ledger,
+            response: response.clone(),
+        };
+        answers.push(Answer::Written {
+            outcome: write.outcome(),
+            response,
+        });
+        batch.balance_after = user.balance;
+        batch.writes.push(write);
+        written.insert(slot, (index, fingerprint));
+    }
+    close(&mut step, running);
+    (step, answers)
+}
+
+/// Adds a decided user to the step, if anything of it is to be written.
+fn close(step: &mut BatchStep, decided: Option<(User, UserBatch)>) {
+    if let Some((_, batch)) = decided
+        && !batch.writes.is_empty()
+    {
+        step.users.push(batch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::EntryKind;
+    use crate::operations::{Charge, UseBalance};
+    use crate::types::{Amount, Balance};
+
+    /// Status 200 for a success, 422 for a refusal; the outcome's text as the body.
+    struct TextEncoder;
+
+    impl ResponseEncoder for TextEncoder {
+        fn encode(&self, outcome: &Outcome) -> StoredResponse {
+            let status = match outcome {
+                Outcome::Refused(_) => 422,
+                _ => 200,
+            };
+            StoredResponse {
+                status,
+                body: format!("{outcome:?}").into_bytes(),
+            }
+        }
+    }
+
+    fn t() -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_795_356_000_123).unwrap()
+    }
+
+    fn limits() -> Limits {
+        Limits::new(1_000_000, 5_000_000).unwrap()
+    }
+
+    fn id(raw: i64) -> UserId {
+        UserId::new(raw).unwrap()
+    }
+
+    fn key(raw: &str) -> IdempotencyKey {
+        IdempotencyKey::parse(raw).unwrap()
+    }
+
+    fn user(raw: i64, balance: i64) -> User {
+        User {
+            id: id(raw),
+            balance: Balance::new(balance, &limits()).unwrap(),
+            version: 7,
+            created_at: t(),
+        }
+    }
+
+    fn charge(user: i64, amount: i64, k: &str) -> Arc<dyn Operation> {
+        Arc::new(Charge {
+            user: id(user),
+            amount: Amount::new(amount, &limits()).unwrap(),
+            key: key(k),
+        })
+    }
+
+    fn use_(user: i64, amount: i64, k: &str) -> Arc<dyn Operation> {
+        Arc::new(UseBalance {
+            user: id(user),
+            amount: Amount::new(amount, &limits()).unwrap(),
+            key: key(k),
+        })
+    }
+
+    fn decide(ops: &[Arc<dyn Operation>], read: &Read) -> (BatchStep, Vec<Answer>) {
+        let fingerprints: Vec<Fingerprint> = ops.iter().map(|op| op.fingerprint()).collect();
+        let items: Vec<(&dyn Operation, &Fingerprint)> = ops
+            .iter()
+            .zip(&fingerprints)
+            .map(|(op, fp)| (op.as_ref(), fp))
+            .collect();
+        plan(&items, read, &limits(), &TextEncoder)
+    }
+
+    fn read(users: Vec<User>, records: Vec<CompletedRecord>) -> Read {
+        Read {
+            users,
+            records,
+            now: t(),
+            expires_at: t() + chrono::Duration::days(1),
+        }
+    }
+
+    fn status(answer: &Answer) -> Option<u16> {
+        match answer {
+            Answer::Written { response, .. } => Some(response.status),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_mixed_batch_runs_on_the_running_balance_and_refuses_only_the_overdraw() {
+        let ops = [
+            charge(1, 50, "a"),
+            use_(1, 120, "b"),
+            use_(1, 40, "c"),
+            charge(1, 5, "d"),
+        ];
+        let (step, answers) = decide(&ops, &read(vec![user(1, 100)], vec![]));
+        let statuses: Vec<_> = answers.iter().map(status).collect();
+        assert_eq!(statuses, [Some(200), Some(200), Some(422), Some(200)]);
+        let [only] = step.users.as_slice() else {
+            panic!("one user: {step:?}");
+        };
+        assert_eq!((only.user_id, only.expected_version), (id(1), 7));
+        assert_eq!(only.balance_after.get(), 100 + 50 - 120 + 5);
+        let ledger: Vec<_> = only
+            .writes
+            .iter()
+            .map(|w| w.ledger.map(|(kind, m)| (kind, m.balance_after.get())))
+            .collect();
+        assert_eq!(
+            ledger,
+            [
+                Some((EntryKind::Charge, 150)),
+                Some((EntryKind::Use, 30)),
+                None,
+                Some((EntryKind::Charge, 35)),
+            ]
+        );
+        let keys: Vec<_> = only.writes.iter().map(|w| w.key.key.as_str()).collect();
+        assert_eq!(keys, ["a", "b", "c", "d"]);
+        assert!(only.writes.iter().all(|w| w.key.created_at == t()));
+    }
+
+    #[test]
+    fn a_second_request_with_a_key_of_the_batch_replays_the_first() {
+        let ops = [charge(1, 50, "a"), charge(1, 50, "a"), charge(1, 60, "a")];
+        let (step, answers) = decide(&ops, &read(vec![user(1, 100)], vec![]));
+        assert_eq!(step.len(), 1, "the key is written once");
+        assert_eq!(step.users[0].balance_after.get(), 150);
+        assert!(matches!(answers[1], Answer::SameAs(0)), "{answers:?}");
+        assert!(
+            matches!(answers[2], Answer::Now(Err(OperationError::KeyReused))),
+            "another request under the key: {answers:?}"
+        );
+    }
+
+    #[test]
+    fn a_key_with_a_stored_record_replays_it_and_writes_nothing() {
+        let stored = StoredResponse {
+            status: 200,
+            body: b"earlier".to_vec(),
+        };
+        let op = charge(1, 50, "a");
+        let record = CompletedRecord {
+            user_id: id(1),
+            key: key("a"),
+            fingerprint: op.fingerprint(),
+            operation: op.kind(),
+            outcome: RecordOutcome::Applied,
+            response: stored.clone(),
+            created_at: t(),
+            expires_at: t() + chrono::Duration::hours(1),
+        };
+        let ops = [op, charge(1, 70, "a"), charge(1, 5, "b")];
+        let (step, answers) = decide(&ops, &read(vec![user(1, 100)], vec![record]));
+        match &answers[0] {
+            Answer::Now(Ok(execution)) => {
+                assert!(execution.replayed);
+                assert_eq!(execution.response, stored);
+            }
+            other => panic!("a replay: {other:?}"),
+        }
+        assert!(matches!(
+            answers[1],
+            Answer::Now(Err(OperationError::KeyReused))
+        ));
+        assert_eq!(step.len(), 1);
+        assert_eq!(step.users[0].balance_after.get(), 105);
+    }
+
+    #[test]
+    fn users_are_written_in_order_and_a_missing_one_is_not_found() {
+        // `items` come sorted by user, as the batch groups them.
+        let ops = [charge(2, 1, "a"), charge(3, 1, "b"), charge(5, 1, "c")];
+        let (step, answers) = decide(&ops, &read(vec![user(5, 10), user(2, 10)], vec![]));
+        let users: Vec<_> = step.users.iter().map(|u| u.user_id.get()).collect();
+        assert_eq!(users, [2, 5]);
+        assert!(matches!(
+            answers[1],
+            Answer::Now(Err(OperationError::UserNotFound))
+        ));
+    }
+
+    #[test]
+    fn a_user_whose_every_request_is_refused_is_still_written_under_its_version() {
+        let ops = [use_(1, 500, "a")];
+        let (step, answers) = decide(&ops, &read(vec![user(1, 100)], vec![]));
+        assert_eq!(status(&answers[0]), Some(422));
+        assert_eq!(step.users.len(), 1);
+        assert_eq!(step.users[0].balance_after.get(), 100);
+        assert_eq!(step.users[0].writes[0].outcome(), RecordOutcome::Refused);
+    }
+}

@@ -1,0 +1,378 @@
+//! Group commit on MySQL/MariaDB: the reads of a batch and its one transaction
+//! (`UserRepo::get_users`, `IdempotencyRepo::find_many`, `BalanceStore::apply_batch`).
+//!
+//! These statements are sent as text with their values written in as literals. A batch's
+//! statements differ in their number of rows, so prepared statements would be prepared
+//! anew for nearly every batch (a round trip each, and a statement cache full of them);
+//! text also lets one round trip carry two statements. Every literal is built by [`Sql`]
+//! from a typed value: integers, datetimes (digits and separators only) and hex strings
+//! (`X'…'`) for every text and byte value, so no value is ever read as SQL.
+//!
+//! The transaction is three round trips whatever its size: `BEGIN` with the guarded users
+//! update (one statement for all users; each row only at the version the batch read, and
+//! the rows are locked in id order), the ledger entries with the records (one multi-row
+//! insert each), and `COMMIT`.
+
+use std::fmt::Write as _;
+
+use chrono::NaiveDateTime;
+use domain::idempotency::{CompletedRecord, Fingerprint};
+use domain::model::User;
+use domain::ports::{BatchStep, RepoError, StepError};
+use domain::types::{Balance, IdempotencyKey, UserId};
+use sqlx::pool::PoolConnection;
+use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row as _};
+
+use crate::convert::{
+    from_db_time, idempotency_key, record_facts, stored_response, to_db_expiry, to_db_time,
+    user_id, version_from_db, version_to_db,
+};
+use crate::error::{self, Classified, classify, commit, repo, step};
+use crate::retry::tested_connection;
+
+/// A statement being written, with literal values.
+struct Sql(String);
+
+impl Sql {
+    fn new(start: &str) -> Self {
+        Self(start.to_owned())
+    }
+
+    fn text(&mut self, sql: &str) -> &mut Self {
+        self.0.push_str(sql);
+        self
+    }
+
+    fn int(&mut self, value: i64) -> &mut Self {
+        // Writing to a String cannot fail.
+        let _ = write!(self.0, "{value}");
+        self
+    }
+
+    /// Bytes as a hex literal, with a character set introducer for a text column
+    /// (`_ascii X'…'`), so the column's collation and index apply to a comparison.
+    fn hex(&mut self, charset: Option<&str>, bytes: &[u8]) -> &mut Self {
+        if let Some(charset) = charset {
+            self.0.push('_');
+            self.0.push_str(charset);
+            self.0.push(' ');
+        }
+        self.0.push_str("X'");
+        for byte in bytes {
+            let _ = write!(self.0, "{byte:02X}");
+        }
+        self.0.push('\'');
+        self
+    }
+
+    fn key(&mut self, key: &IdempotencyKey) -> &mut Self {
+        self.hex(Some("ascii"), key.as_str().as_bytes())
+    }
+
+    fn time(&mut self, at: NaiveDateTime) -> &mut Self {
+        let _ = write!(self.0, "'{}'", at.format("%Y-%m-%d %H:%M:%S%.3f"));
+        self
+    }
+
+    fn finish(self) -> AssertSqlSafe<String> {
+        AssertSqlSafe(self.0)
+    }
+}
+
+/// `UserRepo::get_users`.
+pub(crate) async fn get_users(pool: &MySqlPool, ids: &[UserId]) -> Result<Vec<User>, RepoError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = Sql::new("select id, balance, version, created_at from users where id in (");
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            sql.text(", ");
+        }
+        sql.int(id.get());
+    }
+    sql.text(")");
+    let sql = sql.0;
+    let rows = read_retrying!(pool, |db| {
+        sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_all(db)
+    })
+    .map_err(repo)?;
+    rows.iter()
+        .map(|row| {
+            let id: i64 = row.try_get(0)?;
+            let balance: i64 = row.try_get(1)?;
+            let version: i64 = row.try_get(2)?;
+            let created_at: NaiveDateTime = row.try_get(3)?;
+            Ok(User {
+                id: user_id(id)?,
+                balance: Balance::from_stored(balance),
+                version: version_from_db(version)?,
+                created_at: from_db_time(created_at),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map_err(RepoError::Unexpected)
+}
+
+/// `IdempotencyRepo::find_many`: one lookup by primary key per (user, key).
+pub(crate) async fn find_many(
+    pool: &MySqlPool,
+    keys: &[(UserId, IdempotencyKey)],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<CompletedRecord>, RepoError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = Sql::new(
+        "select user_id, idempotency_key, fingerprint, operation, outcome, response_status, \
+         response_body, created_at, expires_at from idempotency_records \
+         where status = 'COMPLETED' and expires_at > ",
+    );
+    sql.time(to_db_time(now)).text(" and (");
+    for (i, (user, key)) in keys.iter().enumerate() {
+        if i > 0 {
+            sql.text(" or ");
+        }
+        sql.text("(user_id = ")
+            .int(user.get())
+            .text(" and idempotency_key = ")
+            .key(key)
+            .text(")");
+    }
+    sql.text(")");
+    let sql = sql.0;
+    let rows = read_retrying!(pool, |db| {
+        sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_all(db)
+    })
+    .map_err(repo)?;
+    rows.iter()
+        .map(|row| {
+            let user: i64 = row.try_get(0)?;
+            let key: String = row.try_get(1)?;
+            let fingerprint: String = row.try_get(2)?;
+            let operation: Option<String> = row.try_get(3)?;
+            let outcome: Option<String> = row.try_get(4)?;
+            let status: u16 = row.try_get(5)?;
+            let body: Vec<u8> = row.try_get(6)?;
+            let created_at: NaiveDateTime = row.try_get(7)?;
+            let expires_at: NaiveDateTime = row.try_get(8)?;
+            let (operation, outcome) = record_facts(
+                operation.as_deref(),
+                outcome.as_deref(),
+                &fingerprint,
+                status,
+            )?;
+            Ok(CompletedRecord {
+                user_id: user_id(user)?,
+                key: idempotency_key(&key)?,
+                fingerprint: Fingerprint::from_stored(fingerprint),
+                operation,
+                outcome,
+                response: stored_response(status, body),
+                created_at: from_db_time(created_at),
+                expires_at: from_db_time(expires_at),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map_err(RepoError::Unexpected)
+}
+
+/// The statements of a batch: the users update (after `begin;`) and the inserts.
+fn statements(batch: &BatchStep) -> Result<(Sql, Sql), StepError> {
+    let at = to_db_time(batch.at);
+    let mut update = Sql::new("begin; update users set ");
+    if let [only] = batch.users.as_slice() {
+        update
+            .text("balance = ")
+            .int(only.balance_after.get())
+            .text(", version = version + 1, updated_at = ")
+            .time(at)
+            .text(" where id = ")
+            .int(only.user_id.get())
+            .text(" and version = ")
+            .int(version_to_db(only.expected_version)?);
+    } else {
+        update.text("balance = case id");
+        for user in &batch.users {
+            update
+                .text(" when ")
+                .int(user.user_id.get())
+                .text(" then ")
+                .int(user.balance_after.get());
+        }
+        update
+            .text(" end, version = version + 1, updated_at = ")
+            .time(at)
+            .text(" where id in (");
+        for (i, user) in batch.users.iter().enumerate() {
+            if i > 0 {
+                update.text(", ");
+            }
+            update.int(user.user_id.get());
+        }
+        update.text(") and version = case id");
+        for user in &batch.users {
+            update
+                .text(" when ")
+                .int(user.user_id.get())
+                .text(" then ")
+                .int(version_to_db(user.expected_version)?);
+        }
+        update.text(" end");
+    }
+
+    let mut inserts = Sql::new("");
+    let entries = batch
+        .users
+        .iter()
+        .flat_map(|user| user.writes.iter().map(move |write| (user.user_id, write)))
+        .filter_map(|(user, write)| write.ledger.map(|ledger| (user, write, ledger)));
+    let mut first = true;
+    for (user, write, (kind, movement)) in entries {
+        inserts.text(if first {
+            "insert into ledger_entries \
+             (user_id, kind, amount, balance_after, idempotency_key, created_at, key_expires_at) \
+             values ("
+        } else {
+            ", ("
+        });
+        first = false;
+        inserts
+            .int(user.get())
+            .text(", '")
+            .text(kind.as_str())
+            .text("', ")
+            .int(movement.amount.get())
+            .text(", ")
+            .int(movement.balance_after.get())
+            .text(", ")
+            .key(&write.key.key)
+            .text(", ")
+            .time(at)
+            .text(", ")
+            .time(to_db_expiry(write.key.expires_at))
+            .text(")");
+    }
+    if !first {
+        inserts.text("; ");
+    }
+    inserts.text(
+        "insert into idempotency_records \
+         (user_id, idempotency_key, fingerprint, operation, outcome, status, response_status, \
+          response_body, created_at, expires_at) values ",
+    );
+    let mut first = true;
+    for user in &batch.users {
+        for write in &user.writes {
+            if !first {
+                inserts.text(", ");
+            }
+            first = false;
+            inserts
+                .text("(")
+                .int(user.user_id.get())
+                .text(", ")
+                .key(&write.key.key)
+                .text(", ")
+                .hex(Some("utf8mb4"), write.key.fingerprint.as_str().as_bytes())
+                .text(", '")
+                .text(write.key.operation.as_str())
+                .text("', '")
+                .text(write.outcome().as_str())
+                .text("', 'COMPLETED', ")
+                .int(i64::from(write.response.status))
+                .text(", ")
+                .hex(None, &write.response.body)
+                .text(", ")
+                .time(to_db_time(write.key.created_at))
+                .text(", ")
+                .time(to_db_expiry(write.key.expires_at))
+                .text(")");
+        }
+    }
+    Ok((update, inserts))
+}
+
+/// A connection with a transaction begun by text: if it is dropped before the
+/// transaction ended (an error on the way out of a rollback), it is closed rather than
+/// handed back to the pool with the transaction open.
+struct OpenTx {
+    conn: PoolConnection<MySql>,
+    open: bool,
+}
+
+impl Drop for OpenTx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+impl OpenTx {
+    async fn rollback(mut self) {
+        match sqlx::raw_sql("rollback").execute(&mut *self.conn).await {
+            Ok(_) => self.open = false,
+            // Closed on drop: the server rolls back when the session ends.
+            Err(e) => tracing::debug!(error = %e, "rollback of a failed batch failed"),
+        }
+    }
+}
+
+/// `BalanceStore::apply_batch`.
+pub(crate) async fn apply_batch(pool: &MySqlPool, batch: &BatchStep) -> Result<(), StepError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let (update, inserts) = statements(batch)?;
+    let (update, inserts) = (update.finish(), inserts.finish());
+    let expected = batch.users.len() as u64;
+
+    // The first round trip may meet a connection that died idle: nothing has happened
+    // then (an open transaction dies with its session), so it begins once more on a
+    // tested connection.
+    let conn = pool.acquire().await.map_err(step)?;
+    let mut tx = OpenTx { conn, open: true };
+    let updated = match sqlx::raw_sql(AssertSqlSafe(update.0.clone()))
+        .execute(&mut *tx.conn)
+        .await
+    {
+        Err(e) if error::connection_lost(&e) => {
+            tracing::info!(error = %e, "a pooled connection was found dead at a batch's BEGIN; beginning again on a tested one");
+            drop(tx);
+            let conn = tested_connection(pool).await.map_err(step)?;
+            tx = OpenTx { conn, open: true };
+            sqlx::raw_sql(update).execute(&mut *tx.conn).await
+        }
+        other => other,
+    };
+    match updated {
+        Ok(done) if done.rows_affected() == expected => {}
+        Ok(_) => {
+            // A users row moved on since the batch read it (or is gone).
+            tx.rollback().await;
+            return Err(StepError::VersionConflict);
+        }
+        Err(e) => {
+            tx.rollback().await;
+            return Err(step(e));
+        }
+    }
+    if let Err(e) = sqlx::raw_sql(inserts).execute(&mut *tx.conn).await {
+        tx.rollback().await;
+        return Err(match classify(e) {
+            // A record of one of the keys exists (live, written since the batch read, or
+            // expired and not yet purged): the use case runs the requests one by one.
+            Classified::Duplicate(_) => StepError::KeyTaken,
+            other => other.into_step(),
+        });
+    }
+    match sqlx::raw_sql("commit").execute(&mut *tx.conn).await {
+        Ok(_) => {
+            tx.open = false;
+            Ok(())
+        }
+        // A failed commit leaves the session in no known state: the connection is closed.
+        Err(e) => Err(commit(e)),
+    }
+}
