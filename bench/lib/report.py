@@ -434,7 +434,7 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
 
     # Issue #15's table first (with the figures of the runs before it), then the bars of the
     # earlier issues that still hold.
-    rows = issue_rows(fig)
+    rows = issue_rows(fig, bench.quick)
     if ch:
         cr = ch["result"]
         conflicts = ch["service_counters"]["balance_optimistic_conflicts_total"]
