@@ -147,19 +147,25 @@ class Bench:
         env = wrk_env(hot, f"{self.stamp.strftime('%H%M%S')}-{self.counter}")
         url = f"http://127.0.0.1:{self.port}"
         base = ["wrk", "-t1", f"-c{conns}", "--timeout", "15s", "-s", str(WRK_SCRIPT)]
+        warm = None
         if self.warmup > 0:  # the baseline's warm-up, unmeasured
-            run([*base, f"-d{max(1, round(self.warmup))}s", url], env=dict(env, RUN_ID=env["RUN_ID"] + "w"), timeout=self.warmup + 60)
+            w = run([*base, f"-d{max(1, round(self.warmup))}s", url], env=dict(env, RUN_ID=env["RUN_ID"] + "w"), timeout=self.warmup + 60)
+            warm = wrk_json(w.stdout, w.stderr)
         cmd = [*base, f"-d{max(1, round(secs))}s", "--latency", url]
         res = run(cmd, env=env, timeout=secs + 60)
         report = wrk_json(res.stdout, res.stderr)
+        # The warm-up's answers (the run's CPU covers them): its 200s count as charges done.
+        report["warmup_ok"] = int((warm or {}).get("statuses", {}).get("200", 0))
         report["command"] = ("HOT_USER=1 " if hot else f"USERS={USERS} ") + shlex.join(cmd).replace(str(ROOT) + "/", "")
         return report
 
-    def k6(self, script: str, env_extra: dict, timeout: float) -> dict:
-        name = Path(script).stem
+    def k6(self, script: str, env_extra: dict, timeout: float, base_url: str | None = None, name: str | None = None) -> dict:
+        """k6 on `script` against the service (or `base_url`); its files in the work folder
+        are named after the script (or `name`)."""
+        name = name or Path(script).stem
         summary = self.tmp / f"{name}.summary.json"
         samples = self.tmp / f"{name}.csv.gz"
-        env = dict(os.environ, BASE_URL=f"http://127.0.0.1:{self.port}", K6_CSV_TIME_FORMAT="unix_milli", **env_extra)
+        env = dict(os.environ, BASE_URL=base_url or f"http://127.0.0.1:{self.port}", K6_CSV_TIME_FORMAT="unix_milli", **env_extra)
         cmd = [
             "k6", "run", "--quiet", "--summary-export", str(summary), "--out", f"csv={samples}",
             "--system-tags", "status,method,name,group,scenario,expected_response,check,error_code",

@@ -44,11 +44,25 @@ def listener_pids(port: int) -> list[int]:
     return sorted({int(p) for p in re.findall(r"pid=(\d+)", res.stdout)})
 
 
+# The processes of the benchmark itself: what "CPU per charge, all processes" adds up.
+BENCH_GROUPS = ("service", "mariadb", "redis", "client")
+
+
 class CpuMeter:
-    """CPU seconds of the service, MariaDB, Redis, the load client and everything else."""
+    """CPU seconds of the service, MariaDB, Redis, the load client, the trivial server (while
+    one runs) and everything else."""
 
     def __init__(self, service_pid: int):
-        self.groups = {"service": [service_pid], "mariadb": listener_pids(MYSQL_PORT), "redis": listener_pids(6379)}
+        self.groups = {"service": [service_pid], "mariadb": listener_pids(MYSQL_PORT), "redis": listener_pids(6379),
+                       "trivial": []}
+
+    def track(self, name: str, pid: int) -> None:
+        """Meters `pid` under the group `name` (one of the groups: the sampler thread reads
+        them, so the set of names never changes, only their pids)."""
+        self.groups[name] = [pid]
+
+    def untrack(self, name: str) -> None:
+        self.groups[name] = []
 
     def snapshot(self) -> dict:
         snap = {f"{name}/{p}": proc_ticks(p) / CLK_TCK for name, pids in self.groups.items() for p in pids}
@@ -65,8 +79,15 @@ class CpuMeter:
         for name in self.groups:
             # A process that ended (read as 0) counts for nothing rather than negatively.
             d[name] = round(sum(max(0.0, b[k] - a[k]) for k in a if k.startswith(name + "/") and b.get(k)), 3)
-        d["other"] = round(max(0.0, d["machine_busy"] - d["service"] - d["mariadb"] - d["redis"] - d["client"]), 3)
+        ours = sum(d[name] for name in self.groups) + d["client"]
+        d["other"] = round(max(0.0, d["machine_busy"] - ours), 3)
         return d
+
+
+def bench_cpu_s(cpu_s: dict) -> float:
+    """CPU seconds of every process of the benchmark in one run: the service, MariaDB, Redis
+    and the load client (k6, wrk or the baseline)."""
+    return sum(cpu_s.get(k, 0.0) for k in BENCH_GROUPS)
 
 
 class RssSampler(threading.Thread):

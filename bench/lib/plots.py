@@ -10,7 +10,8 @@ from lib.common import TARGETS
 from lib.meter import RssSampler
 
 
-def plot_k6(entry: dict, rss: RssSampler, path: Path, title: str) -> None:
+def plot_k6(entry: dict, rss: RssSampler, path: Path, title: str, floor: dict | None = None) -> None:
+    """`floor`: the same profile's run against the trivial server, its p99 drawn beside."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,6 +23,10 @@ def plot_k6(entry: dict, rss: RssSampler, path: Path, title: str) -> None:
     fig, (ax1, ax2, ax4, ax3) = plt.subplots(4, 1, figsize=(10, 12), sharex=True)
     for p, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
         ax1.plot(s["t"], [v if v is not None else float("nan") for v in s[p]], style, label=p)
+    fs = (floor or {}).get("result", {}).get("series") or {}
+    if fs.get("t"):
+        ax1.plot(fs["t"], [v if v is not None else float("nan") for v in fs["p99"]], ":", color="grey",
+                 label="p99, trivial server (the floor)")
     ax1.set_ylabel("latency (ms)")
     ax1.set_yscale("log")
     ax1.grid(True, which="both", alpha=0.3)

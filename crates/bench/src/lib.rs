@@ -104,6 +104,8 @@ pub struct Report {
     /// From the end of the warm-up to the end of the last measured charge.
     pub duration_s: f64,
     pub committed: u64,
+    /// Charges committed during the warm-up (not measured; the process's CPU covers them).
+    pub warmup_committed: u64,
     pub throughput_tps: f64,
     /// Per committed charge, from its first read to its commit, retries included.
     pub latency_ms: Latency,
@@ -213,6 +215,7 @@ pub async fn run(pool: MySqlPool, plan: Plan) -> anyhow::Result<Report> {
         ping: plan.ping,
         duration_s,
         committed: total.committed,
+        warmup_committed: total.warmup_committed,
         throughput_tps: if duration_s > 0.0 {
             total.committed as f64 / duration_s
         } else {
@@ -237,6 +240,7 @@ pub async fn run(pool: MySqlPool, plan: Plan) -> anyhow::Result<Report> {
 struct Tally {
     latency_us: Histogram<u64>,
     committed: u64,
+    warmup_committed: u64,
     conflicts: u64,
     exhausted: u64,
     errors: u64,
@@ -250,6 +254,7 @@ impl Tally {
             // 1 µs to 10 min, three significant digits.
             latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
             committed: 0,
+            warmup_committed: 0,
             conflicts: 0,
             exhausted: 0,
             errors: 0,
@@ -261,6 +266,7 @@ impl Tally {
     fn merge(&mut self, other: Self) -> anyhow::Result<()> {
         self.latency_us.add(&other.latency_us)?;
         self.committed += other.committed;
+        self.warmup_committed += other.warmup_committed;
         self.conflicts += other.conflicts;
         self.exhausted += other.exhausted;
         self.errors += other.errors;
@@ -293,6 +299,12 @@ async fn worker(
         let outcome = charge(&pool, &plan, user).await;
         let ended = Instant::now();
         if started < measure_from {
+            if let Ok(Charged {
+                committed: true, ..
+            }) = &outcome
+            {
+                tally.warmup_committed += 1;
+            }
             continue;
         }
         tally.last_end = Some(ended);
