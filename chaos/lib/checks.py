@@ -33,21 +33,34 @@ def metric(sc: Scenario, name: str, inst: str | None = None) -> float:
     return sum(v for (i, n), v in sc.metrics.items() if n == name and (inst is None or i == inst))
 
 
+def metric_samples(text: str) -> list[tuple[str, str, float]]:
+    """The samples of a Prometheus text exposition: (name, labels as written or '', value)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)", line)
+        if m:
+            try:
+                out.append((m.group(1), m.group(2) or "", float(m.group(3))))
+            except ValueError:
+                pass
+    return out
+
+
+async def instance_metrics(sc: Scenario, inst: Any) -> list[tuple[str, str, float]] | None:
+    """One instance's /metrics now, as samples; None when it does not answer 200."""
+    res = await sc.http.request(inst.host, inst.port, "GET", "/metrics")
+    if res["status"] != 200:
+        return None
+    return metric_samples(res["body"].decode("utf-8", "replace"))
+
+
 async def scrape_metrics(sc: Scenario) -> None:
     sc.metrics = collections.defaultdict(float)
     for inst in sc.instances:
-        res = await sc.http.request(inst.host, inst.port, "GET", "/metrics")
-        if res["status"] != 200:
-            continue
-        for line in res["body"].decode().splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)", line)
-            if m:
-                try:
-                    sc.metrics[(inst.name, m.group(1))] += float(m.group(3))
-                except ValueError:
-                    pass
+        for name, _labels, value in await instance_metrics(sc, inst) or []:
+            sc.metrics[(inst.name, name)] += value
     sc.http.close_all()
 
 

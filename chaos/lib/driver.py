@@ -397,6 +397,7 @@ class Scenario:
             "LOG_FORMAT": "json", "RUST_LOG": "info", "MIGRATE_ON_START": "true", "SEED_USERS": "0",
             "HTTP_WORKERS": "2", "SHUTDOWN_TIMEOUT_SECS": "2",
         }
+        base_env.update(s.env)
         self.env = base_env
         r = sh([str(BIN), "migrate"], env=clean_env(base_env), check=False)
         if r.returncode != 0:
@@ -485,3 +486,5 @@ class Spec:
     redis_cluster: bool = False
     # Users seeded beyond the load's USERS (a coupon rush's crowd: lib/rush.py); 0: USERS.
     seed_users: int = 0
+    # Settings of the service beyond the suite's (GROUP_COMMIT=on for group-commit-kill9).
+    env: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -95,7 +95,7 @@ class Suite:
             result["counts"] = sc.counts
             result["metrics"] = {f"{i}:{n}": v for (i, n), v in sorted(sc.metrics.items())
                                  if n.startswith("balance_lock") or n.startswith("balance_optimistic")
-                                 or n.startswith("balance_idempotency_in_use")}
+                                 or n.startswith("balance_idempotency_in_use") or n.startswith("balance_batch")}
         except Exception as e:
             result["error"] = f"{type(e).__name__}: {e}"
             log(traceback.format_exc())

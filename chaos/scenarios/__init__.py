@@ -28,6 +28,7 @@ MODULES = [
     "galera_sigstop_node",
     "coupon_rush_kill9_instance",
     "coupon_rush_redis_kill",
+    "group_commit_kill9",
 ]
 
 
