@@ -18,7 +18,7 @@ use domain::ports::{
     RefusalRecord, ResponseEncoder, StepError, SystemClock, UserRepo,
 };
 use domain::types::{Amount, Balance, IdempotencyKey, UserId};
-use domain::{BalanceService, Operation, OperationError, Ports, Settings, UseBalance};
+use domain::{BalanceService, GroupCommit, Operation, OperationError, Ports, Settings, UseBalance};
 use mysql_repo::MySqlStore;
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
 use testkit::TestDatabase;
@@ -64,6 +64,10 @@ impl BalanceStore for CountingStore {
 }
 
 fn service(store: &MySqlStore) -> (BalanceService, Arc<CountingStore>) {
+    service_with(store, Settings::default())
+}
+
+fn service_with(store: &MySqlStore, settings: Settings) -> (BalanceService, Arc<CountingStore>) {
     let steps = Arc::new(CountingStore {
         inner: store.clone(),
         started: AtomicUsize::new(0),
@@ -79,7 +83,7 @@ fn service(store: &MySqlStore) -> (BalanceService, Arc<CountingStore>) {
         encoder: Arc::new(DebugEncoder),
         clock: Arc::new(SystemClock),
     };
-    (BalanceService::new(ports, Settings::default()), steps)
+    (BalanceService::new(ports, settings), steps)
 }
 
 async fn admin(db: &TestDatabase) -> MySqlConnection {
@@ -383,4 +387,95 @@ async fn a_balance_step_after_every_pooled_connection_was_killed_succeeds() {
     assert!(applied.is_ok(), "{applied:?}");
     assert_eq!(balance_and_entries(&store, &db, user).await, (550, 2));
     db.cleanup().await;
+}
+
+/// A batch whose transaction the database refuses runs each of its requests alone, each
+/// with the answer it would have had: here one key of the batch has an expired record not
+/// purged yet, which the batch's multi-row insert meets (a duplicate key), while the
+/// one-request step replaces it.
+#[tokio::test]
+async fn a_batch_the_database_refuses_runs_each_request_alone() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = db.store();
+    let user = user_with(&store, 1_000).await;
+    let settings = Settings {
+        group_commit: GroupCommit::On {
+            max_batch: 64,
+            across_users: false,
+        },
+        ..Settings::default()
+    };
+    let (service, steps) = service_with(&store, settings);
+    sqlx::query(
+        "insert into idempotency_records (user_id, idempotency_key, fingerprint, operation, \
+         outcome, status, response_status, response_body, created_at, expires_at) \
+         values (?, 'expired-key', 'old', 'USE', 'APPLIED', 'COMPLETED', 200, 'old', \
+         '2020-01-01 00:00:00', '2020-01-02 00:00:00')",
+    )
+    .bind(user.get())
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let mut admin = admin(&db).await;
+    let mut holder = hold_row_lock(&db, user).await;
+
+    // The first batch waits on the held row; the next three queue behind it.
+    let send = |amount: i64, key: &'static str| {
+        let service = service.clone();
+        tokio::spawn(async move { service.execute(use_command(user, amount, key)).await })
+    };
+    let first = send(100, "first");
+    loop {
+        let waiting: Option<(u64,)> = sqlx::query_as(
+            "select cast(id as unsigned) from information_schema.processlist \
+             where db = ? and info like '%update users set balance%' limit 1",
+        )
+        .bind(&db.name)
+        .fetch_optional(&mut admin)
+        .await
+        .unwrap();
+        if waiting.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let queued = [
+        send(10, "a"),
+        send(20, "expired-key"),
+        send(5_000, "too-much"),
+    ];
+    let started = Instant::now();
+    while service.queued() < queued.len() {
+        assert!(started.elapsed() < PATIENCE, "the requests did not queue");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
+
+    assert_eq!(first.await.unwrap().unwrap().response.status, 200);
+    let mut answers = Vec::new();
+    for running in queued {
+        answers.push(running.await.unwrap().unwrap());
+    }
+    // Two batches (the second refused by the database), then its three requests alone.
+    assert_eq!(steps.started.load(Ordering::SeqCst), 2 + 3);
+    assert!(answers.iter().all(|e| !e.replayed));
+    let (balance, entries) = balance_and_entries(&store, &db, user).await;
+    assert_eq!(
+        balance,
+        1_000 - 100 - 10 - 20,
+        "the overdraw refused, the rest applied once"
+    );
+    assert_eq!(entries, 1 + 3);
+    let again = service
+        .execute(use_command(user, 20, "expired-key"))
+        .await
+        .unwrap();
+    assert!(
+        again.replayed,
+        "the expired record was replaced by this request's"
+    );
+    assert_eq!(again.response, answers[1].response);
+    assert_audit_clean(&store).await;
 }
