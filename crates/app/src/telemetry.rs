@@ -59,6 +59,11 @@ const BUCKETS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Requests per group-commit transaction, from a batch of one to `GROUP_COMMIT_MAX`'s top.
+const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0,
+];
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// The process-wide Prometheus recorder: installed once, shared by every app in the process.
@@ -67,6 +72,13 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets(BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        domain::telemetry::BATCH_SIZE.to_owned(),
+                    ),
+                    BATCH_SIZE_BUCKETS,
+                )
                 .ok()?
                 .build_recorder();
             let handle = recorder.handle();
@@ -96,6 +108,17 @@ fn describe() {
         http_actix::middleware::HTTP_REQUEST_DURATION_SECONDS,
         metrics::Unit::Seconds,
         "HTTP request latency by method and route"
+    );
+    metrics::describe_histogram!(m::BATCH_SIZE, "Requests per group-commit transaction");
+    metrics::describe_counter!(m::BATCHES_TOTAL, "Group-commit transactions run");
+    metrics::describe_histogram!(
+        m::BATCH_QUEUED_SECONDS,
+        metrics::Unit::Seconds,
+        "Time a request waited in the queue before its batch began"
+    );
+    metrics::describe_counter!(
+        m::BATCH_FALLBACKS_TOTAL,
+        "Batches whose transaction failed and whose requests then ran one by one"
     );
     metrics::describe_histogram!(
         m::LOCK_WAIT_SECONDS,

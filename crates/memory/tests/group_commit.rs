@@ -16,13 +16,13 @@ use async_trait::async_trait;
 use domain::idempotency::StoredResponse;
 use domain::outcome::{Outcome, Refusal};
 use domain::ports::{
-    Applied, BalanceChange, BalanceStore, BatchStep, LockKey, LockManager, RefusalRecord,
-    ResponseEncoder, StepError, SystemClock,
+    Applied, BalanceChange, BalanceStore, BatchStep, LockError, LockKey, LockLease, LockManager,
+    RefusalRecord, Release, ResponseEncoder, StepError, SystemClock,
 };
 use domain::types::{Amount, Balance, IdempotencyKey, Limits, UserId};
 use domain::{
-    BalanceService, Charge, Execution, GroupCommit, Operation, OperationError, Ports, Settings,
-    UseBalance,
+    BalanceService, Charge, Execution, GroupCommit, LockUnavailablePolicy, Operation,
+    OperationError, Ports, Settings, UseBalance,
 };
 use memory::{InProcessLockManager, MemoryStore};
 use tokio::sync::Notify;
@@ -82,10 +82,36 @@ impl BalanceStore for Gated {
     }
 }
 
+/// The in-process lock, with a switch that makes it unreachable (Redis down).
+#[derive(Default)]
+struct Switched {
+    inner: InProcessLockManager,
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl LockManager for Switched {
+    async fn acquire(
+        &self,
+        key: &LockKey,
+        wait: Duration,
+        lease: Duration,
+    ) -> Result<LockLease, LockError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(LockError::Unavailable(anyhow::anyhow!("switched off")));
+        }
+        self.inner.acquire(key, wait, lease).await
+    }
+
+    async fn release(&self, lease: &LockLease) -> Result<Release, LockError> {
+        self.inner.release(lease).await
+    }
+}
+
 struct Harness {
     service: BalanceService,
     store: Arc<Gated>,
-    locks: Arc<InProcessLockManager>,
+    locks: Arc<Switched>,
 }
 
 fn limits() -> Limits {
@@ -98,7 +124,7 @@ async fn harness(users: u32, balance: i64) -> Harness {
 
 async fn harness_with(users: u32, balance: i64, across_users: bool) -> Harness {
     let store = Arc::new(Gated::default());
-    let locks = Arc::new(InProcessLockManager::new());
+    let locks = Arc::new(Switched::default());
     let memory = store.inner.clone();
     let ports = Ports {
         users: Arc::new(memory.clone()),
@@ -113,6 +139,7 @@ async fn harness_with(users: u32, balance: i64, across_users: bool) -> Harness {
     };
     let settings = Settings {
         limits: limits(),
+        on_lock_unavailable: LockUnavailablePolicy::Fail,
         group_commit: GroupCommit::On {
             max_batch: 64,
             across_users,
@@ -383,4 +410,44 @@ async fn by_default_each_user_has_its_own_queue_and_a_held_batch_holds_up_only_i
     assert_eq!(behind.await.unwrap().unwrap().response.status, 200);
     assert_eq!(balance(&h, 1).await, 103);
     assert_eq!(sizes(&h), [1, 1, 1]);
+}
+
+#[tokio::test]
+async fn a_replay_takes_no_lock_it_answers_with_the_lock_service_down_or_the_lock_held() {
+    let h = harness(1, 100).await;
+    let first = h.service.execute(charge(1, 10, "k")).await.unwrap();
+
+    // The lock service is down and the policy is `fail`: a new change is refused, the
+    // replay of a finished one is not.
+    h.locks.down.store(true, Ordering::SeqCst);
+    let fresh = h.service.execute(charge(1, 10, "other")).await;
+    assert!(
+        matches!(fresh, Err(OperationError::Unavailable(_))),
+        "{fresh:?}"
+    );
+    let replay = h.service.execute(charge(1, 10, "k")).await.unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.response, first.response);
+    let reused = h.service.execute(charge(1, 99, "k")).await;
+    assert!(
+        matches!(reused, Err(OperationError::KeyReused)),
+        "{reused:?}"
+    );
+    h.locks.down.store(false, Ordering::SeqCst);
+
+    // The user's lock is held elsewhere: the replay answers at once, without waiting.
+    let held = h
+        .locks
+        .acquire(
+            &LockKey::user_balance(id(1)),
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let replay = h.service.execute(charge(1, 10, "k")).await.unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.response, first.response);
+    h.locks.release(&held).await.unwrap();
+    assert_eq!(balance(&h, 1).await, 110);
 }

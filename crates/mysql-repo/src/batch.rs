@@ -373,6 +373,12 @@ pub(crate) async fn apply_batch(pool: &MySqlPool, batch: &BatchStep) -> Result<(
             Ok(())
         }
         // A failed commit leaves the session in no known state: the connection is closed.
-        Err(e) => Err(commit(e)),
+        // Only a lock conflict is known to have rolled back; after anything else the batch
+        // may have committed, so it is never run again request by request (its requests
+        // are answered 503 and their retries replay or run afresh).
+        Err(e) => Err(match commit(e) {
+            StepError::Unexpected(cause) => StepError::Unavailable(cause),
+            other => other,
+        }),
     }
 }

@@ -236,8 +236,6 @@ impl BalanceService {
     }
 
     async fn commit_batch(&self, batch: Vec<Pending>) {
-        metrics::histogram!(m::BATCH_SIZE).record(batch.len() as f64);
-        metrics::counter!(m::BATCHES_TOTAL).increment(1);
         let mut by_user: BTreeMap<UserId, Vec<Pending>> = BTreeMap::new();
         for pending in batch {
             metrics::histogram!(m::BATCH_QUEUED_SECONDS)
@@ -255,14 +253,72 @@ impl BalanceService {
                 }
                 Ok(TryLock::Busy) => {
                     // Held by another instance (or a request here that is not batched):
-                    // these wait for that lock alone, holding no other.
+                    // replays answer at once; the rest wait for that lock alone, holding
+                    // no other.
                     let service = self.clone();
-                    tokio::spawn(async move { service.commit_alone(user, group).await });
+                    tokio::spawn(async move {
+                        let rest = service.answer_replays(group).await;
+                        if !rest.is_empty() {
+                            service.commit_alone(user, rest).await;
+                        }
+                    });
                 }
-                Err(error) => answer_all(group, &error),
+                Err(error) => {
+                    // The lock cannot be had (its service is down under `fail`): replays
+                    // still answer, as they take no lock; the rest get the error.
+                    let service = self.clone();
+                    tokio::spawn(async move {
+                        let rest = service.answer_replays(group).await;
+                        answer_all(rest, &error);
+                    });
+                }
             }
         }
         self.commit_locked(ready, locks).await;
+    }
+
+    /// Answers, from a read without the lock, the requests whose key has a stored record
+    /// (a replay, or 422 reused), as the one-request path does before its lock; returns
+    /// the others. On a failed read all are returned: their own path reads again.
+    async fn answer_replays(&self, group: Vec<Pending>) -> Vec<Pending> {
+        let now = self.ports.clock.now();
+        let keys: Vec<(UserId, IdempotencyKey)> = group
+            .iter()
+            .map(|p| (p.op.user(), p.op.key().clone()))
+            .collect();
+        let Ok(records) = self.ports.keys.find_many(&keys, now).await else {
+            return group;
+        };
+        let mut rest = Vec::with_capacity(group.len());
+        for pending in group {
+            let record = records
+                .iter()
+                .find(|r| r.user_id == pending.op.user() && &r.key == pending.op.key());
+            let Some(record) = record else {
+                rest.push(pending);
+                continue;
+            };
+            let label = pending.op.kind().label();
+            match KeyState::Completed(record.clone()).admit(&pending.fingerprint, now) {
+                Admission::Run => rest.push(pending),
+                Admission::Replay(response) => {
+                    metrics::counter!(m::IDEMPOTENT_REPLAYS_TOTAL, "operation" => label)
+                        .increment(1);
+                    let expires_at = record.expires_at;
+                    pending.answer(Ok(Execution {
+                        response,
+                        replayed: true,
+                        expires_at,
+                    }));
+                }
+                Admission::Reused | Admission::InUse => {
+                    metrics::counter!(m::IDEMPOTENCY_REUSED_TOTAL, "operation" => label)
+                        .increment(1);
+                    pending.answer(Err(OperationError::KeyReused));
+                }
+            }
+        }
+        rest
     }
 
     /// One user's requests whose lock was busy: waited for as any request waits for it.
@@ -303,6 +359,11 @@ impl BalanceService {
     /// Reads, decides, writes and answers `groups` (one per user, ascending) under `locks`,
     /// then releases them.
     async fn commit_locked(&self, groups: Vec<Vec<Pending>>, locks: Vec<HeldLock>) {
+        let size: usize = groups.iter().map(Vec::len).sum();
+        if size > 0 {
+            metrics::histogram!(m::BATCH_SIZE).record(size as f64);
+            metrics::counter!(m::BATCHES_TOTAL).increment(1);
+        }
         if !groups.is_empty() {
             self.write_and_answer(groups.into_iter().flatten().collect())
                 .await;

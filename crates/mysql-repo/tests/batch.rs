@@ -1,0 +1,218 @@
+//! The group-commit statements on MySQL/MariaDB: `apply_batch`, `find_many` and
+//! `get_users` against a real server. Each test makes its own database with
+//! `testkit::TestDatabase` and skips (saying so) without a server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use chrono::{DateTime, Duration, Utc};
+use domain::idempotency::{Fingerprint, RecordOutcome, StoredResponse};
+use domain::model::EntryKind;
+use domain::operations::{Movement, OperationKind};
+use domain::ports::{
+    BalanceStore, BatchStep, BatchWrite, Clock, IdempotencyRepo, KeyRecord, StepError, SystemClock,
+    UserBatch, UserRepo,
+};
+use domain::types::{Amount, Balance, IdempotencyKey, Limits, UserId};
+use mysql_repo::MySqlStore;
+use testkit::TestDatabase;
+
+/// Keys a client may send that mean something to SQL or to `LIKE`.
+const AWKWARD: [&str; 5] = ["it's", "back\\slash", "dq\"x", "%_", "_utf8mb4'x'--"];
+
+fn limits() -> Limits {
+    Limits::default()
+}
+
+fn id(raw: i64) -> UserId {
+    UserId::new(raw).unwrap()
+}
+
+fn write(key: &str, at: DateTime<Utc>, ledger: Option<(EntryKind, i64, i64)>) -> BatchWrite {
+    BatchWrite {
+        key: KeyRecord {
+            key: IdempotencyKey::parse(key).unwrap(),
+            fingerprint: Fingerprint::from_stored(format!("fp:{key}:é")),
+            operation: OperationKind::Charge,
+            created_at: at,
+            expires_at: at + Duration::hours(1),
+        },
+        ledger: ledger.map(|(kind, amount, after)| {
+            (
+                kind,
+                Movement {
+                    amount: Amount::new(amount, &limits()).unwrap(),
+                    balance_after: Balance::new(after, &limits()).unwrap(),
+                },
+            )
+        }),
+        response: StoredResponse {
+            status: if ledger.is_some() { 200 } else { 422 },
+            body: format!("{{\"key\":\"{key}\",\"bytes\":\"\\u0000'\"}}").into_bytes(),
+        },
+    }
+}
+
+async fn seeded(db: &TestDatabase, users: u32) -> MySqlStore {
+    let store = db.store();
+    store
+        .seed_users(
+            users,
+            Balance::new(1_000, &limits()).unwrap(),
+            SystemClock.now(),
+        )
+        .await
+        .unwrap();
+    store
+}
+
+async fn ledger_count(db: &TestDatabase) -> i64 {
+    let (n,): (i64,) = sqlx::query_as("select count(*) from ledger_entries")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    n
+}
+
+#[tokio::test]
+async fn a_batch_writes_every_user_entry_and_record_and_awkward_keys_read_back() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = seeded(&db, 2).await;
+    let at = SystemClock.now();
+    let batch = BatchStep {
+        at,
+        users: vec![
+            UserBatch {
+                user_id: id(1),
+                expected_version: 0,
+                balance_after: Balance::new(1_000 + 10 + 20, &limits()).unwrap(),
+                writes: vec![
+                    write(AWKWARD[0], at, Some((EntryKind::Charge, 10, 1_010))),
+                    write(AWKWARD[1], at, None),
+                    write(AWKWARD[2], at, Some((EntryKind::Charge, 20, 1_030))),
+                ],
+            },
+            UserBatch {
+                user_id: id(2),
+                expected_version: 0,
+                balance_after: Balance::new(1_000 - 5, &limits()).unwrap(),
+                writes: vec![
+                    write(AWKWARD[3], at, Some((EntryKind::Use, 5, 995))),
+                    write(AWKWARD[4], at, None),
+                ],
+            },
+        ],
+    };
+    store.apply_batch(&batch).await.unwrap();
+
+    let users = store.get_users(&[id(2), id(1), id(3)]).await.unwrap();
+    let mut got: Vec<_> = users
+        .iter()
+        .map(|u| (u.id.get(), u.balance.get(), u.version))
+        .collect();
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [(1, 1_030, 1), (2, 995, 1)],
+        "one bump each; no user 3"
+    );
+    assert_eq!(
+        ledger_count(&db).await,
+        2 + 3,
+        "the seeds' entries and three more"
+    );
+
+    let keys: Vec<_> = batch
+        .users
+        .iter()
+        .flat_map(|u| u.writes.iter().map(move |w| (u.user_id, w.key.key.clone())))
+        .chain([(id(1), IdempotencyKey::parse(AWKWARD[3]).unwrap())])
+        .collect();
+    let records = store.find_many(&keys, at).await.unwrap();
+    assert_eq!(records.len(), 5, "user 1 does not see user 2's key");
+    for user in &batch.users {
+        for w in &user.writes {
+            let found = store
+                .find(user.user_id, &w.key.key, at)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(found.response, w.response, "key {:?}", w.key.key);
+            assert_eq!(found.fingerprint, w.key.fingerprint);
+            assert_eq!(found.outcome, w.outcome());
+            assert!(records.contains(&found));
+        }
+    }
+    let refused = records
+        .iter()
+        .filter(|r| r.outcome == RecordOutcome::Refused)
+        .count();
+    assert_eq!(refused, 2);
+    assert!(
+        store
+            .find_many(&keys, at + Duration::hours(2))
+            .await
+            .unwrap()
+            .is_empty(),
+        "expired records are not found"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_with_a_taken_key_or_a_moved_version_writes_nothing() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = seeded(&db, 2).await;
+    let at = SystemClock.now();
+    let taken = BatchStep {
+        at,
+        users: vec![UserBatch {
+            user_id: id(2),
+            expected_version: 0,
+            balance_after: Balance::new(1_001, &limits()).unwrap(),
+            writes: vec![write("taken", at, Some((EntryKind::Charge, 1, 1_001)))],
+        }],
+    };
+    store.apply_batch(&taken).await.unwrap();
+    let before = ledger_count(&db).await;
+
+    let one = |user: i64, version: u64, key: &str| UserBatch {
+        user_id: id(user),
+        expected_version: version,
+        balance_after: Balance::new(1_050, &limits()).unwrap(),
+        writes: vec![write(key, at, Some((EntryKind::Charge, 50, 1_050)))],
+    };
+    // User 1 would apply; user 2's key is taken: all or nothing.
+    let batch = BatchStep {
+        at,
+        users: vec![one(1, 0, "fresh"), one(2, 1, "taken")],
+    };
+    assert!(matches!(
+        store.apply_batch(&batch).await,
+        Err(StepError::KeyTaken)
+    ));
+    // User 2's version moved on since "the read" (it is 1): a conflict, nothing written.
+    let batch = BatchStep {
+        at,
+        users: vec![one(1, 0, "fresh"), one(2, 0, "other")],
+    };
+    assert!(matches!(
+        store.apply_batch(&batch).await,
+        Err(StepError::VersionConflict)
+    ));
+
+    assert_eq!(ledger_count(&db).await, before);
+    let user = store.get_user(id(1)).await.unwrap().unwrap();
+    assert_eq!((user.balance.get(), user.version), (1_000, 0));
+    let fresh = IdempotencyKey::parse("fresh").unwrap();
+    assert!(store.find(id(1), &fresh, at).await.unwrap().is_none());
+    // Nothing of the failed batches holds a row: the same batch, right, goes through.
+    let batch = BatchStep {
+        at,
+        users: vec![one(1, 0, "fresh"), one(2, 1, "other")],
+    };
+    store.apply_batch(&batch).await.unwrap();
+    assert_eq!(ledger_count(&db).await, before + 2);
+}
