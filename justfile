@@ -61,3 +61,8 @@ bench-redis-cluster *ARGS:
 # `--rounds`, `--secs`, `--instances 1,2,3`).
 bench-instances *ARGS:
     python3 bench/instances.py {{ARGS}}
+
+# Group commit off, per user and across users, side by side with the database alone, spread and
+# hot user (wrk and a release build with the baseline; `--rounds`, `--secs`, `--conns`).
+bench-group-commit *ARGS:
+    python3 bench/group_commit.py {{ARGS}}
