@@ -171,7 +171,10 @@ class Suite:
         self.netns.teardown()
         if not self.args.keep:
             shutil.rmtree(self.workdir / "mariadb" / "data", ignore_errors=True)
-            shutil.rmtree(self.workdir / "galera", ignore_errors=True)
+            # The nodes' error logs stay (a scenario's failure is read from them); their
+            # datadirs go.
+            for node in (self.galera.nodes if self.galera is not None else []):
+                shutil.rmtree(node.datadir, ignore_errors=True)
 
 
 def free_galera_base() -> int:
