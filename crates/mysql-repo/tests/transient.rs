@@ -427,10 +427,12 @@ async fn a_batch_the_database_refuses_runs_each_request_alone() {
         tokio::spawn(async move { service.execute(use_command(user, amount, key)).await })
     };
     let first = send(100, "first");
+    let started = Instant::now();
     loop {
         let waiting: Option<(u64,)> = sqlx::query_as(
             "select cast(id as unsigned) from information_schema.processlist \
-             where db = ? and info like '%update users set balance%' limit 1",
+             where db = ? and id <> connection_id() \
+             and info like '%update users set balance%' limit 1",
         )
         .bind(&db.name)
         .fetch_optional(&mut admin)
@@ -439,6 +441,10 @@ async fn a_batch_the_database_refuses_runs_each_request_alone() {
         if waiting.is_some() {
             break;
         }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the first batch never came to wait on the held row"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let queued = [
@@ -446,7 +452,6 @@ async fn a_batch_the_database_refuses_runs_each_request_alone() {
         send(20, "expired-key"),
         send(5_000, "too-much"),
     ];
-    let started = Instant::now();
     while service.queued() < queued.len() {
         assert!(started.elapsed() < PATIENCE, "the requests did not queue");
         tokio::time::sleep(Duration::from_millis(10)).await;
