@@ -16,15 +16,16 @@
 use std::fmt::Write as _;
 
 use chrono::NaiveDateTime;
-use domain::idempotency::{CompletedRecord, Fingerprint};
+use domain::idempotency::CompletedRecord;
 use domain::model::User;
 use domain::ports::{BatchStep, RepoError, StepError};
 use domain::types::{Balance, IdempotencyKey, UserId};
+use sqlx::mysql::MySqlRow;
 use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row as _};
 
 use crate::convert::{
-    from_db_time, idempotency_key, record_facts, stored_response, to_db_expiry, to_db_time,
+    RecordColumns, completed_record, from_db_time, idempotency_key, to_db_expiry, to_db_time,
     user_id, version_from_db, version_to_db,
 };
 use crate::error::{self, Classified, classify, commit, repo, step};
@@ -74,9 +75,35 @@ impl Sql {
         self
     }
 
+    /// `item` written for each of `items`, `separator` between them.
+    fn each<T>(
+        &mut self,
+        items: impl IntoIterator<Item = T>,
+        separator: &str,
+        mut item: impl FnMut(&mut Self, T),
+    ) -> &mut Self {
+        for (i, value) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.text(separator);
+            }
+            item(self, value);
+        }
+        self
+    }
+
     fn finish(self) -> AssertSqlSafe<String> {
         AssertSqlSafe(self.0)
     }
+}
+
+/// The rows of a text read, sent once more on a tested connection when the first attempt
+/// lost its connection (as every read of the adapter).
+async fn fetch(pool: &MySqlPool, sql: Sql) -> Result<Vec<MySqlRow>, RepoError> {
+    let sql = sql.0;
+    read_retrying!(pool, |db| {
+        sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_all(db)
+    })
+    .map_err(repo)
 }
 
 /// `UserRepo::get_users`.
@@ -85,19 +112,13 @@ pub(crate) async fn get_users(pool: &MySqlPool, ids: &[UserId]) -> Result<Vec<Us
         return Ok(Vec::new());
     }
     let mut sql = Sql::new("select id, balance, version, created_at from users where id in (");
-    for (i, id) in ids.iter().enumerate() {
-        if i > 0 {
-            sql.text(", ");
-        }
+    sql.each(ids, ", ", |sql, id| {
         sql.int(id.get());
-    }
-    sql.text(")");
-    let sql = sql.0;
-    let rows = read_retrying!(pool, |db| {
-        sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_all(db)
     })
-    .map_err(repo)?;
-    rows.iter()
+    .text(")");
+    fetch(pool, sql)
+        .await?
+        .iter()
         .map(|row| {
             let id: i64 = row.try_get(0)?;
             let balance: i64 = row.try_get(1)?;
@@ -129,49 +150,30 @@ pub(crate) async fn find_many(
          where status = 'COMPLETED' and expires_at > ",
     );
     sql.time(to_db_time(now)).text(" and (");
-    for (i, (user, key)) in keys.iter().enumerate() {
-        if i > 0 {
-            sql.text(" or ");
-        }
+    sql.each(keys, " or ", |sql, (user, key)| {
         sql.text("(user_id = ")
             .int(user.get())
             .text(" and idempotency_key = ")
             .key(key)
             .text(")");
-    }
-    sql.text(")");
-    let sql = sql.0;
-    let rows = read_retrying!(pool, |db| {
-        sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_all(db)
     })
-    .map_err(repo)?;
-    rows.iter()
+    .text(")");
+    fetch(pool, sql)
+        .await?
+        .iter()
         .map(|row| {
             let user: i64 = row.try_get(0)?;
             let key: String = row.try_get(1)?;
-            let fingerprint: String = row.try_get(2)?;
-            let operation: Option<String> = row.try_get(3)?;
-            let outcome: Option<String> = row.try_get(4)?;
-            let status: u16 = row.try_get(5)?;
-            let body: Vec<u8> = row.try_get(6)?;
-            let created_at: NaiveDateTime = row.try_get(7)?;
-            let expires_at: NaiveDateTime = row.try_get(8)?;
-            let (operation, outcome) = record_facts(
-                operation.as_deref(),
-                outcome.as_deref(),
-                &fingerprint,
-                status,
-            )?;
-            Ok(CompletedRecord {
-                user_id: user_id(user)?,
-                key: idempotency_key(&key)?,
-                fingerprint: Fingerprint::from_stored(fingerprint),
-                operation,
-                outcome,
-                response: stored_response(status, body),
-                created_at: from_db_time(created_at),
-                expires_at: from_db_time(expires_at),
-            })
+            let columns = RecordColumns {
+                fingerprint: row.try_get(2)?,
+                operation: row.try_get(3)?,
+                outcome: row.try_get(4)?,
+                status: row.try_get(5)?,
+                body: row.try_get(6)?,
+                created_at: row.try_get(7)?,
+                expires_at: row.try_get(8)?,
+            };
+            completed_record(user_id(user)?, idempotency_key(&key)?, columns)
         })
         .collect::<anyhow::Result<Vec<_>>>()
         .map_err(RepoError::Unexpected)
@@ -203,14 +205,11 @@ fn statements(batch: &BatchStep) -> Result<(Sql, Sql), StepError> {
         update
             .text(" end, version = version + 1, updated_at = ")
             .time(at)
-            .text(" where id in (");
-        for (i, user) in batch.users.iter().enumerate() {
-            if i > 0 {
-                update.text(", ");
-            }
-            update.int(user.user_id.get());
-        }
-        update.text(") and version = case id");
+            .text(" where id in (")
+            .each(&batch.users, ", ", |sql, user| {
+                sql.int(user.user_id.get());
+            })
+            .text(") and version = case id");
         for user in &batch.users {
             update
                 .text(" when ")

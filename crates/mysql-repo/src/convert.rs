@@ -3,7 +3,9 @@
 
 use anyhow::anyhow;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SubsecRound, Utc};
-use domain::idempotency::{RecordOutcome, StoredResponse, legacy_operation, legacy_outcome};
+use domain::idempotency::{
+    CompletedRecord, Fingerprint, RecordOutcome, StoredResponse, legacy_operation, legacy_outcome,
+};
 use domain::model::EntryKind;
 use domain::operations::OperationKind;
 use domain::types::{
@@ -100,6 +102,51 @@ pub(crate) fn idempotency_key(raw: &str) -> anyhow::Result<IdempotencyKey> {
 /// The response columns of an idempotency record.
 pub(crate) fn stored_response(status: u16, body: Vec<u8>) -> StoredResponse {
     StoredResponse { status, body }
+}
+
+/// The columns of a completed record, in the order `sql::FIND_KEY` (and the batch read)
+/// select them after the user and the key.
+pub(crate) struct RecordColumns {
+    pub(crate) fingerprint: String,
+    pub(crate) operation: Option<String>,
+    pub(crate) outcome: Option<String>,
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
+    pub(crate) created_at: NaiveDateTime,
+    pub(crate) expires_at: NaiveDateTime,
+}
+
+/// A completed record of (`user`, `key`) read back.
+pub(crate) fn completed_record(
+    user: UserId,
+    key: IdempotencyKey,
+    columns: RecordColumns,
+) -> anyhow::Result<CompletedRecord> {
+    let RecordColumns {
+        fingerprint,
+        operation,
+        outcome,
+        status,
+        body,
+        created_at,
+        expires_at,
+    } = columns;
+    let (operation, outcome) = record_facts(
+        operation.as_deref(),
+        outcome.as_deref(),
+        &fingerprint,
+        status,
+    )?;
+    Ok(CompletedRecord {
+        user_id: user,
+        key,
+        fingerprint: Fingerprint::from_stored(fingerprint),
+        operation,
+        outcome,
+        response: stored_response(status, body),
+        created_at: from_db_time(created_at),
+        expires_at: from_db_time(expires_at),
+    })
 }
 
 /// A record's operation and outcome from their columns. A null column is a row written

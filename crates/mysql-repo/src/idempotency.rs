@@ -4,12 +4,12 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use domain::idempotency::{CompletedRecord, Fingerprint, RecordOutcome, StoredResponse};
+use domain::idempotency::{CompletedRecord, RecordOutcome, StoredResponse};
 use domain::ports::{IdempotencyRepo, KeyRecord, RepoError, StepError};
 use domain::types::{IdempotencyKey, UserId};
 
 use crate::MySqlStore;
-use crate::convert::{from_db_time, record_facts, stored_response, to_db_time};
+use crate::convert::{RecordColumns, completed_record, to_db_time};
 use crate::error::repo;
 use crate::sql;
 
@@ -44,22 +44,16 @@ impl IdempotencyRepo for MySqlStore {
         else {
             return Ok(None);
         };
-        let (operation, outcome) = record_facts(
-            operation.as_deref(),
-            outcome.as_deref(),
-            &fingerprint,
-            status,
-        )?;
-        Ok(Some(CompletedRecord {
-            user_id: user,
-            key: key.clone(),
-            fingerprint: Fingerprint::from_stored(fingerprint),
+        let columns = RecordColumns {
+            fingerprint,
             operation,
             outcome,
-            response: stored_response(status, body),
-            created_at: from_db_time(created_at),
-            expires_at: from_db_time(expires_at),
-        }))
+            status,
+            body,
+            created_at,
+            expires_at,
+        };
+        Ok(Some(completed_record(user, key.clone(), columns)?))
     }
 
     async fn find_many(
