@@ -2,7 +2,8 @@
 //! together in the next one.
 //!
 //! Every batchable request ([`Operation::batchable`]: charges and uses) claims its key
-//! in this instance, as any request does, and joins one queue. When no batch is running,
+//! in this instance, as any request does, and joins its lane's queue: its user's own, or
+//! with `across_users` the instance's one. When no batch is running in the lane,
 //! the request's own batch starts at once, alone: nothing waits for company, there is no
 //! timer. While a batch runs, arrivals queue; when it has committed, the next batch takes
 //! everything queued (at most `max_batch`):
