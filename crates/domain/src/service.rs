@@ -70,9 +70,10 @@ pub enum GroupCommit {
     #[default]
     Off,
     /// Requests that queue while a batch commits are written together in the next one,
-    /// at most `max_batch` of them. Each user has its own queue, so a batch holds up only
-    /// its own user; with `across_users`, one queue per instance, so the users ready at
-    /// once share one transaction (and wait on its slowest row).
+    /// at most `max_batch` of them. Each user has its own queue; with `across_users`, one
+    /// queue per instance, so the users ready at once share one transaction. A batch never
+    /// waits for a row lock: a row locked elsewhere fails it at once, and its requests run
+    /// alone, the locked user's off the instance's queue, so it holds up only that user.
     On {
         max_batch: usize,
         across_users: bool,

@@ -8,10 +8,16 @@
 //! from a typed value: integers, datetimes (digits and separators only) and hex strings
 //! (`X'…'`) for every text and byte value, so no value is ever read as SQL.
 //!
-//! The transaction is three round trips whatever its size: `BEGIN` with the guarded users
-//! update (one statement for all users; each row only at the version the batch read, and
-//! the rows are locked in id order), the ledger entries with the records (one multi-row
-//! insert each), and `COMMIT`.
+//! The transaction is three round trips whatever its size: `BEGIN` with the users rows
+//! locked (in id order, `NOWAIT`, by primary key only) and their guarded update (one statement for all users;
+//! each row only at the version the batch read), the ledger entries with the records (one
+//! multi-row insert each), and `COMMIT`.
+//!
+//! A batch never waits for a row lock: a users row locked by another transaction (which
+//! the user's Redis lock normally rules out: a writer without it, or one whose lease
+//! expired) fails the batch at once, and the use case runs its requests alone, each
+//! waiting for its own row. A batch shared by many users would otherwise hold all of them
+//! up for as long as the one row stays locked (`innodb_lock_wait_timeout`).
 
 use std::fmt::Write as _;
 
@@ -179,10 +185,18 @@ pub(crate) async fn find_many(
         .map_err(RepoError::Unexpected)
 }
 
-/// The statements of a batch: the users update (after `begin;`) and the inserts.
+/// The statements of a batch: `begin;`, the locking read and the users update; the inserts.
 fn statements(batch: &BatchStep) -> Result<(Sql, Sql), StepError> {
     let at = to_db_time(batch.at);
-    let mut update = Sql::new("begin; update users set ");
+    // `force index (primary)` on both: on a table small next to the batch the optimizer
+    // may prefer a scan of the whole index, and a locking scan locks (and waits for) every
+    // row it passes, not only the batch's own.
+    let mut update = Sql::new("begin; select id from users force index (primary) where id in (");
+    update
+        .each(&batch.users, ", ", |sql, user| {
+            sql.int(user.user_id.get());
+        })
+        .text(") order by id for update nowait; update users force index (primary) set ");
     if let [only] = batch.users.as_slice() {
         update
             .text("balance = ")

@@ -3,7 +3,7 @@
 //!
 //! | class | numbers / kinds | a read | a balance step, before COMMIT | at COMMIT |
 //! | --- | --- | --- | --- | --- |
-//! | [`Classified::LockConflict`] | 1205, 1213 (also Galera's certification failure) | 503 | version conflict: fresh read, retried | rolled back: retried the same way |
+//! | [`Classified::LockConflict`] | 1205, 1213 (also Galera's certification failure), 3572 | 503 | version conflict: fresh read, retried | rolled back: retried the same way |
 //! | [`Classified::Aborted`] | 1317, 1969, 3024 | retried once | [`StepError::Aborted`]: retried once from a fresh read | outcome unknown: 503 |
 //! | [`Classified::ConnectionLost`] | 2006, 2013, 1927, 1053, 4031, `Io`, `Protocol` | retried once on a tested connection | [`StepError::Aborted`] | outcome unknown: 503 |
 //! | [`Classified::Unavailable`] | 1040, 1047, 1180, pool timeout/closed, TLS | 503 | 503 | 503 |
@@ -19,6 +19,9 @@ use sqlx::mysql::MySqlDatabaseError;
 const ER_LOCK_DEADLOCK: u16 = 1213;
 /// A row lock was not granted within `innodb_lock_wait_timeout`.
 const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+/// MySQL 8: a `NOWAIT` locking read met a row locked by another transaction (MariaDB
+/// reports it as 1205).
+const ER_LOCK_NOWAIT: u16 = 3572;
 /// The statement was killed (`KILL QUERY`, or a failover tool).
 const ER_QUERY_INTERRUPTED: u16 = 1317;
 /// MariaDB's `max_statement_time` aborted the statement.
@@ -83,7 +86,7 @@ enum Class {
 /// The class of a server (or proxy) error number.
 fn class_of_number(number: u16) -> Class {
     match number {
-        ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT => Class::LockConflict,
+        ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT | ER_LOCK_NOWAIT => Class::LockConflict,
         ER_QUERY_INTERRUPTED | ER_STATEMENT_TIMEOUT | ER_QUERY_TIMEOUT => Class::Aborted,
         ER_SERVER_SHUTDOWN
         | ER_CONNECTION_KILLED
@@ -209,6 +212,7 @@ mod tests {
     fn lock_conflicts_are_deadlocks_and_lock_wait_timeouts() {
         assert_eq!(class_of_number(1213), Class::LockConflict);
         assert_eq!(class_of_number(1205), Class::LockConflict);
+        assert_eq!(class_of_number(3572), Class::LockConflict);
     }
 
     #[test]

@@ -216,3 +216,102 @@ async fn a_batch_with_a_taken_key_or_a_moved_version_writes_nothing() {
     store.apply_batch(&batch).await.unwrap();
     assert_eq!(ledger_count(&db).await, before + 2);
 }
+
+/// A connection holding the users row of `user` locked, in an open transaction.
+async fn hold_row(db: &TestDatabase, user: i64) -> sqlx::MySqlConnection {
+    use sqlx::Connection as _;
+    let mut holder = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("begin").execute(&mut holder).await.unwrap();
+    sqlx::query("select id from users where id = ? for update")
+        .bind(user)
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    holder
+}
+
+fn charge_of(user: i64, key: &str, at: DateTime<Utc>) -> UserBatch {
+    UserBatch {
+        user_id: id(user),
+        expected_version: 0,
+        balance_after: Balance::new(1_010, &limits()).unwrap(),
+        writes: vec![write(key, at, Some((EntryKind::Charge, 10, 1_010)))],
+    }
+}
+
+/// A batch locks its own users rows and no other, whatever plan the optimizer would
+/// like: here most of a small table, with the one row outside the batch locked
+/// elsewhere (a scan of the whole index would wait for it, `innodb_lock_wait_timeout`).
+#[tokio::test]
+async fn a_batch_locks_only_its_own_rows() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = seeded(&db, 10).await;
+    let mut holder = hold_row(&db, 1).await;
+    let at = SystemClock.now();
+    let batch = BatchStep {
+        at,
+        users: (2..=10)
+            .map(|user| charge_of(user, &format!("k{user}"), at))
+            .collect(),
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        store.apply_batch(&batch),
+    )
+    .await
+    .expect("the batch waited for a row outside it")
+    .unwrap();
+    assert_eq!(ledger_count(&db).await, 10 + 9);
+    sqlx::raw_sql("rollback")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+}
+
+/// A batch whose own users row is locked elsewhere fails at once as a conflict (it never
+/// waits for a row lock), writes nothing, and holds none of its other rows after.
+#[tokio::test]
+async fn a_batch_meeting_its_own_row_locked_fails_at_once_and_holds_nothing() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = seeded(&db, 3).await;
+    let mut holder = hold_row(&db, 2).await;
+    let at = SystemClock.now();
+    let batch = BatchStep {
+        at,
+        users: (1..=3)
+            .map(|user| charge_of(user, &format!("k{user}"), at))
+            .collect(),
+    };
+    let failed = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        store.apply_batch(&batch),
+    )
+    .await
+    .expect("the batch waited for its locked row");
+    assert!(
+        matches!(failed, Err(StepError::VersionConflict)),
+        "{failed:?}"
+    );
+    assert_eq!(ledger_count(&db).await, 3);
+    // Rows 1 and 3 are free again: a batch of them alone goes through.
+    let others = BatchStep {
+        at,
+        users: vec![charge_of(1, "k1", at), charge_of(3, "k3", at)],
+    };
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        store.apply_batch(&others),
+    )
+    .await
+    .expect("a failed batch kept a row locked")
+    .unwrap();
+    sqlx::raw_sql("rollback")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    assert_eq!(ledger_count(&db).await, 3 + 2);
+}

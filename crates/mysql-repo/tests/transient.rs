@@ -392,7 +392,8 @@ async fn a_balance_step_after_every_pooled_connection_was_killed_succeeds() {
 /// A batch whose transaction the database refuses runs each of its requests alone, each
 /// with the answer it would have had: here one key of the batch has an expired record not
 /// purged yet, which the batch's multi-row insert meets (a duplicate key), while the
-/// one-request step replaces it.
+/// one-request step replaces it. (The first batch meets a row held elsewhere, which fails
+/// a batch at once too.)
 #[tokio::test]
 async fn a_batch_the_database_refuses_runs_each_request_alone() {
     let Some(db) = TestDatabase::create().await else {
@@ -421,7 +422,8 @@ async fn a_batch_the_database_refuses_runs_each_request_alone() {
     let mut admin = admin(&db).await;
     let mut holder = hold_row_lock(&db, user).await;
 
-    // The first batch waits on the held row; the next three queue behind it.
+    // The first batch meets the held row and fails at once (a batch never waits for a row
+    // lock); its request runs alone and waits on the row; the next three queue behind it.
     let send = |amount: i64, key: &'static str| {
         let service = service.clone();
         tokio::spawn(async move { service.execute(use_command(user, amount, key)).await })
@@ -463,8 +465,8 @@ async fn a_batch_the_database_refuses_runs_each_request_alone() {
     for running in queued {
         answers.push(running.await.unwrap().unwrap());
     }
-    // Two batches (the second refused by the database), then its three requests alone.
-    assert_eq!(steps.started.load(Ordering::SeqCst), 2 + 3);
+    // Two batches, each refused by the database and followed by its requests alone.
+    assert_eq!(steps.started.load(Ordering::SeqCst), (1 + 1) + (1 + 3));
     assert!(answers.iter().all(|e| !e.replayed));
     let (balance, entries) = balance_and_entries(&store, &db, user).await;
     assert_eq!(
@@ -482,5 +484,58 @@ async fn a_batch_the_database_refuses_runs_each_request_alone() {
         "the expired record was replaced by this request's"
     );
     assert_eq!(again.response, answers[1].response);
+    assert_audit_clean(&store).await;
+}
+
+/// Across users, a users row locked by another transaction holds up only its own user:
+/// the batch that meets it fails at once, that user's request runs alone (off the
+/// instance's queue) and waits for its row, and the next batch, another user's, commits
+/// while the row is still held.
+#[tokio::test]
+async fn across_users_a_row_held_elsewhere_holds_up_only_its_user() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = db.store();
+    let limits = Settings::default().limits;
+    store
+        .seed_users(2, Balance::new(1_000, &limits).unwrap(), SystemClock.now())
+        .await
+        .unwrap();
+    let (held, free) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());
+    let settings = Settings {
+        group_commit: GroupCommit::On {
+            max_batch: 64,
+            across_users: true,
+        },
+        ..Settings::default()
+    };
+    let (service, steps) = service_with(&store, settings);
+    let mut admin = admin(&db).await;
+    let mut holder = hold_row_lock(&db, held).await;
+
+    let first = {
+        let service = service.clone();
+        tokio::spawn(async move { service.execute(use_command(held, 100, "held")).await })
+    };
+    // Its own update, alone, waits on the row (a batch's statement begins otherwise).
+    waiting_update(&mut admin, &db.name).await;
+    let other = tokio::time::timeout(PATIENCE, service.execute(use_command(free, 10, "free")))
+        .await
+        .expect("another user's request was held up by the locked row")
+        .unwrap();
+    assert_eq!(other.response.status, 200);
+    assert!(
+        !first.is_finished(),
+        "the held user's request went past its locked row"
+    );
+    sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
+
+    assert_eq!(first.await.unwrap().unwrap().response.status, 200);
+    // The failed batch, its request alone, the other user's batch.
+    assert_eq!(steps.started.load(Ordering::SeqCst), 3);
+    // Each: its seeding entry and the one applied.
+    assert_eq!(balance_and_entries(&store, &db, held).await, (900, 2));
+    assert_eq!(balance_and_entries(&store, &db, free).await, (990, 2));
     assert_audit_clean(&store).await;
 }

@@ -154,6 +154,14 @@ impl Drop for DrainGuard {
     }
 }
 
+/// One user's requests of a batch, with the user's lock (`None`: going on without the
+/// lock service, as its policy allows).
+struct Group {
+    user: UserId,
+    pending: Vec<Pending>,
+    lock: Option<HeldLock>,
+}
+
 /// What trying a user's lock without waiting found.
 enum TryLock {
     /// Ours (`None`: the lock service is down and the policy goes on without it).
@@ -245,20 +253,20 @@ impl BalanceService {
         }
         let tried = join_all(by_user.keys().map(|user| self.try_lock_user(*user))).await;
         let mut ready = Vec::with_capacity(by_user.len());
-        let mut locks = Vec::with_capacity(by_user.len());
-        for ((user, group), tried) in by_user.into_iter().zip(tried) {
+        for ((user, pending), tried) in by_user.into_iter().zip(tried) {
             match tried {
-                Ok(TryLock::Held(lock)) => {
-                    ready.push(group);
-                    locks.extend(lock);
-                }
+                Ok(TryLock::Held(lock)) => ready.push(Group {
+                    user,
+                    pending,
+                    lock,
+                }),
                 Ok(TryLock::Busy) => {
                     // Held by another instance (or a request here that is not batched):
                     // replays answer at once; the rest wait for that lock alone, holding
                     // no other.
                     let service = self.clone();
                     tokio::spawn(async move {
-                        let rest = service.answer_replays(group).await;
+                        let rest = service.answer_replays(pending).await;
                         if !rest.is_empty() {
                             service.commit_alone(user, rest).await;
                         }
@@ -269,13 +277,13 @@ impl BalanceService {
                     // still answer, as they take no lock; the rest get the error.
                     let service = self.clone();
                     tokio::spawn(async move {
-                        let rest = service.answer_replays(group).await;
+                        let rest = service.answer_replays(pending).await;
                         answer_all(rest, &error);
                     });
                 }
             }
         }
-        self.commit_locked(ready, locks).await;
+        self.commit_locked(ready).await;
     }
 
     /// Answers, from a read without the lock, the requests whose key has a stored record
@@ -326,8 +334,12 @@ impl BalanceService {
     async fn commit_alone(&self, user: UserId, group: Vec<Pending>) {
         match self.lock_user(user).await {
             Ok(lock) => {
-                self.commit_locked(vec![group], lock.into_iter().collect())
-                    .await
+                self.commit_locked(vec![Group {
+                    user,
+                    pending: group,
+                    lock,
+                }])
+                .await
             }
             Err(error) => answer_all(group, &error),
         }
@@ -357,22 +369,60 @@ impl BalanceService {
         }
     }
 
-    /// Reads, decides, writes and answers `groups` (one per user, ascending) under `locks`,
-    /// then releases them.
-    async fn commit_locked(&self, groups: Vec<Vec<Pending>>, locks: Vec<HeldLock>) {
-        let size: usize = groups.iter().map(Vec::len).sum();
-        if size > 0 {
-            metrics::histogram!(m::BATCH_SIZE).record(size as f64);
-            metrics::counter!(m::BATCHES_TOTAL).increment(1);
+    /// Reads, decides, writes and answers `groups` (one per user, ascending) under their
+    /// locks, then releases them. When the batch's transaction failed, the users whose
+    /// requests are to run alone keep their lock until those have: across users, off the
+    /// lane, so a row held elsewhere holds up only its own user.
+    async fn commit_locked(&self, groups: Vec<Group>) {
+        let size: usize = groups.iter().map(|g| g.pending.len()).sum();
+        if size == 0 {
+            return;
         }
-        if !groups.is_empty() {
-            self.write_and_answer(groups.into_iter().flatten().collect())
-                .await;
+        metrics::histogram!(m::BATCH_SIZE).record(size as f64);
+        metrics::counter!(m::BATCHES_TOTAL).increment(1);
+        let mut locks = BTreeMap::new();
+        let mut batch = Vec::with_capacity(size);
+        for group in groups {
+            locks.extend(group.lock.map(|lock| (group.user, lock)));
+            batch.extend(group.pending);
         }
-        join_all(locks.into_iter().map(HeldLock::release)).await;
+        let alone = self.write_and_answer(batch).await;
+        let mut by_user: BTreeMap<UserId, Vec<Pending>> = BTreeMap::new();
+        for pending in alone {
+            by_user.entry(pending.op.user()).or_default().push(pending);
+        }
+        let across_users = matches!(
+            self.settings.group_commit,
+            GroupCommit::On {
+                across_users: true,
+                ..
+            }
+        );
+        let mut running = Vec::with_capacity(by_user.len());
+        for (user, group) in by_user {
+            let lock = locks.remove(&user);
+            let service = self.clone();
+            let one_by_one = async move {
+                service.one_by_one(group).await;
+                if let Some(lock) = lock {
+                    lock.release().await;
+                }
+            };
+            if across_users {
+                tokio::spawn(one_by_one);
+            } else {
+                running.push(one_by_one);
+            }
+        }
+        join(
+            join_all(running),
+            join_all(locks.into_values().map(HeldLock::release)),
+        )
+        .await;
     }
 
-    async fn write_and_answer(&self, batch: Vec<Pending>) {
+    /// Returns the requests to run again one by one (the batch's transaction failed).
+    async fn write_and_answer(&self, batch: Vec<Pending>) -> Vec<Pending> {
         let now = self.ports.clock.now();
         let mut ids: Vec<UserId> = batch.iter().map(|p| p.op.user()).collect();
         ids.dedup();
@@ -389,7 +439,8 @@ impl BalanceService {
             (Ok(users), Ok(records)) => (users, records),
             (Err(e), _) | (_, Err(e)) => {
                 let error = OperationError::from(e);
-                return answer_all(batch, &error);
+                answer_all(batch, &error);
+                return Vec::new();
             }
         };
         let expires_at = self.record_expiry(now);
@@ -412,10 +463,14 @@ impl BalanceService {
         };
         let (step, answers) = decided;
         if step.is_empty() {
-            return self.answer(batch, answers, expires_at);
+            self.answer(batch, answers, expires_at);
+            return Vec::new();
         }
         match self.ports.store.apply_batch(&step).await {
-            Ok(()) => self.answer(batch, answers, expires_at),
+            Ok(()) => {
+                self.answer(batch, answers, expires_at);
+                Vec::new()
+            }
             Err(StepError::Unavailable(cause)) => {
                 // The commit's outcome is unknown: every written request may have happened.
                 let error = OperationError::Unavailable(cause);
@@ -427,12 +482,20 @@ impl BalanceService {
                         }
                     }
                 }
+                Vec::new()
             }
             Err(failed) => {
                 metrics::counter!(m::BATCH_FALLBACKS_TOTAL).increment(1);
                 tracing::info!(requests = step.len(), error = %failed,
                     "the batch's transaction failed; running its requests one by one");
-                self.one_by_one(batch, answers).await;
+                let mut alone = Vec::with_capacity(batch.len());
+                for (pending, answer) in batch.into_iter().zip(answers) {
+                    match answer {
+                        Answer::Now(reply) => pending.answer(reply),
+                        Answer::Written { .. } | Answer::SameAs(_) => alone.push(pending),
+                    }
+                }
+                alone
             }
         }
     }
@@ -481,29 +544,17 @@ impl BalanceService {
         }
     }
 
-    /// After a failed batch transaction: each written request again, alone, on the
-    /// ordinary path (its own fresh read and retries) under the locks still held; users
-    /// side by side, each user's requests in order.
-    async fn one_by_one(&self, batch: Vec<Pending>, answers: Vec<Answer>) {
-        let mut by_user: BTreeMap<UserId, Vec<Pending>> = BTreeMap::new();
-        for (pending, answer) in batch.into_iter().zip(answers) {
-            match answer {
-                Answer::Now(reply) => pending.answer(reply),
-                Answer::Written { .. } | Answer::SameAs(_) => {
-                    by_user.entry(pending.op.user()).or_default().push(pending);
-                }
-            }
+    /// After a failed batch transaction: one user's written requests again, alone and in
+    /// order, on the ordinary path (each its own fresh read and retries), under the user's
+    /// lock still held.
+    async fn one_by_one(&self, group: Vec<Pending>) {
+        for pending in group {
+            let reply = self
+                .apply_with_retries(&pending.op, &pending.fingerprint)
+                .await
+                .map(|(execution, _)| execution);
+            pending.answer(reply);
         }
-        join_all(by_user.into_values().map(|group| async move {
-            for pending in group {
-                let reply = self
-                    .apply_with_retries(&pending.op, &pending.fingerprint)
-                    .await
-                    .map(|(execution, _)| execution);
-                pending.answer(reply);
-            }
-        }))
-        .await;
     }
 }
 
