@@ -217,8 +217,8 @@ pub struct Config {
     #[arg(long, env = "GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub group_commit: bool,
-    /// Group commit across users: one queue for the instance, so users ready at once share a transaction (which then waits on its slowest row); false: a queue per user.
-    #[arg(long, env = "GROUP_COMMIT_ACROSS_USERS", default_value_t = false, action = clap::ArgAction::Set,
+    /// Group commit across users: one queue for the instance, so users ready at once share a transaction (a row locked elsewhere fails the batch at once and holds up only its user); false: a queue per user.
+    #[arg(long, env = "GROUP_COMMIT_ACROSS_USERS", default_value_t = true, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub group_commit_across_users: bool,
     /// The most requests one group-commit transaction carries.
