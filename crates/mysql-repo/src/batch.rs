@@ -8,10 +8,11 @@
 //! from a typed value: integers, datetimes (digits and separators only) and hex strings
 //! (`X'…'`) for every text and byte value, so no value is ever read as SQL.
 //!
-//! The transaction is three round trips whatever its size: `BEGIN` with the users rows
-//! locked (in id order, `NOWAIT`, by primary key only) and their guarded update (one statement for all users;
-//! each row only at the version the batch read), the ledger entries with the records (one
-//! multi-row insert each), and `COMMIT`.
+//! The transaction is two round trips whatever its size: `BEGIN` with the users rows
+//! locked (in id order, `NOWAIT`, by primary key only) and their guarded update (one
+//! statement for all users; each row only at the version the batch read); then the ledger
+//! entries and the records (one multi-row insert each) with `COMMIT`, which runs only if
+//! both inserts did.
 //!
 //! A batch never waits for a row lock: a users row locked by another transaction (which
 //! the user's Redis lock normally rules out: a writer without it, or one whose lease
@@ -34,7 +35,7 @@ use crate::convert::{
     RecordColumns, completed_record, from_db_time, idempotency_key, to_db_expiry, to_db_time,
     user_id, version_from_db, version_to_db,
 };
-use crate::error::{self, Classified, classify, commit, repo, step};
+use crate::error::{self, Classified, classify, repo, step};
 use crate::retry::tested_connection;
 
 /// A statement being written, with literal values.
@@ -185,7 +186,8 @@ pub(crate) async fn find_many(
         .map_err(RepoError::Unexpected)
 }
 
-/// The statements of a batch: `begin;`, the locking read and the users update; the inserts.
+/// The statements of a batch: `begin;`, the locking read and the users update; the
+/// inserts and `commit`.
 fn statements(batch: &BatchStep) -> Result<(Sql, Sql), StepError> {
     let at = to_db_time(batch.at);
     // `force index (primary)` on both: on a table small next to the batch the optimizer
@@ -303,6 +305,7 @@ fn statements(batch: &BatchStep) -> Result<(Sql, Sql), StepError> {
                 .text(")");
         }
     }
+    inserts.text("; commit");
     Ok((update, inserts))
 }
 
@@ -371,27 +374,34 @@ pub(crate) async fn apply_batch(pool: &MySqlPool, batch: &BatchStep) -> Result<(
             return Err(step(e));
         }
     }
-    if let Err(e) = sqlx::raw_sql(inserts).execute(&mut *tx.conn).await {
-        tx.rollback().await;
-        return Err(match classify(e) {
-            // A record of one of the keys exists (live, written since the batch read, or
-            // expired and not yet purged): the use case runs the requests one by one.
-            Classified::Duplicate(_) => StepError::KeyTaken,
-            other => other.into_step(),
-        });
-    }
-    match sqlx::raw_sql("commit").execute(&mut *tx.conn).await {
+    // The inserts and the COMMIT in one round trip. The statements stop at the first that
+    // fails, so a refused insert never commits: the transaction is left open and rolled
+    // back here. A duplicate can only be an insert's; a lock conflict rolled back either
+    // way; anything else may have been the COMMIT's, of unknown outcome, and the
+    // connection is closed (a transaction still open ends with its session).
+    match sqlx::raw_sql(inserts).execute(&mut *tx.conn).await {
         Ok(_) => {
             tx.open = false;
             Ok(())
         }
-        // A failed commit leaves the session in no known state: the connection is closed.
-        // Only a lock conflict is known to have rolled back; after anything else the batch
-        // may have committed, so it is never run again request by request (its requests
-        // are answered 503 and their retries replay or run afresh).
-        Err(e) => Err(match commit(e) {
-            StepError::Unexpected(cause) => StepError::Unavailable(cause),
-            other => other,
-        }),
+        Err(e) => match classify(e) {
+            // A record of one of the keys exists (live, written since the batch read it,
+            // or expired and not yet purged): the use case runs the requests one by one.
+            Classified::Duplicate(_) => {
+                tx.rollback().await;
+                Err(StepError::KeyTaken)
+            }
+            conflict @ Classified::LockConflict(_) => {
+                tx.rollback().await;
+                Err(conflict.into_step())
+            }
+            // After anything else the batch may have committed, so it is never run again
+            // request by request (its requests are answered 503 and their retries replay
+            // or run afresh).
+            other => Err(match other.into_commit() {
+                StepError::Unexpected(cause) => StepError::Unavailable(cause),
+                unknown => unknown,
+            }),
+        },
     }
 }
