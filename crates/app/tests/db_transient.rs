@@ -24,13 +24,7 @@ async fn a_balance_change_whose_statement_is_killed_answers_503_with_retry_after
     let db = app.db.as_ref().unwrap();
     let user = app.user_with(1_000).await;
 
-    let mut holder = MySqlConnection::connect(&db.url).await.unwrap();
-    sqlx::raw_sql("begin").execute(&mut holder).await.unwrap();
-    sqlx::query("select id from users where id = ? for update")
-        .bind(user)
-        .fetch_one(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = db.hold_user_row(user).await;
 
     let request = {
         let (client, url) = (

@@ -217,19 +217,6 @@ async fn a_batch_with_a_taken_key_or_a_moved_version_writes_nothing() {
     assert_eq!(ledger_count(&db).await, before + 2);
 }
 
-/// A connection holding the users row of `user` locked, in an open transaction.
-async fn hold_row(db: &TestDatabase, user: i64) -> sqlx::MySqlConnection {
-    use sqlx::Connection as _;
-    let mut holder = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
-    sqlx::raw_sql("begin").execute(&mut holder).await.unwrap();
-    sqlx::query("select id from users where id = ? for update")
-        .bind(user)
-        .fetch_one(&mut holder)
-        .await
-        .unwrap();
-    holder
-}
-
 fn charge_of(user: i64, key: &str, at: DateTime<Utc>) -> UserBatch {
     UserBatch {
         user_id: id(user),
@@ -248,7 +235,7 @@ async fn a_batch_locks_only_its_own_rows() {
         return;
     };
     let store = seeded(&db, 10).await;
-    let mut holder = hold_row(&db, 1).await;
+    let mut holder = db.hold_user_row(1).await;
     let at = SystemClock.now();
     let batch = BatchStep {
         at,
@@ -278,7 +265,7 @@ async fn a_batch_meeting_its_own_row_locked_fails_at_once_and_holds_nothing() {
         return;
     };
     let store = seeded(&db, 3).await;
-    let mut holder = hold_row(&db, 2).await;
+    let mut holder = db.hold_user_row(2).await;
     let at = SystemClock.now();
     let batch = BatchStep {
         at,

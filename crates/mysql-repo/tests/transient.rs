@@ -154,18 +154,6 @@ async fn kill_query(admin: &mut MySqlConnection, connection: u64) {
         .unwrap();
 }
 
-/// A connection holding the users row of `user` locked, in an open transaction.
-async fn hold_row_lock(db: &TestDatabase, user: UserId) -> MySqlConnection {
-    let mut holder = admin(db).await;
-    sqlx::raw_sql("begin").execute(&mut holder).await.unwrap();
-    sqlx::query("select id from users where id = ? for update")
-        .bind(user.get())
-        .fetch_one(&mut holder)
-        .await
-        .unwrap();
-    holder
-}
-
 async fn balance_and_entries(store: &MySqlStore, db: &TestDatabase, user: UserId) -> (i64, i64) {
     let balance = store.get_user(user).await.unwrap().unwrap().balance.get();
     let (entries,): (i64,) =
@@ -199,7 +187,7 @@ async fn a_write_killed_while_it_waits_on_a_row_lock_is_retried_from_a_fresh_rea
     let user = user_with(&store, 1_000).await;
     let (service, steps) = service(&store);
     let mut admin = admin(&db).await;
-    let mut holder = hold_row_lock(&db, user).await;
+    let mut holder = db.hold_user_row(user.get()).await;
 
     let running = {
         let service = service.clone();
@@ -229,7 +217,7 @@ async fn a_write_killed_twice_is_unavailable_and_writes_nothing() {
     let user = user_with(&store, 1_000).await;
     let (service, steps) = service(&store);
     let mut admin = admin(&db).await;
-    let mut holder = hold_row_lock(&db, user).await;
+    let mut holder = db.hold_user_row(user.get()).await;
 
     let running = {
         let service = service.clone();
@@ -420,7 +408,7 @@ async fn a_batch_the_database_refuses_runs_each_request_alone() {
     .await
     .unwrap();
     let mut admin = admin(&db).await;
-    let mut holder = hold_row_lock(&db, user).await;
+    let mut holder = db.hold_user_row(user.get()).await;
 
     // The first batch meets the held row and fails at once (a batch never waits for a row
     // lock); its request runs alone and waits on the row; the next three queue behind it.
@@ -512,7 +500,7 @@ async fn across_users_a_row_held_elsewhere_holds_up_only_its_user() {
     };
     let (service, steps) = service_with(&store, settings);
     let mut admin = admin(&db).await;
-    let mut holder = hold_row_lock(&db, held).await;
+    let mut holder = db.hold_user_row(held.get()).await;
 
     let first = {
         let service = service.clone();

@@ -204,6 +204,29 @@ impl TestDatabase {
         mysql_repo::MySqlStore::new(self.pool.clone())
     }
 
+    /// A connection of its own holding the users row of `user` locked (`select … for
+    /// update` in an open transaction), as a writer elsewhere would; `commit` or
+    /// `rollback` on it, or dropping it, lets the row go.
+    ///
+    /// # Panics
+    /// When the server cannot be reached or the user does not exist: a broken test.
+    #[allow(clippy::expect_used)]
+    pub async fn hold_user_row(&self, user: i64) -> MySqlConnection {
+        let mut holder = MySqlConnection::connect(&self.url)
+            .await
+            .expect("a connection to hold a row");
+        sqlx::raw_sql("begin")
+            .execute(&mut holder)
+            .await
+            .expect("begin");
+        sqlx::query("select id from users where id = ? for update")
+            .bind(user)
+            .fetch_one(&mut holder)
+            .await
+            .expect("the users row to hold");
+        holder
+    }
+
     /// Drops the database. Call it at the end of a test; a test that panics leaves it to
     /// `Drop`, which does the same on a thread of its own.
     pub async fn cleanup(mut self) {
