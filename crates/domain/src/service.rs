@@ -147,6 +147,8 @@ pub struct BalanceService {
     known_users: known_users::KnownUsers,
     rebuilds: coupons::Rebuilds,
     committer: batch::Committer,
+    /// Across users: the users whose failed batch's requests are running one by one.
+    detours: batch::Committer,
 }
 
 /// What one attempt decided, from one read of the user (and what the operation reads).
@@ -164,6 +166,7 @@ impl BalanceService {
             known_users: known_users::KnownUsers::default(),
             rebuilds: coupons::Rebuilds::default(),
             committer: batch::Committer::default(),
+            detours: batch::Committer::default(),
         }
     }
 
@@ -188,9 +191,10 @@ impl BalanceService {
         self.claims.in_flight()
     }
 
-    /// Requests waiting for their batch (group commit), not counting the running one.
+    /// Requests waiting for their batch (group commit), or to run alone after their
+    /// user's failed batch, not counting those running.
     pub fn queued(&self) -> usize {
-        self.committer.queued()
+        self.committer.queued() + self.detours.queued()
     }
 
     // -----------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ use domain::operations::{Effect, Movement, OperationKind, charge};
 use domain::outcome::Outcome;
 use domain::ports::{
     Applied, Auditor, BalanceChange, BalanceStore, BatchStep, Clock, IdempotencyRepo, KeyRecord,
-    RefusalRecord, ResponseEncoder, StepError, SystemClock, UserRepo,
+    LockError, LockKey, LockLease, LockManager, RefusalRecord, Release, ResponseEncoder, StepError,
+    SystemClock, UserRepo,
 };
 use domain::types::{Amount, Balance, IdempotencyKey, UserId};
 use domain::{BalanceService, GroupCommit, Operation, OperationError, Ports, Settings, UseBalance};
@@ -68,6 +69,18 @@ fn service(store: &MySqlStore) -> (BalanceService, Arc<CountingStore>) {
 }
 
 fn service_with(store: &MySqlStore, settings: Settings) -> (BalanceService, Arc<CountingStore>) {
+    service_on(
+        store,
+        settings,
+        Arc::new(memory::InProcessLockManager::new()),
+    )
+}
+
+fn service_on(
+    store: &MySqlStore,
+    settings: Settings,
+    locks: Arc<dyn LockManager>,
+) -> (BalanceService, Arc<CountingStore>) {
     let steps = Arc::new(CountingStore {
         inner: store.clone(),
         started: AtomicUsize::new(0),
@@ -79,7 +92,7 @@ fn service_with(store: &MySqlStore, settings: Settings) -> (BalanceService, Arc<
         gate: None,
         keys: Arc::new(store.clone()),
         store: Arc::clone(&steps) as Arc<dyn BalanceStore>,
-        locks: Arc::new(memory::InProcessLockManager::new()),
+        locks,
         encoder: Arc::new(DebugEncoder),
         clock: Arc::new(SystemClock),
     };
@@ -524,6 +537,101 @@ async fn across_users_a_row_held_elsewhere_holds_up_only_its_user() {
     assert_eq!(steps.started.load(Ordering::SeqCst), 3);
     // Each: its seeding entry and the one applied.
     assert_eq!(balance_and_entries(&store, &db, held).await, (900, 2));
+    assert_eq!(balance_and_entries(&store, &db, free).await, (990, 2));
+    assert_audit_clean(&store).await;
+}
+
+/// The lock service unreachable (Redis down).
+struct LocksDown;
+
+#[async_trait]
+impl LockManager for LocksDown {
+    async fn acquire(
+        &self,
+        _key: &LockKey,
+        _wait: Duration,
+        _lease: Duration,
+    ) -> Result<LockLease, LockError> {
+        Err(LockError::Unavailable(anyhow::anyhow!(
+            "the lock service is down"
+        )))
+    }
+
+    async fn release(&self, _lease: &LockLease) -> Result<Release, LockError> {
+        Err(LockError::Unavailable(anyhow::anyhow!(
+            "the lock service is down"
+        )))
+    }
+}
+
+/// With the lock service down (the `degrade` policy: no lock orders a user's requests),
+/// across users, a users row held elsewhere keeps its user's requests waiting one at a
+/// time, on one connection: the batches that meet it do not each start a request of their
+/// own waiting on the row, which would take the pool and fail every other user.
+#[tokio::test]
+async fn lock_service_down_a_held_row_takes_one_connection_not_the_pool() {
+    let Some(db) = TestDatabase::create_with_pool(4).await else {
+        return;
+    };
+    let store = db.store();
+    let limits = Settings::default().limits;
+    store
+        .seed_users(2, Balance::new(1_000, &limits).unwrap(), SystemClock.now())
+        .await
+        .unwrap();
+    let (held, free) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());
+    let settings = Settings {
+        group_commit: GroupCommit::On {
+            max_batch: 64,
+            across_users: true,
+        },
+        ..Settings::default()
+    };
+    let (service, steps) = service_on(&store, settings, Arc::new(LocksDown));
+    let mut admin = admin(&db).await;
+    let mut holder = db.hold_user_row(held.get()).await;
+
+    let send = |user: UserId, key: String| {
+        let service = service.clone();
+        tokio::spawn(async move { service.execute(use_command(user, 10, &key)).await })
+    };
+    let first = send(held, "held-0".to_owned());
+    waiting_update(&mut admin, &db.name).await;
+    // More of the held user's, one after another, each taken by a batch of its own: they
+    // join the first, which waits on the row.
+    let mut rest = Vec::new();
+    for n in 1..8 {
+        rest.push(send(held, format!("held-{n}")));
+        let started = Instant::now();
+        while service.queued() < n {
+            assert!(
+                started.elapsed() < PATIENCE,
+                "request {n} of the held user did not wait behind the first"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let other = tokio::time::timeout(PATIENCE, service.execute(use_command(free, 10, "free")))
+        .await
+        .expect("another user's request was held up")
+        .unwrap();
+    assert_eq!(other.response.status, 200);
+    assert!(
+        !first.is_finished(),
+        "the held user's request went past its row"
+    );
+    sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
+
+    assert_eq!(first.await.unwrap().unwrap().response.status, 200);
+    for running in rest {
+        assert_eq!(running.await.unwrap().unwrap().response.status, 200);
+    }
+    // The batch that met the row, then each of the held user's alone; the other's batch.
+    assert_eq!(steps.started.load(Ordering::SeqCst), 1 + 8 + 1);
+    assert_eq!(
+        balance_and_entries(&store, &db, held).await,
+        (1_000 - 80, 1 + 8)
+    );
     assert_eq!(balance_and_entries(&store, &db, free).await, (990, 2));
     assert_audit_clean(&store).await;
 }

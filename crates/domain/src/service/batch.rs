@@ -105,6 +105,17 @@ impl Committer {
         started
     }
 
+    /// Queues `group` in `lane` when the lane has a drain; gives it back when it has none.
+    fn join(&self, lane: Lane, group: Vec<Pending>) -> Option<Vec<Pending>> {
+        match self.lanes().get_mut(&lane) {
+            Some(queue) => {
+                queue.extend(group);
+                None
+            }
+            None => Some(group),
+        }
+    }
+
     /// The lane's next batch: what queued, at most `max`; when nothing did, the lane and
     /// its drain end (in the same critical section, so a request queued after this starts
     /// a new one).
@@ -251,6 +262,18 @@ impl BalanceService {
                 .record(pending.queued_at.elapsed().as_secs_f64());
             by_user.entry(pending.op.user()).or_default().push(pending);
         }
+        // A user whose requests run one by one here (its last batch failed) has its new
+        // ones run after them, in the same task: one at a time, whether the lock is held
+        // or gone (the lock service down under `degrade`), so a row held elsewhere costs
+        // its user one connection, not one per batch that met it.
+        let by_user: BTreeMap<UserId, Vec<Pending>> = by_user
+            .into_iter()
+            .filter_map(|(user, group)| {
+                self.detours
+                    .join(Some(user), group)
+                    .map(|group| (user, group))
+            })
+            .collect();
         let tried = join_all(by_user.keys().map(|user| self.try_lock_user(*user))).await;
         let mut ready = Vec::with_capacity(by_user.len());
         for ((user, pending), tried) in by_user.into_iter().zip(tried) {
@@ -372,7 +395,7 @@ impl BalanceService {
     /// Reads, decides, writes and answers `groups` (one per user, ascending) under their
     /// locks, then releases them. When the batch's transaction failed, the users whose
     /// requests are to run alone keep their lock until those have: across users, off the
-    /// lane, so a row held elsewhere holds up only its own user.
+    /// lane ([`Self::detour`]), so a row held elsewhere holds up only its own user.
     async fn commit_locked(&self, groups: Vec<Group>) {
         let size: usize = groups.iter().map(|g| g.pending.len()).sum();
         if size == 0 {
@@ -401,17 +424,15 @@ impl BalanceService {
         let mut running = Vec::with_capacity(by_user.len());
         for (user, group) in by_user {
             let lock = locks.remove(&user);
-            let service = self.clone();
-            let one_by_one = async move {
-                service.one_by_one(group).await;
-                if let Some(lock) = lock {
-                    lock.release().await;
-                }
-            };
             if across_users {
-                tokio::spawn(one_by_one);
+                self.detour(user, group, lock);
             } else {
-                running.push(one_by_one);
+                running.push(async move {
+                    self.one_by_one(group).await;
+                    if let Some(lock) = lock {
+                        lock.release().await;
+                    }
+                });
             }
         }
         join(
@@ -542,6 +563,45 @@ impl BalanceService {
             };
             pending.answer(reply);
         }
+    }
+
+    /// Runs `group` one by one in a task of the user's own, off the instance's queue, with
+    /// the user's lock; the user's requests that the queue takes meanwhile join it (see
+    /// `commit_batch`). The lock is released when none is left.
+    fn detour(&self, user: UserId, group: Vec<Pending>, lock: Option<HeldLock>) {
+        let lane = Some(user);
+        let mut started = false;
+        for pending in group {
+            started |= self.detours.push(lane, pending);
+        }
+        if !started {
+            // The user's requests run one by one here already (which only two holders of
+            // its lock in one instance could bring about: the lock service down, or a
+            // lease lost); that task runs these too.
+            if let Some(lock) = lock {
+                tokio::spawn(lock.release());
+            }
+            return;
+        }
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut guard = DrainGuard {
+                committer: service.detours.clone(),
+                lane,
+                finished: false,
+            };
+            loop {
+                let group = service.detours.next_batch(lane, usize::MAX);
+                if group.is_empty() {
+                    guard.finished = true;
+                    break;
+                }
+                service.one_by_one(group).await;
+            }
+            if let Some(lock) = lock {
+                lock.release().await;
+            }
+        });
     }
 
     /// After a failed batch transaction: one user's written requests again, alone and in
