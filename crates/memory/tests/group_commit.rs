@@ -53,12 +53,20 @@ struct Gated {
     fail_batches: Mutex<Vec<StepError>>,
     batches: Mutex<Vec<BatchStep>>,
     singles: AtomicUsize,
+    /// A hold on the next one-request step, as `hold_next` on a batch.
+    hold_next_single: Mutex<bool>,
+    single_entered: Notify,
+    single_release: Notify,
 }
 
 #[async_trait]
 impl BalanceStore for Gated {
     async fn apply(&self, change: BalanceChange) -> Result<Applied, StepError> {
         self.singles.fetch_add(1, Ordering::SeqCst);
+        if std::mem::take(&mut *self.hold_next_single.lock().unwrap()) {
+            self.single_entered.notify_one();
+            self.single_release.notified().await;
+        }
         self.inner.apply(change).await
     }
 
@@ -450,4 +458,37 @@ async fn a_replay_takes_no_lock_it_answers_with_the_lock_service_down_or_the_loc
     assert_eq!(replay.response, first.response);
     h.locks.release(&held).await.unwrap();
     assert_eq!(balance(&h, 1).await, 110);
+}
+
+/// After a failed batch its requests run alone, once: the user's requests that the queue
+/// takes meanwhile wait for them, then go back to batching, so a busy user does not stay
+/// one by one (under a lock nobody renews) for as long as its load lasts.
+#[tokio::test]
+async fn after_a_failed_batch_the_users_later_requests_are_batched_again() {
+    let h = harness_with(1, 1_000, true).await;
+    h.store
+        .fail_batches
+        .lock()
+        .unwrap()
+        .push(StepError::VersionConflict);
+    *h.store.hold_next_single.lock().unwrap() = true;
+    // Its batch fails; it runs alone, and is held there.
+    let first = send(&h, charge(1, 1, "k0"));
+    h.store.single_entered.notified().await;
+    let mut later = Vec::new();
+    for (i, key) in ["k1", "k2", "k3"].into_iter().enumerate() {
+        later.push(send(&h, charge(1, 1, key)));
+        until_queued(&h, i + 1).await;
+    }
+    h.store.single_release.notify_one();
+    first.await.unwrap().unwrap();
+    let got = answers(later).await;
+    assert_eq!(statuses(&got), [200, 200, 200]);
+    assert_eq!(
+        h.store.singles.load(Ordering::SeqCst),
+        1,
+        "only the failed batch's request ran alone"
+    );
+    assert_eq!(sizes(&h), [1, 3], "the failed batch, then the three in one");
+    assert_eq!(balance(&h, 1).await, 1_004);
 }

@@ -598,7 +598,7 @@ async fn lock_service_down_a_held_row_takes_one_connection_not_the_pool() {
     let first = send(held, "held-0".to_owned());
     waiting_update(&mut admin, &db.name).await;
     // More of the held user's, one after another, each taken by a batch of its own: they
-    // join the first, which waits on the row.
+    // wait for the first, which waits on the row.
     let mut rest = Vec::new();
     for n in 1..8 {
         rest.push(send(held, format!("held-{n}")));
@@ -626,8 +626,9 @@ async fn lock_service_down_a_held_row_takes_one_connection_not_the_pool() {
     for running in rest {
         assert_eq!(running.await.unwrap().unwrap().response.status, 200);
     }
-    // The batch that met the row, then each of the held user's alone; the other's batch.
-    assert_eq!(steps.started.load(Ordering::SeqCst), 1 + 8 + 1);
+    // The batch that met the row and its request alone; the other user's batch; then the
+    // seven that waited, back in one batch.
+    assert_eq!(steps.started.load(Ordering::SeqCst), (1 + 1) + 1 + 1);
     assert_eq!(
         balance_and_entries(&store, &db, held).await,
         (1_000 - 80, 1 + 8)

@@ -132,7 +132,8 @@ impl Committer {
         queue.drain(..take).collect()
     }
 
-    /// The lane's drain stopped without finishing (a panic): nobody takes its queue.
+    /// Ends the lane: its queue, which nobody takes then (a drain that stopped by a panic,
+    /// or a detour's one pass done).
     fn abandon(&self, lane: Lane) -> Vec<Pending> {
         self.lanes()
             .remove(&lane)
@@ -213,6 +214,17 @@ impl BalanceService {
             queued_at: Instant::now(),
             reply,
         };
+        self.enqueue(user, pending);
+        answered.await.unwrap_or_else(|_| {
+            Err(OperationError::Unexpected(anyhow::anyhow!(
+                "the request's batch ended without answering it"
+            )))
+        })
+    }
+
+    /// Queues `pending` (of `user`) for its lane's next batch, starting the lane's drain
+    /// when it has none.
+    fn enqueue(&self, user: UserId, pending: Pending) {
         let lane = match self.settings.group_commit {
             GroupCommit::On {
                 across_users: true, ..
@@ -224,11 +236,6 @@ impl BalanceService {
             let service = self.clone();
             tokio::spawn(async move { service.drain(lane).await });
         }
-        answered.await.unwrap_or_else(|_| {
-            Err(OperationError::Unexpected(anyhow::anyhow!(
-                "the request's batch ended without answering it"
-            )))
-        })
     }
 
     fn max_batch(&self) -> usize {
@@ -263,9 +270,9 @@ impl BalanceService {
             by_user.entry(pending.op.user()).or_default().push(pending);
         }
         // A user whose requests run one by one here (its last batch failed) has its new
-        // ones run after them, in the same task: one at a time, whether the lock is held
-        // or gone (the lock service down under `degrade`), so a row held elsewhere costs
-        // its user one connection, not one per batch that met it.
+        // ones wait for that task, which hands them back to the queue when it is done:
+        // whether the lock is held or gone (the lock service down under `degrade`), a row
+        // held elsewhere costs its user one connection, not one per batch that met it.
         let by_user: BTreeMap<UserId, Vec<Pending>> = by_user
             .into_iter()
             .filter_map(|(user, group)| {
@@ -566,8 +573,8 @@ impl BalanceService {
     }
 
     /// Runs `group` one by one in a task of the user's own, off the instance's queue, with
-    /// the user's lock; the user's requests that the queue takes meanwhile join it (see
-    /// `commit_batch`). The lock is released when none is left.
+    /// the user's lock; the user's requests that the queue takes meanwhile wait in it (see
+    /// `commit_batch`), then go back to the queue when the lock is released.
     fn detour(&self, user: UserId, group: Vec<Pending>, lock: Option<HeldLock>) {
         let lane = Some(user);
         let mut started = false;
@@ -590,16 +597,19 @@ impl BalanceService {
                 lane,
                 finished: false,
             };
-            loop {
-                let group = service.detours.next_batch(lane, usize::MAX);
-                if group.is_empty() {
-                    guard.finished = true;
-                    break;
-                }
-                service.one_by_one(group).await;
-            }
+            let group = service.detours.next_batch(lane, usize::MAX);
+            service.one_by_one(group).await;
+            // One pass: what joined meanwhile goes back to batching (after the lock is
+            // free, so its batch can take it), and the detour ends. A detour that took
+            // every new request of a busy user would never end, one by one, under a lease
+            // nobody renews.
+            let joined = service.detours.abandon(lane);
+            guard.finished = true;
             if let Some(lock) = lock {
                 lock.release().await;
+            }
+            for pending in joined {
+                service.enqueue(user, pending);
             }
         });
     }
