@@ -488,6 +488,27 @@ async fn a_batch_the_database_refuses_runs_each_request_alone() {
     assert_audit_clean(&store).await;
 }
 
+/// Users 1 and 2, with 1,000 each: the one whose row a test holds, and another.
+async fn two_users(store: &MySqlStore) -> (UserId, UserId) {
+    let limits = Settings::default().limits;
+    store
+        .seed_users(2, Balance::new(1_000, &limits).unwrap(), SystemClock.now())
+        .await
+        .unwrap();
+    (UserId::new(1).unwrap(), UserId::new(2).unwrap())
+}
+
+/// Group commit with one queue for the instance.
+fn across_users() -> Settings {
+    Settings {
+        group_commit: GroupCommit::On {
+            max_batch: 64,
+            across_users: true,
+        },
+        ..Settings::default()
+    }
+}
+
 /// Across users, a users row locked by another transaction holds up only its own user:
 /// the batch that meets it fails at once, that user's request runs alone (off the
 /// instance's queue) and waits for its row, and the next batch, another user's, commits
@@ -498,19 +519,8 @@ async fn across_users_a_row_held_elsewhere_holds_up_only_its_user() {
         return;
     };
     let store = db.store();
-    let limits = Settings::default().limits;
-    store
-        .seed_users(2, Balance::new(1_000, &limits).unwrap(), SystemClock.now())
-        .await
-        .unwrap();
-    let (held, free) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());
-    let settings = Settings {
-        group_commit: GroupCommit::On {
-            max_batch: 64,
-            across_users: true,
-        },
-        ..Settings::default()
-    };
+    let (held, free) = two_users(&store).await;
+    let settings = across_users();
     let (service, steps) = service_with(&store, settings);
     let mut admin = admin(&db).await;
     let mut holder = db.hold_user_row(held.get()).await;
@@ -574,19 +584,8 @@ async fn lock_service_down_a_held_row_takes_one_connection_not_the_pool() {
         return;
     };
     let store = db.store();
-    let limits = Settings::default().limits;
-    store
-        .seed_users(2, Balance::new(1_000, &limits).unwrap(), SystemClock.now())
-        .await
-        .unwrap();
-    let (held, free) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());
-    let settings = Settings {
-        group_commit: GroupCommit::On {
-            max_batch: 64,
-            across_users: true,
-        },
-        ..Settings::default()
-    };
+    let (held, free) = two_users(&store).await;
+    let settings = across_users();
     let (service, steps) = service_on(&store, settings, Arc::new(LocksDown));
     let mut admin = admin(&db).await;
     let mut holder = db.hold_user_row(held.get()).await;
