@@ -488,6 +488,23 @@ async fn a_batch_the_database_refuses_runs_each_request_alone() {
     assert_audit_clean(&store).await;
 }
 
+/// While `first` (the held user's) waits on its row, a request of `free` is answered 200.
+async fn another_user_goes_past(
+    service: &BalanceService,
+    free: UserId,
+    first: &tokio::task::JoinHandle<Result<domain::Execution, OperationError>>,
+) {
+    let other = tokio::time::timeout(PATIENCE, service.execute(use_command(free, 10, "free")))
+        .await
+        .expect("another user's request was held up by the locked row")
+        .unwrap();
+    assert_eq!(other.response.status, 200);
+    assert!(
+        !first.is_finished(),
+        "the held user's request went past its locked row"
+    );
+}
+
 /// Users 1 and 2, with 1,000 each: the one whose row a test holds, and another.
 async fn two_users(store: &MySqlStore) -> (UserId, UserId) {
     let limits = Settings::default().limits;
@@ -531,15 +548,7 @@ async fn across_users_a_row_held_elsewhere_holds_up_only_its_user() {
     };
     // Its own update, alone, waits on the row (a batch's statement begins otherwise).
     waiting_update(&mut admin, &db.name).await;
-    let other = tokio::time::timeout(PATIENCE, service.execute(use_command(free, 10, "free")))
-        .await
-        .expect("another user's request was held up by the locked row")
-        .unwrap();
-    assert_eq!(other.response.status, 200);
-    assert!(
-        !first.is_finished(),
-        "the held user's request went past its locked row"
-    );
+    another_user_goes_past(&service, free, &first).await;
     sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
 
     assert_eq!(first.await.unwrap().unwrap().response.status, 200);
@@ -610,15 +619,7 @@ async fn lock_service_down_a_held_row_takes_one_connection_not_the_pool() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    let other = tokio::time::timeout(PATIENCE, service.execute(use_command(free, 10, "free")))
-        .await
-        .expect("another user's request was held up")
-        .unwrap();
-    assert_eq!(other.response.status, 200);
-    assert!(
-        !first.is_finished(),
-        "the held user's request went past its row"
-    );
+    another_user_goes_past(&service, free, &first).await;
     sqlx::raw_sql("commit").execute(&mut holder).await.unwrap();
 
     assert_eq!(first.await.unwrap().unwrap().response.status, 200);
