@@ -15,8 +15,8 @@ use app::startup::{self, Wiring};
 use async_trait::async_trait;
 use common::{Backend, TestApp, config, new_key};
 use domain::ports::{
-    Applied, BalanceChange, BalanceStore, BatchStep, LockError, LockKey, LockLease, LockManager,
-    RefusalRecord, Release, StepError,
+    Applied, BalanceChange, BalanceStore, BatchRead, BatchStep, BatchTransaction, LockError,
+    LockKey, LockLease, LockManager, RefusalRecord, Release, StepError,
 };
 use domain::{BalanceService, Ports};
 use fred::prelude::KeysInterface;
@@ -32,17 +32,25 @@ struct LockWitness {
     inner: mysql_repo::MySqlStore,
     redis: fred::prelude::Client,
     prefix: String,
-    steps: AtomicUsize,
-    unlocked: AtomicUsize,
-    conflicts: AtomicUsize,
+    steps: Arc<AtomicUsize>,
+    unlocked: Arc<AtomicUsize>,
+    conflicts: Arc<AtomicUsize>,
 }
 
 impl LockWitness {
     async fn lock_held(&self, user: domain::types::UserId) -> bool {
-        let key = format!("{}{}", self.prefix, LockKey::user_balance(user).as_str());
-        let token: Option<String> = self.redis.get(key).await.unwrap();
-        token.is_some()
+        lock_held(&self.redis, &self.prefix, user).await
     }
+}
+
+async fn lock_held(
+    redis: &fred::prelude::Client,
+    prefix: &str,
+    user: domain::types::UserId,
+) -> bool {
+    let key = format!("{}{}", prefix, LockKey::user_balance(user).as_str());
+    let token: Option<String> = redis.get(key).await.unwrap();
+    token.is_some()
 }
 
 #[async_trait]
@@ -68,23 +76,70 @@ impl BalanceStore for LockWitness {
         self.inner.record_refusal(refusal).await
     }
 
-    /// A batch holds the lock of every user in it, from before the write to after the
+    /// A batch holds the lock of every user in it, from before its read to after its
     /// commit, as a single step does.
-    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError> {
-        self.steps.fetch_add(batch.len(), Ordering::SeqCst);
-        for user in &batch.users {
-            if !self.lock_held(user.user_id).await {
+    async fn begin_batch(
+        &self,
+        users: &[domain::types::UserId],
+        keys: &[(domain::types::UserId, domain::types::IdempotencyKey)],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Box<dyn BatchTransaction>, StepError> {
+        for user in users {
+            if !self.lock_held(*user).await {
                 self.unlocked.fetch_add(1, Ordering::SeqCst);
             }
         }
-        let result = self.inner.apply_batch(batch).await;
+        let inner = self.inner.begin_batch(users, keys, now).await?;
+        Ok(Box::new(WitnessedBatch {
+            inner,
+            redis: self.redis.clone(),
+            prefix: self.prefix.clone(),
+            steps: Arc::clone(&self.steps),
+            unlocked: Arc::clone(&self.unlocked),
+            conflicts: Arc::clone(&self.conflicts),
+        }))
+    }
+}
+
+/// A batch's transaction of [`LockWitness`].
+struct WitnessedBatch {
+    inner: Box<dyn BatchTransaction>,
+    redis: fred::prelude::Client,
+    prefix: String,
+    steps: Arc<AtomicUsize>,
+    unlocked: Arc<AtomicUsize>,
+    conflicts: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl BatchTransaction for WitnessedBatch {
+    fn read(&self) -> &BatchRead {
+        self.inner.read()
+    }
+
+    async fn commit(self: Box<Self>, batch: &BatchStep) -> Result<(), StepError> {
+        self.steps.fetch_add(batch.len(), Ordering::SeqCst);
         for user in &batch.users {
-            if !self.lock_held(user.user_id).await {
+            if !lock_held(&self.redis, &self.prefix, user.user_id).await {
                 self.unlocked.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let WitnessedBatch {
+            inner,
+            redis,
+            prefix,
+            unlocked,
+            conflicts,
+            ..
+        } = *self;
+        let result = inner.commit(batch).await;
+        for user in &batch.users {
+            if !lock_held(&redis, &prefix, user.user_id).await {
+                unlocked.fetch_add(1, Ordering::SeqCst);
             }
         }
         if matches!(result, Err(StepError::VersionConflict)) {
-            self.conflicts.fetch_add(1, Ordering::SeqCst);
+            conflicts.fetch_add(1, Ordering::SeqCst);
         }
         result
     }
@@ -124,9 +179,9 @@ async fn witnessed_app(locks: Option<Arc<dyn LockManager>>) -> Option<(TestApp, 
         inner: db.store(),
         redis: redis.client().await,
         prefix: redis.prefix.clone(),
-        steps: AtomicUsize::new(0),
-        unlocked: AtomicUsize::new(0),
-        conflicts: AtomicUsize::new(0),
+        steps: Arc::default(),
+        unlocked: Arc::default(),
+        conflicts: Arc::default(),
     });
     let store = db.store();
     let locks = locks.unwrap_or(redis_locks);

@@ -121,13 +121,6 @@ pub trait UserRepo: Send + Sync {
     /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
     async fn get_user(&self, id: UserId) -> Result<Option<User>, RepoError>;
 
-    /// The committed state of those of `ids` that exist, in any order, read together (one
-    /// round trip): what a batch of balance changes decides on.
-    ///
-    /// # Errors
-    /// MUST return [`RepoError::Unavailable`] when the store cannot be reached.
-    async fn get_users(&self, ids: &[UserId]) -> Result<Vec<User>, RepoError>;
-
     /// The user's ledger entries with an id below `before` (all when `None`), newest first,
     /// at most `limit`; `next` is set when older entries remain.
     ///
@@ -526,9 +519,44 @@ pub trait BalanceStore: Send + Sync {
     /// As [`BalanceStore::apply`], for the version, the key and the user.
     async fn record_refusal(&self, refusal: RefusalRecord) -> Result<(), StepError>;
 
-    /// Writes `batch` in one transaction: every user's row (balance and version), every
-    /// ledger entry (in the batch's order) and every key's record (APPLIED with its
-    /// ledger entry, REFUSED without one); nothing at all when an error is returned.
+    /// Begins a batch's transaction: reads, together, those of `users` that exist and the
+    /// live completed records among `keys` (as [`IdempotencyRepo::find_many`] at `now`),
+    /// which the batch decides on and then writes with [`BatchTransaction::commit`]. A
+    /// store with row locks takes the users rows' here, without waiting, and keeps them
+    /// until the transaction ends; dropped without a commit, it ends with nothing written.
+    ///
+    /// # Errors
+    /// - MUST return [`StepError::VersionConflict`] when a users row is locked by another
+    ///   transaction (a store that locks rows MUST NOT wait for it);
+    /// - MUST return [`StepError::Unavailable`] when the store cannot be reached; MAY
+    ///   return [`StepError::Aborted`]. Nothing is written whatever the error.
+    async fn begin_batch(
+        &self,
+        users: &[UserId],
+        keys: &[(UserId, IdempotencyKey)],
+        now: DateTime<Utc>,
+    ) -> Result<Box<dyn BatchTransaction>, StepError>;
+}
+
+/// What a batch's transaction read when it began.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchRead {
+    /// The batch's users that exist, in any order.
+    pub users: Vec<User>,
+    /// The live completed records of the batch's keys, in any order.
+    pub records: Vec<CompletedRecord>,
+}
+
+/// A batch's transaction, begun by [`BalanceStore::begin_batch`].
+#[async_trait]
+pub trait BatchTransaction: Send {
+    /// What the transaction read when it began.
+    fn read(&self) -> &BatchRead;
+
+    /// Writes `batch` and commits: every user's row (balance and version), every ledger
+    /// entry (in the batch's order) and every key's record (APPLIED with its ledger
+    /// entry, REFUSED without one); nothing at all when an error is returned. An empty
+    /// `batch` ends the transaction with nothing written.
     ///
     /// # Errors
     /// - MUST return [`StepError::VersionConflict`] (or [`StepError::UserNotFound`]) when a
@@ -539,7 +567,7 @@ pub trait BalanceStore: Send + Sync {
     /// - MUST return [`StepError::Unavailable`] when the store cannot be reached or the
     ///   commit failed with an unknown outcome; MAY return [`StepError::Aborted`] only
     ///   when nothing was committed.
-    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError>;
+    async fn commit(self: Box<Self>, batch: &BatchStep) -> Result<(), StepError>;
 }
 
 // ---------------------------------------------------------------------------------------

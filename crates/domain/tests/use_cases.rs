@@ -27,8 +27,8 @@ use domain::model::{EntryKind, Order, OrderStatus, User};
 use domain::operations::Effect;
 use domain::outcome::{BalanceReceipt, Outcome, PaymentReceipt, Refusal};
 use domain::ports::{
-    Applied, Assigned, BalanceChange, BalanceStore, BatchStep, Clock, IdempotencyRepo, KeyRecord,
-    LockError, LockKey, LockLease, LockManager, MockBalanceStore, MockCouponRepo,
+    Applied, Assigned, BalanceChange, BalanceStore, BatchTransaction, Clock, IdempotencyRepo,
+    KeyRecord, LockError, LockKey, LockLease, LockManager, MockBalanceStore, MockCouponRepo,
     MockIdempotencyRepo, MockLockManager, MockOrderRepo, MockUserRepo, OrderRepo, RefusalRecord,
     Release, RepoError, ResponseEncoder, StepError, UserRepo,
 };
@@ -1568,7 +1568,12 @@ impl BalanceStore for StuckStore {
         std::future::pending().await
     }
 
-    async fn apply_batch(&self, _batch: &BatchStep) -> Result<(), StepError> {
+    async fn begin_batch(
+        &self,
+        _users: &[UserId],
+        _keys: &[(UserId, IdempotencyKey)],
+        _now: DateTime<Utc>,
+    ) -> Result<Box<dyn BatchTransaction>, StepError> {
         self.entered.notify_one();
         std::future::pending().await
     }

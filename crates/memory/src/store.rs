@@ -16,8 +16,9 @@ use domain::model::{
 };
 use domain::operations::{Effect, IssueEffect, RefundEffect};
 use domain::ports::{
-    Applied, Assigned, BalanceChange, BalanceStore, BatchStep, CouponRepo, GateSnapshot,
-    IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord, RepoError, StepError, UserRepo,
+    Applied, Assigned, BalanceChange, BalanceStore, BatchRead, BatchStep, BatchTransaction,
+    CouponRepo, GateSnapshot, IdempotencyRepo, KeyRecord, OrderRepo, RefusalRecord, RepoError,
+    StepError, UserRepo,
 };
 use domain::types::{
     Amount, Balance, CouponId, EntryId, IdempotencyKey, OrderId, PaymentId, RefundId, UserCouponId,
@@ -762,14 +763,6 @@ impl UserRepo for MemoryStore {
         Ok(self.state().users.get(&id).cloned())
     }
 
-    async fn get_users(&self, ids: &[UserId]) -> Result<Vec<User>, RepoError> {
-        let state = self.state();
-        Ok(ids
-            .iter()
-            .filter_map(|id| state.users.get(id).cloned())
-            .collect())
-    }
-
     async fn history(
         &self,
         id: UserId,
@@ -940,8 +933,47 @@ impl BalanceStore for MemoryStore {
         self.state().record_refusal(refusal)
     }
 
-    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError> {
-        self.state().apply_batch(batch)
+    async fn begin_batch(
+        &self,
+        users: &[UserId],
+        keys: &[(UserId, IdempotencyKey)],
+        now: DateTime<Utc>,
+    ) -> Result<Box<dyn BatchTransaction>, StepError> {
+        let read = {
+            let state = self.state();
+            BatchRead {
+                users: users
+                    .iter()
+                    .filter_map(|id| state.users.get(id).cloned())
+                    .collect(),
+                records: keys
+                    .iter()
+                    .filter_map(|(user, key)| state.live_record(*user, key.as_str(), now).cloned())
+                    .collect(),
+            }
+        };
+        Ok(Box::new(MemoryBatch {
+            store: self.clone(),
+            read,
+        }))
+    }
+}
+
+/// A batch's transaction in memory: its read, then its write in one critical section of
+/// the store's lock, each row only at the version read (no row is locked in between).
+struct MemoryBatch {
+    store: MemoryStore,
+    read: BatchRead,
+}
+
+#[async_trait]
+impl BatchTransaction for MemoryBatch {
+    fn read(&self) -> &BatchRead {
+        &self.read
+    }
+
+    async fn commit(self: Box<Self>, batch: &BatchStep) -> Result<(), StepError> {
+        self.store.state().apply_batch(batch)
     }
 }
 

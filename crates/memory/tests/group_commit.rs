@@ -13,11 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use domain::idempotency::StoredResponse;
 use domain::outcome::{Outcome, Refusal};
 use domain::ports::{
-    Applied, BalanceChange, BalanceStore, BatchStep, LockError, LockKey, LockLease, LockManager,
-    RefusalRecord, Release, ResponseEncoder, StepError, SystemClock,
+    Applied, BalanceChange, BalanceStore, BatchRead, BatchStep, BatchTransaction, LockError,
+    LockKey, LockLease, LockManager, RefusalRecord, Release, ResponseEncoder, StepError,
+    SystemClock,
 };
 use domain::types::{Amount, Balance, IdempotencyKey, Limits, UserId};
 use domain::{
@@ -47,11 +49,11 @@ impl ResponseEncoder for DebugEncoder {
 #[derive(Default)]
 struct Gated {
     inner: MemoryStore,
-    hold_next: Mutex<bool>,
-    entered: Notify,
-    release: Notify,
-    fail_batches: Mutex<Vec<StepError>>,
-    batches: Mutex<Vec<BatchStep>>,
+    hold_next: Arc<Mutex<bool>>,
+    entered: Arc<Notify>,
+    release: Arc<Notify>,
+    fail_batches: Arc<Mutex<Vec<StepError>>>,
+    batches: Arc<Mutex<Vec<BatchStep>>>,
     singles: AtomicUsize,
     /// A hold on the next one-request step, as `hold_next` on a batch.
     hold_next_single: Mutex<bool>,
@@ -75,18 +77,56 @@ impl BalanceStore for Gated {
         self.inner.record_refusal(refusal).await
     }
 
-    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError> {
+    async fn begin_batch(
+        &self,
+        users: &[UserId],
+        keys: &[(UserId, IdempotencyKey)],
+        now: DateTime<Utc>,
+    ) -> Result<Box<dyn BatchTransaction>, StepError> {
+        let inner = self.inner.begin_batch(users, keys, now).await?;
+        Ok(Box::new(GatedBatch {
+            inner,
+            hold_next: Arc::clone(&self.hold_next),
+            entered: Arc::clone(&self.entered),
+            release: Arc::clone(&self.release),
+            fail_batches: Arc::clone(&self.fail_batches),
+            batches: Arc::clone(&self.batches),
+        }))
+    }
+}
+
+/// A batch's transaction of [`Gated`]: held, failed or recorded at its commit (when it
+/// writes anything).
+struct GatedBatch {
+    inner: Box<dyn BatchTransaction>,
+    hold_next: Arc<Mutex<bool>>,
+    entered: Arc<Notify>,
+    release: Arc<Notify>,
+    fail_batches: Arc<Mutex<Vec<StepError>>>,
+    batches: Arc<Mutex<Vec<BatchStep>>>,
+}
+
+#[async_trait]
+impl BatchTransaction for GatedBatch {
+    fn read(&self) -> &BatchRead {
+        self.inner.read()
+    }
+
+    async fn commit(self: Box<Self>, batch: &BatchStep) -> Result<(), StepError> {
+        if batch.is_empty() {
+            return self.inner.commit(batch).await;
+        }
         let hold = std::mem::take(&mut *self.hold_next.lock().unwrap());
         self.batches.lock().unwrap().push(batch.clone());
         if hold {
             self.entered.notify_one();
             self.release.notified().await;
-            return self.inner.apply_batch(batch).await;
+            return self.inner.commit(batch).await;
         }
         if let Some(failure) = self.fail_batches.lock().unwrap().pop() {
             return Err(failure);
         }
-        self.inner.apply_batch(batch).await
+        self.inner.commit(batch).await
     }
 }
 

@@ -1,18 +1,19 @@
-//! Group commit on MySQL/MariaDB: the reads of a batch and its one transaction
-//! (`UserRepo::get_users`, `IdempotencyRepo::find_many`, `BalanceStore::apply_batch`).
+//! Group commit on MySQL/MariaDB: a batch's transaction (`BalanceStore::begin_batch`,
+//! `BatchTransaction::commit`) and `IdempotencyRepo::find_many`.
 //!
 //! These statements are sent as text with their values written in as literals. A batch's
 //! statements differ in their number of rows, so prepared statements would be prepared
 //! anew for nearly every batch (a round trip each, and a statement cache full of them);
-//! text also lets one round trip carry two statements. Every literal is built by [`Sql`]
-//! from a typed value: integers, datetimes (digits and separators only) and hex strings
-//! (`X'…'`) for every text and byte value, so no value is ever read as SQL.
+//! text also lets one round trip carry several statements. Every literal is built by
+//! [`Sql`] from a typed value: integers, datetimes (digits and separators only) and hex
+//! strings (`X'…'`) for every text and byte value, so no value is ever read as SQL.
 //!
 //! The transaction is two round trips whatever its size: `BEGIN` with the users rows
-//! locked (in id order, `NOWAIT`, by primary key only) and their guarded update (one
-//! statement for all users; each row only at the version the batch read); then the ledger
-//! entries and the records (one multi-row insert each) with `COMMIT`, which runs only if
-//! both inserts did.
+//! locked and read (in id order, `NOWAIT`, by primary key only) and the keys' live
+//! records; then, once the batch is decided, the guarded update of the users rows (one
+//! statement for all users; each row only at the version read), a guard that fails the
+//! rest unless the update wrote every row, the ledger entries and the records (one
+//! multi-row insert each) and `COMMIT`, which runs only if every statement before it did.
 //!
 //! A batch never waits for a row lock: a users row locked by another transaction (which
 //! the user's Redis lock normally rules out: a writer without it, or one whose lease
@@ -22,10 +23,11 @@
 
 use std::fmt::Write as _;
 
-use chrono::NaiveDateTime;
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDateTime, Utc};
 use domain::idempotency::CompletedRecord;
 use domain::model::User;
-use domain::ports::{BatchStep, RepoError, StepError};
+use domain::ports::{BatchRead, BatchStep, BatchTransaction, RepoError, StepError};
 use domain::types::{Balance, IdempotencyKey, UserId};
 use sqlx::mysql::MySqlRow;
 use sqlx::pool::PoolConnection;
@@ -113,50 +115,51 @@ async fn fetch(pool: &MySqlPool, sql: Sql) -> Result<Vec<MySqlRow>, RepoError> {
     .map_err(repo)
 }
 
-/// `UserRepo::get_users`.
-pub(crate) async fn get_users(pool: &MySqlPool, ids: &[UserId]) -> Result<Vec<User>, RepoError> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut sql = Sql::new("select id, balance, version, created_at from users where id in (");
-    sql.each(ids, ", ", |sql, id| {
-        sql.int(id.get());
+/// The columns of a batch's users, as [`user_row`] reads them.
+const USER_COLUMNS: &str = "id, balance, version, created_at";
+
+fn user_row(row: &MySqlRow) -> anyhow::Result<User> {
+    let id: i64 = row.try_get(0)?;
+    let balance: i64 = row.try_get(1)?;
+    let version: i64 = row.try_get(2)?;
+    let created_at: NaiveDateTime = row.try_get(3)?;
+    Ok(User {
+        id: user_id(id)?,
+        balance: Balance::from_stored(balance),
+        version: version_from_db(version)?,
+        created_at: from_db_time(created_at),
     })
-    .text(")");
-    fetch(pool, sql)
-        .await?
-        .iter()
-        .map(|row| {
-            let id: i64 = row.try_get(0)?;
-            let balance: i64 = row.try_get(1)?;
-            let version: i64 = row.try_get(2)?;
-            let created_at: NaiveDateTime = row.try_get(3)?;
-            Ok(User {
-                id: user_id(id)?,
-                balance: Balance::from_stored(balance),
-                version: version_from_db(version)?,
-                created_at: from_db_time(created_at),
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()
-        .map_err(RepoError::Unexpected)
 }
 
-/// `IdempotencyRepo::find_many`: one lookup by primary key per (user, key).
-pub(crate) async fn find_many(
-    pool: &MySqlPool,
-    keys: &[(UserId, IdempotencyKey)],
-    now: chrono::DateTime<chrono::Utc>,
-) -> Result<Vec<CompletedRecord>, RepoError> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut sql = Sql::new(
-        "select user_id, idempotency_key, fingerprint, operation, outcome, response_status, \
-         response_body, created_at, expires_at from idempotency_records \
-         where status = 'COMPLETED' and expires_at > ",
-    );
-    sql.time(to_db_time(now)).text(" and (");
+/// The columns of a record, as [`record_row`] reads them.
+const RECORD_COLUMNS: &str = "user_id, idempotency_key, fingerprint, operation, outcome, \
+     response_status, response_body, created_at, expires_at";
+
+fn record_row(row: &MySqlRow) -> anyhow::Result<CompletedRecord> {
+    let user: i64 = row.try_get(0)?;
+    let key: String = row.try_get(1)?;
+    let columns = RecordColumns {
+        fingerprint: row.try_get(2)?,
+        operation: row.try_get(3)?,
+        outcome: row.try_get(4)?,
+        status: row.try_get(5)?,
+        body: row.try_get(6)?,
+        created_at: row.try_get(7)?,
+        expires_at: row.try_get(8)?,
+    };
+    completed_record(user_id(user)?, idempotency_key(&key)?, columns)
+}
+
+/// `select … from idempotency_records where …`: the live completed records among `keys`.
+fn select_records(sql: &mut Sql, keys: &[(UserId, IdempotencyKey)], now: DateTime<Utc>) {
+    sql.text("select ")
+        .text(RECORD_COLUMNS)
+        .text(
+            " from idempotency_records \
+             where status = 'COMPLETED' and expires_at > ",
+        )
+        .time(to_db_time(now))
+        .text(" and (");
     sql.each(keys, " or ", |sql, (user, key)| {
         sql.text("(user_id = ")
             .int(user.get())
@@ -165,40 +168,128 @@ pub(crate) async fn find_many(
             .text(")");
     })
     .text(")");
+}
+
+/// `BalanceStore::begin_batch`: one round trip, `BEGIN`, the users rows locked and read
+/// (in id order, `NOWAIT`, by primary key only), and the keys' live records.
+pub(crate) async fn begin_batch(
+    pool: &MySqlPool,
+    users: &[UserId],
+    keys: &[(UserId, IdempotencyKey)],
+    now: DateTime<Utc>,
+) -> Result<Box<dyn BatchTransaction>, StepError> {
+    // `force index (primary)`: on a table small next to the batch the optimizer may
+    // prefer a scan of the whole index, and a locking scan locks (and waits for) every
+    // row it passes, not only the batch's own.
+    let mut sql = Sql::new("begin; select ");
+    sql.text(USER_COLUMNS)
+        .text(" from users force index (primary) where id in (");
+    if users.is_empty() {
+        sql.text("null");
+    }
+    sql.each(users, ", ", |sql, id| {
+        sql.int(id.get());
+    })
+    .text(") order by id for update nowait");
+    if !keys.is_empty() {
+        sql.text("; ");
+        select_records(&mut sql, keys, now);
+    }
+    let sql = sql.0;
+
+    // The first round trip may meet a connection that died idle: nothing has happened
+    // then (an open transaction dies with its session), so it begins once more on a
+    // tested connection.
+    let conn = pool.acquire().await.map_err(step)?;
+    let mut tx = OpenTx { conn, open: true };
+    let read = match sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+        .fetch_all(&mut *tx.conn)
+        .await
+    {
+        Err(e) if error::connection_lost(&e) => {
+            tracing::info!(error = %e, "a pooled connection was found dead at a batch's BEGIN; beginning again on a tested one");
+            drop(tx);
+            let conn = tested_connection(pool).await.map_err(step)?;
+            tx = OpenTx { conn, open: true };
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .fetch_all(&mut *tx.conn)
+                .await
+        }
+        other => other,
+    };
+    let rows = match read {
+        Ok(rows) => rows,
+        Err(e) => {
+            // A row locked elsewhere (`NOWAIT`) is a lock conflict: the use case runs the
+            // batch's requests alone, each waiting for its own row.
+            tx.rollback().await;
+            return Err(step(e));
+        }
+    };
+    // The two reads' rows, told apart by their width.
+    let mut read = BatchRead::default();
+    let parsed = rows.iter().try_for_each(|row| {
+        if row.len() == 4 {
+            read.users.push(user_row(row)?);
+        } else {
+            read.records.push(record_row(row)?);
+        }
+        anyhow::Ok(())
+    });
+    if let Err(e) = parsed {
+        tx.rollback().await;
+        return Err(StepError::Unexpected(e));
+    }
+    Ok(Box::new(MySqlBatch { tx, read }))
+}
+
+/// A batch's open transaction: its users rows locked until it ends.
+struct MySqlBatch {
+    tx: OpenTx,
+    read: BatchRead,
+}
+
+#[async_trait]
+impl BatchTransaction for MySqlBatch {
+    fn read(&self) -> &BatchRead {
+        &self.read
+    }
+
+    async fn commit(self: Box<Self>, batch: &BatchStep) -> Result<(), StepError> {
+        let MySqlBatch { tx, .. } = *self;
+        if batch.is_empty() {
+            tx.rollback().await;
+            return Ok(());
+        }
+        apply_batch(tx, batch).await
+    }
+}
+
+/// `IdempotencyRepo::find_many`: one lookup by primary key per (user, key).
+pub(crate) async fn find_many(
+    pool: &MySqlPool,
+    keys: &[(UserId, IdempotencyKey)],
+    now: DateTime<Utc>,
+) -> Result<Vec<CompletedRecord>, RepoError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = Sql::new("");
+    select_records(&mut sql, keys, now);
     fetch(pool, sql)
         .await?
         .iter()
-        .map(|row| {
-            let user: i64 = row.try_get(0)?;
-            let key: String = row.try_get(1)?;
-            let columns = RecordColumns {
-                fingerprint: row.try_get(2)?,
-                operation: row.try_get(3)?,
-                outcome: row.try_get(4)?,
-                status: row.try_get(5)?,
-                body: row.try_get(6)?,
-                created_at: row.try_get(7)?,
-                expires_at: row.try_get(8)?,
-            };
-            completed_record(user_id(user)?, idempotency_key(&key)?, columns)
-        })
+        .map(record_row)
         .collect::<anyhow::Result<Vec<_>>>()
         .map_err(RepoError::Unexpected)
 }
 
-/// The statements of a batch: `begin;`, the locking read and the users update; the
-/// inserts and `commit`.
-fn statements(batch: &BatchStep) -> Result<(Sql, Sql), StepError> {
+/// The statements of a batch's write, after its [`begin_batch`]: the users update (one
+/// statement for all; each row only at the version the batch read), the guard that
+/// fails the statements when it did not write every row, the inserts and `COMMIT`.
+fn statements(batch: &BatchStep) -> Result<Sql, StepError> {
     let at = to_db_time(batch.at);
-    // `force index (primary)` on both: on a table small next to the batch the optimizer
-    // may prefer a scan of the whole index, and a locking scan locks (and waits for) every
-    // row it passes, not only the batch's own.
-    let mut update = Sql::new("begin; select id from users force index (primary) where id in (");
-    update
-        .each(&batch.users, ", ", |sql, user| {
-            sql.int(user.user_id.get());
-        })
-        .text(") order by id for update nowait; update users force index (primary) set ");
+    let mut update = Sql::new("update users force index (primary) set ");
     if let [only] = batch.users.as_slice() {
         update
             .text("balance = ")
@@ -235,6 +326,15 @@ fn statements(batch: &BatchStep) -> Result<(Sql, Sql), StepError> {
         }
         update.text(" end");
     }
+    // The guard: unless the update wrote every users row of the batch (`ROW_COUNT()`: the
+    // rows the statement before changed, each with its version moved on), the scalar
+    // subquery has two rows, the statement fails (`ER_SUBQUERY_NO_1_ROW`), and the
+    // statements after it, `COMMIT` among them, do not run. The rows are locked since
+    // `begin_batch` read them, so this holds unless something broke that lock.
+    update
+        .text("; set @balance_batch_guard = (select 1 union all select 1 from dual where row_count() <> ")
+        .int(batch.users.len() as i64)
+        .text("); ");
 
     let mut inserts = Sql::new("");
     let entries = batch
@@ -306,7 +406,8 @@ fn statements(batch: &BatchStep) -> Result<(Sql, Sql), StepError> {
         }
     }
     inserts.text("; commit");
-    Ok((update, inserts))
+    update.text(&inserts.0);
+    Ok(update)
 }
 
 /// A connection with a transaction begun by text: if it is dropped before the
@@ -335,54 +436,25 @@ impl OpenTx {
     }
 }
 
-/// `BalanceStore::apply_batch`.
-pub(crate) async fn apply_batch(pool: &MySqlPool, batch: &BatchStep) -> Result<(), StepError> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let (update, inserts) = statements(batch)?;
-    let (update, inserts) = (update.finish(), inserts.finish());
-    let expected = batch.users.len() as u64;
-
-    // The first round trip may meet a connection that died idle: nothing has happened
-    // then (an open transaction dies with its session), so it begins once more on a
-    // tested connection.
-    let conn = pool.acquire().await.map_err(step)?;
-    let mut tx = OpenTx { conn, open: true };
-    let updated = match sqlx::raw_sql(AssertSqlSafe(update.0.clone()))
-        .execute(&mut *tx.conn)
-        .await
-    {
-        Err(e) if error::connection_lost(&e) => {
-            tracing::info!(error = %e, "a pooled connection was found dead at a batch's BEGIN; beginning again on a tested one");
-            drop(tx);
-            let conn = tested_connection(pool).await.map_err(step)?;
-            tx = OpenTx { conn, open: true };
-            sqlx::raw_sql(update).execute(&mut *tx.conn).await
-        }
-        other => other,
-    };
-    match updated {
-        Ok(done) if done.rows_affected() == expected => {}
-        Ok(_) => {
-            // A users row moved on since the batch read it (or is gone).
-            tx.rollback().await;
-            return Err(StepError::VersionConflict);
-        }
-        Err(e) => {
-            tx.rollback().await;
-            return Err(step(e));
-        }
-    }
-    // The inserts and the COMMIT in one round trip. The statements stop at the first that
-    // fails, so a refused insert never commits: the transaction is left open and rolled
-    // back here. A duplicate can only be an insert's; a lock conflict rolled back either
-    // way; anything else may have been the COMMIT's, of unknown outcome, and the
-    // connection is closed (a transaction still open ends with its session).
-    match sqlx::raw_sql(inserts).execute(&mut *tx.conn).await {
+/// The write of a batch and its `COMMIT`, on the transaction `begin_batch` opened: one
+/// round trip. The statements stop at the first that fails, so a batch that did not
+/// write every users row (the guard) or met a taken key never commits: the transaction
+/// is left open and rolled back here. A failed guard or a duplicate can only be that
+/// statement's; a lock conflict rolled back either way; anything else may have been the
+/// COMMIT's, of unknown outcome, and the connection is closed (a transaction still open
+/// ends with its session).
+async fn apply_batch(tx: OpenTx, batch: &BatchStep) -> Result<(), StepError> {
+    let mut tx = tx;
+    let sql = statements(batch)?.finish();
+    match sqlx::raw_sql(sql).execute(&mut *tx.conn).await {
         Ok(_) => {
             tx.open = false;
             Ok(())
+        }
+        Err(e) if error::guard_failed(&e) => {
+            // A users row moved on since the batch read it (or is gone).
+            tx.rollback().await;
+            Err(StepError::VersionConflict)
         }
         Err(e) => match classify(e) {
             // A record of one of the keys exists (live, written since the batch read it,

@@ -22,6 +22,8 @@ const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
 /// MySQL 8: a `NOWAIT` locking read met a row locked by another transaction (MariaDB
 /// reports it as 1205).
 const ER_LOCK_NOWAIT: u16 = 3572;
+/// A scalar subquery returned more than one row (a batch's guard, see [`guard_failed`]).
+const ER_SUBQUERY_NO_1_ROW: u16 = 1242;
 /// The statement was killed (`KILL QUERY`, or a failover tool).
 const ER_QUERY_INTERRUPTED: u16 = 1317;
 /// MariaDB's `max_statement_time` aborted the statement.
@@ -95,6 +97,18 @@ fn class_of_number(number: u16) -> Class {
         | CR_SERVER_LOST => Class::ConnectionLost,
         ER_CON_COUNT_ERROR | ER_UNKNOWN_COM_ERROR | ER_ERROR_DURING_COMMIT => Class::Unavailable,
         _ => Class::Unexpected,
+    }
+}
+
+/// Whether a batch's guard failed: its scalar subquery had two rows
+/// (`ER_SUBQUERY_NO_1_ROW`), because the batch's update did not write every users row.
+/// No other statement of a batch's write has a scalar subquery.
+pub(crate) fn guard_failed(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .is_some_and(|db| db.number() == ER_SUBQUERY_NO_1_ROW),
+        _ => false,
     }
 }
 

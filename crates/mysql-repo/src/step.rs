@@ -12,15 +12,15 @@
 //! which the step answers as a version conflict so the use case retries it.
 
 use async_trait::async_trait;
-use chrono::NaiveDateTime;
+use chrono::{DateTime, NaiveDateTime, Utc};
 use domain::idempotency::{RecordOutcome, StoredResponse};
 use domain::model::CouponUse;
 use domain::operations::{Effect, IssueEffect, Movement, RefundEffect};
 use domain::ports::{
-    Applied, Assigned, BalanceChange, BalanceStore, BatchStep, KeyRecord, RefusalRecord, Responder,
-    StepError,
+    Applied, Assigned, BalanceChange, BalanceStore, BatchTransaction, KeyRecord, RefusalRecord,
+    Responder, StepError,
 };
-use domain::types::{OrderId, PaymentId, RefundId, UserCouponId, UserId};
+use domain::types::{IdempotencyKey, OrderId, PaymentId, RefundId, UserCouponId, UserId};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection as _, MySql, MySqlConnection, Transaction};
 
@@ -60,8 +60,13 @@ impl BalanceStore for MySqlStore {
         refuse_tx(tx, &refusal).await
     }
 
-    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError> {
-        crate::batch::apply_batch(&self.pool, batch).await
+    async fn begin_batch(
+        &self,
+        users: &[UserId],
+        keys: &[(UserId, IdempotencyKey)],
+        now: DateTime<Utc>,
+    ) -> Result<Box<dyn BatchTransaction>, StepError> {
+        crate::batch::begin_batch(&self.pool, users, keys, now).await
     }
 }
 

@@ -63,10 +63,6 @@ impl UserRepo for MySqlStore {
         }))
     }
 
-    async fn get_users(&self, ids: &[UserId]) -> Result<Vec<User>, RepoError> {
-        crate::batch::get_users(&self.pool, ids).await
-    }
-
     async fn history(
         &self,
         id: UserId,

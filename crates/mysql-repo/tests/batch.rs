@@ -1,5 +1,5 @@
-//! The group-commit statements on MySQL/MariaDB: `apply_batch`, `find_many` and
-//! `get_users` against a real server. Each test makes its own database with
+//! The group-commit statements on MySQL/MariaDB: `begin_batch` (a batch's read, in its
+//! transaction), its commit and `find_many` against a real server. Each test makes its own database with
 //! `testkit::TestDatabase` and skips (saying so) without a server.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -65,6 +65,18 @@ async fn seeded(db: &TestDatabase, users: u32) -> MySqlStore {
     store
 }
 
+/// A batch's whole transaction: begun on its users and keys, committed.
+async fn apply_batch(store: &MySqlStore, batch: &BatchStep) -> Result<(), StepError> {
+    let users: Vec<UserId> = batch.users.iter().map(|u| u.user_id).collect();
+    let keys: Vec<(UserId, IdempotencyKey)> = batch
+        .users
+        .iter()
+        .flat_map(|u| u.writes.iter().map(move |w| (u.user_id, w.key.key.clone())))
+        .collect();
+    let tx = store.begin_batch(&users, &keys, batch.at).await?;
+    tx.commit(batch).await
+}
+
 async fn ledger_count(db: &TestDatabase) -> i64 {
     let (n,): (i64,) = sqlx::query_as("select count(*) from ledger_entries")
         .fetch_one(db.pool())
@@ -104,10 +116,15 @@ async fn a_batch_writes_every_user_entry_and_record_and_awkward_keys_read_back()
             },
         ],
     };
-    store.apply_batch(&batch).await.unwrap();
+    apply_batch(&store, &batch).await.unwrap();
 
-    let users = store.get_users(&[id(2), id(1), id(3)]).await.unwrap();
-    let mut got: Vec<_> = users
+    let read = store
+        .begin_batch(&[id(1), id(2), id(3)], &[], at)
+        .await
+        .unwrap();
+    let mut got: Vec<_> = read
+        .read()
+        .users
         .iter()
         .map(|u| (u.id.get(), u.balance.get(), u.version))
         .collect();
@@ -117,6 +134,7 @@ async fn a_batch_writes_every_user_entry_and_record_and_awkward_keys_read_back()
         [(1, 1_030, 1), (2, 995, 1)],
         "one bump each; no user 3"
     );
+    read.commit(&BatchStep { at, users: vec![] }).await.unwrap();
     assert_eq!(
         ledger_count(&db).await,
         2 + 3,
@@ -175,7 +193,7 @@ async fn a_batch_with_a_taken_key_or_a_moved_version_writes_nothing() {
             writes: vec![write("taken", at, Some((EntryKind::Charge, 1, 1_001)))],
         }],
     };
-    store.apply_batch(&taken).await.unwrap();
+    apply_batch(&store, &taken).await.unwrap();
     let before = ledger_count(&db).await;
 
     let one = |user: i64, version: u64, key: &str| UserBatch {
@@ -190,7 +208,7 @@ async fn a_batch_with_a_taken_key_or_a_moved_version_writes_nothing() {
         users: vec![one(1, 0, "fresh"), one(2, 1, "taken")],
     };
     assert!(matches!(
-        store.apply_batch(&batch).await,
+        apply_batch(&store, &batch).await,
         Err(StepError::KeyTaken)
     ));
     // User 2's version moved on since "the read" (it is 1): a conflict, nothing written.
@@ -198,10 +216,11 @@ async fn a_batch_with_a_taken_key_or_a_moved_version_writes_nothing() {
         at,
         users: vec![one(1, 0, "fresh"), one(2, 0, "other")],
     };
-    assert!(matches!(
-        store.apply_batch(&batch).await,
-        Err(StepError::VersionConflict)
-    ));
+    let moved = apply_batch(&store, &batch).await;
+    assert!(
+        matches!(moved, Err(StepError::VersionConflict)),
+        "{moved:?}"
+    );
 
     assert_eq!(ledger_count(&db).await, before);
     let user = store.get_user(id(1)).await.unwrap().unwrap();
@@ -213,7 +232,7 @@ async fn a_batch_with_a_taken_key_or_a_moved_version_writes_nothing() {
         at,
         users: vec![one(1, 0, "fresh"), one(2, 1, "other")],
     };
-    store.apply_batch(&batch).await.unwrap();
+    apply_batch(&store, &batch).await.unwrap();
     assert_eq!(ledger_count(&db).await, before + 2);
 }
 
@@ -245,7 +264,7 @@ async fn a_batch_locks_only_its_own_rows() {
     };
     tokio::time::timeout(
         std::time::Duration::from_secs(20),
-        store.apply_batch(&batch),
+        apply_batch(&store, &batch),
     )
     .await
     .expect("the batch waited for a row outside it")
@@ -275,7 +294,7 @@ async fn a_batch_meeting_its_own_row_locked_fails_at_once_and_holds_nothing() {
     };
     let failed = tokio::time::timeout(
         std::time::Duration::from_secs(20),
-        store.apply_batch(&batch),
+        apply_batch(&store, &batch),
     )
     .await
     .expect("the batch waited for its locked row");
@@ -291,7 +310,7 @@ async fn a_batch_meeting_its_own_row_locked_fails_at_once_and_holds_nothing() {
     };
     tokio::time::timeout(
         std::time::Duration::from_secs(20),
-        store.apply_batch(&others),
+        apply_batch(&store, &others),
     )
     .await
     .expect("a failed batch kept a row locked")
@@ -301,4 +320,80 @@ async fn a_batch_meeting_its_own_row_locked_fails_at_once_and_holds_nothing() {
         .await
         .unwrap();
     assert_eq!(ledger_count(&db).await, 3 + 2);
+}
+
+/// Whether another transaction can lock user `id`'s row at once (`NOWAIT`).
+async fn row_free(db: &TestDatabase, id: i64) -> bool {
+    let mut other = db.pool().begin().await.unwrap();
+    let locked = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "select id from users where id = {id} for update nowait"
+    )))
+    .execute(&mut *other)
+    .await;
+    other.rollback().await.unwrap();
+    locked.is_ok()
+}
+
+/// A batch reads in its own transaction: the users that exist and its keys' live records,
+/// with the users rows locked from that read until the transaction ends.
+#[tokio::test]
+async fn a_batch_reads_its_users_and_records_with_the_rows_locked_until_it_ends() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = seeded(&db, 3).await;
+    let at = SystemClock.now();
+    let first = BatchStep {
+        at,
+        users: vec![charge_of(1, AWKWARD[0], at)],
+    };
+    apply_batch(&store, &first).await.unwrap();
+
+    let seen = IdempotencyKey::parse(AWKWARD[0]).unwrap();
+    let unseen = IdempotencyKey::parse("unseen").unwrap();
+    let tx = store
+        .begin_batch(
+            &[id(1), id(2), id(4)],
+            &[
+                (id(1), seen.clone()),
+                (id(1), unseen),
+                (id(2), seen.clone()),
+            ],
+            at,
+        )
+        .await
+        .unwrap();
+    let mut users: Vec<_> = tx
+        .read()
+        .users
+        .iter()
+        .map(|u| (u.id.get(), u.balance.get(), u.version))
+        .collect();
+    users.sort_unstable();
+    assert_eq!(users, [(1, 1_010, 1), (2, 1_000, 0)], "no user 4");
+    let records: Vec<_> = tx
+        .read()
+        .records
+        .iter()
+        .map(|r| (r.user_id.get(), r.key.as_str().to_owned()))
+        .collect();
+    assert_eq!(
+        records,
+        [(1, AWKWARD[0].to_owned())],
+        "user 2 has no such key"
+    );
+    assert!(!row_free(&db, 1).await, "the batch's row 1 is locked");
+    assert!(!row_free(&db, 2).await, "the batch's row 2 is locked");
+    assert!(row_free(&db, 3).await, "row 3 is not the batch's");
+
+    tx.commit(&BatchStep { at, users: vec![] }).await.unwrap();
+    assert!(
+        row_free(&db, 1).await && row_free(&db, 2).await,
+        "ended, it holds no row"
+    );
+    assert_eq!(
+        ledger_count(&db).await,
+        3 + 1,
+        "an empty batch writes nothing"
+    );
 }

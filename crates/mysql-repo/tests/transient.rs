@@ -14,9 +14,9 @@ use domain::idempotency::StoredResponse;
 use domain::operations::{Effect, Movement, OperationKind, charge};
 use domain::outcome::Outcome;
 use domain::ports::{
-    Applied, Auditor, BalanceChange, BalanceStore, BatchStep, Clock, IdempotencyRepo, KeyRecord,
-    LockError, LockKey, LockLease, LockManager, RefusalRecord, Release, ResponseEncoder, StepError,
-    SystemClock, UserRepo,
+    Applied, Auditor, BalanceChange, BalanceStore, BatchTransaction, Clock, IdempotencyRepo,
+    KeyRecord, LockError, LockKey, LockLease, LockManager, RefusalRecord, Release, ResponseEncoder,
+    StepError, SystemClock, UserRepo,
 };
 use domain::types::{Amount, Balance, IdempotencyKey, UserId};
 use domain::{BalanceService, GroupCommit, Operation, OperationError, Ports, Settings, UseBalance};
@@ -58,9 +58,14 @@ impl BalanceStore for CountingStore {
         self.inner.record_refusal(refusal).await
     }
 
-    async fn apply_batch(&self, batch: &BatchStep) -> Result<(), StepError> {
+    async fn begin_batch(
+        &self,
+        users: &[UserId],
+        keys: &[(UserId, IdempotencyKey)],
+        now: DateTime<Utc>,
+    ) -> Result<Box<dyn BatchTransaction>, StepError> {
         self.started.fetch_add(1, Ordering::SeqCst);
-        self.inner.apply_batch(batch).await
+        self.inner.begin_batch(users, keys, now).await
     }
 }
 

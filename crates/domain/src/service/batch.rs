@@ -12,12 +12,15 @@
 //!    round trip on a pipelined connection; on a cluster each to its slot's node). A user
 //!    whose lock is held elsewhere leaves the batch: its requests wait for that one lock
 //!    on their own, holding no other (so two batches never wait on each other);
-//! 2. **read**: the users and the keys' records, two queries, side by side;
+//! 2. **read**, as the batch's transaction begins
+//!    ([`crate::ports::BalanceStore::begin_batch`]): its users (their rows locked, on a
+//!    database, without waiting) and its keys' records, together;
 //! 3. **decide**: each request in arrival order against its user's running balance; a
 //!    replay answers its stored record, a refusal is stored for that request alone, a
 //!    second request with a key already in the batch waits for the first and replays it;
-//! 4. **write** one transaction ([`crate::ports::BalanceStore::apply_batch`]): each
-//!    user's row once, guarded by the version read in 2, every ledger entry and record;
+//! 4. **write** and commit that transaction ([`crate::ports::BatchTransaction::commit`]):
+//!    each user's row once, guarded by the version read in 2, every ledger entry and
+//!    record;
 //! 5. **answer** each request, then release the locks (held across the commit).
 //!
 //! A transaction that fails does not fail the requests in it: they are run again one by
@@ -44,8 +47,8 @@ use crate::model::User;
 use crate::operations::{AppliedEffect, Decline, Operation, State};
 use crate::outcome::Outcome;
 use crate::ports::{
-    Assigned, BatchStep, BatchWrite, KeyRecord, LockError, LockKey, ResponseEncoder, StepError,
-    UserBatch,
+    Assigned, BatchRead, BatchStep, BatchWrite, KeyRecord, LockError, LockKey, ResponseEncoder,
+    StepError, UserBatch,
 };
 use crate::telemetry as m;
 use crate::types::{IdempotencyKey, Limits, UserId};
@@ -458,21 +461,21 @@ impl BalanceService {
             .iter()
             .map(|p| (p.op.user(), p.op.key().clone()))
             .collect();
-        let (users, records) = join(
-            self.ports.users.get_users(&ids),
-            self.ports.keys.find_many(&keys, now),
-        )
-        .await;
-        let (users, records) = match (users, records) {
-            (Ok(users), Ok(records)) => (users, records),
-            (Err(e), _) | (_, Err(e)) => {
-                let error = OperationError::from(e);
-                answer_all(batch, &error);
+        let tx = match self.ports.store.begin_batch(&ids, &keys, now).await {
+            Ok(tx) => tx,
+            Err(StepError::Unavailable(cause)) => {
+                // Nothing was written; each client's retry runs afresh.
+                answer_all(batch, &OperationError::Unavailable(cause));
                 return Vec::new();
+            }
+            Err(failed) => {
+                // A users row held elsewhere, or the transaction aborted before it read:
+                // alone, each request waits for its own row and retries on its own.
+                return self.fall_back(batch, None, &failed);
             }
         };
         let expires_at = self.record_expiry(now);
-        let decided = {
+        let (step, answers) = {
             let items: Vec<(&dyn Operation, &Fingerprint)> = batch
                 .iter()
                 .map(|p| (p.op.as_ref(), &p.fingerprint))
@@ -480,8 +483,7 @@ impl BalanceService {
             plan(
                 &items,
                 &Read {
-                    users,
-                    records,
+                    data: tx.read(),
                     now,
                     expires_at,
                 },
@@ -489,12 +491,16 @@ impl BalanceService {
                 self.ports.encoder.as_ref(),
             )
         };
-        let (step, answers) = decided;
         if step.is_empty() {
+            // Replays and refusals decided without a write: answered before the
+            // transaction ends (it wrote nothing; ending it only frees its rows).
             self.answer(batch, answers, expires_at);
+            if let Err(e) = tx.commit(&step).await {
+                tracing::debug!(error = %e, "ending a batch transaction that wrote nothing failed");
+            }
             return Vec::new();
         }
-        match self.ports.store.apply_batch(&step).await {
+        match tx.commit(&step).await {
             Ok(()) => {
                 self.answer(batch, answers, expires_at);
                 Vec::new()
@@ -512,20 +518,33 @@ impl BalanceService {
                 }
                 Vec::new()
             }
-            Err(failed) => {
-                metrics::counter!(m::BATCH_FALLBACKS_TOTAL).increment(1);
-                tracing::info!(requests = step.len(), error = %failed,
-                    "the batch's transaction failed; running its requests one by one");
-                let mut alone = Vec::with_capacity(batch.len());
-                for (pending, answer) in batch.into_iter().zip(answers) {
-                    match answer {
-                        Answer::Now(reply) => pending.answer(reply),
-                        Answer::Written { .. } | Answer::SameAs(_) => alone.push(pending),
-                    }
-                }
-                alone
+            Err(failed) => self.fall_back(batch, Some(answers), &failed),
+        }
+    }
+
+    /// After a failed batch transaction, which wrote nothing: answers what was decided
+    /// without a write (`answers`, when the batch got as far as deciding) and returns the
+    /// rest, to run again one by one.
+    fn fall_back(
+        &self,
+        batch: Vec<Pending>,
+        answers: Option<Vec<Answer>>,
+        failed: &StepError,
+    ) -> Vec<Pending> {
+        metrics::counter!(m::BATCH_FALLBACKS_TOTAL).increment(1);
+        tracing::info!(requests = batch.len(), error = %failed,
+            "the batch's transaction failed; running its requests one by one");
+        let Some(answers) = answers else {
+            return batch;
+        };
+        let mut alone = Vec::with_capacity(batch.len());
+        for (pending, answer) in batch.into_iter().zip(answers) {
+            match answer {
+                Answer::Now(reply) => pending.answer(reply),
+                Answer::Written { .. } | Answer::SameAs(_) => alone.push(pending),
             }
         }
+        alone
     }
 
     /// Answers a committed batch.
@@ -656,10 +675,10 @@ fn again(error: &OperationError) -> OperationError {
     }
 }
 
-/// What a batch decides on: its users and its keys' live records, read under its locks.
-struct Read {
-    users: Vec<User>,
-    records: Vec<CompletedRecord>,
+/// What a batch decides on: its users and its keys' live records, read under its locks
+/// (in its transaction), at `now`.
+struct Read<'a> {
+    data: &'a BatchRead,
     now: DateTime<Utc>,
     /// When the records the batch writes expire.
     expires_at: DateTime<Utc>,
@@ -670,12 +689,13 @@ struct Read {
 /// (aligned with `items`). Pure, apart from the metrics of the answers it decides alone.
 fn plan(
     items: &[(&dyn Operation, &Fingerprint)],
-    read: &Read,
+    read: &Read<'_>,
     limits: &Limits,
     encoder: &dyn ResponseEncoder,
 ) -> (BatchStep, Vec<Answer>) {
-    let users: HashMap<UserId, &User> = read.users.iter().map(|u| (u.id, u)).collect();
+    let users: HashMap<UserId, &User> = read.data.users.iter().map(|u| (u.id, u)).collect();
     let records: HashMap<(UserId, &str), &CompletedRecord> = read
+        .data
         .records
         .iter()
         .map(|r| ((r.user_id, r.key.as_str()), r))
@@ -885,23 +905,23 @@ mod tests {
         })
     }
 
-    fn decide(ops: &[Arc<dyn Operation>], read: &Read) -> (BatchStep, Vec<Answer>) {
+    fn decide(ops: &[Arc<dyn Operation>], data: &BatchRead) -> (BatchStep, Vec<Answer>) {
         let fingerprints: Vec<Fingerprint> = ops.iter().map(|op| op.fingerprint()).collect();
         let items: Vec<(&dyn Operation, &Fingerprint)> = ops
             .iter()
             .zip(&fingerprints)
             .map(|(op, fp)| (op.as_ref(), fp))
             .collect();
-        plan(&items, read, &limits(), &TextEncoder)
-    }
-
-    fn read(users: Vec<User>, records: Vec<CompletedRecord>) -> Read {
-        Read {
-            users,
-            records,
+        let read = Read {
+            data,
             now: t(),
             expires_at: t() + chrono::Duration::days(1),
-        }
+        };
+        plan(&items, &read, &limits(), &TextEncoder)
+    }
+
+    fn read(users: Vec<User>, records: Vec<CompletedRecord>) -> BatchRead {
+        BatchRead { users, records }
     }
 
     fn status(answer: &Answer) -> Option<u16> {
