@@ -115,6 +115,7 @@ def main() -> int:
             fl = runs_of(bench.runs, "balance-charge-floor")
             plot_k6(ch[0], bench.rss, OUT / "balance-charge.png", "k6 balance-charge.js", fl[0] if fl else None)
         plot_wrk(bench.runs, OUT / "wrk.png")
+        bench.audit_books()
         info["loadavg_after"] = open("/proc/loadavg").read().strip()
     finally:
         bench.teardown()

@@ -37,6 +37,8 @@ class Bench:
         self.rss: RssSampler | None = None
         self.cpu: CpuMeter | None = None
         self.counter = 0
+        # `balance-service audit` once, after the scenarios: {seconds, exit, clean, rows}.
+        self.audit: dict | None = None
 
     # ---- set-up and tear-down
 
@@ -65,12 +67,33 @@ class Bench:
             BIND_ADDR=f"127.0.0.1:{self.port}",
             LOG_FORMAT="json",
             RUST_LOG=self.args.rust_log,
+            # The audit reads the whole history (a core of MariaDB for about a minute once
+            # the runs have written a few million rows), so it is not left to land in some
+            # run by chance: off in the service, run once at the end instead (`audit_books`),
+            # as operations.md advises for tables this size.
+            AUDIT_INTERVAL_SECS="0",
         )
         if self.args.db_max_connections:
             env["DB_MAX_CONNECTIONS"] = str(self.args.db_max_connections)
         else:
             env.pop("DB_MAX_CONNECTIONS", None)
         return env
+
+    def audit_books(self) -> None:
+        """`balance-service audit --json` on the bench database once the runs are done: the
+        books of every run reconcile, and how long the audit of them took."""
+        env = self.service_env()
+        log("auditing the books of the runs (balance-service audit)")
+        t0 = time.time()
+        res = run([str(SERVICE_BIN), "audit", "--json"], env=env, timeout=1800, check=False)
+        seconds = time.time() - t0
+        try:
+            report = json.loads(res.stdout)
+        except ValueError:
+            report = None
+        counted = report.get("counts", {}) if isinstance(report, dict) else {}
+        self.audit = {"seconds": round(seconds, 1), "exit": res.returncode, "clean": res.returncode == 0, "counted": counted}
+        log(f"audit: exit {res.returncode} in {seconds:.1f} s")
 
     def teardown(self) -> None:
         if self.rss:

@@ -456,7 +456,8 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
         slim.append(r2)
     audits = [dt.datetime.fromtimestamp(a, dt.timezone.utc).isoformat(timespec="seconds") for a in sorted(bench.rss.audits)]
     (OUT / "runs.json").write_text(json.dumps(
-        {"machine": info, "command": command, "quick": bench.quick, "audits_finished": audits, "runs": slim, "stages": stages}, indent=1))
+        {"machine": info, "command": command, "quick": bench.quick, "audits_finished": audits, "audit": bench.audit,
+         "runs": slim, "stages": stages}, indent=1))
 
     md = []
     w = md.append
@@ -480,6 +481,13 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
     for name, bar, got, before, v in rows:
         w(f"| {name} | {bar} | {got} | {before} | {v} |")
     w("")
+    a = bench.audit
+    if a:
+        counts = ", ".join(f"{v:,} {k}" for k, v in a["counted"].items() if isinstance(v, int) and v)
+        verdict_text = "clean" if a["clean"] else f"**not clean** (exit {a['exit']})"
+        w(f"The books after every run: `balance-service audit` {verdict_text}, in {a['seconds']:.1f} s "
+          f"({counts or 'no counts reported'}).")
+        w("")
     w("## Machine")
     w("")
     w(f"- {info['nproc']} cores ({info['cpu']}), {info['os']}, Linux {info['kernel']}")
@@ -502,7 +510,10 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
     w(f"- The service: `target/release/balance-service serve` with `DATABASE_URL` (that database), `REDIS_URL={REDIS_URL}` "
       f"(a key prefix of its own), `LOG_FORMAT=json`, `RUST_LOG={bench.args.rust_log}` and "
       f"`DB_MAX_CONNECTIONS={bench.args.db_max_connections or f'unset (the default: {service_pool_size()} on this machine)'}`; every other setting "
-      "at its default (lock wait 10 s, lease 30 s, 10 optimistic retries, audit every 300 s). Logging a line per request "
+      "at its default (lock wait 10 s, lease 30 s, 10 optimistic retries) but the periodic audit, off (`AUDIT_INTERVAL_SECS=0`): "
+      "it reads the whole history, a core of MariaDB for about a minute once the runs have written a few million rows, "
+      "and would land in whichever run it fell on; `balance-service audit` runs once after the runs instead, timed "
+      "(below), as [operations.md](operations.md#auditing-the-books) advises for tables this size. Logging a line per request "
       "(`RUST_LOG=info`) costs throughput, so the run logs warnings only.")
     w("- **The database baseline** (`target/release/baseline`, [crates/bench](../crates/bench)) sends the service's own statements: "
       "the SQL text is shared with the adapter ([crates/mysql-repo/src/sql.rs](../crates/mysql-repo/src/sql.rs)), through the same "
