@@ -9,8 +9,8 @@ use domain::idempotency::{Fingerprint, RecordOutcome, StoredResponse};
 use domain::model::EntryKind;
 use domain::operations::{Movement, OperationKind};
 use domain::ports::{
-    BalanceStore, BatchStep, BatchWrite, Clock, IdempotencyRepo, KeyRecord, StepError, SystemClock,
-    UserBatch, UserRepo,
+    BalanceStore, BatchRead, BatchStep, BatchWrite, Clock, IdempotencyRepo, KeyRecord, StepError,
+    SystemClock, UserBatch, UserRepo,
 };
 use domain::types::{Amount, Balance, IdempotencyKey, Limits, UserId};
 use mysql_repo::MySqlStore;
@@ -77,6 +77,17 @@ async fn apply_batch(store: &MySqlStore, batch: &BatchStep) -> Result<(), StepEr
     tx.commit(batch).await
 }
 
+/// The users a batch read, as (id, balance, version) in id order.
+fn users_read(read: &BatchRead) -> Vec<(i64, i64, u64)> {
+    let mut users: Vec<_> = read
+        .users
+        .iter()
+        .map(|u| (u.id.get(), u.balance.get(), u.version))
+        .collect();
+    users.sort_unstable();
+    users
+}
+
 async fn ledger_count(db: &TestDatabase) -> i64 {
     let (n,): (i64,) = sqlx::query_as("select count(*) from ledger_entries")
         .fetch_one(db.pool())
@@ -122,15 +133,8 @@ async fn a_batch_writes_every_user_entry_and_record_and_awkward_keys_read_back()
         .begin_batch(&[id(1), id(2), id(3)], &[], at)
         .await
         .unwrap();
-    let mut got: Vec<_> = read
-        .read()
-        .users
-        .iter()
-        .map(|u| (u.id.get(), u.balance.get(), u.version))
-        .collect();
-    got.sort_unstable();
     assert_eq!(
-        got,
+        users_read(read.read()),
         [(1, 1_030, 1), (2, 995, 1)],
         "one bump each; no user 3"
     );
@@ -363,14 +367,11 @@ async fn a_batch_reads_its_users_and_records_with_the_rows_locked_until_it_ends(
         )
         .await
         .unwrap();
-    let mut users: Vec<_> = tx
-        .read()
-        .users
-        .iter()
-        .map(|u| (u.id.get(), u.balance.get(), u.version))
-        .collect();
-    users.sort_unstable();
-    assert_eq!(users, [(1, 1_010, 1), (2, 1_000, 0)], "no user 4");
+    assert_eq!(
+        users_read(tx.read()),
+        [(1, 1_010, 1), (2, 1_000, 0)],
+        "no user 4"
+    );
     let records: Vec<_> = tx
         .read()
         .records
