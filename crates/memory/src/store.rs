@@ -583,7 +583,13 @@ impl State {
     /// Every check first (each user at its version, every key free or expired), then
     /// every write: all of the batch or none of it.
     fn apply_batch(&mut self, batch: &BatchStep) -> Result<(), StepError> {
+        let mut seen = BTreeSet::new();
         for user in &batch.users {
+            // A user twice would pass both version checks and its second write would
+            // overwrite the first: refused, as the database's write-every-row guard does.
+            if !seen.insert(user.user_id) {
+                return Err(StepError::VersionConflict);
+            }
             let found = self
                 .users
                 .get(&user.user_id)

@@ -665,3 +665,56 @@ proptest! {
         })?;
     }
 }
+
+/// A batch naming one user twice is refused whole: each part would pass its version check
+/// on its own and the second write would overwrite the first (the use case never builds
+/// one; the database's guard refuses it too).
+#[tokio::test]
+async fn a_batch_naming_a_user_twice_writes_nothing() {
+    use domain::ports::{BatchStep, BatchWrite, UserBatch};
+    let store = seeded(1, 100).await;
+    let part = |k: &str, after: i64| UserBatch {
+        user_id: user(1),
+        expected_version: 0,
+        balance_after: balance(after),
+        writes: vec![BatchWrite {
+            key: KeyRecord {
+                key: key(k),
+                fingerprint: Fingerprint::from_stored(format!("fp:{k}")),
+                operation: OperationKind::Charge,
+                created_at: t0(),
+                expires_at: t0() + secs(60),
+            },
+            ledger: Some((
+                EntryKind::Charge,
+                Movement {
+                    amount: amount(after - 100),
+                    balance_after: balance(after),
+                },
+            )),
+            response: StoredResponse {
+                status: 200,
+                body: k.as_bytes().to_vec(),
+            },
+        }],
+    };
+    let twice = BatchStep {
+        at: t0(),
+        users: vec![part("a", 110), part("b", 120)],
+    };
+    let tx = store.begin_batch(&[user(1)], &[], t0()).await.unwrap();
+    let refused = tx.commit(&twice).await;
+    assert!(
+        matches!(refused, Err(StepError::VersionConflict)),
+        "{refused:?}"
+    );
+    let after = store.get_user(user(1)).await.unwrap().unwrap();
+    assert_eq!((after.balance.get(), after.version), (100, 0));
+    assert!(
+        store
+            .find(user(1), &key("a"), t0())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
