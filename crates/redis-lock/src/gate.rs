@@ -235,6 +235,7 @@ impl RedisCouponGate {
             &PoolSettings {
                 connect_timeout: config.connect_timeout,
                 command_timeout: config.command_timeout,
+                longest_command: config.bulk_timeout,
                 reconnect_max_delay: config.reconnect_max_delay,
                 pool_size: config.pool_size,
             },

@@ -232,6 +232,7 @@ impl RedisLockManager {
             &PoolSettings {
                 connect_timeout: config.connect_timeout,
                 command_timeout: config.command_timeout,
+                longest_command: config.command_timeout,
                 reconnect_max_delay: config.reconnect_max_delay,
                 pool_size: config.pool_size,
             },
@@ -506,6 +507,10 @@ impl RedisLockManager {
 pub(crate) struct PoolSettings {
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
+    /// The longest any command on these connections may take by its own timeout (a gate's
+    /// load carries every holder of a coupon): a connection is called unresponsive only
+    /// when a command went unanswered for that plus `command_timeout`.
+    pub(crate) longest_command: Duration,
     pub(crate) reconnect_max_delay: Duration,
     pub(crate) pool_size: usize,
 }
@@ -554,8 +559,16 @@ pub(crate) fn build_pool(
             // A half-open connection (no RST, e.g. a network partition) would otherwise
             // time out every command until TCP gives up after minutes; close it and
             // reconnect, so calls fail fast on the connection state instead.
+            // Not before the longest command's own timeout, or a long one that Redis is
+            // still running (a gate load of 100k holders on a busy server) is cut with its
+            // connection instead of answered.
             connection.unresponsive = UnresponsiveConfig {
-                max_timeout: Some(config.command_timeout.saturating_mul(2)),
+                max_timeout: Some(
+                    config
+                        .longest_command
+                        .max(config.command_timeout)
+                        .saturating_add(config.command_timeout),
+                ),
                 interval: (config.command_timeout / 2).max(Duration::from_millis(10)),
             };
             // Lock and gate commands are small request/reply pairs: Nagle would only delay them.

@@ -139,6 +139,45 @@ mod adapter {
             .unwrap_or_else(|e| panic!("{name} {args:?}: {e}"))
     }
 
+    /// A load that takes Redis longer than twice a small command's timeout (100k holders,
+    /// with a 5 ms bound on small commands) completes: the connection is not cut as
+    /// unresponsive while Redis runs it (it was, at 2 × the small commands' timeout, on
+    /// a busy machine with the default 500 ms).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_longer_than_twice_a_small_commands_timeout_completes() {
+        let Some(redis) = TestRedis::create().await else {
+            return;
+        };
+        let config = redis_lock::RedisGateConfig {
+            command_timeout: Duration::from_millis(5),
+            bulk_timeout: Duration::from_secs(30),
+            ..redis_lock::RedisGateConfig::new(Duration::from_secs(10))
+        };
+        let gate = redis_lock::RedisCouponGate::connect_with(&redis.url, &redis.prefix, config)
+            .await
+            .unwrap();
+        let keys: Vec<IdempotencyKey> = (1..=100_000)
+            .map(|u| IdempotencyKey::parse(&format!("key-{u}")).unwrap())
+            .collect();
+        let snapshot = GateSnapshot {
+            coupon: coupon(200_000),
+            holders: keys
+                .iter()
+                .enumerate()
+                .map(|(i, key)| (UserId::new(i as i64 + 1).unwrap(), key.clone()))
+                .collect(),
+        };
+        gate.load(&snapshot, request(1, "k", 0).now, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let view = gate
+            .inspect(CouponId::new(42).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(view.taken, 100_000);
+    }
+
     /// The keys are the documented ones, all under one hash tag, and a recorded refusal
     /// carries a Redis expiry as long as its own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
