@@ -315,7 +315,17 @@ mod adapter {
     #[tokio::test]
     async fn an_unreachable_redis_is_unavailable_quickly() {
         // Nothing listens on port 1.
-        let gate = fast("connect", gate("redis://127.0.0.1:1", "t:down:")).await;
+        // The service's own settings: built after its 1 s wait for a first connection.
+        let gate = fast(
+            "connect",
+            redis_lock::RedisCouponGate::connect(
+                "redis://127.0.0.1:1",
+                "t:down:",
+                testkit::contract::coupon_gate::GATE_STALE_AFTER,
+            ),
+        )
+        .await
+        .unwrap();
         let snapshot = GateSnapshot {
             coupon: coupon(1),
             holders: Vec::new(),
