@@ -115,8 +115,9 @@ async fn fetch(pool: &MySqlPool, sql: Sql) -> Result<Vec<MySqlRow>, RepoError> {
     .map_err(repo)
 }
 
-/// The columns of a batch's users, as [`user_row`] reads them.
+/// The columns of a batch's users, as [`user_row`] reads them, and how many.
 const USER_COLUMNS: &str = "id, balance, version, created_at";
+const USER_WIDTH: usize = 4;
 
 fn user_row(row: &MySqlRow) -> anyhow::Result<User> {
     let id: i64 = row.try_get(0)?;
@@ -229,7 +230,7 @@ pub(crate) async fn begin_batch(
     // The two reads' rows, told apart by their width.
     let mut read = BatchRead::default();
     let parsed = rows.iter().try_for_each(|row| {
-        if row.len() == 4 {
+        if row.len() == USER_WIDTH {
             read.users.push(user_row(row)?);
         } else {
             read.records.push(record_row(row)?);
@@ -443,8 +444,7 @@ impl OpenTx {
 /// statement's; a lock conflict rolled back either way; anything else may have been the
 /// COMMIT's, of unknown outcome, and the connection is closed (a transaction still open
 /// ends with its session).
-async fn apply_batch(tx: OpenTx, batch: &BatchStep) -> Result<(), StepError> {
-    let mut tx = tx;
+async fn apply_batch(mut tx: OpenTx, batch: &BatchStep) -> Result<(), StepError> {
     let sql = statements(batch)?.finish();
     match sqlx::raw_sql(sql).execute(&mut *tx.conn).await {
         Ok(_) => {
