@@ -111,7 +111,7 @@ def main() -> int:
         ch = runs_of(bench.runs, "balance-charge")
         if ch:
             scale = float("0.1" if bench.quick else "1")
-            stages = stage_table(ch[0]["result"].get("series"), bench.tmp / "balance-charge.csv.gz", scale, bench.rss)
+            stages = stage_table(ch[0]["result"].get("series"), bench.tmp / "balance-charge.csv.gz", scale, bench.rss, bench.disk)
             fl = runs_of(bench.runs, "balance-charge-floor")
             plot_k6(ch[0], bench.rss, OUT / "balance-charge.png", "k6 balance-charge.js", fl[0] if fl else None)
         plot_wrk(bench.runs, OUT / "wrk.png")

@@ -19,7 +19,7 @@ from pathlib import Path
 from lib.common import (BASELINE_BIN, COUPON_BASELINE_BIN, K6_DIR, REDIS_URL, ROOT, SEED_BALANCE, SERVICE_BIN, USERS,
                         WRK_SCRIPT, db_url, drop_redis_prefix, free_port, log, run, sql, wait_quiet, wrk_env, wrk_json)
 from lib.k6 import k6_report, k6_series
-from lib.meter import CpuMeter, RssSampler
+from lib.meter import CpuMeter, DiskSampler, RssSampler
 from lib.service import Service, metric_delta
 
 
@@ -36,6 +36,7 @@ class Bench:
         self.service: Service | None = None
         self.rss: RssSampler | None = None
         self.cpu: CpuMeter | None = None
+        self.disk: DiskSampler | None = None
         self.counter = 0
         # `balance-service audit` once, after the scenarios: {seconds, exit, clean, rows}.
         self.audit: dict | None = None
@@ -53,6 +54,11 @@ class Bench:
         self.cpu = CpuMeter(self.service.proc.pid)
         self.rss = RssSampler(self.service.proc.pid, self.cpu, self.service.base + "/metrics")
         self.rss.start()
+        # MariaDB's data directory, when it is on this machine (a local server).
+        datadir = sql("select @@datadir")
+        if os.path.isdir(datadir):
+            self.disk = DiskSampler(datadir)
+            self.disk.start()
         log(f"service up, pid {self.service.proc.pid}")
 
     def service_env(self) -> dict:
@@ -98,6 +104,9 @@ class Bench:
     def teardown(self) -> None:
         if self.rss:
             self.rss.stop()
+        if self.disk:
+            self.disk.stop()
+            self.disk.join(timeout=5)
         if self.service:
             log("stopping the service")
             self.service.stop()
@@ -131,6 +140,7 @@ class Bench:
             "cpu_s": self.cpu.delta(c0, c1),
             "service_rss_peak_mib": self.rss.peak_mib(t0, t1),
             "service_hwm_mib": round(self.rss.hwm_kib / 1024, 1),
+            "fsync_ms": self.disk.stats(t0, t1) if self.disk else None,
             "t0": t0,
             "t1": t1,
         }
@@ -255,10 +265,12 @@ class Bench:
 
 def short(entry: dict) -> str:
     r = entry["result"]
+    disk = entry.get("fsync_ms")
+    flushes = f"; disk flush p99 {disk['p99']:.1f} ms max {disk['max']:.0f} ms" if disk else ""
     if r.get("tool") == "baseline":
-        return f"{r['throughput_tps']:.0f} tx/s p50 {r['latency_ms']['p50']:.2f} ms p99 {r['latency_ms']['p99']:.2f} ms conflicts {r['conflicts']} errors {r['errors']}"
+        return f"{r['throughput_tps']:.0f} tx/s p50 {r['latency_ms']['p50']:.2f} ms p99 {r['latency_ms']['p99']:.2f} ms conflicts {r['conflicts']} errors {r['errors']}{flushes}"
     if r.get("tool") == "wrk":
-        return f"{r['throughput_rps']:.0f} req/s p50 {r['latency_ms']['p50']:.2f} ms p99 {r['latency_ms']['p99']:.2f} ms non-200 {r['non200']}"
-    return f"{r['throughput_rps']:.0f} req/s p95 {r['latency_ms']['p95']:.1f} ms p99 {r['latency_ms']['p99']:.1f} ms checks {r['checks_pct']:.2f}% failed {r['failed_requests']} (exit {r.get('exit_code')})"
+        return f"{r['throughput_rps']:.0f} req/s p50 {r['latency_ms']['p50']:.2f} ms p99 {r['latency_ms']['p99']:.2f} ms non-200 {r['non200']}{flushes}"
+    return f"{r['throughput_rps']:.0f} req/s p95 {r['latency_ms']['p95']:.1f} ms p99 {r['latency_ms']['p99']:.1f} ms checks {r['checks_pct']:.2f}% failed {r['failed_requests']} (exit {r.get('exit_code')}){flushes}"
 
 

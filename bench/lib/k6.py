@@ -7,7 +7,7 @@ import gzip
 import math
 from pathlib import Path
 
-from lib.meter import RssSampler
+from lib.meter import DiskSampler, RssSampler
 
 
 def k6_report(summary: dict) -> dict:
@@ -119,8 +119,10 @@ def stage_cpu(rss: RssSampler, t0: float, t1: float) -> dict:
     return {f"cpu_{k}_pct": round(c[k][0]) for k in ("busy", "service", "mariadb", "redis", "rest")}
 
 
-def stage_table(series: dict, samples_path: Path | None, time_scale: float, rss: RssSampler) -> list[dict]:
-    """The original profile's stages (scaled), with req/s, latency and the service's peak RSS."""
+def stage_table(series: dict, samples_path: Path | None, time_scale: float, rss: RssSampler,
+                disk: DiskSampler | None = None) -> list[dict]:
+    """The original profile's stages (scaled), with req/s, latency, the service's peak RSS and
+    the disk's flushes (p99, max) in the same seconds."""
     stages = [(30, 100), (60, 100), (30, 500), (60, 500), (30, 1000), (60, 1000), (30, 0)]
     rows = []
     if not series or samples_path is None or not samples_path.exists():
@@ -162,6 +164,7 @@ def stage_table(series: dict, samples_path: Path | None, time_scale: float, rss:
             "max": round(vals[-1], 2) if vals else None,
             "failed": fails,
             "rss_peak_mib": rss.peak_mib(start + a, start + b),
+            "fsync_ms": disk.stats(start + a, start + b) if disk else None,
             **stage_cpu(rss, start + a, start + b),
         })
     return rows

@@ -538,6 +538,11 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
     w("- **The load client's floor**: after the service's balance-charge.js run, the same k6 profile runs as long against "
       "a trivial HTTP server (`target/release/trivial`, actix-web, one worker per core as the service, every request "
       "answered 200 with a fixed charge-sized JSON body).")
+    w("- **The disk's floor**: all through the runs, every 100 ms, the bench makes 4 KiB durable in MariaDB's data "
+      "directory (`pwrite` + `fdatasync`, a file of its own, `DiskSampler` in [bench/lib/meter.py](../bench/lib/meter.py)). "
+      "Every durable commit waits for such a flush (`innodb_flush_log_at_trx_commit=1`), so a flush that stalls holds up "
+      "every charge committing behind it, whatever runs in front of the database; each run's flush p99 and max are "
+      "beside its figures, and the k6 profile's per stage.")
     w("- k6 runs the project's scripts unchanged ([k6/](../k6)), with `--out csv` for the per-window figures; at 1000 VUs "
       "k6 itself needs a good part of a core (see its CPU below).")
     w("")
@@ -616,12 +621,14 @@ def write_report(bench: Bench, info: dict, command: str, started: float, stages:
         if stages:
             w("Per stage:")
             w("")
-            w("| stage | seconds | requests | req/s | p50 | p95 | p99 | max (ms) | failed | service peak RSS MiB | CPU: machine | service | MariaDB | Redis | k6 and the rest |")
-            w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            w("| stage | seconds | requests | req/s | p50 | p95 | p99 | max (ms) | failed | disk flush p99 / max (ms) | service peak RSS MiB | CPU: machine | service | MariaDB | Redis | k6 and the rest |")
+            w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for s in stages:
                 cpu = lambda k: f"{s[k]}%" if k in s else "–"  # noqa: E731
+                disk = s.get("fsync_ms")
+                flushes = f"{fmt(disk['p99'], 1)} / {fmt(disk['max'], 0)}" if disk else "–"
                 w(f"| {s['stage']} | {s['from_s']:g}–{s['to_s']:g} | {fmt(s['requests'])} | {fmt(s['rps'])} | {fmt(s['p50'], 2)} | "
-                  f"{fmt(s['p95'], 2)} | {fmt(s['p99'], 2)} | {fmt(s['max'], 1)} | {fmt(s['failed'])} | {fmt(s['rss_peak_mib'])} | "
+                  f"{fmt(s['p95'], 2)} | {fmt(s['p99'], 2)} | {fmt(s['max'], 1)} | {fmt(s['failed'])} | {flushes} | {fmt(s['rss_peak_mib'])} | "
                   f"{cpu('cpu_busy_pct')} | {cpu('cpu_service_pct')} | {cpu('cpu_mariadb_pct')} | {cpu('cpu_redis_pct')} | {cpu('cpu_rest_pct')} |")
             w("")
             w("CPU as a share of one core (the machine has "

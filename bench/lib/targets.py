@@ -107,6 +107,10 @@ def issue_rows(f: dict, quick: bool = False) -> list[tuple[str, str, str, str, s
     if ch:
         p99 = ch["result"]["latency_ms"]["p99"]
         beside = f"; the trivial server's, same profile: {_fmt(fl['result']['latency_ms']['p99'], 1, ' ms')}" if fl else ""
+        disk = ch.get("fsync_ms")
+        if disk:
+            beside += (f"; the disk's 4 KiB flush in the same minutes: p99 {_fmt(disk['p99'], 1, ' ms')}, "
+                       f"max {_fmt(disk['max'], 0, ' ms')}, {disk['over_30ms']:.1%} over 30 ms")
         length = "a tenth of its length (--quick)" if quick else "full length"
         rows.append((f"the original's k6 profile (balance-charge.js), {length}: p99",
                      f"≤ {TARGETS['original_p99_ms']:g} ms", _fmt(p99, 1, " ms") + beside, PREVIOUS["original_p99_ms"],

@@ -21,7 +21,8 @@
 //! 4. **write** and commit that transaction ([`crate::ports::BatchTransaction::commit`]):
 //!    each user's row once, guarded by the version read in 2, every ledger entry and
 //!    record;
-//! 5. **answer** each request, then release the locks (held across the commit).
+//! 5. **answer** each request, then release the locks (held across the commit) while
+//!    the next batch takes its own (step 1).
 //!
 //! A transaction that fails does not fail the requests in it: they are run again one by
 //! one under the same locks, on the ordinary path (fresh read, own retries), and each gets
@@ -119,16 +120,19 @@ impl Committer {
         }
     }
 
-    /// The lane's next batch: what queued, at most `max`; when nothing did, the lane and
-    /// its drain end (in the same critical section, so a request queued after this starts
-    /// a new one).
-    fn next_batch(&self, lane: Lane, max: usize) -> Vec<Pending> {
+    /// The lane's next batch: what queued, at most `max`. When nothing did and `end` is
+    /// true, the lane and its drain end (in the same critical section, so a request queued
+    /// after this starts a new one); with `end` false the lane stays, and what queues in it
+    /// is for this drain still.
+    fn next_batch(&self, lane: Lane, max: usize, end: bool) -> Vec<Pending> {
         let mut lanes = self.lanes();
         let Some(queue) = lanes.get_mut(&lane) else {
             return Vec::new();
         };
         if queue.is_empty() {
-            lanes.remove(&lane);
+            if end {
+                lanes.remove(&lane);
+            }
             return Vec::new();
         }
         let take = queue.len().min(max.max(1));
@@ -249,23 +253,46 @@ impl BalanceService {
     }
 
     /// Runs the lane's batches until nothing is queued in it.
+    ///
+    /// A batch's locks are released while the next batch takes its own (one round trip
+    /// for both, not one after the other): the next batch starts as soon as the last one
+    /// is answered. The lock of a user in both is released first and taken again, as
+    /// before; when nothing is queued, the locks are released before the lane can end, so
+    /// a request that starts the next drain never finds its user's lock still held here.
     async fn drain(self, lane: Lane) {
         let mut guard = DrainGuard {
             committer: self.committer.clone(),
             lane,
             finished: false,
         };
+        let mut held: BTreeMap<UserId, HeldLock> = BTreeMap::new();
         loop {
-            let batch = self.committer.next_batch(lane, self.max_batch());
-            if batch.is_empty() {
+            let batch = self
+                .committer
+                .next_batch(lane, self.max_batch(), held.is_empty());
+            if !batch.is_empty() {
+                held = self.commit_batch(batch, std::mem::take(&mut held)).await;
+            } else if held.is_empty() {
                 guard.finished = true;
                 return;
+            } else {
+                join_all(
+                    std::mem::take(&mut held)
+                        .into_values()
+                        .map(HeldLock::release),
+                )
+                .await;
             }
-            self.commit_batch(batch).await;
         }
     }
 
-    async fn commit_batch(&self, batch: Vec<Pending>) {
+    /// Runs `batch`, releasing the locks of the last one (`previous`) meanwhile; returns
+    /// the locks it holds still, for the caller to release.
+    async fn commit_batch(
+        &self,
+        batch: Vec<Pending>,
+        mut previous: BTreeMap<UserId, HeldLock>,
+    ) -> BTreeMap<UserId, HeldLock> {
         let mut by_user: BTreeMap<UserId, Vec<Pending>> = BTreeMap::new();
         for pending in batch {
             metrics::histogram!(m::BATCH_QUEUED_SECONDS)
@@ -284,7 +311,22 @@ impl BalanceService {
                     .map(|group| (user, group))
             })
             .collect();
-        let tried = join_all(by_user.keys().map(|user| self.try_lock_user(*user))).await;
+        let again: Vec<(UserId, Option<HeldLock>)> = by_user
+            .keys()
+            .map(|user| (*user, previous.remove(user)))
+            .collect();
+        let (tried, ()) = join(
+            join_all(again.into_iter().map(|(user, last)| async move {
+                if let Some(last) = last {
+                    last.release().await;
+                }
+                self.try_lock_user(user).await
+            })),
+            async {
+                join_all(previous.into_values().map(HeldLock::release)).await;
+            },
+        )
+        .await;
         let mut ready = Vec::with_capacity(by_user.len());
         for ((user, pending), tried) in by_user.into_iter().zip(tried) {
             match tried {
@@ -316,7 +358,7 @@ impl BalanceService {
                 }
             }
         }
-        self.commit_locked(ready).await;
+        self.commit_locked(ready).await
     }
 
     /// Answers, from a read without the lock, the requests whose key has a stored record
@@ -367,12 +409,14 @@ impl BalanceService {
     async fn commit_alone(&self, user: UserId, group: Vec<Pending>) {
         match self.lock_user(user).await {
             Ok(lock) => {
-                self.commit_locked(vec![Group {
-                    user,
-                    pending: group,
-                    lock,
-                }])
-                .await
+                let held = self
+                    .commit_locked(vec![Group {
+                        user,
+                        pending: group,
+                        lock,
+                    }])
+                    .await;
+                join_all(held.into_values().map(HeldLock::release)).await;
             }
             Err(error) => answer_all(group, &error),
         }
@@ -403,13 +447,17 @@ impl BalanceService {
     }
 
     /// Reads, decides, writes and answers `groups` (one per user, ascending) under their
-    /// locks, then releases them. When the batch's transaction failed, the users whose
-    /// requests are to run alone keep their lock until those have: across users, off the
-    /// lane ([`Self::detour`]), so a row held elsewhere holds up only its own user.
-    async fn commit_locked(&self, groups: Vec<Group>) {
+    /// locks; returns the locks, for the caller to release. When the batch's transaction
+    /// failed, the users whose requests are to run alone keep their lock until those have:
+    /// across users, off the lane ([`Self::detour`]), so a row held elsewhere holds up only
+    /// its own user; in a user's own lane, before this returns.
+    async fn commit_locked(&self, groups: Vec<Group>) -> BTreeMap<UserId, HeldLock> {
         let size: usize = groups.iter().map(|g| g.pending.len()).sum();
         if size == 0 {
-            return;
+            return groups
+                .into_iter()
+                .filter_map(|g| g.lock.map(|lock| (g.user, lock)))
+                .collect();
         }
         metrics::histogram!(m::BATCH_SIZE).record(size as f64);
         metrics::counter!(m::BATCHES_TOTAL).increment(1);
@@ -445,11 +493,8 @@ impl BalanceService {
                 });
             }
         }
-        join(
-            join_all(running),
-            join_all(locks.into_values().map(HeldLock::release)),
-        )
-        .await;
+        join_all(running).await;
+        locks
     }
 
     /// Returns the requests to run again one by one (the batch's transaction failed).
@@ -616,7 +661,7 @@ impl BalanceService {
                 lane,
                 finished: false,
             };
-            let group = service.detours.next_batch(lane, usize::MAX);
+            let group = service.detours.next_batch(lane, usize::MAX, true);
             service.one_by_one(group).await;
             // One pass: what joined meanwhile goes back to batching (after the lock is
             // free, so its batch can take it), and the detour ends. A detour that took
