@@ -258,7 +258,8 @@ impl BalanceService {
     /// for both, not one after the other): the next batch starts as soon as the last one
     /// is answered. The lock of a user in both is released first and taken again, as
     /// before; when nothing is queued, the locks are released before the lane can end, so
-    /// a request that starts the next drain never finds its user's lock still held here.
+    /// a request that starts the next drain never finds its user's lock still held by this
+    /// one (a user's requests run one by one after a failed batch hold theirs apart).
     async fn drain(self, lane: Lane) {
         let mut guard = DrainGuard {
             committer: self.committer.clone(),
