@@ -259,7 +259,8 @@ impl BalanceService {
     /// is answered. The lock of a user in both is released first and taken again, as
     /// before; when nothing is queued, the locks are released before the lane can end, so
     /// a request that starts the next drain never finds its user's lock still held by this
-    /// one (a user's requests run one by one after a failed batch hold theirs apart).
+    /// one (a user's requests running one by one after a failed batch hold their lock in a
+    /// task of their own).
     async fn drain(self, lane: Lane) {
         let mut guard = DrainGuard {
             committer: self.committer.clone(),
