@@ -220,7 +220,13 @@ class Bench:
             if m and ("service counters" in m.group(1) or "hot user" in m.group(1)):
                 console.append(m.group(1).replace('\\"', '"'))
         report["console"] = console[:5]
-        report["series"] = k6_series(samples, t0, self.window_s(env_extra))
+        series = k6_series(samples, t0, self.window_s(env_extra))
+        if series and self.disk:
+            # The disk's slowest flush in each window, beside the window's latency.
+            half = series["window_s"] / 2
+            windows = (self.disk.stats(series["start"] + t - half, series["start"] + t + half) for t in series["t"])
+            series["disk_flush_max_ms"] = [w["max"] if w else None for w in windows]
+        report["series"] = series
         return report
 
     def window_s(self, env_extra: dict) -> float:
