@@ -8,6 +8,7 @@ afterwards; nothing else on those servers is touched.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -210,3 +211,10 @@ def wait_quiet(minutes: float, window: float = 10, quiet: bool = False) -> None:
         log(f"machine {busy:.0%} busy: waiting for it to quiet down")
 
 
+def percentile(sorted_values: list[float], p: float) -> float:
+    """The p-th percentile of sorted values, interpolated between the two nearest."""
+    if not sorted_values:
+        return float("nan")
+    k = (len(sorted_values) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)

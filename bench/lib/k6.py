@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import gzip
-import math
 from pathlib import Path
 
+from lib.common import percentile
 from lib.meter import DiskSampler, RssSampler
 
 
@@ -51,14 +51,6 @@ def k6_report(summary: dict) -> dict:
         "values": values,
         "trends": trends,
     }
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = (len(sorted_values) - 1) * p / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
 def k6_series(path: Path, t0: float, window: float) -> dict:

@@ -9,7 +9,7 @@ import resource
 import threading
 import time
 
-from lib.common import CLK_TCK, MYSQL_PORT, http_get, machine_busy_ticks, run
+from lib.common import CLK_TCK, MYSQL_PORT, http_get, machine_busy_ticks, percentile, run
 
 
 def proc_ticks(pid: int) -> int:
@@ -154,8 +154,6 @@ class RssSampler(threading.Thread):
         return out
 
 
-
-
 class DiskSampler(threading.Thread):
     """Every 100 ms: how long the disk under MariaDB's data takes to make 4 KiB durable
     (`pwrite` + `fdatasync` of a file of its own in the data directory). Every durable
@@ -202,11 +200,10 @@ class DiskSampler(threading.Thread):
         window = sorted(ms for t, ms in self.samples if t0 <= t <= t1)
         if not window:
             return None
-        at = lambda q: window[min(len(window) - 1, int(len(window) * q))]  # noqa: E731
         return {
             "n": len(window),
-            "p50": round(at(0.50), 2),
-            "p99": round(at(0.99), 2),
+            "p50": round(percentile(window, 50), 2),
+            "p99": round(percentile(window, 99), 2),
             "max": round(window[-1], 1),
             "over_30ms": round(sum(1 for ms in window if ms > 30) / len(window), 4),
         }
