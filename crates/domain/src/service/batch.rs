@@ -278,12 +278,7 @@ impl BalanceService {
                 guard.finished = true;
                 return;
             } else {
-                join_all(
-                    std::mem::take(&mut held)
-                        .into_values()
-                        .map(HeldLock::release),
-                )
-                .await;
+                release_all(std::mem::take(&mut held)).await;
             }
         }
     }
@@ -324,9 +319,7 @@ impl BalanceService {
                 }
                 self.try_lock_user(user).await
             })),
-            async {
-                join_all(previous.into_values().map(HeldLock::release)).await;
-            },
+            release_all(previous),
         )
         .await;
         let mut ready = Vec::with_capacity(by_user.len());
@@ -418,7 +411,7 @@ impl BalanceService {
                         lock,
                     }])
                     .await;
-                join_all(held.into_values().map(HeldLock::release)).await;
+                release_all(held).await;
             }
             Err(error) => answer_all(group, &error),
         }
@@ -692,6 +685,11 @@ impl BalanceService {
             pending.answer(reply);
         }
     }
+}
+
+/// Releases `locks`, all at once.
+async fn release_all(locks: BTreeMap<UserId, HeldLock>) {
+    join_all(locks.into_values().map(HeldLock::release)).await;
 }
 
 /// Answers every request of `group` with (a copy of) `error`.
